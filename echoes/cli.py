@@ -1,0 +1,134 @@
+"""Shared plumbing for the scripts: settings, one-line errors, and checkpoint files.
+
+- `setting()` / `parse_settings()`: each script keeps its settings in one dataclass near the top;
+  every field becomes a `--flag` with its help text, unknown flags and wrong types are errors, and
+  `dataclasses.asdict` gives the resolved settings to store in a checkpoint (STYLE.md item 3).
+- `UserError` / `run_cli()`: problems a user can fix (a missing file, an impossible option) are
+  raised as `UserError` and printed as one line with exit code 2, never as a traceback.
+- `load_checkpoint()` / `save_atomic()`: safe loading of third-party pickles
+  (`weights_only=True` first, DESIGN.md section 2) and atomic writes (temp file + rename), so a
+  killed run never leaves a half-written checkpoint behind.
+"""
+
+import argparse
+import dataclasses
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix. Its message is one line: what is wrong and what to do."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`; a `UserError` becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+def setting(default, help, choices=None):
+    """A settings-dataclass field with its `--help` text (and allowed values)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default),
+                                 metadata={"help": help, "choices": choices})
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _arg_type(f):
+    """The Python type a field's command-line value is parsed to (from its annotation)."""
+    t = f.type if isinstance(f.type, str) else (f.type.__name__ if isinstance(f.type, type)
+                                                 else str(f.type))
+    t = t.replace("typing.", "").replace(" ", "")
+    if t.startswith("list["):  # list[str] -> nargs
+        return t[5:-1], True
+    return t.replace("|None", "").replace("Optional[", "").rstrip("]"), False
+
+
+_PARSERS = {"int": int, "float": float, "str": str}
+
+
+def parse_settings(cls, argv=None, description=None, overrides=None):
+    """Build `cls` (a dataclass of `setting()` fields) from the command line.
+
+    Field `global_batch` becomes `--global-batch`; bools become `--flag / --no-flag`; `list[...]`
+    fields take several values. `overrides` (a dict) replaces defaults before parsing, for
+    checkpoint-stored defaults. Errors exit with code 2 (argparse's convention)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    overrides = overrides or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = overrides.get(f.name, f.default if f.default is not dataclasses.MISSING
+                                else f.default_factory())
+        help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+        kind, many = _arg_type(f)
+        if kind == "bool":
+            parser.add_argument(flag, default=default, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, default=default, help=help_text, choices=choices,
+                                type=_PARSERS.get(kind, str), nargs="+" if many else None,
+                                metavar=None if choices else kind.upper())
+    args = parser.parse_args(argv)
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files
+
+
+def load_checkpoint(path, trusted=False, what="checkpoint"):
+    """torch.load with safe defaults: `weights_only=True`, and a one-line `UserError` for a file
+    that is missing, corrupt, or needs full unpickling (allowed only with `trusted=True`, which
+    the scripts expose as `--trust-checkpoints`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path} (check the path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trusted:
+            raise UserError(f"{what} {path} holds objects beyond tensors and plain types; "
+                            "if you trust the file, pass --trust-checkpoints") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{what} {path} is not a readable PyTorch file "
+                        f"({str(e).splitlines()[0][:120]}); re-download or re-create it") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a trusted but broken pickle: still one line
+        raise UserError(f"{what} {path} could not be unpickled ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`: readers see
+    the old file or the new one, never a torn write."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,418 @@
+"""The Visual Echoes transformer: one masked generative encoder-decoder over audio + image tokens.
+
+Follows the paper (Sec. 3.3, Eq. 1) and MAGE (Li et al. 2023, `models_mage.py`), the codebase it
+builds on; every number the paper leaves open is pinned in DESIGN.md section 3:
+- each modality has its own embedding table with one extra row, its mask id;
+- training masks a per-sample, per-modality truncated-normal ratio of tokens and drops a fixed 50%
+  of positions (independent of the mask) before the encoder;
+- the decoder puts one learnable mask embedding, shared by both modalities, at every dropped or
+  masked position, adds its own positional and modality embeddings, and predicts tokens with
+  MAGE's MLM head, whose output layer is the (detached) embedding table;
+- the loss is cross-entropy at masked positions only.
+
+The three data-movement and codebook ops of the forward pass (`gather_embed`, `pad_decoder`,
+`codebook_ce`) are plain functions below. They are the spec for the fused Triton versions in
+`kernels/`, which the model uses when that package is importable and chooses Triton (see
+`default_ops`); without it this file runs anywhere on its own.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class EchoesConfig:
+    # token grids (paper Sec. 3.2): audio 5 x 53 SpecVQGAN ids, image 16 x 16 VQGAN ids
+    audio_len: int = 265  # La, audio tokens per clip
+    image_len: int = 256  # Lv, image tokens per frame
+    audio_codebook: int = 1024  # Ca; embedding row Ca is the audio mask id
+    image_codebook: int = 1024  # Cv; embedding row Cv is the image mask id
+    # encoder (ViT-L of MAE, paper Sec. 4.1)
+    enc_dim: int = 1024  # encoder width; also the token-embedding width the MLM head projects to
+    enc_depth: int = 24  # encoder blocks
+    enc_heads: int = 16  # encoder attention heads
+    # decoder (MAGE's decoder)
+    dec_dim: int = 1024  # decoder width
+    dec_depth: int = 8  # decoder blocks
+    dec_heads: int = 16  # decoder attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / block width
+    dropout: float = 0.1  # dropout on embeddings, attention, projections and MLPs (MAGE: 0.1)
+    # training corruption (paper Sec. 3.3; MAGE)
+    mask_ratio_mean: float = 0.7  # mu of the truncated normal the mask ratio is drawn from
+    mask_ratio_std: float = 0.25  # its std
+    mask_ratio_min: float = 0.2  # its lower bound (the paper's 0.2, not MAGE's 0.5)
+    mask_ratio_max: float = 1.0  # its upper bound
+    drop_ratio: float = 0.5  # fraction of each modality's positions dropped before the encoder
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (MAGE)
+    detach_head_embedding: bool = True  # MLM head uses E.detach() as in MAGE; False trains E too
+    # research trick (DESIGN.md section 8), off in the paper preset: this fraction of samples has
+    # one modality (chosen at random) fully masked and the other fully visible, the situation that
+    # conditional inference starts from and the truncated normal almost never produces
+    full_mask_prob: float = 0.0
+
+    @classmethod
+    def paper(cls, **overrides):
+        """The paper's model: ViT-L encoder (1024 x 24, 16 heads), 1024 x 8 decoder, 521 tokens."""
+        return cls(**overrides)
+
+    @classmethod
+    def demo(cls, **overrides):
+        """The embedded demo ("shapes and tones", DESIGN.md section 8): 8 x 8 image ids and
+        5 x 8 audio ids over 256-code books, small enough to train on 2 CPU cores."""
+        base = dict(audio_len=40, image_len=64, audio_codebook=256, image_codebook=256,
+                    enc_dim=256, enc_depth=4, enc_heads=8, dec_dim=256, dec_depth=2, dec_heads=8,
+                    dropout=0.0, full_mask_prob=0.2)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in ("paper", "demo"):
+            raise ValueError(f"unknown preset {name!r}: use 'paper' or 'demo'")
+        return getattr(cls, name)(**overrides)
+
+
+# -----------------------------------------------------------------------------
+# the plain PyTorch ops (the spec of kernels/gather_pad.py and kernels/codebook_ce.py)
+
+
+def gather_embed(ids, keep, weight, pos, mod):
+    """Encoder input at the kept positions: out[b, k] = weight[ids[b, i]] + pos[i] + mod with
+    i = keep[b, k]. ids (B, L) long, keep (B, K) long, weight (C+1, D), pos (L, D), mod (D,)
+    -> (B, K, D)."""
+    tok = ids.gather(1, keep)  # (B, K)
+    return F.embedding(tok, weight) + pos[keep] + mod  # (B, K, D)
+
+
+def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
+    """Decoder input over all positions: out[b, l] = x[b, k] where l = keep[b, k] and the token at
+    l is known, else the shared mask embedding; plus pos[l] + mod.
+    x (B, K, D), keep (B, K) long, unknown (B, L) bool, mask_emb (D,), pos (L, D), mod (D,)
+    -> (B, L, D)."""
+    B, K, D = x.shape
+    L = unknown.shape[1]
+    full = x.new_zeros(B, L, D).scatter(1, keep[..., None].expand(B, K, D), x)  # (B, L, D)
+    kept = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, keep, True)
+    take = (kept & ~unknown)[..., None]  # (B, L, 1)
+    return torch.where(take, full, mask_emb.to(x.dtype)) + pos + mod
+
+
+def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
+    """Summed cross-entropy of logits = h @ weight^T + bias against target, computed in fp32.
+    h (N, D), weight (C, D), bias (C,), target (N,) long -> scalar."""
+    logits = F.linear(h, weight, bias).float()  # (N, C)
+    return F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing)
+
+
+class TorchOps:
+    """The plain path: the ops above, used wherever Triton is absent or not chosen."""
+    gather_embed = staticmethod(gather_embed)
+    pad_decoder = staticmethod(pad_decoder)
+    codebook_ce = staticmethod(codebook_ce)
+
+
+def default_ops():
+    """The op set of `kernels/` when that package is importable (it resolves Triton vs PyTorch
+    once, see kernels/__init__.py), else this file's plain functions."""
+    try:
+        import kernels
+    except ImportError:
+        return TorchOps
+    return kernels.select()
+
+
+# -----------------------------------------------------------------------------
+# transformer blocks (pre-norm ViT, as in MAE/MAGE with timm's Block)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # qkv bias, as ViT
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        H = self.heads
+        q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.proj_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MLMHead(nn.Module):
+    """MAGE's MlmLayer: Linear(dec -> emb), GELU, LayerNorm; logits against the embedding table."""
+
+    def __init__(self, dec_dim, emb_dim, codebook):
+        super().__init__()
+        self.fc = nn.Linear(dec_dim, emb_dim)
+        self.norm = nn.LayerNorm(emb_dim, eps=1e-6)
+        self.bias = nn.Parameter(torch.zeros(codebook))
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.fc(x)))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Echoes(nn.Module):
+    """Encoder-decoder over [audio, image] tokens. `forward(audio_ids, image_ids)` gives the logits
+    of every position (inference: unknown positions hold the mask id, nothing is dropped);
+    `training_loss` draws masks and drops and returns Eq. 1's loss."""
+
+    def __init__(self, config, ops=None):
+        super().__init__()
+        self.config = c = config
+        self.ops = ops if ops is not None else default_ops()
+        self.audio_mask_id = c.audio_codebook  # the extra embedding row of each table
+        self.image_mask_id = c.image_codebook
+        # encoder side
+        self.audio_embed = nn.Embedding(c.audio_codebook + 1, c.enc_dim)
+        self.image_embed = nn.Embedding(c.image_codebook + 1, c.enc_dim)
+        self.enc_pos_audio = nn.Parameter(torch.zeros(c.audio_len, c.enc_dim))
+        self.enc_pos_image = nn.Parameter(torch.zeros(c.image_len, c.enc_dim))
+        self.enc_modality = nn.Parameter(torch.zeros(2, c.enc_dim))  # [audio, image]
+        self.embed_drop = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList(
+            Block(c.enc_dim, c.enc_heads, c.mlp_ratio, c.dropout) for _ in range(c.enc_depth))
+        self.enc_norm = nn.LayerNorm(c.enc_dim, eps=1e-6)
+        # decoder side
+        self.dec_embed = nn.Linear(c.enc_dim, c.dec_dim)
+        self.mask_emb = nn.Parameter(torch.zeros(c.dec_dim))  # shared by both modalities
+        self.dec_pos_audio = nn.Parameter(torch.zeros(c.audio_len, c.dec_dim))
+        self.dec_pos_image = nn.Parameter(torch.zeros(c.image_len, c.dec_dim))
+        self.dec_modality = nn.Parameter(torch.zeros(2, c.dec_dim))
+        self.decoder = nn.ModuleList(
+            Block(c.dec_dim, c.dec_heads, c.mlp_ratio, c.dropout) for _ in range(c.dec_depth))
+        self.dec_norm = nn.LayerNorm(c.dec_dim, eps=1e-6)
+        # MLM heads, one per modality
+        self.audio_head = MLMHead(c.dec_dim, c.enc_dim, c.audio_codebook)
+        self.image_head = MLMHead(c.dec_dim, c.enc_dim, c.image_codebook)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All parameters, as MAGE/MAE initialise them:
+        - Linear weights: Xavier uniform; Linear biases: 0;
+        - LayerNorm: weight 1, bias 0;
+        - token embeddings (both tables, mask rows included): normal, std 0.02 (BERT);
+        - positional and modality embeddings (encoder and decoder) and the mask embedding:
+          truncated normal, std 0.02, cut at +-2 std;
+        - MLM head biases: 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for p in (self.enc_pos_audio, self.enc_pos_image, self.enc_modality, self.mask_emb,
+                  self.dec_pos_audio, self.dec_pos_image, self.dec_modality):
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(self.audio_head.bias)
+        nn.init.zeros_(self.image_head.bias)
+
+    # ---- the network --------------------------------------------------------------------------
+
+    def _encode_decode(self, audio_ids, image_ids, audio_keep, image_keep):
+        """Both halves of the network. ids (B, La) / (B, Lv) with mask ids at unknown positions;
+        keep (B, Ka) / (B, Kv): the positions the encoder sees. Returns the decoder output split
+        per modality: (B, La, Dd), (B, Lv, Dd)."""
+        c, ops = self.config, self.ops
+        Ka = audio_keep.shape[1]
+        xa = ops.gather_embed(audio_ids, audio_keep, self.audio_embed.weight, self.enc_pos_audio,
+                              self.enc_modality[0])  # (B, Ka, De)
+        xv = ops.gather_embed(image_ids, image_keep, self.image_embed.weight, self.enc_pos_image,
+                              self.enc_modality[1])  # (B, Kv, De)
+        x = self.embed_drop(torch.cat([xa, xv], dim=1))  # (B, Ka+Kv, De)
+        for block in self.encoder:
+            x = block(x)
+        x = self.dec_embed(self.enc_norm(x))  # (B, Ka+Kv, Dd)
+        # the decoder sees the shared mask embedding wherever a token was dropped or masked
+        ya = ops.pad_decoder(x[:, :Ka], audio_keep, audio_ids == self.audio_mask_id,
+                             self.mask_emb, self.dec_pos_audio, self.dec_modality[0])  # (B, La, Dd)
+        yv = ops.pad_decoder(x[:, Ka:], image_keep, image_ids == self.image_mask_id,
+                             self.mask_emb, self.dec_pos_image, self.dec_modality[1])  # (B, Lv, Dd)
+        y = torch.cat([ya, yv], dim=1)  # (B, La+Lv, Dd)
+        for block in self.decoder:
+            y = block(y)
+        y = self.dec_norm(y)
+        return y[:, :c.audio_len], y[:, c.audio_len:]
+
+    def head_weights(self, modality):
+        """(E[:C], b) of a modality's MLM head: logits = h @ E[:C]^T + b; the mask row is never a
+        target. E is detached unless `detach_head_embedding` is off."""
+        embed, head = ((self.audio_embed, self.audio_head) if modality == "audio"
+                       else (self.image_embed, self.image_head))
+        E = embed.weight[:-1]
+        return (E.detach() if self.config.detach_head_embedding else E), head.bias
+
+    def features(self, audio_ids, image_ids):
+        """Inference features: the MLM heads' hidden states at every position, (B, La, De) and
+        (B, Lv, De); logits are `features @ E^T + b` (`head_weights`). Nothing is dropped."""
+        self._check_ids(audio_ids, image_ids)
+        B = audio_ids.shape[0]
+        dev = audio_ids.device
+        audio_keep = torch.arange(self.config.audio_len, device=dev).expand(B, -1)  # (B, La)
+        image_keep = torch.arange(self.config.image_len, device=dev).expand(B, -1)  # (B, Lv)
+        ya, yv = self._encode_decode(audio_ids, image_ids, audio_keep, image_keep)
+        return self.audio_head(ya), self.image_head(yv)
+
+    def forward(self, audio_ids, image_ids):
+        """Logits of every position: (B, La, Ca) and (B, Lv, Cv)."""
+        ha, hv = self.features(audio_ids, image_ids)
+        return F.linear(ha, *self.head_weights("audio")), F.linear(hv, *self.head_weights("image"))
+
+    def _check_ids(self, audio_ids, image_ids):
+        c = self.config
+        B = audio_ids.shape[0]
+        if tuple(audio_ids.shape) != (B, c.audio_len) or tuple(image_ids.shape) != (B, c.image_len):
+            raise ValueError(f"expected audio ids (B, {c.audio_len}) and image ids "
+                             f"(B, {c.image_len}), got {tuple(audio_ids.shape)} and "
+                             f"{tuple(image_ids.shape)}")
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def draw_corruption(self, B, device, generator=None):
+        """Masks and drops for one batch (paper Sec. 3.3), drawn from `generator` only.
+        Returns audio and image masks (B, L) bool, True = masked, and keep indices (B, K) long,
+        sorted, with K = L - floor(drop_ratio * L) the same for every sample."""
+        c = self.config
+        gdev = generator.device if generator is not None else torch.device(device)
+        # per sample and per modality: r ~ truncated normal on [min, max] (inverse-CDF sampling,
+        # so the generator alone fixes the draw)
+        ratio = truncated_normal((B, 2), c.mask_ratio_mean, c.mask_ratio_std, c.mask_ratio_min,
+                                 c.mask_ratio_max, generator, gdev)  # (B, 2)
+        if c.full_mask_prob > 0:
+            full = torch.rand(B, generator=generator, device=gdev) < c.full_mask_prob  # (B,)
+            which = torch.rand(B, generator=generator, device=gdev) < 0.5  # True: audio masked
+            forced = torch.stack([which.float(), (~which).float()], dim=1)  # (B, 2)
+            ratio = torch.where(full[:, None], forced, ratio)
+        out = []
+        for m, L in enumerate((c.audio_len, c.image_len)):
+            n_masked = torch.ceil(ratio[:, m] * L).long()  # (B,), MAGE rounds up
+            rank = torch.rand(B, L, generator=generator, device=gdev).argsort(1).argsort(1)
+            mask = rank < n_masked[:, None]  # (B, L): a uniformly random subset of n_masked
+            K = L - math.floor(c.drop_ratio * L)
+            keep = torch.rand(B, L, generator=generator, device=gdev).argsort(1)[:, :K]
+            keep = keep.sort(1).values  # (B, K), independent of the mask
+            out += [mask.to(device), keep.to(device)]
+        return tuple(out)
+
+    def training_loss(self, audio_ids, image_ids, generator=None):
+        """Eq. 1: cross-entropy at masked positions of both modalities, averaged over all masked
+        tokens of the batch. Returns (loss, stats); stats hold detached per-modality losses and
+        masked counts."""
+        self._check_ids(audio_ids, image_ids)
+        B = audio_ids.shape[0]
+        audio_mask, audio_keep, image_mask, image_keep = self.draw_corruption(
+            B, audio_ids.device, generator)
+        a_in = audio_ids.masked_fill(audio_mask, self.audio_mask_id)
+        v_in = image_ids.masked_fill(image_mask, self.image_mask_id)
+        ya, yv = self._encode_decode(a_in, v_in, audio_keep, image_keep)
+        # the head runs on masked rows only: the loss ignores every other position
+        ha = self.audio_head(ya[audio_mask])  # (Na, De)
+        hv = self.image_head(yv[image_mask])  # (Nv, De)
+        sa = self.ops.codebook_ce(ha, *self.head_weights("audio"), audio_ids[audio_mask],
+                                  self.config.label_smoothing)
+        sv = self.ops.codebook_ce(hv, *self.head_weights("image"), image_ids[image_mask],
+                                  self.config.label_smoothing)
+        na, nv = audio_mask.sum(), image_mask.sum()
+        loss = (sa + sv) / (na + nv).clamp(min=1)
+        stats = {"loss_audio": (sa / na.clamp(min=1)).detach(),
+                 "loss_image": (sv / nv.clamp(min=1)).detach(),
+                 "masked_audio": na, "masked_image": nv}
+        return loss, stats
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    def parameter_counts(self):
+        """Parameters by part: embeddings (token tables, positional, modality, mask embedding),
+        encoder (blocks + final norm), decoder (input projection, blocks, final norm), heads."""
+        def n(*mods):
+            return sum(p.numel() for m in mods for p in
+                       (m.parameters() if isinstance(m, nn.Module) else [m]))
+        counts = {
+            "embeddings": n(self.audio_embed, self.image_embed, self.enc_pos_audio,
+                            self.enc_pos_image, self.enc_modality, self.mask_emb,
+                            self.dec_pos_audio, self.dec_pos_image, self.dec_modality),
+            "encoder": n(self.encoder, self.enc_norm),
+            "decoder": n(self.dec_embed, self.decoder, self.dec_norm),
+            "heads": n(self.audio_head, self.image_head),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == n(self), "a parameter is missing from the breakdown"
+        return counts
+
+    def flops_per_sample(self, train=True):
+        """Matmul FLOPs for one sample (embedding look-ups, norms and softmax are ignored).
+        A block of width D over L tokens costs 2 * L * 12 D^2 (qkv, proj, MLP with ratio 4) plus
+        2 * 2 * L^2 * D (scores and weighted sum); the decoder input projection 2 * K * De * Dd;
+        a head over M rows 2 * M * (Dd * De + De * C). Training: the encoder sees
+        K = Ka + Kv kept tokens, the heads the expected masked count (mean ratio x L), and the
+        backward pass costs twice the forward (Kaplan et al. 2020), so 3x. Inference: all
+        L = La + Lv tokens everywhere, forward only."""
+        c = self.config
+        mlp = 2 * c.mlp_ratio  # MLP matmul weights per D^2
+        def blocks(depth, D, L):
+            return depth * (2 * L * (4 + mlp) * D * D + 4 * L * L * D)
+        La, Lv = c.audio_len, c.image_len
+        if train:
+            K = (La - math.floor(c.drop_ratio * La)) + (Lv - math.floor(c.drop_ratio * Lv))
+            Ma, Mv = c.mask_ratio_mean * La, c.mask_ratio_mean * Lv
+        else:
+            K, Ma, Mv = La + Lv, La, Lv
+        fwd = (blocks(c.enc_depth, c.enc_dim, K) + 2 * K * c.enc_dim * c.dec_dim
+               + blocks(c.dec_depth, c.dec_dim, La + Lv)
+               + 2 * Ma * (c.dec_dim * c.enc_dim + c.enc_dim * c.audio_codebook)
+               + 2 * Mv * (c.dec_dim * c.enc_dim + c.enc_dim * c.image_codebook))
+        return 3 * fwd if train else fwd
+
+
+def truncated_normal(shape, mean, std, low, high, generator=None, device=None):
+    """Draws from N(mean, std) truncated to [low, high] by inverting the CDF of a uniform draw
+    between the CDF values of the bounds."""
+    def cdf(x):
+        return 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+    lo, hi = cdf(low), cdf(high)
+    u = lo + (hi - lo) * torch.rand(shape, generator=generator, device=device)
+    x = mean + std * math.sqrt(2) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-7, 1 - 1e-7))
+    return x.clamp(low, high)

@@ -1,0 +1,66 @@
+"""Fused Triton ops for the hot paths of echoes, and the one switch that picks them.
+
+One file per op, each holding the Triton kernel(s) and autograd wrapper next to an import of its
+plain PyTorch reference (the spec, defined where the plain path uses it):
+- `gather_pad.py`: `gather_embed` (encoder input at kept positions) and `pad_decoder` (decoder
+  input with the shared mask embedding), forward and backward; reference in `echoes/model.py`;
+- `codebook_ce.py`: `codebook_ce`, logits over the codebook + cross-entropy at masked rows without
+  keeping the fp32 logits; reference in `echoes/model.py`;
+- `sampling.py`: `draw_tokens` (CFG mix, softmax and categorical draw over the codebook) and
+  `remask` (Gumbel top-k re-mask); reference in `echoes/sampler.py`.
+
+`select(backend)` returns the op set: "triton", "torch", or None for the default, which is the
+environment variable ECHOES_KERNELS ("auto", "triton" or "torch") and otherwise "auto": Triton
+when CUDA and Triton are both present, PyTorch otherwise. The Triton ops themselves fall back to
+the reference for tensors that are not on a GPU (unless TRITON_INTERPRET=1), so a model on the
+CPU of a GPU machine still runs.
+"""
+
+import functools
+import os
+import types
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available():
+    """True when Triton imports and a CUDA device is present (or the interpreter is on)."""
+    try:
+        import triton  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend=None):
+    """The backend name an argument (or ECHOES_KERNELS) resolves to: "triton" or "torch"."""
+    backend = backend or os.environ.get("ECHOES_KERNELS", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("kernel backend 'triton' needs Triton and a CUDA GPU "
+                           "(or TRITON_INTERPRET=1); use 'torch' or 'auto'")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _ops(name):
+    if name == "torch":
+        from echoes import model, sampler
+        return types.SimpleNamespace(
+            name="torch", gather_embed=model.gather_embed, pad_decoder=model.pad_decoder,
+            codebook_ce=model.codebook_ce, draw_tokens=sampler.draw_tokens,
+            remask=sampler.remask)
+    from kernels import codebook_ce, gather_pad, sampling
+    return types.SimpleNamespace(
+        name="triton", gather_embed=gather_pad.gather_embed, pad_decoder=gather_pad.pad_decoder,
+        codebook_ce=codebook_ce.codebook_ce, draw_tokens=sampling.draw_tokens,
+        remask=sampling.remask)
+
+
+def select(backend=None):
+    """The op set for `backend` ("auto", "triton", "torch" or None: see the module docstring)."""
+    return _ops(resolve(backend))
