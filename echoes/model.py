@@ -348,7 +348,11 @@ class Echoes(nn.Module):
         a_in = audio_ids.masked_fill(audio_mask, self.audio_mask_id)
         v_in = image_ids.masked_fill(image_mask, self.image_mask_id)
         ya, yv = self._encode_decode(a_in, v_in, audio_keep, image_keep)
-        # the head runs on masked rows only: the loss ignores every other position
+        return self._masked_loss(ya, yv, audio_ids, image_ids, audio_mask, image_mask)
+
+    def _masked_loss(self, ya, yv, audio_ids, image_ids, audio_mask, image_mask):
+        """Eq. 1 from the decoder outputs: the heads run on masked rows only, so no other
+        position's target can reach the loss."""
         ha = self.audio_head(ya[audio_mask])  # (Na, De)
         hv = self.image_head(yv[image_mask])  # (Nv, De)
         sa = self.ops.codebook_ce(ha, *self.head_weights("audio"), audio_ids[audio_mask],
