@@ -1,0 +1,845 @@
+"""Tokenizers: images and sounds to discrete ids and back (Visual Echoes Sec. 3.2; DESIGN.md 2).
+
+What this file holds, top to bottom:
+- `VQGAN`: the taming-transformers VQGAN (Esser et al. 2021; Encoder/Decoder of
+  `taming/modules/diffusionmodules/model.py`, VectorQuantizer2 of
+  `taming/modules/vqvae/quantize.py`), one class for the image model `vqgan_imagenet_f16_1024` and
+  SpecVQGAN's VGGSound codebook (Iashin & Rahtu 2021: the same code on (80, 848) spectrograms).
+  `state_dict()` keys are taming's, so the released weights load unchanged.
+- The SpecVQGAN mel recipe (`feature_extraction/extract_mel_spectrogram.py`): |STFT|, a Slaney mel
+  filterbank computed here the way `librosa.filters.mel` does, dB scaling to [0, 1]; its inverse.
+- Vocoders: SpecVQGAN's MelGAN (Kumar et al. 2019, `vocoder/mel2wav/modules.py`), the HiFi-GAN
+  generator (Kong et al. 2020, `models.py`), and Griffin-Lim, which needs no weights.
+- Audio and image I/O: a band-limited resampler, loading, `ImageTokenizer` and `AudioTokenizer`.
+
+Imports only torch, numpy, soundfile, Pillow and `echoes.cli`, so the file can be copied out.
+Shape letters: B batch, C channels, H, W image or mel size, h, w latent grid, L = h*w ids,
+D code dimension, F mel bands, T frames (or samples for waveforms), K bins or taps.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from echoes.cli import UserError, load_checkpoint
+
+SAMPLE_RATE = 22050  # SpecVQGAN's VGGSound features
+N_FFT, HOP, N_MELS, FMIN, FMAX = 1024, 256, 80, 125.0, 7600.0
+
+
+def n_params(module):
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# VQGAN (taming-transformers)
+
+
+@dataclass
+class VQGANConfig:
+    """taming's ddconfig plus the quantizer's size; the defaults are `vqgan_imagenet_f16_1024`."""
+    ch: int = 128                          # channels at full resolution
+    ch_mult: tuple = (1, 1, 2, 2, 4)       # channel multiplier per level; len-1 downsamplings
+    num_res_blocks: int = 2                # ResnetBlocks per level (decoder: one more)
+    attn_resolutions: tuple = (16,)        # levels whose nominal size is listed get attention
+    resolution: int = 256                  # nominal input size; only decides attention levels
+    in_channels: int = 3                   # 3 for RGB, 1 for a spectrogram
+    out_ch: int = 3                        # decoder output channels
+    z_channels: int = 256                  # encoder output / decoder input channels
+    embed_dim: int = 256                   # code dimension D
+    n_embed: int = 1024                    # codebook size
+    dropout: float = 0.0                   # in ResnetBlocks (0 in both released models)
+
+    @classmethod
+    def imagenet_f16_1024(cls, **overrides):
+        """taming's `vqgan_imagenet_f16_1024`: 256x256 RGB -> 16x16 ids, 72.14 M parameters."""
+        return cls(**overrides)
+
+    @classmethod
+    def vggsound_codebook(cls, **overrides):
+        """SpecVQGAN `2021-05-19T22-16-54_vggsound_codebook`: (80, 848) mel -> 5x53 ids."""
+        return cls(**{**dict(resolution=848, in_channels=1, out_ch=1, attn_resolutions=(53,)),
+                      **overrides})
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm, swish, conv3x3, norm, swish, dropout, conv3x3, plus a 1x1 shortcut if C changes."""
+
+    def __init__(self, c_in, c_out, dropout):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions, with 1x1 convs for q, k, v, proj_out."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))
+        # q, k, v: (B, 1, H*W, C); the default scale C^-0.5 is taming's
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
+        h = h.transpose(2, 3).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv after zero-padding right and bottom by one (taming's asymmetric pad)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` and `attn` lists (attn empty or one per block), an optional
+    `downsample` / `upsample` module. Attribute names give taming's state_dict keys."""
+
+    def __init__(self, c_in, c_out, n_blocks, attention, dropout):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        for _ in range(n_blocks):
+            self.block.append(ResnetBlock(c_in, c_out, dropout))
+            c_in = c_out
+            if attention:
+                self.attn.append(AttnBlock(c_out))
+
+    def forward(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn) > 0:
+                x = self.attn[i](x)
+        return x
+
+
+class Middle(nn.Module):
+    def __init__(self, c, dropout):
+        super().__init__()
+        self.block_1 = ResnetBlock(c, c, dropout)
+        self.attn_1 = AttnBlock(c)
+        self.block_2 = ResnetBlock(c, c, dropout)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """conv_in; per level ResnetBlocks (+ attention), Downsample except after the last; mid;
+    GroupNorm, swish, conv_out to z_channels (taming's double_z=False)."""
+
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        mults = (1,) + tuple(c.ch_mult)
+        # Attention is decided by the *nominal* size `resolution` halved per level, not by the
+        # tensor's actual size: SpecVQGAN's (80, 848) input gets attention at 848/16 = 53 (= w).
+        curr_res = c.resolution
+        self.down = nn.ModuleList()
+        for i in range(len(c.ch_mult)):
+            level = Level(c.ch * mults[i], c.ch * mults[i + 1], c.num_res_blocks,
+                          curr_res in c.attn_resolutions, c.dropout)
+            if i != len(c.ch_mult) - 1:
+                level.downsample = Downsample(c.ch * mults[i + 1])
+                curr_res = curr_res // 2
+            self.down.append(level)
+        c_top = c.ch * c.ch_mult[-1]
+        self.mid = Middle(c_top, c.dropout)
+        self.norm_out = group_norm(c_top)
+        self.conv_out = nn.Conv2d(c_top, c.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(swish(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    """The mirror of the encoder with num_res_blocks + 1 blocks per level; `up[0]` is the full
+    resolution level (taming builds from the lowest level and prepends)."""
+
+    def __init__(self, c: VQGANConfig):
+        super().__init__()
+        n = len(c.ch_mult)
+        c_in = c.ch * c.ch_mult[-1]
+        curr_res = c.resolution // 2 ** (n - 1)  # taming's nominal size at the lowest level
+        self.conv_in = nn.Conv2d(c.z_channels, c_in, 3, padding=1)
+        self.mid = Middle(c_in, c.dropout)
+        up = []
+        for i in reversed(range(n)):
+            c_out = c.ch * c.ch_mult[i]
+            level = Level(c_in, c_out, c.num_res_blocks + 1, curr_res in c.attn_resolutions,
+                          c.dropout)
+            c_in = c_out
+            if i != 0:
+                level.upsample = Upsample(c_out)
+                curr_res = curr_res * 2
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, c.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup, taming's VectorQuantizer2 (no remap)."""
+
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+
+    def forward(self, z):
+        """(B, D, h, w) latents -> (B, h*w) ids, row-major."""
+        B, D, h, w = z.shape
+        z = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
+        e = self.embedding.weight
+        # taming's expansion |z|^2 + |e|^2 - 2 z.e (not cdist), so near ties resolve the same way
+        d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()  # (B*h*w, n_embed)
+        return d.argmin(dim=1).reshape(B, h * w)
+
+    def lookup(self, ids, hw):
+        """(B, L) ids -> (B, D, h, w) codes."""
+        B, L = ids.shape
+        return self.embedding(ids).reshape(B, *hw, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+
+class VQGAN(nn.Module):
+    """taming's VQModel without the losses: encoder, quant_conv, quantize, post_quant_conv, decoder.
+
+    `VQGAN(**kwargs)` takes taming's ddconfig names plus `embed_dim`, `n_embed` (defaults:
+    `vqgan_imagenet_f16_1024`); `VQGAN(config)` takes a `VQGANConfig`; kwargs override its fields.
+    Inputs are in [-1, 1]; `encode` -> (B, h*w) ids, `decode(ids, (h, w))` -> (B, out_ch, H, W),
+    unclamped as in taming. `forward` returns the reconstruction with a straight-through estimator,
+    for training a small tokenizer with this code."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__()
+        config = dataclasses.replace(config or VQGANConfig(), **kwargs)
+        config.ch_mult, config.attn_resolutions = (tuple(config.ch_mult),
+                                                    tuple(config.attn_resolutions))
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def latent_size(self, H, W):
+        """The id grid (h, w) for an (H, W) input: each Downsample maps n -> n // 2."""
+        for _ in range(len(self.config.ch_mult) - 1):
+            H, W = H // 2, W // 2
+        return H, W
+
+    def encode_latent(self, x):
+        """(B, in_channels, H, W) -> (B, D, h, w) continuous latents, before quantization."""
+        return self.quant_conv(self.encoder(x))
+
+    def encode(self, x):
+        """(B, in_channels, H, W) in [-1, 1] -> (B, h*w) LongTensor, row-major over (h, w)."""
+        return self.quantize(self.encode_latent(x))
+
+    def decode_codes(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode(self, ids, hw):
+        """(B, h*w) ids and the grid (h, w) -> (B, out_ch, H, W)."""
+        return self.decode_codes(self.quantize.lookup(ids, hw))
+
+    def forward(self, x):
+        """Returns (reconstruction, ids, z, z_q); gradients reach the encoder through
+        z + (z_q - z).detach() (taming), and the codebook through whatever loss uses z_q."""
+        z = self.encode_latent(x)
+        ids = self.quantize(z.detach())
+        z_q = self.quantize.lookup(ids, z.shape[-2:])
+        return self.decode_codes(z + (z_q - z).detach()), ids, z, z_q
+
+
+def _abbrev(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_state_strict(module, state_dict, what, path):
+    """`load_state_dict(strict=True)` whose failure is one line naming the missing, unexpected and
+    mis-shaped keys (abbreviated)."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise UserError(f"{what} {path} does not hold a state dict of tensors")
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
+    shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
+    if missing or unexpected or shape:
+        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape for", shape))
+        parts = [f"{name} {len(ks)} keys ({_abbrev(ks)})" for name, ks in found if ks]
+        raise UserError(f"{what} {path} does not match the model configuration: "
+                        + "; ".join(parts) + "; check the file and the model options")
+    module.load_state_dict(state_dict, strict=True)
+    return module
+
+
+def load_vqgan(path, trusted=False, config=None, **kwargs):
+    """A VQGAN from a Lightning checkpoint (`{"state_dict": ...}` with `loss.*` keys, as taming and
+    SpecVQGAN release them) or a bare state dict. `config` / kwargs as for `VQGAN`."""
+    obj = load_checkpoint(path, trusted=trusted, what="VQGAN checkpoint")
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
+        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    model = VQGAN(config, **kwargs)
+    return load_state_strict(model, sd, "VQGAN checkpoint", path).eval()
+
+
+# -----------------------------------------------------------------------------
+# the SpecVQGAN mel recipe
+
+
+def hz_to_mel(f):
+    """Slaney's mel scale (librosa htk=False): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    linear = f / f_sp
+    log = min_log_hz / f_sp + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep
+    return np.where(f >= min_log_hz, log, linear)
+
+
+def mel_to_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filterbank_np(sr, n_fft, n_mels, fmin, fmax):
+    fft_freqs = np.linspace(0, sr / 2, 1 + n_fft // 2)  # (K,)
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # (F+2,)
+    widths = np.diff(edges)  # (F+1,)
+    ramps = edges[:, None] - fft_freqs[None, :]  # (F+2, K)
+    rising = -ramps[:-2] / widths[:-1, None]  # (F, K)
+    falling = ramps[2:] / widths[1:, None]  # (F, K)
+    weights = np.maximum(0, np.minimum(rising, falling))
+    # Slaney norm: each triangle has unit area in Hz, so wide high bands are not louder
+    return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_pinv_np(sr, n_fft, n_mels, fmin, fmax):
+    return np.linalg.pinv(_mel_filterbank_np(sr, n_fft, n_mels, fmin, fmax).astype(np.float64))
+
+
+def mel_filterbank(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX):
+    """(n_mels, 1 + n_fft // 2) float32, as `librosa.filters.mel(..., htk=False, norm='slaney')`."""
+    return torch.from_numpy(_mel_filterbank_np(sr, n_fft, n_mels, float(fmin), float(fmax)))
+
+
+def _stft_mag(wav, n_fft, hop):
+    window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)  # periodic, as scipy's
+    return torch.stft(wav, n_fft, hop, n_fft, window, center=True, pad_mode="reflect",
+                      return_complex=True).abs()
+
+
+def mel_spectrogram(wav, sr=SAMPLE_RATE, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, fmin=FMIN,
+                    fmax=FMAX):
+    """(T,) or (B, T) float waveform -> (B, n_mels, 1 + T // hop) mel in [0, 1], SpecVQGAN's
+    transform: |STFT| (power 1, centred, reflect-padded), mel filterbank, then
+    S = clip((20 log10(max(mel, 1e-5)) - 20 + 100) / 100, 0, 1)."""
+    wav = wav.float().reshape(-1, wav.shape[-1])  # (B, T)
+    mag = _stft_mag(wav, n_fft, hop)  # (B, K, T_frames)
+    mel = mel_filterbank(sr, n_fft, n_mels, fmin, fmax).to(wav.device) @ mag  # (B, F, T_frames)
+    db = 20 * torch.log10(mel.clamp(min=1e-5)) - 20
+    return ((db + 100) / 100).clamp(0, 1)
+
+
+def fit_clip(wav, n_samples=220500):
+    """Zero-pad or cut the last axis to `n_samples` (SpecVQGAN's 10 s at 22050 Hz)."""
+    T = wav.shape[-1]
+    return F.pad(wav, (0, n_samples - T)) if T < n_samples else wav[..., :n_samples]
+
+
+def crop_mel(mel, n_frames=848, keep_frames=860):
+    """Keep the first `keep_frames` frames (SpecVQGAN: 860 of 862), then a centre crop to
+    `n_frames` (848, divisible by the codebook's 16x downsampling)."""
+    mel = mel[..., :keep_frames] if keep_frames else mel
+    T = mel.shape[-1]
+    if T < n_frames:
+        raise ValueError(f"a mel of {T} frames cannot be cropped to {n_frames}")
+    start = (T - n_frames) // 2
+    return mel[..., start:start + n_frames]
+
+
+def mel01_to_linear(mel01, sr=SAMPLE_RATE, n_fft=N_FFT, fmin=FMIN, fmax=FMAX):
+    """Inverse of the recipe's scaling, then the filterbank's pseudo-inverse: (B, F, T) in [0, 1]
+    -> (B, 1 + n_fft // 2, T) non-negative magnitudes (an estimate: the clip loses < 1e-5)."""
+    mel = 10 ** ((mel01 * 100 - 100 + 20) / 20)
+    inv = _mel_pinv_np(sr, n_fft, mel01.shape[-2], float(fmin), float(fmax))  # (K, F)
+    return (torch.from_numpy(inv).to(mel01) @ mel).clamp(min=0)
+
+
+# -----------------------------------------------------------------------------
+# vocoders
+
+
+class WNConv1d(nn.Module):
+    """Conv1d or ConvTranspose1d with weight norm stored as `weight_g` / `weight_v` parameters
+    (torch's old `weight_norm` layout, dim 0), so released keys load whatever torch provides."""
+
+    def __init__(self, c_in, c_out, k, stride=1, padding=0, dilation=1, transpose=False,
+                 output_padding=0):
+        super().__init__()
+        shape = (c_in, c_out, k) if transpose else (c_out, c_in, k)
+        self.weight_v = nn.Parameter(torch.randn(shape) * 0.02)
+        self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(1, 2), keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.transpose, self.output_padding = transpose, output_padding
+
+    def forward(self, x):
+        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(1, 2), keepdim=True)
+        if self.transpose:
+            return F.conv_transpose1d(x, w, self.bias, self.stride, self.padding,
+                                      self.output_padding, dilation=self.dilation)
+        return F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+
+class MelGANResBlock(nn.Module):
+    def __init__(self, c, dilation):
+        super().__init__()
+        self.block = nn.Sequential(nn.LeakyReLU(0.2), nn.ReflectionPad1d(dilation),
+                                   WNConv1d(c, c, 3, dilation=dilation), nn.LeakyReLU(0.2),
+                                   WNConv1d(c, c, 1))
+        self.shortcut = WNConv1d(c, c, 1)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.block(x)
+
+
+class MelGAN(nn.Module):
+    """MelGAN generator as shipped with SpecVQGAN (`vocoder/logs/vggsound/best_netG.pt`): the [0, 1]
+    mel S itself (not 2S - 1) -> waveform, hop 256 from ratios 8, 8, 2, 2. Module indices inside
+    `model` (pads and activations included) reproduce the released key names."""
+
+    def __init__(self, n_mel_channels=80, ngf=32, n_residual_layers=3):
+        super().__init__()
+        mult = 16
+        layers = [nn.ReflectionPad1d(3), WNConv1d(n_mel_channels, mult * ngf, 7)]
+        for r in (8, 8, 2, 2):
+            layers += [nn.LeakyReLU(0.2),
+                       WNConv1d(mult * ngf, mult * ngf // 2, 2 * r, stride=r,
+                                padding=r // 2 + r % 2, transpose=True, output_padding=r % 2)]
+            layers += [MelGANResBlock(mult * ngf // 2, 3 ** j) for j in range(n_residual_layers)]
+            mult //= 2
+        layers += [nn.LeakyReLU(0.2), nn.ReflectionPad1d(3), WNConv1d(ngf, 1, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, mel01):
+        """(B, 80, T) in [0, 1] -> (B, 1, 256 T)."""
+        return self.model(mel01)
+
+
+class HiFiResBlock(nn.Module):
+    """HiFi-GAN ResBlock1 (`kind="1"`: convs1 dilated + convs2 plain, pairwise) or ResBlock2."""
+
+    def __init__(self, c, k, dilations, kind):
+        super().__init__()
+        pad = lambda d: (k * d - d) // 2  # noqa: E731  ("same" length)
+        dil = list(dilations) if kind == "1" else list(dilations)[:2]
+        convs = nn.ModuleList(WNConv1d(c, c, k, padding=pad(d), dilation=d) for d in dil)
+        if kind == "1":
+            self.convs1 = convs
+            self.convs2 = nn.ModuleList(WNConv1d(c, c, k, padding=pad(1)) for _ in dil)
+        else:
+            self.convs = convs
+
+    def forward(self, x):
+        if hasattr(self, "convs1"):
+            for c1, c2 in zip(self.convs1, self.convs2):
+                x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, 0.1)), 0.1))
+        else:
+            for c in self.convs:
+                x = x + c(F.leaky_relu(x, 0.1))
+        return x
+
+
+HIFIGAN_V1 = dict(resblock="1", upsample_rates=[8, 8, 2, 2], upsample_kernel_sizes=[16, 16, 4, 4],
+                  upsample_initial_channel=512, resblock_kernel_sizes=[3, 7, 11],
+                  resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]], num_mels=80)
+
+
+class HiFiGAN(nn.Module):
+    """The hifi-gan `Generator(h)`; `config` is a dict of the `h` fields (config_v1.json's by
+    default). No released HiFi-GAN uses this mel recipe: this is for users who train one on it."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        h = {**HIFIGAN_V1, **(config or {})}
+        self.config = h
+        ch0, kind = h["upsample_initial_channel"], str(h["resblock"])
+        self.conv_pre = WNConv1d(h.get("num_mels", 80), ch0, 7, padding=3)
+        self.ups = nn.ModuleList(
+            WNConv1d(ch0 // 2 ** i, ch0 // 2 ** (i + 1), k, stride=u, padding=(k - u) // 2,
+                     transpose=True)
+            for i, (u, k) in enumerate(zip(h["upsample_rates"], h["upsample_kernel_sizes"])))
+        self.resblocks = nn.ModuleList(
+            HiFiResBlock(ch0 // 2 ** (i + 1), k, d, kind) for i in range(len(self.ups))
+            for k, d in zip(h["resblock_kernel_sizes"], h["resblock_dilation_sizes"]))
+        self.conv_post = WNConv1d(ch0 // 2 ** len(self.ups), 1, 7, padding=3)
+
+    def forward(self, mel):
+        """(B, num_mels, T) -> (B, 1, prod(upsample_rates) T)."""
+        n = len(self.config["resblock_kernel_sizes"])
+        x = self.conv_pre(mel)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, 0.1))
+            x = sum(self.resblocks[i * n + j](x) for j in range(n)) / n  # multi-receptive fusion
+        return torch.tanh(self.conv_post(F.leaky_relu(x)))  # hifi-gan: default slope 0.01 here
+
+
+def _old_weight_norm_keys(sd):
+    """Map torch's parametrization keys (`X.parametrizations.weight.original0/1`, what newer
+    torch saves) to the `X.weight_g / weight_v` layout of the releases."""
+    rename = {".parametrizations.weight.original0": ".weight_g",
+              ".parametrizations.weight.original1": ".weight_v"}
+    out = {}
+    for k, v in sd.items():
+        for old, new in rename.items():
+            k = k.replace(old, new)
+        out[k] = v
+    return out
+
+
+def load_melgan(path, trusted=False, n_mel_channels=80, ngf=32, n_residual_layers=3):
+    """SpecVQGAN's `best_netG.pt` (a bare state dict; `{"state_dict": ...}` also accepted)."""
+    obj = load_checkpoint(path, trusted=trusted, what="MelGAN vocoder")
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    sd = _old_weight_norm_keys(sd) if isinstance(sd, dict) else sd
+    model = MelGAN(n_mel_channels, ngf, n_residual_layers)
+    return load_state_strict(model, sd, "MelGAN vocoder", path).eval()
+
+
+def load_hifigan(path, config=None, trusted=False):
+    """A hifi-gan generator file (`{"generator": state_dict}`, as hifi-gan saves it)."""
+    obj = load_checkpoint(path, trusted=trusted, what="HiFi-GAN vocoder")
+    sd = obj.get("generator", obj) if isinstance(obj, dict) else obj
+    sd = _old_weight_norm_keys(sd) if isinstance(sd, dict) else sd
+    return load_state_strict(HiFiGAN(config), sd, "HiFi-GAN vocoder", path).eval()
+
+
+def griffin_lim(mel01, n_iter=32, generator=None, momentum=0.99, sr=SAMPLE_RATE, n_fft=N_FFT,
+                hop=HOP, fmin=FMIN, fmax=FMAX):
+    """(B, F, T) or (F, T) mel in [0, 1] -> (B, hop T) waveform, no weights needed: magnitudes from
+    `mel01_to_linear`, phases by fast Griffin-Lim (Perraudin et al. 2013, as librosa's
+    `griffinlim` with momentum), starting from random phases drawn from `generator`."""
+    mel01 = mel01.float().reshape(-1, *mel01.shape[-2:])  # (B, F, T)
+    mag = mel01_to_linear(mel01, sr, n_fft, fmin, fmax)  # (B, K, T)
+    window = torch.hann_window(n_fft, device=mag.device)
+    length = hop * mag.shape[-1]  # the vocoders' length, so all three agree
+    istft = lambda s: torch.istft(s, n_fft, hop, n_fft, window, center=True,  # noqa: E731
+                                  length=length)
+    stft = lambda w: torch.stft(w, n_fft, hop, n_fft, window, center=True,  # noqa: E731
+                                pad_mode="reflect", return_complex=True)
+    device = generator.device if generator is not None else mag.device
+    phase = torch.rand(mag.shape, generator=generator, device=device).to(mag.device) * 2 * math.pi
+    angles = torch.polar(torch.ones_like(mag), phase)
+    rebuilt_prev = torch.zeros_like(angles)
+    for _ in range(n_iter):
+        # `length` is one hop longer than T frames need, so the re-analysis has one extra frame
+        rebuilt = stft(istft(mag * angles))[..., :mag.shape[-1]]
+        angles = rebuilt - (momentum / (1 + momentum)) * rebuilt_prev
+        angles = angles / (angles.abs() + 1e-16)
+        rebuilt_prev = rebuilt
+    return istft(mag * angles)
+
+
+# -----------------------------------------------------------------------------
+# audio and image files
+
+
+def _kaiser_sinc(d, fc, half, beta):
+    """Low-pass taps at distances `d` (input samples): fc sinc(fc d) times a Kaiser window of
+    half-width `half`; fc is the cutoff as a fraction of the input Nyquist frequency."""
+    arg = beta * torch.sqrt((1 - (d / half) ** 2).clamp(min=0))
+    window = torch.special.i0(arg) / torch.special.i0(torch.tensor(beta, dtype=d.dtype))
+    return fc * torch.sinc(fc * d) * window * (d.abs() <= half)
+
+
+def resample(wav, orig_sr, new_sr, zeros=64, rolloff=0.95, beta=8.6):
+    """Band-limited resampling of the last axis with a Kaiser-windowed sinc (Smith, "Digital Audio
+    Resampling"). Cutoff rolloff * min(orig, new) / 2; the window spans `zeros` zero-crossings
+    per side. For 44.1 -> 22.05 kHz the -1 dB edge is 10.3 kHz and everything above 10.92 kHz
+    is below -80 dB (beta 8.6 is Kaiser's value for ~86 dB).
+
+    Output j sits at input time j * orig / new. With up / down the reduced ratio, outputs fall
+    into `up` phases whose taps repeat every `down` input samples, so one strided conv1d with an
+    (up, K) kernel does it all (polyphase); ratios with a huge `up` (e.g. 22051 -> 22050) instead
+    gather the taps of each output directly."""
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    if orig_sr == new_sr:
+        return wav
+    shape, T = wav.shape[:-1], wav.shape[-1]
+    x = wav.reshape(-1, T).float()  # (B, T); taps are computed in float64, applied in float32
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    fc = rolloff * min(orig_sr, new_sr) / orig_sr
+    half = zeros / fc  # window half-width in input samples
+    W = int(math.ceil(half))
+    n_out = -(-T * up // down)
+    if up * (2 * W + down) <= 2 ** 22:
+        # output (block k, phase i) reads inputs k*down + m, m in [-W + 1, W + down - 1]
+        m = torch.arange(-W + 1, W + down, dtype=torch.float64)  # (K,)
+        d = m[None, :] - torch.arange(up, dtype=torch.float64)[:, None] * down / up  # (up, K)
+        kernel = _kaiser_sinc(d, fc, half, beta)
+        n_blocks = -(-n_out // up)
+        right = max(0, (n_blocks - 1) * down + len(m) - (T + W - 1))
+        x = F.pad(x, (W - 1, right))[:, None]  # (B, 1, T_padded)
+        y = F.conv1d(x, kernel[:, None].to(x), stride=down)[..., :n_blocks]  # (B, up, n_blocks)
+        y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]  # (B, n_out)
+    else:
+        taps = torch.arange(-W + 1, W + 1)  # (K,)
+        x = F.pad(x, (W, W + 1))  # (B, T_padded)
+        chunks = []
+        for j0 in range(0, n_out, 16384):  # chunks bound the (outputs, taps) weight matrix
+            j = torch.arange(j0, min(j0 + 16384, n_out))  # (J,)
+            base = j * down // up  # integer part of the input time, exact in int64
+            frac = (j * down % up).double() / up
+            kernel = _kaiser_sinc(taps[None, :] - frac[:, None], fc, half, beta)  # (J, K)
+            near = x[:, (base[:, None] + W + taps[None, :]).to(x.device)]  # (B, J, K)
+            chunks.append((near * kernel.to(x)).sum(-1))  # (B, J)
+        y = torch.cat(chunks, dim=1)  # (B, n_out)
+    return y.to(wav.dtype).reshape(*shape, n_out)
+
+
+def load_audio(path, sample_rate=SAMPLE_RATE):
+    """Any file soundfile reads -> (T,) float32 mono at `sample_rate` (channels averaged)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"audio file not found: {path}")
+    try:
+        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (T, channels)
+    except (RuntimeError, TypeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
+        raise UserError(f"cannot read audio {path} ({str(e).splitlines()[0][:100]}); "
+                        "convert it to WAV or FLAC, e.g. with ffmpeg") from e
+    return resample(torch.from_numpy(data.mean(axis=1)), sr, sample_rate)
+
+
+def save_wav(wav, path, sample_rate=SAMPLE_RATE):
+    """(T,) waveform -> 16-bit PCM WAV."""
+    soundfile.write(os.fspath(path), wav.detach().float().clamp(-1, 1).cpu().numpy().reshape(-1),
+                    sample_rate, subtype="PCM_16")
+
+
+def load_image(path_or_image, resolution):
+    """A file (any size and mode Pillow reads), a PIL image or an (H, W[, 3]) uint8 array ->
+    (3, resolution, resolution) in [-1, 1]: short side resized to `resolution` (bicubic), then a
+    centre crop."""
+    image = path_or_image
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise UserError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as f:
+                image = ImageOps.exif_transpose(f).convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}); "
+                            "use a PNG or JPEG file") from e
+    image = image.convert("RGB")
+    w, h = image.size
+    s = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))),
+                         Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # (R, R, 3)
+    return x.permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
+
+
+def to_pil(x):
+    """(3, H, W) in [-1, 1] -> RGB PIL image."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())  # (H, W, 3)
+
+
+# viridis at 9 evenly spaced points (matplotlib's table, sampled), linearly interpolated
+_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+                     [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], np.float64)
+
+
+def save_mel_png(mel01, path, scale=2):
+    """(F, T) or (1, F, T) mel in [0, 1] -> a PNG with low frequencies at the bottom, in a
+    viridis-like colour map, each cell `scale` x `scale` pixels."""
+    m = mel01.detach().float().cpu().reshape(mel01.shape[-2:]).clamp(0, 1).numpy()[::-1]  # (F, T)
+    pos = m * (len(_VIRIDIS) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_VIRIDIS) - 2)
+    t = (pos - lo)[..., None]
+    rgb = (_VIRIDIS[lo] * (1 - t) + _VIRIDIS[lo + 1] * t).round().astype(np.uint8)  # (F, T, 3)
+    rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    Image.fromarray(rgb).save(os.fspath(path))
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: files <-> ids
+
+
+def _device(module):
+    return next(module.parameters()).device
+
+
+class ImageTokenizer:
+    """Images <-> ids with a VQGAN. `grid` is (h, w); each image gives h*w ids, row-major.
+
+        tok = ImageTokenizer(load_vqgan("last.ckpt"))   # 256 -> (16, 16) grid
+        ids = tok.encode_files(["a.jpg", "b.png"])      # (2, 256)
+        tok.decode_to_images(ids)[0].save("a_rec.png")
+    """
+
+    def __init__(self, vqgan, resolution=None):
+        self.vqgan = vqgan.eval()
+        self.resolution = resolution or vqgan.config.resolution
+        self.grid = vqgan.latent_size(self.resolution, self.resolution)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """(B, 3, R, R) in [-1, 1] -> (B, h*w) ids."""
+        return self.vqgan.encode(x.to(_device(self.vqgan)))
+
+    def encode_images(self, images):
+        """File paths, PIL images or uint8 arrays -> (B, h*w) ids."""
+        return self.encode(torch.stack([load_image(im, self.resolution) for im in images]))
+
+    encode_files = encode_images
+
+    @torch.no_grad()
+    def decode(self, ids):
+        """(B, h*w) ids -> (B, 3, R, R), roughly in [-1, 1]."""
+        return self.vqgan.decode(ids.to(_device(self.vqgan)), self.grid)
+
+    def decode_to_images(self, ids):
+        """(B, h*w) ids -> list of B RGB PIL images (save them with `.save("x.png")`)."""
+        return [to_pil(x) for x in self.decode(ids)]
+
+
+class AudioTokenizer:
+    """Sounds <-> ids: waveform -> SpecVQGAN mel (fit to `n_samples`, trim to `keep_frames`, centre
+    crop to `n_frames`) -> VQGAN ids; ids -> [0, 1] mel -> waveform with `vocoder` (a `MelGAN` or
+    `HiFiGAN`) or Griffin-Lim when it is None. `grid` is (h, w) = (80, n_frames) / 2^levels;
+    ids are row-major over (mel row, time). Defaults are the VGGSound recipe (10 s, 5x53 ids).
+
+        tok = AudioTokenizer(load_vqgan("epoch_39.ckpt", config=VQGANConfig.vggsound_codebook()),
+                             vocoder=load_melgan("best_netG.pt"))
+        ids = tok.encode_files(["a.wav"])               # (1, 265)
+        save_wav(tok.mel_to_wav(tok.decode_to_mel(ids))[0], "a_rec.wav")
+    """
+
+    def __init__(self, vqgan, vocoder=None, n_samples=220500, n_frames=848, keep_frames=860,
+                 sample_rate=SAMPLE_RATE, griffin_lim_iters=32):
+        self.vqgan, self.vocoder = vqgan.eval(), vocoder.eval() if vocoder is not None else None
+        self.n_samples, self.n_frames, self.keep_frames = n_samples, n_frames, keep_frames
+        self.sample_rate, self.griffin_lim_iters = sample_rate, griffin_lim_iters
+        frames = 1 + n_samples // HOP
+        if min(frames, keep_frames or frames) < n_frames:
+            raise ValueError(f"{n_samples} samples give {frames} frames, fewer than {n_frames}")
+        self.grid = vqgan.latent_size(N_MELS, n_frames)
+
+    def wav_to_mel(self, wavs):
+        """(T,) or (B, T) tensor, or a list of (T_i,) tensors, at `sample_rate`
+        -> (B, 80, n_frames) mel in [0, 1]."""
+        if isinstance(wavs, (list, tuple)):
+            wavs = torch.stack([fit_clip(torch.as_tensor(w).float(), self.n_samples) for w in wavs])
+        wavs = fit_clip(wavs.reshape(-1, wavs.shape[-1]), self.n_samples)  # (B, n_samples)
+        mel = mel_spectrogram(wavs.to(_device(self.vqgan)), self.sample_rate)
+        return crop_mel(mel, self.n_frames, self.keep_frames)
+
+    @torch.no_grad()
+    def encode_mels(self, mel01):
+        """(B, 80, n_frames) in [0, 1] -> (B, h*w) ids; the model sees 2 S - 1."""
+        return self.vqgan.encode((2 * mel01 - 1).unsqueeze(1).to(_device(self.vqgan)))
+
+    def encode_waveforms(self, wavs):
+        return self.encode_mels(self.wav_to_mel(wavs))
+
+    def encode_files(self, paths):
+        """Audio files (any rate and channel count soundfile reads) -> (B, h*w) ids."""
+        return self.encode_waveforms([load_audio(p, self.sample_rate) for p in paths])
+
+    @torch.no_grad()
+    def decode_to_mel(self, ids):
+        """(B, h*w) ids -> (B, 80, n_frames) mel in [0, 1]."""
+        x = self.vqgan.decode(ids.to(_device(self.vqgan)), self.grid)  # (B, 1, 80, n_frames)
+        return ((x[:, 0] + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def mel_to_wav(self, mel01, generator=None):
+        """(B, 80, T) in [0, 1] -> (B, 256 T) waveform at `sample_rate`."""
+        if self.vocoder is None:
+            return griffin_lim(mel01, self.griffin_lim_iters, generator, sr=self.sample_rate)
+        return self.vocoder(mel01.to(_device(self.vocoder)))[:, 0]
+
+    def decode_to_wav(self, ids, generator=None):
+        return self.mel_to_wav(self.decode_to_mel(ids), generator)

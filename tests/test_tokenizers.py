@@ -1,0 +1,408 @@
+"""Tests for echoes/tokenizers.py: reproduction of the reference implementations' outputs (taming,
+SpecVQGAN, its MelGAN, hifi-gan, librosa), checkpoint layouts, preset structure, the mel recipe,
+Griffin-Lim, resampling, and file round trips. CPU only, small shapes."""
+
+import argparse
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from echoes.cli import UserError
+from echoes.tokenizers import (
+    VQGAN, AudioTokenizer, HiFiGAN, ImageTokenizer, MelGAN, VQGANConfig, crop_mel, fit_clip,
+    griffin_lim, load_audio, load_hifigan, load_image, load_melgan, load_vqgan, mel_filterbank,
+    mel_spectrogram, n_params, resample, save_mel_png, save_wav)
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+REFERENCE = os.environ.get("ECHOES_REFERENCE", REFERENCE)
+needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE),
+                                     reason="reference vectors not present")
+
+
+def reference(name):
+    return torch.load(os.path.join(REFERENCE, name), weights_only=True)
+
+
+def tiny_vqgan(in_channels=3, resolution=16, **kw):
+    torch.manual_seed(0)
+    cfg = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(resolution // 2,),
+               resolution=resolution, in_channels=in_channels, out_ch=in_channels, z_channels=8,
+               embed_dim=8, n_embed=16)
+    return VQGAN(**{**cfg, **kw}).eval()
+
+
+def tone(freq, seconds, sr, amplitude=0.5):
+    t = torch.arange(int(seconds * sr), dtype=torch.float64) / sr  # float64: exact phase
+    return amplitude * torch.sin(2 * math.pi * freq * t)
+
+
+def peak_hz(wav, sr):
+    spectrum = torch.fft.rfft(wav.double() * torch.hann_window(wav.shape[-1], dtype=torch.float64))
+    return spectrum.abs().argmax().item() * sr / wav.shape[-1]
+
+
+def one_line(e):
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 600, msg
+    return msg
+
+
+# -----------------------------------------------------------------------------
+# reference implementations
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["taming_vqgan.pt", "specvqgan_codebook.pt"])
+def test_vqgan_reproduces_reference(name, tmp_path):
+    ref = reference(name)
+    assert any(k.startswith("loss.") for k in ref["ckpt"]["state_dict"])
+    path = tmp_path / "last.ckpt"
+    torch.save(ref["ckpt"], path)  # the Lightning layout, loss.* keys included
+    model = load_vqgan(path, **ref["config"])
+    assert set(model.state_dict()) == {k for k in ref["ckpt"]["state_dict"]
+                                       if not k.startswith("loss.")}
+    with torch.no_grad():
+        ids = model.encode(ref["x"])
+        decoded = model.decode(ref["ids"], tuple(ref["hw"]))
+    assert ids.dtype == torch.long and ids.shape == ref["ids"].shape
+    assert model.latent_size(*ref["x"].shape[-2:]) == tuple(ref["hw"])
+    assert (ids == ref["ids"]).float().mean() >= 0.95
+    torch.testing.assert_close(decoded, ref["decoded"], rtol=1e-5, atol=1e-5)
+
+
+@needs_reference
+def test_melgan_reproduces_reference(tmp_path):
+    ref = reference("specvqgan_melgan.pt")
+    path = tmp_path / "best_netG.pt"
+    torch.save(ref["state_dict"], path)  # released as a bare state dict
+    model = load_melgan(path, ngf=ref["ngf"], n_residual_layers=ref["n_residual_layers"])
+    with torch.no_grad():
+        wav = model(ref["mel"])  # the [0, 1] mel goes in as it is
+    assert wav.shape == (1, 1, 256 * ref["mel"].shape[-1])
+    torch.testing.assert_close(wav, ref["wav"], rtol=1e-5, atol=1e-6)
+
+
+@needs_reference
+def test_hifigan_reproduces_reference(tmp_path):
+    ref = reference("hifigan_v1.pt")
+    path = tmp_path / "g_02500000"
+    torch.save({"generator": ref["generator"]}, path)  # hifi-gan's own layout
+    model = load_hifigan(path, dict(ref["config"]))
+    with torch.no_grad():
+        wav = model(ref["mel"])
+    torch.testing.assert_close(wav, ref["wav"], rtol=1e-5, atol=1e-6)
+
+
+@needs_reference
+def test_mel_recipe_reproduces_librosa():
+    ref = reference("mel_recipe.pt")
+    torch.testing.assert_close(mel_filterbank(), ref["filterbank"], rtol=1e-5, atol=1e-8)
+    mel01 = mel_spectrogram(ref["wav"])
+    assert mel01.shape == (1, *ref["mel01"].shape)
+    torch.testing.assert_close(mel01[0], ref["mel01"], rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints in the released layouts
+
+
+@pytest.mark.parametrize("layout", ["lightning", "bare"])
+def test_vqgan_checkpoint_roundtrip(layout, tmp_path):
+    model = tiny_vqgan()
+    sd = model.state_dict()
+    if layout == "lightning":
+        obj = {"state_dict": {**sd, "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4),
+                              "loss.logvar": torch.zeros(())}, "epoch": 3, "global_step": 7}
+    else:
+        obj = sd
+    path = tmp_path / "vqgan.ckpt"
+    torch.save(obj, path)
+    loaded = load_vqgan(path, config=model.config)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), model.encode(x))
+        ids = model.encode(x)
+        torch.testing.assert_close(loaded.decode(ids, (8, 8)), model.decode(ids, (8, 8)))
+
+
+def test_vqgan_wrong_files_fail_with_one_line(tmp_path):
+    model = tiny_vqgan()
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": tiny_vqgan(ch_mult=(1, 2, 2)).state_dict()}, other)
+    with pytest.raises(UserError) as e:
+        load_vqgan(other, config=model.config)
+    msg = one_line(e)
+    assert "unexpected" in msg and "decoder.up.2." in msg and "in all" in msg
+
+    truncated = tmp_path / "few.ckpt"
+    sd = model.state_dict()
+    torch.save({k: v for k, v in sd.items() if k != "quantize.embedding.weight"}, truncated)
+    with pytest.raises(UserError) as e:
+        load_vqgan(truncated, config=model.config)
+    assert "missing 1 keys (quantize.embedding.weight)" in one_line(e)
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(UserError) as e:
+        load_vqgan(text, config=model.config)
+    one_line(e)
+
+    with pytest.raises(UserError) as e:
+        load_vqgan(tmp_path / "absent.ckpt")
+    assert "not found" in one_line(e)
+
+    pickled = tmp_path / "pickled.ckpt"  # needs full unpickling: refused unless trusted
+    torch.save({"state_dict": sd, "hparams": argparse.Namespace(lr=1.0)}, pickled)
+    with pytest.raises(UserError) as e:
+        load_vqgan(pickled, config=model.config)
+    assert "--trust-checkpoints" in one_line(e)
+    assert load_vqgan(pickled, trusted=True, config=model.config) is not None
+
+
+def test_melgan_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = MelGAN(ngf=4, n_residual_layers=1).eval()
+    sd = model.state_dict()
+    assert {"model.1.weight_g", "model.1.weight_v", "model.1.bias", "model.4.block.2.weight_v",
+            "model.4.shortcut.weight_g", "model.16.weight_v"} <= set(sd)
+    mel = torch.rand(1, 80, 5)
+    with torch.no_grad():
+        want = model(mel)
+    # newer torch saves weight norm as parametrizations: accept that layout too
+    renamed = {k.replace(".weight_g", ".parametrizations.weight.original0")
+               .replace(".weight_v", ".parametrizations.weight.original1"): v
+               for k, v in sd.items()}
+    for name, obj in [("old", sd), ("new", renamed)]:
+        path = tmp_path / f"{name}_netG.pt"
+        torch.save(obj, path)
+        with torch.no_grad():
+            got = load_melgan(path, ngf=4, n_residual_layers=1)(mel)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(UserError) as e:
+        load_melgan(tmp_path / "old_netG.pt")  # default ngf 32 does not fit
+    assert "wrong shape" in one_line(e)
+
+
+@pytest.mark.parametrize("kind", ["1", "2"])
+def test_hifigan_checkpoint_roundtrip(kind, tmp_path):
+    torch.manual_seed(0)
+    config = dict(resblock=kind, upsample_rates=[8, 8, 2, 2], upsample_kernel_sizes=[16, 16, 4, 4],
+                  upsample_initial_channel=32, resblock_kernel_sizes=[3, 7],
+                  resblock_dilation_sizes=[[1, 3, 5]] * 2 if kind == "1" else [[1, 3]] * 2)
+    model = HiFiGAN(config).eval()
+    sd = model.state_dict()
+    key = "resblocks.3.convs2.2.weight_g" if kind == "1" else "resblocks.3.convs.1.weight_v"
+    assert key in sd
+    path = tmp_path / "g_00001000"
+    torch.save({"generator": sd, "steps": 1000}, path)
+    mel = torch.rand(1, 80, 4)
+    with torch.no_grad():
+        want = model(mel)
+        got = load_hifigan(path, config)(mel)
+    assert want.shape == (1, 1, 1024)
+    torch.testing.assert_close(got, want)
+
+
+# -----------------------------------------------------------------------------
+# preset structure (meta device: no memory, no compute)
+
+
+def test_image_preset_structure():
+    with torch.device("meta"):
+        model = VQGAN(VQGANConfig.imagenet_f16_1024())
+        ids = model.encode(torch.empty(2, 3, 256, 256))
+        out = model.decode(ids, (16, 16))
+    assert round(n_params(model) / 1e6, 2) == 72.14
+    assert ids.shape == (2, 256) and ids.dtype == torch.long and out.shape == (2, 3, 256, 256)
+    assert model.quantize.embedding.weight.shape == (1024, 256)
+    # attention at the 16x16 level only: encoder level 4 (2 blocks), decoder up.4 (3 blocks)
+    assert [len(level.attn) for level in model.encoder.down] == [0, 0, 0, 0, 2]
+    assert [len(level.attn) for level in model.decoder.up] == [0, 0, 0, 0, 3]
+
+
+def test_audio_preset_structure():
+    with torch.device("meta"):
+        model = VQGAN(VQGANConfig.vggsound_codebook())
+        ids = model.encode(torch.empty(2, 1, 80, 848))
+        out = model.decode(ids, model.latent_size(80, 848))
+    assert model.latent_size(80, 848) == (5, 53)
+    assert ids.shape == (2, 265) and out.shape == (2, 1, 80, 848)
+    assert round(n_params(model) / 1e6, 1) == 72.1  # the public config, not the paper's 54.5 M
+    # the nominal width 848 halves to 53 at level 4: attention there though the map is 5x53
+    assert [len(level.attn) for level in model.encoder.down] == [0, 0, 0, 0, 2]
+    assert [len(level.attn) for level in model.decoder.up] == [0, 0, 0, 0, 3]
+    with torch.device("meta"):
+        image = VQGAN()
+    assert set(model.state_dict()) == set(image.state_dict())
+
+
+def test_audio_preset_runs_at_small_width():
+    model = VQGAN(VQGANConfig.vggsound_codebook(ch=32, ch_mult=(1, 1, 1, 1, 1), z_channels=8,
+                                                 embed_dim=8, n_embed=16)).eval()
+    with torch.no_grad():
+        ids = model.encode(torch.rand(1, 1, 80, 848) * 2 - 1)
+        out = model.decode(ids, (5, 53))
+    assert ids.shape == (1, 265) and ids.min() >= 0 and ids.max() < 16
+    assert out.shape == (1, 1, 80, 848) and torch.isfinite(out).all()
+
+
+# -----------------------------------------------------------------------------
+# mel recipe, Griffin-Lim, resampling
+
+
+def slaney_filterbank(sr, n_fft, n_mels, fmin, fmax):
+    """Direct evaluation: each band is a triangle from f_lo to f_hi with its apex at f_mid
+    (mel-spaced on Slaney's scale) and height 2 / (f_hi - f_lo)."""
+    def to_mel(f):
+        return f / (200 / 3) if f < 1000 else 15 + math.log(f / 1000) * 27 / math.log(6.4)
+
+    def to_hz(m):
+        return m * 200 / 3 if m < 15 else 1000 * math.exp((m - 15) * math.log(6.4) / 27)
+
+    lo, hi = to_mel(fmin), to_mel(fmax)
+    points = [to_hz(lo + (hi - lo) * i / (n_mels + 1)) for i in range(n_mels + 2)]
+    out = np.zeros((n_mels, n_fft // 2 + 1))
+    for b in range(n_mels):
+        f_lo, f_mid, f_hi = points[b:b + 3]
+        for k in range(n_fft // 2 + 1):
+            f = k * sr / n_fft
+            if f_lo < f <= f_mid:
+                out[b, k] = (f - f_lo) / (f_mid - f_lo)
+            elif f_mid < f < f_hi:
+                out[b, k] = (f_hi - f) / (f_hi - f_mid)
+        out[b] *= 2 / (f_hi - f_lo)
+    return torch.from_numpy(out).float()
+
+
+@pytest.mark.parametrize("args", [(22050, 1024, 80, 125.0, 7600.0), (16000, 512, 40, 0.0, 8000.0)])
+def test_filterbank_matches_slaney_formula(args):
+    fb = mel_filterbank(*args)
+    assert fb.shape == (args[2], args[1] // 2 + 1)
+    torch.testing.assert_close(fb, slaney_filterbank(*args), rtol=1e-4, atol=1e-7)
+
+
+def test_mel_of_10_seconds_is_80_by_848():
+    wav = torch.randn(220500, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert mel_spectrogram(wav).shape == (1, 80, 862)
+    for seconds in (3.0, 10.0, 12.5):
+        clip = fit_clip(wav.repeat(2)[:int(seconds * 22050)])
+        assert clip.shape == (220500,)
+        mel01 = crop_mel(mel_spectrogram(clip))
+        assert mel01.shape == (1, 80, 848)
+        assert mel01.min() >= 0 and mel01.max() <= 1 and mel01.max() > 0.5
+    batch = mel_spectrogram(torch.stack([wav[:22050], 0.5 * wav[:22050]]))
+    assert batch.shape == (2, 80, 87)
+
+
+@pytest.mark.parametrize("freq", [262.0, 1000.0, 4000.0])
+def test_tone_lands_in_its_mel_band(freq):
+    mel01 = mel_spectrogram(tone(freq, 0.5, 22050).float())[0]  # (80, frames)
+    band = mel_filterbank()[:, round(freq * 1024 / 22050)].argmax()
+    assert mel01.mean(-1).argmax() == band
+
+
+def test_griffin_lim_keeps_pitch():
+    mel01 = mel_spectrogram(tone(440.0, 1.0, 22050).float())
+    wav = griffin_lim(mel01, n_iter=16, generator=torch.Generator().manual_seed(0))
+    assert wav.shape == (1, 256 * mel01.shape[-1])
+    assert abs(peak_hz(wav[0], 22050) - 440.0) < 440.0 * 0.02
+    assert wav.abs().max() > 0.1
+
+
+def test_resample_is_band_limited():
+    sr = 44100
+    kept = resample(tone(1000.0, 1.0, sr).float(), sr, 22050)
+    assert kept.shape == (22050,)
+    assert abs(peak_hz(kept, 22050) - 1000.0) < 2.0
+    ideal = tone(1000.0, 1.0, 22050)
+    error = (kept.double() - ideal)[1000:-1000].pow(2).mean() / ideal.pow(2).mean()
+    assert error < 1e-6  # -60 dB
+    for freq in (11500.0, 13000.0, 16000.0, 20000.0):  # would alias below 11 kHz if kept
+        out = resample(tone(freq, 1.0, sr).float(), sr, 22050)[1000:-1000]
+        assert out.pow(2).mean() < 1e-6 * 0.125
+    stereo = torch.stack([tone(1000.0, 0.5, 48000), tone(2000.0, 0.5, 48000)]).float()
+    out = resample(stereo, 48000, 22050)  # a 147/320 ratio
+    assert out.shape == (2, 11025)
+    assert abs(peak_hz(out[1], 22050) - 2000.0) < 3.0
+
+
+# -----------------------------------------------------------------------------
+# tokenizers on files
+
+
+def test_image_tokenizer_roundtrip(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 255, (30, 40, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba[..., 0], "L").save(tmp_path / "b.jpg")
+    tok = ImageTokenizer(tiny_vqgan())
+    assert tok.grid == (8, 8)
+    ids = tok.encode_files([tmp_path / "a.png", str(tmp_path / "b.jpg")])
+    assert ids.shape == (2, 64) and ids.dtype == torch.long
+    images = tok.decode_to_images(ids)
+    assert len(images) == 2 and images[0].size == (16, 16) and images[0].mode == "RGB"
+    images[0].save(tmp_path / "out.png")
+    assert Image.open(tmp_path / "out.png").size == (16, 16)
+
+
+def test_load_image_resizes_short_side_and_centre_crops():
+    image = np.zeros((30, 90, 3), np.uint8)
+    image[:, 30:60] = 255  # a white centre square between black sides
+    x = load_image(image, 10)
+    assert x.shape == (3, 10, 10) and x.min() >= -1 and x.max() <= 1
+    assert x[:, :, 2:8].mean() > 0.95
+
+
+def test_audio_tokenizer_roundtrip(tmp_path):
+    sr = 44100
+    left, right = tone(440.0, 0.4, sr), 0.3 * torch.randn(int(0.4 * sr), dtype=torch.float64)
+    soundfile.write(tmp_path / "in.wav", torch.stack([left, right], 1).numpy(), sr)
+    wav = load_audio(tmp_path / "in.wav")
+    assert wav.shape == (8820,) and wav.dtype == torch.float32
+    vq = tiny_vqgan(in_channels=1, resolution=32)
+    tok = AudioTokenizer(vq, n_samples=256 * 31, n_frames=32)
+    assert tok.grid == (40, 16) and tok.sample_rate == 22050
+    ids = tok.encode_files([tmp_path / "in.wav"])
+    assert ids.shape == (1, 640)
+    mel01 = tok.decode_to_mel(ids)
+    assert mel01.shape == (1, 80, 32) and mel01.min() >= 0 and mel01.max() <= 1
+    out = tok.mel_to_wav(mel01, generator=torch.Generator().manual_seed(0))  # Griffin-Lim
+    assert out.shape == (1, 256 * 32) and torch.isfinite(out).all()
+    save_wav(out[0], tmp_path / "out.wav")
+    data, rate = soundfile.read(tmp_path / "out.wav")
+    assert rate == 22050 and data.shape == (256 * 32,)
+    tok = AudioTokenizer(vq, vocoder=MelGAN(ngf=4, n_residual_layers=1), n_samples=256 * 31,
+                         n_frames=32)
+    assert tok.decode_to_wav(ids).shape == (1, 256 * 32)
+
+
+def test_save_mel_png_puts_low_frequencies_at_the_bottom(tmp_path):
+    mel01 = torch.zeros(1, 80, 12)
+    mel01[:, 0] = 1.0  # the lowest band at full level
+    save_mel_png(mel01, tmp_path / "mel.png", scale=2)
+    image = np.asarray(Image.open(tmp_path / "mel.png"))
+    assert image.shape == (160, 24, 3)
+    assert image[-1].mean() > 150 and image[0].mean() < 100  # bright bottom row, dark top
+
+
+def test_unreadable_files_fail_with_one_line(tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    with pytest.raises(UserError) as e:
+        load_audio(bad)
+    one_line(e)
+    with pytest.raises(UserError) as e:
+        load_audio(tmp_path / "absent.wav")
+    assert "not found" in one_line(e)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(UserError) as e:
+        ImageTokenizer(tiny_vqgan()).encode_files([bad])
+    one_line(e)
+    with pytest.raises(UserError) as e:
+        load_image(tmp_path / "absent.png", 16)
+    assert "not found" in one_line(e)
