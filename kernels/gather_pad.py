@@ -1,0 +1,355 @@
+"""Fused masked-token gather (encoder input) and pad (decoder input), forward and backward.
+
+The two data-movement ops around MAGE's encoder (DESIGN.md sections 3 and 5; MAGE
+`models_mage.py`, `forward_encoder` / `forward_decoder`). Their plain PyTorch references,
+`echoes.model.gather_embed` and `echoes.model.pad_decoder`, are the spec: the public functions here
+take exactly their arguments and call them for tensors that are not on a GPU (unless
+TRITON_INTERPRET=1).
+
+- `gather_embed(ids, keep, weight, pos, mod)`: out[b, k] = weight[ids[b, l]] + pos[l] + mod with
+  l = keep[b, k]. One pass: token id, table row and positional row are gathered inside the kernel,
+  so neither `ids.gather(1, keep)` nor `pos[keep]` is materialised. Backward scatters the upstream
+  gradient into fp32 buffers with atomics; rows of a block that hit the same table row (the mask
+  id takes ~70% of the rows in training) are summed first with one small tl.dot against the
+  block's "same token" matrix, so each table row gets at most one atomic per block.
+- `pad_decoder(x, keep, unknown, mask_emb, pos, mod)`: out[b, l] = x[b, k] where keep[b, k] = l
+  and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
+  side: a block of positions l finds its k by comparing against keep[b, :] (K integer compares per
+  position, far cheaper than the row it moves), so no inverse index is built and nothing is
+  assumed about keep's order. Backward reads the upstream gradient once: it writes grad x for every
+  kept row (zero where the token is unknown) and sums grad pos / mask_emb / mod over the batch in
+  registers, one fp32 atomic per block and batch split.
+
+Dtypes follow the reference under autocast (neither op is on autocast's lists): the output dtype is
+the promotion of the inputs' dtypes (gather: weight, pos, mod; pad: x, pos, mod), everything is
+summed in fp32 and rounded once, mask_emb is first rounded to x's dtype as the reference does, and
+parameter gradients are accumulated in fp32 and returned in the parameter's dtype. `keep` must hold
+distinct positions per sample (as the reference's scatter needs); `keep` may be an expanded view
+(inference: arange(L).expand(B, L)) and `x` a strided slice: no copies are made.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from echoes.model import gather_embed as gather_embed_reference
+from echoes.model import pad_decoder as pad_decoder_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Block sizes. On a GPU: rows x 256 columns per program for the streaming forwards (4 warps,
+# 16 B vector accesses); 64-row blocks for the gather backward so the same-token sum is one
+# 64 x 64 x 128 tl.dot; 16 x 128 tiles and enough batch splits for ~1k programs in the pad
+# backward. Under the interpreter, small blocks so that small test shapes hit every tail.
+if INTERPRET:
+    GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
+    GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=32, num_warps=1)
+    PAD_FWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
+    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
+    PAD_BWD_PROGRAMS = 16  # target program count; sets the batch split
+else:
+    GATHER_FWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
+    GATHER_BWD = dict(BLOCK_R=64, BLOCK_D=128, num_warps=4)
+    PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, BLOCK_KC=256, num_warps=4)
+    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
+    PAD_BWD_PROGRAMS = 1024
+
+
+def _use_triton(t):
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_d(D, cap):
+    return min(cap, triton.next_power_of_2(D))
+
+
+# -----------------------------------------------------------------------------
+# gather_embed
+
+
+@triton.jit
+def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
+                       s_ib, s_il, s_kb, s_kk, s_wc, s_pl,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = weight[ids[b, keep[b, k]]] + pos[keep[b, k]] + mod for rows r = b * K + k.
+
+    Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*(out + table + pos element
+    sizes) at most (table and pos rows repeat, mostly L2 hits), so the floor is the output write,
+    B*K*D*out_bytes; FLOPs: 2*B*K*D adds."""
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    rmask = rows < N
+    b = rows // K
+    k = rows - b * K
+    l = tl.load(keep + b * s_kb + k * s_kk, mask=rmask, other=0)  # (R,) position
+    tok = tl.load(ids + b * s_ib + l * s_il, mask=rmask, other=0)  # (R,) token id
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    w = tl.load(weight + tok.to(tl.int64)[:, None] * s_wc + cols[None, :], mask=m2, other=0.0)
+    p = tl.load(pos + l.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0)
+    m = tl.load(mod + cols, mask=cmask, other=0.0)
+    y = w.to(tl.float32) + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (R, Dc)
+    tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :],
+             y.to(out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D,
+                       s_ib, s_il, s_kb, s_kk,
+                       W_GRAD: tl.constexpr, P_GRAD: tl.constexpr, M_GRAD: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad weight[t] += sum of grad rows with token t; grad pos[l] += grad rows at position l;
+    grad mod += all grad rows; fp32 buffers, atomics.
+
+    Per block of rows the rows sharing a token are summed first, S = same @ G with
+    same[i, j] = (tok_i == tok_j) (one BLOCK_R x BLOCK_R x BLOCK_D tl.dot, 3xTF32 so fp32-exact
+    enough), and only the first row of each token adds S: one atomic per distinct token per block
+    instead of one per row, which removes the contention on the mask id's row.
+    Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes read + at most
+    2*B*K*D fp32 atomics; FLOPs: 2*B*K*BLOCK_R*D for the same-token sums (tensor cores)."""
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    ridx = tl.arange(0, BLOCK_R)
+    rows = pid_r * BLOCK_R + ridx  # (R,)
+    rmask = rows < N
+    b = rows // K
+    k = rows - b * K
+    l = tl.load(keep + b * s_kb + k * s_kk, mask=rmask, other=0)  # (R,)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    g = tl.load(grad + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2,
+                other=0.0).to(tl.float32)  # (R, Dc)
+    if W_GRAD:
+        tok = tl.load(ids + b * s_ib + l * s_il, mask=rmask, other=0)
+        tok = tl.where(rmask, tok, -1)  # padding rows never match a real token
+        same = tok[:, None] == tok[None, :]  # (R, R)
+        earlier = same & (ridx[None, :] < ridx[:, None])
+        first = tl.sum(earlier.to(tl.int32), axis=1) == 0  # (R,) first row of its token
+        gsum = tl.dot(same.to(tl.float32), g, input_precision="tf32x3")  # (R, Dc)
+        tl.atomic_add(gw + tok.to(tl.int64)[:, None] * D + cols[None, :], gsum,
+                      mask=m2 & first[:, None], sem="relaxed")
+    if P_GRAD:
+        tl.atomic_add(gp + l.to(tl.int64)[:, None] * D + cols[None, :], g, mask=m2,
+                      sem="relaxed")
+    if M_GRAD:
+        tl.atomic_add(gm + cols, tl.sum(g, axis=0), mask=cmask, sem="relaxed")
+
+
+class GatherEmbed(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, ids, keep, weight, pos, mod):
+        B, L = ids.shape
+        K = keep.shape[1]
+        D = weight.shape[1]
+        weight, pos, mod = weight.contiguous(), pos.contiguous(), mod.contiguous()
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, pos.dtype), mod.dtype)
+        out = torch.empty(B, K, D, device=weight.device, dtype=dtype)  # (B, K, D)
+        N = B * K
+        if N > 0:
+            cfg = dict(GATHER_FWD)
+            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+            _gather_fwd_kernel[grid](ids, keep, weight, pos, mod, out, N, K, D,
+                                     ids.stride(0), ids.stride(1), keep.stride(0),
+                                     keep.stride(1), weight.stride(0), pos.stride(0), **cfg)
+        ctx.save_for_backward(ids, keep)
+        ctx.shapes = (weight.shape, weight.dtype, pos.shape, pos.dtype, mod.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, keep = ctx.saved_tensors
+        (wshape, wdtype, pshape, pdtype, mdtype) = ctx.shapes
+        need_w, need_p, need_m = ctx.needs_input_grad[2:5]
+        B, K, D = grad.shape
+        N = B * K
+        dev = grad.device
+        grad = grad.contiguous()  # (B, K, D)
+        gw = torch.zeros(wshape, device=dev, dtype=torch.float32) if need_w else None
+        gp = torch.zeros(pshape, device=dev, dtype=torch.float32) if need_p else None
+        gm = torch.zeros(D, device=dev, dtype=torch.float32) if need_m else None
+        if N > 0 and (need_w or need_p or need_m):
+            cfg = dict(GATHER_BWD)
+            cfg["BLOCK_D"] = max(16, _block_d(D, cfg["BLOCK_D"]))
+            grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+            dummy = grad  # never touched when its flag is off
+            _gather_bwd_kernel[grid](grad, ids, keep, gw if need_w else dummy,
+                                     gp if need_p else dummy, gm if need_m else dummy,
+                                     N, K, D, ids.stride(0), ids.stride(1), keep.stride(0),
+                                     keep.stride(1), W_GRAD=need_w, P_GRAD=need_p,
+                                     M_GRAD=need_m, **cfg)
+        return (None, None, gw.to(wdtype) if need_w else None,
+                gp.to(pdtype) if need_p else None, gm.to(mdtype) if need_m else None)
+
+
+def gather_embed(ids, keep, weight, pos, mod):
+    """Encoder input at the kept positions: out[b, k] = weight[ids[b, i]] + pos[i] + mod with
+    i = keep[b, k]. ids (B, L) long, keep (B, K) long, weight (C+1, D), pos (L, D), mod (D,)
+    -> (B, K, D). Fused Triton version of `echoes.model.gather_embed` (same arguments)."""
+    if not _use_triton(weight):
+        return gather_embed_reference(ids, keep, weight, pos, mod)
+    return GatherEmbed.apply(ids, keep, weight, pos, mod)
+
+
+# -----------------------------------------------------------------------------
+# pad_decoder
+
+
+@triton.jit
+def _kept_index(keep_row, s_kk, ls, K, BLOCK_L: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """k with keep[b, k] == l for each position l of the block, -1 where l was dropped."""
+    kidx = tl.full([BLOCK_L], -1, tl.int32)
+    for k0 in range(0, K, BLOCK_KC):
+        ks = k0 + tl.arange(0, BLOCK_KC)  # (KC,)
+        kv = tl.load(keep_row + ks * s_kk, mask=ks < K, other=-1)
+        hit = kv[None, :] == ls[:, None]  # (Lb, KC)
+        kidx = tl.maximum(kidx, tl.max(tl.where(hit, ks[None, :], -1), axis=1))
+    return kidx
+
+
+@triton.jit
+def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
+                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod.
+
+    Grid (B * cdiv(L, BLOCK_L), cdiv(D, BLOCK_D)). Bytes: B*L*D*out_bytes written +
+    (kept, known rows) * D * x_bytes read + L*D pos (L2 hits); floor B*L*D*out_bytes +
+    B*K*D*x_bytes. FLOPs: 2*B*L*D adds, plus B*L*K*cdiv(D, BLOCK_D) integer compares."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = pid // n_lb
+    ls = (pid - b * n_lb) * BLOCK_L + tl.arange(0, BLOCK_L)  # (Lb,)
+    lmask = ls < L
+    b = b.to(tl.int64)
+    kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+    unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
+    take = (kidx >= 0) & (unk == 0)  # (Lb,)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    m2 = lmask[:, None] & cmask[None, :]
+    xv = tl.load(x + b * s_xb + kidx.to(tl.int64)[:, None] * s_xk + cols[None, :],
+                 mask=m2 & take[:, None], other=0.0)
+    me = tl.load(mask_emb + cols, mask=cmask, other=0.0).to(x.dtype.element_ty)  # ref: .to(x.dtype)
+    p = tl.load(pos + ls.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0)
+    m = tl.load(mod + cols, mask=cmask, other=0.0)
+    y = tl.where(take[:, None], xv.to(tl.float32), me.to(tl.float32)[None, :])
+    y = y + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (Lb, Dc)
+    rows = (b * L + ls).to(tl.int64)
+    tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
+                    s_kb, s_kk, s_ub,
+                    X_GRAD: tl.constexpr, P_GRAD: tl.constexpr, E_GRAD: tl.constexpr,
+                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_KC: tl.constexpr):
+    """grad x[b, k] = grad[b, keep[b, k]] where that token is known, else 0; grad pos[l] =
+    sum_b grad[b, l]; grad mask_emb = sum of grad rows that took it; grad mod = sum of all rows.
+
+    Each program owns a (BLOCK_L, BLOCK_D) tile of positions for b_per samples, sums its tile over
+    those samples in registers and adds it to the fp32 buffers with one atomic per element.
+    Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes: B*L*D*grad_bytes read +
+    B*K*D*x_bytes written + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 3*B*L*D adds, plus
+    B*L*K*cdiv(D, BLOCK_D) integer compares."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    ls = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (Lb,)
+    lmask = ls < L
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    m2 = lmask[:, None] & cmask[None, :]
+    acc_p = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    acc_e = tl.zeros([BLOCK_D], tl.float32)
+    b0 = pid_b * b_per
+    b1 = tl.minimum(b0 + b_per, B)
+    for b in range(b0, b1):
+        kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+        unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
+        take = (kidx >= 0) & (unk == 0)
+        rows = (b * L + ls).to(tl.int64)
+        g = tl.load(grad + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
+        g = g.to(tl.float32)  # (Lb, Dc)
+        acc_p += g
+        if E_GRAD:
+            acc_e += tl.sum(tl.where(take[:, None], 0.0, g), axis=0)
+        if X_GRAD:
+            xrows = (b * K + kidx).to(tl.int64)
+            tl.store(gx + xrows[:, None] * D + cols[None, :],
+                     tl.where(take[:, None], g, 0.0).to(gx.dtype.element_ty),
+                     mask=m2 & (kidx >= 0)[:, None])
+    if P_GRAD:
+        tl.atomic_add(gp + ls.to(tl.int64)[:, None] * D + cols[None, :], acc_p, mask=m2,
+                      sem="relaxed")
+    if E_GRAD:
+        tl.atomic_add(gme + cols, acc_e, mask=cmask, sem="relaxed")
+    if M_GRAD:
+        tl.atomic_add(gm + cols, tl.sum(acc_p, axis=0), mask=cmask, sem="relaxed")
+
+
+class PadDecoder(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, keep, unknown, mask_emb, pos, mod):
+        B, K, D = x.shape
+        L = unknown.shape[1]
+        if x.stride(2) != 1:
+            x = x.contiguous()
+        mask_emb, pos, mod = mask_emb.contiguous(), pos.contiguous(), mod.contiguous()
+        unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
+        dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
+        out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
+        if B * L > 0 and D > 0:
+            cfg = dict(PAD_FWD)
+            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            n_lb = triton.cdiv(L, cfg["BLOCK_L"])
+            grid = (B * n_lb, triton.cdiv(D, cfg["BLOCK_D"]))
+            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out, L, K, D, n_lb,
+                                  x.stride(0), x.stride(1), keep.stride(0), keep.stride(1),
+                                  unk.stride(0), pos.stride(0), **cfg)
+        ctx.save_for_backward(keep, unk)
+        ctx.meta = (x.dtype, K, mask_emb.dtype, pos.dtype, mod.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, unk = ctx.saved_tensors
+        xdtype, K, edtype, pdtype, mdtype = ctx.meta
+        need_x, _, _, need_e, need_p, need_m = ctx.needs_input_grad
+        B, L, D = grad.shape
+        dev = grad.device
+        grad = grad.contiguous()  # (B, L, D)
+        gx = torch.empty(B, K, D, device=dev, dtype=xdtype) if need_x else None  # (B, K, D)
+        # one fp32 buffer for the three parameter sums: rows [0, L) pos, L mask_emb, L + 1 mod
+        acc = torch.zeros(L + 2, D, device=dev, dtype=torch.float32)
+        if B * L > 0 and D > 0 and (need_x or need_e or need_p or need_m):
+            cfg = dict(PAD_BWD)
+            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            n_l, n_d = triton.cdiv(L, cfg["BLOCK_L"]), triton.cdiv(D, cfg["BLOCK_D"])
+            splits = max(1, min(B, triton.cdiv(PAD_BWD_PROGRAMS, n_l * n_d)))
+            b_per = triton.cdiv(B, splits)
+            grid = (n_l, n_d, triton.cdiv(B, b_per))
+            _pad_bwd_kernel[grid](grad, keep, unk, gx if need_x else grad, acc[:L], acc[L],
+                                  acc[L + 1], B, L, K, D, b_per, keep.stride(0),
+                                  keep.stride(1), unk.stride(0), X_GRAD=need_x, P_GRAD=need_p,
+                                  E_GRAD=need_e, M_GRAD=need_m, **cfg)
+        return (gx, None, None, acc[L].to(edtype) if need_e else None,
+                acc[:L].to(pdtype) if need_p else None, acc[L + 1].to(mdtype) if need_m else None)
+
+
+def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
+    """Decoder input over all positions: out[b, l] = x[b, k] where l = keep[b, k] and the token at
+    l is known, else the shared mask embedding; plus pos[l] + mod.
+    x (B, K, D), keep (B, K) long, unknown (B, L) bool, mask_emb (D,), pos (L, D), mod (D,)
+    -> (B, L, D). Fused Triton version of `echoes.model.pad_decoder` (same arguments)."""
+    if not _use_triton(x):
+        return pad_decoder_reference(x, keep, unknown, mask_emb, pos, mod)
+    return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)

@@ -1,0 +1,149 @@
+"""kernels/codebook_ce.py: the fused codebook logits + label-smoothed cross-entropy against its
+reference in echoes/model.py, the loss and every gradient from one upstream gradient.
+
+- everywhere: the Triton kernel under the interpreter (TRITON_INTERPRET=1, fp32, row / code /
+  width counts that leave tail blocks, with and without label smoothing, detached and trained
+  table, one row, no rows), run in one subprocess because the interpreter must be switched on
+  before Triton is first imported and other test files may import it first; the CPU fallback;
+- with CUDA: fp32, and bf16 autocast with fp32 or bf16 features and fp32 table and bias (the
+  training setting), at the paper's widths and at odd ones, against the reference under the same
+  autocast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from echoes.model import codebook_ce as codebook_ce_reference
+
+# name, shape and options, atol, rtol (fp32 under the interpreter); atol is relative to the
+# largest magnitude of the compared reference tensor
+INTERPRETER_CASES = [
+    ("smoothing_all_grads", dict(N=37, C=75, D=40, eps=0.1, grads=("h", "weight", "bias")),
+     1e-5, 1e-5),
+    ("no_smoothing_detached_table", dict(N=37, C=75, D=40, eps=0.0, grads=("h", "bias")),
+     1e-5, 1e-5),
+    ("one_row_features_only", dict(N=1, C=33, D=17, eps=0.1, grads=("h",)), 1e-5, 1e-5),
+    ("table_and_bias_only", dict(N=50, C=48, D=32, eps=0.2, grads=("weight", "bias")),
+     1e-5, 1e-5),
+    ("no_rows", dict(N=0, C=33, D=17, eps=0.1, grads=("h", "weight", "bias")), 1e-5, 1e-5),
+]
+
+
+def make_inputs(N, C, D, device, h_dtype=torch.float32, param_dtype=torch.float32,
+                grads=("h", "bias"), seed=0, **_):
+    """Features and table scaled so logits are O(1), like a trained head."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).to(device, h_dtype).requires_grad_("h" in grads)
+    weight = (torch.randn(C, D, generator=g) / D ** 0.5).to(device, param_dtype)
+    bias = (0.5 * torch.randn(C, generator=g)).to(device, param_dtype)
+    weight.requires_grad_("weight" in grads)
+    bias.requires_grad_("bias" in grads)
+    target = torch.randint(0, C, (N,), generator=g).to(device)
+    dy = (torch.rand((), generator=g) + 0.5).to(device)  # upstream gradient of the sum
+    return h, weight, bias, target, dy
+
+
+def loss_and_grads(fn, h, weight, bias, target, eps, dy):
+    loss = fn(h, weight, bias, target, eps)
+    wanted = [t for t in (h, weight, bias) if t.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, dy) if wanted else []
+    return loss.detach(), list(grads)
+
+
+def check_ce(atol, rtol, device="cpu", autocast=False, eps=0.1, **shape):
+    from kernels.codebook_ce import codebook_ce
+    h, weight, bias, target, dy = make_inputs(device=device, **shape)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss, grads = loss_and_grads(codebook_ce, h, weight, bias, target, eps, dy)
+        want, want_grads = loss_and_grads(codebook_ce_reference, h, weight, bias, target, eps, dy)
+    assert loss.dtype == want.dtype == torch.float32 and loss.shape == want.shape == ()
+    assert len(grads) == len(want_grads) > 0
+    for got, exp in zip([loss, *grads], [want, *want_grads]):
+        assert got.dtype == exp.dtype and got.shape == exp.shape
+        scale = exp.abs().max().item() if exp.numel() else 1.0
+        torch.testing.assert_close(got, exp, atol=atol * scale, rtol=rtol)
+
+
+def run_interpreter_cases():
+    """Runs every interpreter case in this process (TRITON_INTERPRET=1 must already be set);
+    returns {name: None or the traceback}."""
+    results = {}
+    for name, shape, atol, rtol in INTERPRETER_CASES:
+        try:
+            check_ce(atol, rtol, **shape)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES])
+def test_interpreter_matches_reference(name, interpreter_results):
+    error = interpreter_results[name]
+    assert error is None, error
+
+
+def test_cpu_tensors_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from kernels.codebook_ce import codebook_ce
+    h, weight, bias, target, _ = make_inputs(N=9, C=12, D=8, device="cpu")
+    torch.testing.assert_close(codebook_ce(h, weight, bias, target, 0.1),
+                               codebook_ce_reference(h, weight, bias, target, 0.1),
+                               atol=0, rtol=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("h_dtype, autocast, atol, rtol", [
+    (torch.float32, False, 1e-5, 1e-4),
+    (torch.float32, True, 2e-2, 2e-2),  # LayerNorm output under autocast is fp32
+    (torch.bfloat16, True, 2e-2, 2e-2),
+])
+@pytest.mark.parametrize("shape", [
+    dict(N=3001, C=1024, D=1024, eps=0.1, grads=("h", "bias")),  # the model's default
+    dict(N=777, C=1000, D=200, eps=0.1, grads=("h", "weight", "bias")),
+    dict(N=130, C=1024, D=1024, eps=0.0, grads=("h", "weight", "bias")),
+])
+def test_codebook_ce_gpu(shape, h_dtype, autocast, atol, rtol):
+    check_ce(atol, rtol, device="cuda", h_dtype=h_dtype, autocast=autocast, **shape)
+
+
+@cuda
+def test_peak_memory_at_most_half_of_eager():
+    from kernels.codebook_ce import codebook_ce
+    h, weight, bias, target, dy = make_inputs(N=12000, C=1024, D=1024, device="cuda",
+                                              grads=("h", "bias"))
+    peaks = []
+    for fn in (codebook_ce, codebook_ce, codebook_ce_reference):  # first call tunes
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_and_grads(fn, h, weight, bias, target, 0.1, dy)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    fused, eager = peaks[1] / 2**20, peaks[2] / 2**20
+    assert fused <= 0.5 * eager, f"fused {fused:.1f} MiB, eager {eager:.1f} MiB"
+
+
+if __name__ == "__main__":  # the interpreter subprocess of `interpreter_results`
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print("RESULTS " + json.dumps(run_interpreter_cases()))
