@@ -1,0 +1,282 @@
+"""Tests for echoes/shapes.py, the "shapes and tones" demo data set (DESIGN.md section 8): the
+generator's determinism and balance, the image / audio specs, and the readers' accuracy on fresh
+items and under mild degradations. CPU only, a few seconds."""
+
+import csv
+import io
+import os
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image, ImageFilter
+
+from echoes import shapes
+
+N_EVAL = 240        # 20 of each class
+EVAL_SEED = 1234
+
+
+# -----------------------------------------------------------------------------
+# mel of the SpecVQGAN recipe (DESIGN.md section 2): the project's own when present, otherwise a
+# local copy of the recipe so that these tests do not wait on echoes/tokenizers.py
+
+
+def _slaney_filterbank(sr=22050, n_fft=1024, n_mels=80, fmin=125.0, fmax=7600.0):
+    """librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax) with its defaults (Slaney scale and
+    area normalisation), (n_mels, 1 + n_fft // 2)."""
+    def hz_to_mel(f):
+        f = np.asarray(f, dtype=np.float64)
+        return np.where(f >= 1000, 15 + np.log(np.maximum(f, 1e-9) / 1000) / (np.log(6.4) / 27),
+                        f * 3 / 200)
+
+    def mel_to_hz(m):
+        m = np.asarray(m, dtype=np.float64)
+        return np.where(m >= 15, 1000 * np.exp(np.log(6.4) / 27 * (m - 15)), m * 200 / 3)
+
+    fft_hz = np.linspace(0, sr / 2, 1 + n_fft // 2)
+    mel_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+    gaps = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    w = np.maximum(0, np.minimum(-ramps[:-2] / gaps[:-1, None], ramps[2:] / gaps[1:, None]))
+    w *= (2 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def _local_mel_spectrogram(wav, sr=22050):
+    wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1, wav.shape[-1])  # (B, T)
+    mag = torch.stft(wav, 1024, 256, 1024, torch.hann_window(1024), center=True,
+                     pad_mode="reflect", return_complex=True).abs()             # (B, 513, frames)
+    mel = _slaney_filterbank(sr) @ mag                                           # (B, 80, frames)
+    return ((20 * torch.log10(mel.clamp(min=1e-5)) - 20 + 100) / 100).clamp(0, 1)
+
+
+try:
+    from echoes.tokenizers import mel_spectrogram
+except ImportError:
+    mel_spectrogram = _local_mel_spectrogram
+
+
+def mel01(wavs):
+    return mel_spectrogram(torch.as_tensor(np.asarray(wavs), dtype=torch.float32))
+
+
+# -----------------------------------------------------------------------------
+# degradations: what a tokenizer reconstruction or a generator may do to an item
+
+
+def blur(img, sigma=1.0):
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+def jpeg(img, quality=30):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def low_res(img, factor=4):
+    """Down to 16x16 and back up: the detail an 8x8-token reconstruction can lose."""
+    n = img.shape[0]
+    small = Image.fromarray(img).resize((n // factor, n // factor), Image.BILINEAR)
+    return np.asarray(small.resize((n, n), Image.BICUBIC))
+
+
+def colour_shift(img, offset=(20, -15, 10)):
+    return np.clip(img.astype(np.int64) + np.array(offset), 0, 255).astype(np.uint8)
+
+
+def accuracy(reader, items, labels):
+    return np.mean([shapes.label_of(*reader(x)) == y for x, y in zip(items, labels)])
+
+
+@pytest.fixture(scope="module")
+def data():
+    labels, imgs, wavs = shapes.generate(N_EVAL, seed=EVAL_SEED)
+    return labels, imgs, wavs, mel01(wavs)
+
+
+# -----------------------------------------------------------------------------
+# classes, determinism, balance
+
+
+def test_classes():
+    assert len(shapes.CLASSES) == 12 and len(set(shapes.CLASSES)) == 12
+    assert shapes.CLASSES[0] == "red circle"
+    for label, name in enumerate(shapes.CLASSES):
+        colour, shape = shapes.label_parts(label)
+        assert name == f"{colour} {shape}"
+        assert shapes.label_of(colour, shape) == label
+    assert shapes.label_of(None, None) == -1
+
+
+def test_determinism():
+    label, img, wav = shapes.make_pair(7, seed=3)
+    label2, img2, wav2 = shapes.make_pair(7, seed=3)
+    assert label == label2 and np.array_equal(img, img2) and np.array_equal(wav, wav2)
+    # order and batching do not matter: a batch from index 5 holds exactly the single items
+    labels, imgs, wavs = shapes.generate(4, seed=3, start=5)
+    for i in reversed(range(5, 9)):
+        single = shapes.make_pair(i, seed=3)
+        k = i - 5
+        assert labels[k] == single[0]
+        assert np.array_equal(imgs[k], single[1]) and np.array_equal(wavs[k], single[2])
+    # another seed or another index of the same class gives another item
+    _, img_s, wav_s = shapes.make_pair(7, seed=4)
+    _, img_i, wav_i = shapes.make_pair(7 + 12, seed=3)
+    assert not np.array_equal(img, img_s) and not np.array_equal(wav, wav_s)
+    assert not np.array_equal(img, img_i) and not np.array_equal(wav, wav_i)
+
+
+def test_balance(data):
+    labels = data[0]
+    assert labels.dtype == np.int64
+    assert np.array_equal(np.bincount(labels, minlength=12), np.full(12, N_EVAL // 12))
+
+
+# -----------------------------------------------------------------------------
+# specs
+
+
+def test_image_spec(data):
+    labels, imgs, _, _ = data
+    assert imgs.shape == (N_EVAL, 64, 64, 3) and imgs.dtype == np.uint8
+    spec = shapes.SPEC
+    for label, img in zip(labels, imgs):
+        colour, _ = shapes.label_parts(label)
+        x = img.astype(np.float64)
+        border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+        assert np.all(np.abs(np.median(border, axis=0) - spec.background) <= 2)
+        fill = np.array(shapes.PALETTE[colour], dtype=np.float64)
+        far = np.linalg.norm(x - spec.background, axis=-1) > 0.5 * np.linalg.norm(
+            fill - spec.background)                                              # (H, W)
+        rows, cols = np.flatnonzero(far.any(1)), np.flatnonzero(far.any(0))
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        # 24-40 px, give or take the partly covered edge pixels
+        assert spec.min_size - 2 <= h <= spec.max_size + 1
+        assert spec.min_size - 2 <= w <= spec.max_size + 1
+        # the core of the shape is the palette colour within the jitter (plus noise)
+        core = np.median(x[far], axis=0)
+        assert np.all(np.abs(core - fill) <= spec.colour_jitter + 3)
+    # the background carries mild noise, not a flat value
+    bg = imgs[:, :2, :2].astype(np.float64)
+    assert 1.0 < bg.std() < 6.0
+
+
+def test_audio_spec(data):
+    labels, _, wavs, mels = data
+    spec = shapes.SPEC
+    assert wavs.shape == (N_EVAL, shapes.CLIP_SAMPLES) and wavs.dtype == np.float32
+    assert 1 + shapes.CLIP_SAMPLES // 256 == shapes.DEMO_FRAMES and shapes.DEMO_FRAMES % 16 == 0
+    assert 1.4 < shapes.CLIP_SAMPLES / shapes.SAMPLE_RATE < 1.6
+    assert mels.shape == (N_EVAL, 80, shapes.DEMO_FRAMES)
+    peaks = np.abs(wavs).max(1)
+    assert peaks.min() >= 0.9 * spec.min_amp and peaks.max() <= 1.1 * spec.max_amp
+    assert peaks.std() > 0.05  # loudness varies
+    for label, wav in zip(labels, wavs):
+        colour, _ = shapes.label_parts(label)
+        f0 = shapes.audio_features(wav)["f0"]
+        base = shapes.PITCH_HZ[colour]
+        # within the jitter, plus one FFT bin (sr / CLIP_SAMPLES = 0.68 Hz)
+        assert abs(f0 - base) <= spec.pitch_jitter * base + 1.0
+
+
+def test_band_centres_match_filterbank():
+    fb = _slaney_filterbank()
+    peak_hz = fb.argmax(1).numpy() * 22050 / 1024
+    assert np.all(np.abs(shapes.mel_band_centres() - peak_hz) <= 22050 / 1024)
+
+
+# -----------------------------------------------------------------------------
+# readers on fresh items
+
+
+def test_read_image(data):
+    labels, imgs, _, _ = data
+    assert accuracy(shapes.read_image, imgs, labels) >= 0.98
+    # other input types give the same reading
+    img = imgs[0]
+    assert shapes.read_image(Image.fromarray(img)) == shapes.read_image(img)
+    assert shapes.read_image(img / 255.0) == shapes.read_image(img)
+    assert shapes.read_image(torch.from_numpy(img)) == shapes.read_image(img)
+    # nothing there: no reading
+    blank = np.full((64, 64, 3), 235, dtype=np.uint8)
+    assert shapes.read_image(blank) == (None, None)
+
+
+def test_read_audio(data):
+    labels, _, wavs, _ = data
+    assert accuracy(shapes.read_audio, wavs, labels) >= 0.98
+    assert shapes.read_audio(torch.from_numpy(wavs[0])) == shapes.read_audio(wavs[0])
+
+
+def test_read_mel(data):
+    labels, _, _, mels = data
+    assert accuracy(shapes.read_mel, mels, labels) >= 0.98
+    assert shapes.read_mel(mels[0][None]) == shapes.read_mel(mels[0].numpy())
+
+
+# -----------------------------------------------------------------------------
+# readers under mild degradations
+
+
+@pytest.mark.parametrize("degrade", [blur, jpeg, low_res, colour_shift,
+                                     lambda x: jpeg(colour_shift(blur(x)))],
+                         ids=["blur", "jpeg", "low_res", "colour_shift", "all"])
+def test_read_image_degraded(data, degrade):
+    labels, imgs, _, _ = data
+    assert accuracy(shapes.read_image, [degrade(x) for x in imgs], labels) >= 0.95
+
+
+def test_read_audio_degraded(data):
+    labels, _, wavs, _ = data
+    noisy = wavs + 0.05 * np.random.default_rng(0).standard_normal(wavs.shape, np.float32)
+    assert accuracy(shapes.read_audio, noisy, labels) >= 0.95
+    assert accuracy(shapes.read_mel, mel01(noisy), labels) >= 0.95
+    # zero padding around a clip (a clip fitted into a longer window) changes no reading
+    padded = np.pad(wavs[:24], ((0, 0), (4096, 20000)))
+    assert accuracy(shapes.read_audio, padded, labels[:24]) >= 0.95
+    assert accuracy(shapes.read_mel, mel01(padded), labels[:24]) >= 0.95
+
+
+def test_read_mel_degraded(data):
+    """A blurred, noisy mel: what a small audio tokenizer's reconstruction looks like."""
+    labels, _, _, mels = data
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(mels[:, None], 3, stride=1, padding=1,
+                                            count_include_pad=False)[:, 0]   # (B, 80, frames)
+    noisy = (smooth + 0.03 * torch.randn(smooth.shape, generator=g)).clamp(0, 1)
+    assert accuracy(shapes.read_mel, noisy, labels) >= 0.95
+
+
+# -----------------------------------------------------------------------------
+# files and command line
+
+
+def test_write_files_and_cli(tmp_path, capsys):
+    out = tmp_path / "ex"
+    shapes.main(["--out", str(out), "--n", "13", "--seed", "5"])
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and [int(r["label"]) for r in rows] == [i % 12 for i in range(13)]
+    label, img, wav = shapes.make_pair(12, seed=5)
+    r = rows[12]
+    assert r["class"] == shapes.CLASSES[label]
+    assert np.array_equal(np.asarray(Image.open(out / r["image"])), img)
+    back, sr = soundfile.read(out / r["audio"], dtype="float32")
+    assert sr == shapes.SAMPLE_RATE and back.shape == wav.shape
+    assert np.abs(back - wav).max() <= 1.0 / 32768 + 1e-6  # 16-bit PCM
+    assert shapes.read_audio(back) == shapes.label_parts(label)
+    assert "wrote 13 pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        shapes.main(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:  # wrong type: argparse's exit code 2
+        shapes.main(["--n", "many"])
+    assert e.value.code == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:  # a user error: one line, exit code 2
+        shapes.run_cli(shapes.main, ["--out", str(tmp_path / "file")])
+    assert e.value.code == 2 and "not a folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "file" / "labels.csv")
