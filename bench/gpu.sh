@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
+# Usage: bash bench/gpu.sh [OUT_DIR]    (about 8 minutes on an H100/H200)
+# Needs torch + triton with CUDA. Without network, soundfile is installed from ./.wheels when
+# that folder holds its wheels (pip download soundfile cffi pycparser -d .wheels).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/out}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import soundfile" 2>/dev/null || \
+  python3 -m pip install -q --no-index --no-deps --find-links .wheels soundfile cffi pycparser \
+  >/dev/null 2>&1 || echo "note: soundfile unavailable; tokenizer tests will fail"
+python3 - <<'PY' | tee "$out/env.txt"
+import torch, triton
+print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+PY
+step() {  # step NAME TIMEOUT_S CMD...: run one stage, keep its log, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -n 60
+  echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+step gpu_tests 180 python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_gather_pad.py tests/test_codebook_ce.py tests/test_sampling_kernels.py -k "gpu or cuda"
+step kernels 180 python3 bench/kernels.py --out "$out/kernels.md"
+step sample 120 python3 bench/sample.py --out "$out/sample.md"
+step train 150 python3 bench/train.py --out "$out/train.md"
+echo "=== summary"
+cat "$out"/env.txt "$out"/kernels.md "$out"/sample.md "$out"/train.md 2>/dev/null

@@ -1,0 +1,408 @@
+"""Benchmark of the fused ops in kernels/ against eager PyTorch and torch.compile.
+
+For each op of DESIGN.md section 5 (gather_embed, pad_decoder, codebook_ce, draw_tokens with
+CFG, remask) at the paper shapes (B = 64 samples of 265 audio + 256 image tokens, 133 + 128 kept
+by the encoder, D = 1024, C = 1024; the cross-entropy on the ~0.7 * 64 * 521 masked rows; the
+draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implementations:
+- triton:  the fused op from kernels/ (reported as missing when its module is not there);
+- eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
+- compile: torch.compile of that same reference.
+and up to three modes: forward, backward (from one forward kept alive) and full (both).
+
+Time is the median of `triton.testing.do_bench`. The floor of each row is
+max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's ceilings measured at start:
+a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul (peak), an empty Triton kernel
+(launch, the floor of the launch-bound re-mask). Bytes are the compulsory traffic (each input and
+output once, tables once); FLOPs the minimum for the op (the CFG draw: one matmul, since the Eq. 2
+mix is linear in h). "rate" is that work divided by the time; "floor" the floor time over the
+time; "peak MB" the torch.cuda.max_memory_allocated rise while the row's function runs.
+
+torch.compile builds each reference once per shape before its rows are timed (about a minute in
+all on a fresh cache); `--no-compile` skips it. Without a GPU it says so and times the eager references on the CPU (median of
+time.perf_counter); `--small` shrinks the shapes so that takes seconds.
+
+    python bench/kernels.py                  # paper shapes, on a GPU
+    python bench/kernels.py --small          # quick, CPU or GPU
+    python bench/kernels.py --ops remask draw_tokens --out results.md
+"""
+
+import dataclasses
+import importlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from echoes import model as model_ref
+from echoes import sampler as sampler_ref
+from echoes.cli import UserError, parse_settings, run_cli, setting
+
+OPS = ["gather_embed", "pad_decoder", "codebook_ce", "draw_tokens", "remask"]
+
+
+@dataclass
+class Settings:
+    batch: int = setting(64, "samples B")
+    audio_len: int = setting(265, "audio tokens La")
+    image_len: int = setting(256, "image tokens Lv")
+    audio_kept: int = setting(133, "audio positions the encoder keeps")
+    image_kept: int = setting(128, "image positions the encoder keeps")
+    dim: int = setting(1024, "width D of the embeddings and of the head features")
+    codebook: int = setting(1024, "codebook size C")
+    masked_ratio: float = setting(0.7, "fraction of the tokens that are masked (the CE rows)")
+    guidance: float = setting(3.0, "CFG scale s of the draw (paper: 3 for i2a)")
+    tau: float = setting(4.5, "Gumbel temperature of the re-mask (T * (1 - ratio) mid-schedule)")
+    dtype: str = setting("bf16", "activation dtype (x, h); parameters stay fp32 as in the model",
+                         choices=["bf16", "fp32"])
+    ops: list[str] = setting(OPS, "ops to run", choices=OPS)
+    modes: list[str] = setting(["forward", "backward", "full"], "modes to time (where an op "
+                               "has a backward)", choices=["forward", "backward", "full"])
+    compile: bool = setting(True, "also time torch.compile of the references (GPU only)")
+    small: bool = setting(False, "small shapes (B 4, D 128, C 256) for a quick run")
+    warmup: int = setting(25, "do_bench warmup in ms (GPU)")
+    rep: int = setting(100, "do_bench measuring time in ms (GPU); CPU: time budget per row")
+    seed: int = setting(0, "seed of the random inputs")
+    out: str = setting("", "also write the table as markdown to this file")
+
+
+# -----------------------------------------------------------------------------
+# cases: one setup function per op
+
+
+@dataclass
+class Case:
+    """One op at one shape: how to call it and what the floor is."""
+    op: str
+    shape: str
+    reference: object  # the plain PyTorch function (the spec)
+    call: object  # call(fn) -> list of output tensors, fn having the reference's signature
+    grads: list  # leaves whose gradients backward computes (empty: forward only)
+    upstream: list  # the upstream gradient of each output
+    bytes: dict  # mode -> compulsory bytes
+    flops: dict  # mode -> minimum FLOPs
+    launch_bound: bool = False
+
+
+def nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+def kept_positions(B, L, K, device, g):
+    return torch.rand(B, L, generator=g, device=device).argsort(1)[:, :K].sort(1).values  # (B,K)
+
+
+def setup_gather_embed(s, device, act, g):
+    """Encoder input of both modalities: out[b, k] = E[ids[b, keep[b, k]]] + pos[keep] + mod."""
+    C, D = s.codebook, s.dim
+    parts = []
+    for L, K in [(s.audio_len, s.audio_kept), (s.image_len, s.image_kept)]:
+        ids = torch.randint(0, C + 1, (s.batch, L), generator=g, device=device)
+        keep = kept_positions(s.batch, L, K, device, g)
+        weight = leaf(torch.randn(C + 1, D, generator=g, device=device) * 0.02)
+        pos = leaf(torch.randn(L, D, generator=g, device=device) * 0.02)
+        mod = leaf(torch.randn(D, generator=g, device=device) * 0.02)
+        parts.append((ids, keep, weight, pos, mod))
+    outs = [model_ref.gather_embed(*p) for p in parts]
+    tables = [nbytes(*p[2:]) for p in parts]
+    index = [nbytes(p[0], p[1]) for p in parts]
+    fwd = sum(nbytes(o) for o in outs) + sum(tables) + sum(index)
+    bwd = sum(nbytes(o) for o in outs) + sum(tables) + sum(index)  # read grad, write grads
+    return Case("gather_embed", f"B{s.batch} K{s.audio_kept}+{s.image_kept} D{D} fp32",
+                model_ref.gather_embed, lambda fn: [fn(*p) for p in parts],
+                [t for p in parts for t in p[2:]], [torch.randn_like(o) for o in outs],
+                {"forward": fwd, "backward": bwd, "full": fwd + bwd},
+                {"forward": 0, "backward": 0, "full": 0})
+
+
+def setup_pad_decoder(s, device, act, g):
+    """Decoder input of both modalities: kept tokens back at their positions, the mask
+    embedding elsewhere, plus positional and modality embeddings."""
+    D = s.dim
+    parts = []
+    for L, K in [(s.audio_len, s.audio_kept), (s.image_len, s.image_kept)]:
+        x = leaf(torch.randn(s.batch, K, D, generator=g, device=device).to(act))
+        keep = kept_positions(s.batch, L, K, device, g)
+        unknown = torch.rand(s.batch, L, generator=g, device=device) < s.masked_ratio
+        mask_emb = leaf(torch.randn(D, generator=g, device=device) * 0.02)
+        pos = leaf(torch.randn(L, D, generator=g, device=device) * 0.02)
+        mod = leaf(torch.randn(D, generator=g, device=device) * 0.02)
+        parts.append((x, keep, unknown, mask_emb, pos, mod))
+    outs = [model_ref.pad_decoder(*p) for p in parts]
+    inputs = sum(nbytes(*p) for p in parts)
+    fwd = inputs + sum(nbytes(o) for o in outs)
+    bwd = sum(nbytes(o) for o in outs) + inputs  # read grad and the indices, write the grads
+    return Case("pad_decoder", f"B{s.batch} L{s.audio_len}+{s.image_len} D{D} {s.dtype}",
+                model_ref.pad_decoder, lambda fn: [fn(*p) for p in parts],
+                [t for p in parts for t in (p[0], p[3], p[4], p[5])],
+                [torch.randn_like(o) for o in outs],
+                {"forward": fwd, "backward": bwd, "full": fwd + bwd},
+                {"forward": 0, "backward": 0, "full": 0})
+
+
+def setup_codebook_ce(s, device, act, g):
+    """Summed cross-entropy (label smoothing 0.1, MAGE) of h @ E^T + b at the masked rows; E is
+    detached (MAGE's default), so backward is one matmul (grad h) and a column sum (grad b)."""
+    N = round(s.masked_ratio * s.batch * (s.audio_len + s.image_len))
+    C, D = s.codebook, s.dim
+    h = leaf(torch.randn(N, D, generator=g, device=device).to(act))
+    weight = (torch.randn(C, D, generator=g, device=device) * D ** -0.5).to(act)
+    bias = leaf(torch.zeros(C, device=device).to(act))
+    target = torch.randint(0, C, (N,), generator=g, device=device)
+    args = (h, weight, bias, target, 0.1)
+    gemm = 2 * N * D * C
+    fwd = nbytes(h, weight, bias, target)
+    bwd = nbytes(h, weight, bias, target)  # write grad h (the size of h), read E, h, targets
+    return Case("codebook_ce", f"N{N} D{D} C{C} {s.dtype}", model_ref.codebook_ce,
+                lambda fn: [fn(*args)], [h, bias], [torch.ones((), device=device)],
+                {"forward": fwd, "backward": bwd, "full": fwd + bwd},
+                {"forward": gemm, "backward": gemm, "full": 2 * gemm})
+
+
+def setup_draw_tokens(s, device, act, g):
+    """One i2a draw: both CFG passes of the 64 * 265 audio rows, softmax and inverse-CDF draw."""
+    N, C, D = s.batch * s.audio_len, s.codebook, s.dim
+    h_cond = torch.randn(N, D, generator=g, device=device).to(act)
+    h_uncond = torch.randn(N, D, generator=g, device=device).to(act)
+    weight = (torch.randn(C, D, generator=g, device=device) * D ** -0.5).to(act)
+    bias = (torch.randn(C, generator=g, device=device) * 0.1).to(act)
+    uniform = torch.rand(N, generator=g, device=device)
+    args = (h_cond, h_uncond, weight, bias, s.guidance, 1.0, uniform)
+    fwd = nbytes(h_cond, h_uncond, weight, bias, uniform) + N * (8 + 4)
+    return Case("draw_tokens", f"N{N} D{D} C{C} CFG {s.dtype}", sampler_ref.draw_tokens,
+                lambda fn: list(fn(*args)), [], [], {"forward": fwd},
+                {"forward": 2 * N * D * C})
+
+
+def setup_remask(s, device, act, g):
+    """The re-mask of one i2a step: (64, 265) confidences, mask_len mid-schedule."""
+    B, L = s.batch, s.audio_len
+    logp = -torch.rand(B, L, generator=g, device=device) * 6
+    u = torch.rand(B, L, generator=g, device=device).clamp(1e-9, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    unknown = torch.rand(B, L, generator=g, device=device) < 0.8
+    count = unknown.sum(1)
+    mask_len = (count // 2).clamp(min=1)  # (B,)
+    args = (logp, gumbel, unknown, mask_len, s.tau)
+    out = sampler_ref.remask(*args)
+    fwd = nbytes(logp, gumbel, unknown, mask_len, out)
+    return Case("remask", f"B{B} L{L}", sampler_ref.remask, lambda fn: [fn(*args)], [], [],
+                {"forward": fwd}, {"forward": 0}, launch_bound=True)
+
+
+SETUPS = {"gather_embed": setup_gather_embed, "pad_decoder": setup_pad_decoder,
+          "codebook_ce": setup_codebook_ce, "draw_tokens": setup_draw_tokens,
+          "remask": setup_remask}
+TRITON_OPS = {"gather_embed": "kernels.gather_pad", "pad_decoder": "kernels.gather_pad",
+              "codebook_ce": "kernels.codebook_ce", "draw_tokens": "kernels.sampling",
+              "remask": "kernels.sampling"}
+
+
+def triton_op(name):
+    """The fused op, or (None, why) when its module is missing or fails to import."""
+    try:
+        return getattr(importlib.import_module(TRITON_OPS[name]), name), ""
+    except ImportError as e:
+        return None, f"missing ({TRITON_OPS[name]}: {e.__class__.__name__})"
+    except Exception as e:  # a module that is there but broken: report, never crash
+        return None, f"import error ({e.__class__.__name__}: {str(e)[:60]})"
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def time_gpu(fn, grads, s):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=s.warmup, rep=s.rep, grad_to_none=grads or None,
+                                   return_mode="median") * 1e3  # us
+
+
+def time_cpu(fn, grads, s):
+    fn()  # warm up
+    times = []
+    deadline = time.perf_counter() + s.rep / 1e3
+    while len(times) < 3 or (len(times) < 25 and time.perf_counter() < deadline):
+        for t in grads:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6  # us
+
+
+def peak_mb(fn, device):
+    """Rise of the allocator's peak while fn runs once (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def ceilings(device, s):
+    """The card's (or CPU's) measured bandwidth (B/s), matmul peak (FLOP/s) and launch (s)."""
+    if device.type == "cuda":
+        import triton
+
+        @triton.jit
+        def _empty(x_ptr):
+            pass
+
+        n = 2 ** 30 if not s.small else 2 ** 26
+        src = torch.empty(n, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        bw = 2 * n / (time_gpu(lambda: dst.copy_(src), [], s) * 1e-6)
+        del src, dst
+        m = 8192
+        a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        flops = 2 * m ** 3 / (time_gpu(lambda: a @ b, [], s) * 1e-6)
+        del a, b
+        flag = torch.zeros(1, device=device)
+        launch = time_gpu(lambda: _empty[(1,)](flag), [], s) * 1e-6
+        return bw, flops, launch, "bf16 matmul"
+    n = 2 ** 25
+    src, dst = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    bw = 2 * n / (time_cpu(lambda: dst.copy_(src), [], s) * 1e-6)
+    a = torch.randn(1024, 1024)
+    flops = 2 * 1024 ** 3 / (time_cpu(lambda: a @ a, [], s) * 1e-6)
+    return bw, flops, 0.0, "fp32 matmul"
+
+
+def mode_fn(case, fn, mode):
+    """The function a row times, and the gradients to clear between runs."""
+    if mode == "forward":
+        def run():
+            with torch.no_grad() if not case.grads else torch.enable_grad():
+                return case.call(fn)
+        return run, []
+    if mode == "backward":
+        outs = case.call(fn)
+        return (lambda: torch.autograd.backward(outs, case.upstream, retain_graph=True)), \
+            case.grads
+    return (lambda: torch.autograd.backward(case.call(fn), case.upstream)), case.grads
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def measure(case, fn, mode, timer, s, device, bw, peak, launch):
+    """One row: time, rate, % of floor and peak memory of `fn` in `mode`."""
+    floor = max(case.bytes[mode] / bw, case.flops[mode] / peak,
+                launch if case.launch_bound else 0.0)
+    try:
+        run, grads = mode_fn(case, fn, mode)
+        run()  # compile / autotune outside the timing
+        us = timer(run, grads, s)
+        sec = us * 1e-6
+        if case.flops[mode] / peak >= case.bytes[mode] / bw:
+            rate = f"{case.flops[mode] / sec / 1e12:.1f} TFLOP/s"
+        else:
+            rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
+        return dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
+    except Exception as e:  # report and go on: one broken op never hides the rest
+        return dict(note=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:70]}")
+    finally:
+        for t in case.grads:
+            t.grad = None
+
+
+def main(argv=None):
+    s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    if s.small:
+        s = dataclasses.replace(s, batch=min(s.batch, 4), dim=min(s.dim, 128),
+                                codebook=min(s.codebook, 256))
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    act = {"bf16": torch.bfloat16, "fp32": torch.float32}[s.dtype]
+    timer = time_gpu if gpu else time_cpu
+    start = time.perf_counter()
+    if gpu:
+        import triton
+        name = torch.cuda.get_device_name()
+        versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    else:
+        name, versions = "CPU (no CUDA GPU)", f"torch {torch.__version__}"
+        print("no CUDA GPU: timing the eager PyTorch references on the CPU "
+              "(median of time.perf_counter); no Triton or torch.compile rows")
+    bw, peak, launch, peak_kind = ceilings(device, s)
+    header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, "
+              f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch {launch * 1e6:.1f} us")
+    print(header)
+
+    rows = []
+    for op in s.ops:
+        g = torch.Generator(device=device).manual_seed(s.seed)
+        try:
+            case = SETUPS[op](s, device, act, g)
+        except torch.cuda.OutOfMemoryError as e:
+            raise UserError(f"{op}: out of memory at these shapes; try --small") from e
+        variants = {"eager": (case.reference, "")}  # first: the others' speed-up is against it
+        if gpu:
+            variants["triton"] = triton_op(op)
+            variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
+                                   else (None, "skipped (--no-compile)"))
+        modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
+        for mode in modes:
+            for variant, (fn, why) in variants.items():
+                row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
+                if fn is not None:
+                    row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
+                eager = next(r for r in rows[::-1] if r["op"] == op and r["mode"] == mode
+                             and r["variant"] == "eager") if variant != "eager" else {}
+                if "us" in row and "us" in eager:
+                    row["speedup"] = eager["us"] / row["us"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+        del case
+        if gpu:
+            torch.cuda.empty_cache()
+    table = markdown(header, rows, time.perf_counter() - start)
+    print()
+    print(table)
+    if s.out:
+        with open(s.out, "w") as f:
+            f.write(table + "\n")
+        print(f"wrote {s.out}")
+
+
+COLUMNS = ["op", "shape", "mode", "variant", "time (us)", "rate", "% of floor", "vs eager",
+           "peak MB", "note"]
+
+
+def cells(row):
+    us = row.get("us")
+    return [row["op"], row["shape"], row["mode"], row["variant"],
+            f"{us:.1f}" if us is not None else "-", row.get("rate", "-"),
+            f"{row['floor']:.0f}%" if "floor" in row else "-",
+            f"{row['speedup']:.2f}x" if "speedup" in row else "-",
+            f"{row['peak']:.1f}" if row.get("peak") is not None else "-", row["note"]]
+
+
+def format_row(row):
+    c = cells(row)
+    return f"{c[0]:<13} {c[2]:<8} {c[3]:<8} {c[4]:>10} us  {c[5]:>14}  {c[6]:>5}  {c[7]:>7}  " \
+           f"{c[8]:>9} MB  {c[9]}"
+
+
+def markdown(header, rows, seconds):
+    lines = [f"{header} | {seconds:.0f} s", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["", "vs eager: eager time / this time (higher is faster). % of floor: the floor "
+              "time (max of bytes / copy bandwidth, FLOPs / matmul peak, and for the launch-bound "
+              "re-mask an empty launch) over this time. peak MB: rise of the allocator peak."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main)
