@@ -1,12 +1,46 @@
 """Iterative unmasking with classifier-free guidance (paper Sec. 3.4, Code 1, Eq. 2; MAGE).
 
-The two per-step ops below are plain PyTorch and the spec of the fused versions in
-`kernels/sampling.py`. Randomness enters only through uniform draws the caller makes from a
-`torch.Generator`, so both paths see the same random numbers.
+What this file holds, top to bottom:
+- the two per-step ops, `draw_tokens` (guided categorical draw over the codebook) and `remask`
+  (Code 1's Gumbel top-k re-mask). They are plain PyTorch and the spec of the fused versions in
+  `kernels/sampling.py`; the loop takes them from `model.ops`, so the model's one kernel switch
+  governs sampling too. Randomness enters them only as uniform numbers the caller draws;
+- the schedule (MAGE `gen_image`): cosine mask ratio, per-sample mask length, annealed choice
+  temperature, Gumbel noise from uniforms;
+- per-sample random streams (`sample_generators`): sample i of a request draws from its own
+  `torch.Generator` seeded from (seed, i), so a sample's ids do not depend on the batch size, on
+  how a long list is cut into batches, or on the other samples beside it;
+- the loop (`unmask_step`, `unmask`) and the entry point `generate` with the five modes:
+  `i2a`, `a2i`, `joint`, `inpaint` and `continue` (DESIGN.md section 4);
+- helpers from a time range in seconds to `audio_keep` over the audio token columns.
+
+The loop, per step t = 0 .. N-1 and per generated modality (DESIGN.md section 4):
+1. features of the current ids; with guidance s != 1 the condition's unconditional twin (the
+   condition modality fully set to its mask id) runs in the same batch of 2B (Eq. 2);
+2. a token is drawn at every unknown position from softmax((s lc + (1 - s) lu) / token_T);
+3. ratio = (t+1)/N; mask_len = floor(L0 cos(pi/2 ratio)) clamped per sample to
+   [1, unknown - 1], L0 being the sample's unknown count before step 0 (MAGE's
+   `unknown_number_in_the_beginning`: the modality's length for i2a / a2i / joint, the size of the
+   regenerated region for inpainting and continuation; MAGE takes sample 0's count for the whole
+   batch, we keep one per sample);
+4. confidence = log p(draw) + T (1 - ratio) Gumbel at unknown positions, +inf at known ones; the
+   mask_len least confident go back to the mask id; at the last step every draw is kept.
+
+Shape letters: B samples, L tokens of a modality, C codebook size, D head width, N drawn rows.
 """
+
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
+
+MODES = ("i2a", "a2i", "joint", "inpaint", "continue")
+MODALITIES = ("audio", "image")
+
+
+# -----------------------------------------------------------------------------
+# the per-step ops (the spec of kernels/sampling.py)
 
 
 def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uniform):
@@ -37,3 +71,315 @@ def remask(logp, gumbel, unknown, mask_len, tau):
     confidence = torch.where(unknown, logp + tau * gumbel, torch.full_like(logp, float("inf")))
     cut = confidence.sort(dim=1).values.gather(1, (mask_len - 1).clamp(min=0)[:, None])  # (B, 1)
     return (confidence <= cut) & unknown
+
+
+# -----------------------------------------------------------------------------
+# the schedule (MAGE `gen_image`)
+
+
+def cosine_schedule(ratio):
+    """Fraction of the initial unknown tokens still masked after a step that ends at `ratio` of
+    the way through (MaskGIT / MAGE cosine schedule): cos(pi/2 * ratio), 1 at 0 and 0 at 1."""
+    return math.cos(math.pi / 2 * ratio)
+
+
+def mask_lengths(initial, unknown, step, steps):
+    """How many positions each sample re-masks after `step` (0-based) of `steps`:
+    floor(L0 * cos(pi/2 * (step+1)/steps)) clamped to [1, unknown - 1], as MAGE clamps it
+    (max(1, min(unknown - 1, .))), but with each sample's own L0 and unknown count.
+    initial, unknown (B,) long -> (B,) long."""
+    target = torch.floor(initial.double() * cosine_schedule((step + 1) / steps)).long()  # (B,)
+    return torch.clamp(torch.minimum(unknown - 1, target), min=1)
+
+
+def choice_temperature(temperature, step, steps):
+    """MAGE's annealed Gumbel temperature tau = T * (1 - ratio): random choices early, greedy by
+    confidence near the end."""
+    return temperature * (1 - (step + 1) / steps)
+
+
+def gumbel_noise(uniform):
+    """Standard Gumbel noise g = -log(-log(u)) from uniforms, clamped away from 0 and 1 so that
+    both logs stay finite (torch.rand can return exactly 0)."""
+    u = uniform.float().clamp(torch.finfo(torch.float32).tiny, 1 - 2 ** -24)
+    return -torch.log(-torch.log(u))
+
+
+# -----------------------------------------------------------------------------
+# per-sample random streams
+
+
+def _splitmix64(x):
+    """One round of SplitMix64 (Steele et al. 2014): a well-mixed 64-bit value from an integer,
+    so nearby (seed, index) pairs give unrelated generator seeds."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def sample_generators(seed, n, offset=0):
+    """Generators for samples offset .. offset+n-1 of a request: sample i's CPU generator is seeded
+    with SplitMix64(SplitMix64(seed) + i) (top 63 bits). Whoever cuts a long list into batches
+    slices one such list (or passes the offset), so every sample draws the same numbers whatever
+    the batching."""
+    base = _splitmix64(int(seed) & ((1 << 64) - 1))
+    return [torch.Generator().manual_seed(_splitmix64(base + offset + i) >> 1) for i in range(n)]
+
+
+def per_sample_generators(generator, n):
+    """`generate`'s `generator` argument -> n per-sample generators. A list is taken as is (one
+    generator per sample); a single generator (or None: torch's default one) gives one 63-bit
+    base seed, drawn from it, for `sample_generators`."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: expected one torch.Generator per sample ({n}), "
+                             f"got a list of {len(generator)}")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, a list of them or None, "
+                         f"not {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
+    return sample_generators(seed, n)
+
+
+def draw_uniforms(generators, sizes, device):
+    """One step's uniforms: for every sample, `sum(sizes)` numbers from its own generator, split
+    into one (B, size) tensor per entry of `sizes` and moved to `device`. Drawing a fixed count per
+    sample and step (whatever is still unknown) keeps each stream independent of everything else."""
+    u = torch.stack([torch.rand(sum(sizes), generator=g, device=g.device).cpu()
+                     for g in generators])  # (B, sum(sizes))
+    return u.to(device).split(list(sizes), dim=1)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def mask_id(model, modality):
+    """The modality's mask id: the extra last row of its embedding table."""
+    return model.audio_mask_id if modality == "audio" else model.image_mask_id
+
+
+def guided_features(model, ids, uncond=None):
+    """MLM-head features of the current ids, as {modality: (h_cond, h_uncond)} with h (B, L, D).
+    With `uncond` a modality name, the unconditional twin (that modality fully set to its mask
+    id) runs in the same forward pass as a batch of 2B (Eq. 2; both passes as one batch, as
+    Im2Wav and 4M do); otherwise h_uncond is None."""
+    audio, image = ids["audio"], ids["image"]
+    if uncond is None:
+        ha, hv = model.features(audio, image)
+        return {"audio": (ha, None), "image": (hv, None)}
+    B = audio.shape[0]
+    twin = {"audio": audio, "image": image}
+    twin[uncond] = torch.full_like(ids[uncond], mask_id(model, uncond))
+    ha, hv = model.features(torch.cat([audio, twin["audio"]]),
+                            torch.cat([image, twin["image"]]))  # (2B, La, D), (2B, Lv, D)
+    return {"audio": (ha[:B], ha[B:]), "image": (hv[:B], hv[B:])}
+
+
+def unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond=None,
+                temperature=9.0, guidance=3.0, token_temperature=1.0):
+    """One step of the loop. ids {modality: (B, L) long} hold the mask id at unknown positions;
+    `targets` are the generated modalities, `initial` {modality: (B,) long} their unknown counts
+    before step 0, `uniforms` {modality: ((B, L) for the draw, (B, L) for the Gumbel noise)}.
+    `uncond` names the condition modality whose masked twin gives the unconditional logits (used
+    only when guidance != 1). Returns the new ids; known tokens are never touched."""
+    draw = getattr(model.ops, "draw_tokens", draw_tokens)
+    choose = getattr(model.ops, "remask", remask)
+    guided = uncond is not None and guidance != 1
+    h = guided_features(model, ids, uncond if guided else None)
+    out = dict(ids)
+    for m in targets:
+        cur, mid = ids[m], mask_id(model, m)
+        unknown = cur == mid  # (B, L)
+        h_cond, h_uncond = h[m]
+        u_draw, u_gumbel = uniforms[m]
+        weight, bias = model.head_weights(m)
+        # the head and the draw run only on the unknown rows, N of them across the batch
+        tok, logp_rows = draw(h_cond[unknown], None if h_uncond is None else h_uncond[unknown],
+                              weight, bias, guidance, token_temperature, u_draw[unknown])  # (N,)
+        drawn = cur.masked_scatter(unknown, tok)  # (B, L), row-major like the boolean gather
+        if step == steps - 1:  # the last step keeps every draw
+            out[m] = drawn
+            continue
+        logp = torch.zeros(cur.shape, dtype=torch.float32, device=cur.device)
+        logp = logp.masked_scatter(unknown, logp_rows.float())  # (B, L)
+        mask_len = mask_lengths(initial[m], unknown.sum(1), step, steps)  # (B,)
+        back = choose(logp, gumbel_noise(u_gumbel), unknown, mask_len,
+                      choice_temperature(temperature, step, steps))  # (B, L)
+        # a sample with nothing unknown has +inf confidence everywhere: nothing goes back
+        out[m] = drawn.masked_fill(back, mid)
+    return out
+
+
+def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=30,
+           temperature=9.0, guidance=3.0, token_temperature=1.0, progress=False, callback=None):
+    """The whole loop over `steps` on ids that already hold the mask id at every position to
+    generate. `generators`: one per sample. `callback(step, ids)`, if given, sees the ids after
+    each step. Returns (audio_ids, image_ids)."""
+    ids = {"audio": audio_ids, "image": image_ids}
+    initial = {m: (ids[m] == mask_id(model, m)).sum(1) for m in targets}  # (B,) per modality
+    sizes = [ids[m].shape[1] for m in targets for _ in range(2)]
+    bar = range(steps)
+    if progress:  # imported here so that the loop itself runs where tqdm is not installed
+        from tqdm import tqdm
+        bar = tqdm(bar, desc="sampling", unit="step", leave=False)
+    for step in bar:
+        u = draw_uniforms(generators, sizes, audio_ids.device)
+        uniforms = {m: (u[2 * i], u[2 * i + 1]) for i, m in enumerate(targets)}
+        ids = unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond,
+                          temperature, guidance, token_temperature)
+        if callback is not None:
+            callback(step, ids)
+    return ids["audio"], ids["image"]
+
+
+# -----------------------------------------------------------------------------
+# the entry point
+
+
+def _check_ids(name, ids, length, codebook):
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] != length:
+        got = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
+        raise ValueError(f"{name}: expected a (B, {length}) tensor of token ids, got {got}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"{name}: expected integer token ids, got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= codebook):
+        raise ValueError(f"{name}: ids must lie in [0, {codebook}), got "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def _is_count(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
+def _check_numbers(steps, temperature, guidance, token_temperature, batch_size):
+    if not _is_count(steps):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be finite, got {guidance!r}")
+    if not (math.isfinite(token_temperature) and token_temperature > 0):
+        raise ValueError(f"token_temperature must be finite and > 0, got {token_temperature!r}")
+    if not _is_count(batch_size):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps=30,
+             temperature=9.0, guidance=3.0, token_temperature=1.0, batch_size=1, generator=None,
+             progress=False):
+    """Generate token ids with `model` (an `Echoes`) by iterative unmasking (paper Sec. 3.4).
+
+    Modes and the arguments they take (ids are (B, L) integer tensors with values in [0, C)):
+    - "i2a": `image_ids` -> audio; CFG's unconditional pass masks the image;
+    - "a2i": `audio_ids` -> image; CFG masks the audio (the paper uses no CFG here: guidance 1);
+    - "joint": nothing -> `batch_size` pairs, both modalities drawn every step, each with its own
+      schedule; there is no condition, so `guidance` is unused;
+    - "inpaint": `audio_ids`, `image_ids` and `audio_keep` (B, La) or (La,) bool -> the audio
+      positions where `audio_keep` is False are regenerated, conditioned on the image and the rest
+      of the audio; CFG masks the image;
+    - "continue": `audio_ids` and `audio_keep` (the first columns, see `audio_keep_before`),
+      `image_ids` optional -> the rest of the audio; with an image, CFG masks it; without one the
+      image is fully masked and `guidance` is unused.
+    `steps` N, `temperature` T (Gumbel choice temperature, annealed), `guidance` s (Eq. 2; exactly
+    1.0 skips the unconditional pass), `token_temperature` divides the logits of the categorical
+    draw (1 in the paper). Defaults are the paper's i2a settings (Sec. 4.1).
+
+    Random numbers: sample i (its row in the ids, or its index in joint mode) draws from its own
+    stream (`sample_generators`), so the same seed gives the same ids for a sample whatever the
+    batch size. `generator` is a torch.Generator (one base seed is drawn from it), a list with one
+    generator per sample (callers that batch a long list pass slices of `sample_generators(seed,
+    n)`), or None (torch's default generator).
+    Returns (audio_ids (B, La), image_ids (B, Lv)) long, on the model's device."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    _check_numbers(steps, temperature, guidance, token_temperature, batch_size)
+    c = model.config
+    device = next(model.parameters()).device
+    needs = {"i2a": ("image",), "a2i": ("audio",), "joint": (), "inpaint": ("audio", "image"),
+             "continue": ("audio",)}[mode]
+    given = {"audio": audio_ids, "image": image_ids}
+    for m in MODALITIES:
+        if m in needs and given[m] is None:
+            raise ValueError(f"mode {mode} needs {m}_ids")
+        if given[m] is not None and m not in needs and not (mode == "continue" and m == "image"):
+            raise ValueError(f"mode {mode} takes no {m}_ids (it generates that modality)")
+    if audio_keep is not None and mode not in ("inpaint", "continue"):
+        raise ValueError(f"audio_keep is only for the inpaint and continue modes, not {mode}")
+    if audio_keep is None and mode in ("inpaint", "continue"):
+        raise ValueError(f"mode {mode} needs audio_keep (see audio_keep_outside / "
+                         "audio_keep_before)")
+    if audio_ids is not None:
+        _check_ids("audio_ids", audio_ids, c.audio_len, c.audio_codebook)
+    if image_ids is not None:
+        _check_ids("image_ids", image_ids, c.image_len, c.image_codebook)
+    if audio_ids is not None and image_ids is not None and len(audio_ids) != len(image_ids):
+        raise ValueError(f"audio_ids and image_ids hold {len(audio_ids)} and {len(image_ids)} "
+                         "samples; they must pair up")
+    B = batch_size if mode == "joint" else len(audio_ids if audio_ids is not None else image_ids)
+    if B == 0:
+        raise ValueError("nothing to generate: the ids hold no sample")
+    generators = per_sample_generators(generator, B)
+
+    full = lambda m: torch.full((B, c.audio_len if m == "audio" else c.image_len),  # noqa: E731
+                                mask_id(model, m), dtype=torch.long, device=device)
+    audio = audio_ids.to(device, torch.long) if audio_ids is not None else full("audio")
+    image = image_ids.to(device, torch.long) if image_ids is not None else full("image")
+    if audio_keep is not None:
+        keep = torch.as_tensor(audio_keep, device=device)
+        if keep.dtype != torch.bool or keep.shape[-1] != c.audio_len or keep.dim() > 2 or (
+                keep.dim() == 2 and keep.shape[0] != B):
+            raise ValueError(f"audio_keep: expected a bool tensor of shape ({c.audio_len},) or "
+                             f"({B}, {c.audio_len}), got {keep.dtype} {tuple(keep.shape)}")
+        audio = audio.masked_fill(~keep.expand(B, -1), model.audio_mask_id)  # (B, La)
+    targets = {"i2a": ("audio",), "a2i": ("image",), "joint": ("audio", "image"),
+               "inpaint": ("audio",), "continue": ("audio",)}[mode]
+    uncond = {"i2a": "image", "a2i": "audio", "inpaint": "image",
+              "continue": "image" if image_ids is not None else None}.get(mode)
+
+    was_training = model.training
+    model.eval()  # dropout off: the generators are the only source of randomness
+    try:
+        with torch.inference_mode():
+            return unmask(model, audio, image, targets, generators, uncond, steps, temperature,
+                          guidance, token_temperature, progress)
+    finally:
+        model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# time ranges -> audio_keep
+
+
+def time_range_columns(start, end, cols, duration):
+    """Token columns that overlap [start, end) seconds of a clip of `duration` seconds whose mel
+    spans `cols` token columns evenly (column j covers [j, j+1) * duration / cols). The mel's
+    centre crop (DESIGN.md section 2: 6 frames of 862, 0.07 s, at each end for VGGSound) shifts
+    this by less than half a column, so it is ignored. -> (cols,) bool, True = overlaps."""
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise ValueError(f"time range must be finite, got {start}..{end}")
+    if not 0 <= start < end <= duration:
+        raise ValueError(f"time range {start:g}..{end:g} s is outside the clip (0..{duration:g} s) "
+                         "or empty")
+    width = duration / cols
+    j = torch.arange(cols, dtype=torch.float64)
+    return (j * width < end) & ((j + 1) * width > start)
+
+
+def audio_keep_outside(start, end, grid, duration):
+    """`audio_keep` for inpainting [start, end) seconds: False on every mel row of the token
+    columns that overlap the range. grid (rows, cols) of the audio ids, row-major
+    (index = row * cols + col). -> (rows * cols,) bool, True = keep."""
+    rows, cols = grid
+    hit = time_range_columns(start, end, cols, duration)  # (cols,)
+    return ~hit.expand(rows, cols).reshape(rows * cols)  # (rows * cols,)
+
+
+def audio_keep_before(start, grid, duration):
+    """`audio_keep` for continuation from `start` seconds: the columns entirely before it are kept,
+    every column from the one holding `start` to the end of the clip is generated."""
+    return audio_keep_outside(start, duration, grid, duration)

@@ -1,0 +1,143 @@
+"""Sampling speed: latency (batch 1) and throughput (batch 32) of image -> audio with the paper's
+N = 30 steps and CFG s = 3 (Sec. 4.1), whose two passes run as one batch of 2B per step.
+
+Rows: the `demo` preset on the CPU, always; the `paper` preset (random weights, bf16 autocast) on
+the GPU when there is one. Each GPU row runs the plain PyTorch path (`kernels.select("torch")`)
+and, where Triton is usable, the fused kernels (`kernels.select("triton")`). Every row times whole
+`generate` calls (features, CFG mix, draw, re-mask, random numbers) after one short warm-up run,
+and reports the median of the repeats.
+
+    python bench/sample.py                      # a few minutes on a 2-core CPU
+    python bench/sample.py --steps 4 --repeats 1 --throughput-batch 8   # a quick look
+
+On a CPU shared with other work, `--threads 1` often beats the default: idle-waiting OpenMP threads
+slow small matrix products down when the cores are busy.
+"""
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels  # noqa: E402
+from echoes.cli import parse_settings, run_cli, setting  # noqa: E402
+from echoes.model import Echoes, EchoesConfig  # noqa: E402
+from echoes.sampler import generate  # noqa: E402
+
+
+@dataclass
+class Settings:
+    steps: int = setting(30, "unmasking steps N (paper: 30)")
+    guidance: float = setting(3.0, "CFG scale s (paper, image -> audio: 3; 1 = no second pass)")
+    temperature: float = setting(9.0, "Gumbel choice temperature T (paper: 9)")
+    latency_batch: int = setting(1, "batch of the latency rows")
+    throughput_batch: int = setting(32, "batch of the throughput rows")
+    repeats: int = setting(0, "timed runs per row, median reported; 0: 3, except 1 for the CPU "
+                              "throughput row (a minute or more each on 2 cores)")
+    threads: int = setting(0, "CPU threads for torch (0: its default)")
+    gpu: bool = setting(True, "also bench the paper preset on the GPU when one is present")
+    seed: int = setting(0, "seed of the random weights, inputs and sampling")
+    out: str = setting("", "also write the table as markdown to this file")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def backends(device):
+    """(name, op set or None, why not) for the plain path and, on a GPU, the Triton path."""
+    rows = [("torch", kernels.select("torch"), "")]
+    if device.type == "cuda":
+        try:
+            rows.append(("triton", kernels.select("triton"), ""))
+        except (ImportError, RuntimeError) as e:
+            rows.append(("triton", None, f"{type(e).__name__}: {e}"))
+    return rows
+
+
+def time_generate(model, image_ids, s, repeats, autocast_dtype):
+    """Median wall time of one `generate` call in i2a mode, and all the times."""
+    device = image_ids.device
+
+    def run(steps):
+        g = torch.Generator().manual_seed(s.seed)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            generate(model, "i2a", image_ids=image_ids, steps=steps, temperature=s.temperature,
+                     guidance=s.guidance, generator=g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(min(2, s.steps))  # warm-up: allocator, kernel compilation and autotuning
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(s.steps)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def bench_preset(preset, device, autocast_dtype, s, table):
+    torch.manual_seed(s.seed)
+    config = EchoesConfig.preset(preset, dropout=0.0)
+    with device:  # initialise the weights where they will live (424 M of them for `paper`)
+        model = Echoes(config).eval()
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_name()}, {torch.get_num_threads()} threads")
+    dtype = "bf16 autocast" if autocast_dtype is not None else "fp32"
+    print(f"{preset}: {n_params:.1f} M parameters on {name} ({dtype})", flush=True)
+    g = torch.Generator().manual_seed(s.seed)
+    for backend, ops, why in backends(device):
+        if ops is None:
+            print(f"  {backend}: skipped ({why})", flush=True)
+            continue
+        model.ops = ops
+        for kind, B in (("latency", s.latency_batch), ("throughput", s.throughput_batch)):
+            repeats = s.repeats or (1 if device.type == "cpu" and kind == "throughput" else 3)
+            image_ids = torch.randint(0, config.image_codebook, (B, config.image_len),
+                                      generator=g).to(device)
+            median, times = time_generate(model, image_ids, s, repeats, autocast_dtype)
+            table.append((preset, name, dtype, backend, kind, B, median, B / median,
+                          1e3 * median / s.steps, len(times)))
+            print(f"  {backend} {kind} B={B}: {median:.3f} s "
+                  f"({', '.join(f'{t:.2f}' for t in times)})", flush=True)
+
+
+def main(argv=None):
+    s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    table = []
+    bench_preset("demo", torch.device("cpu"), None, s, table)
+    if s.gpu and torch.cuda.is_available():
+        bench_preset("paper", torch.device("cuda"), torch.bfloat16, s, table)
+    title = (f"i2a, N = {s.steps}, CFG s = {s.guidance} (one forward of 2B per step), "
+             f"T = {s.temperature}; median of the repeats")
+    head = ("preset", "device", "dtype", "ops", "row", "batch", "s / call", "samples/s",
+            "ms / step", "runs")
+    rows = [(p, d, dt, b, k, str(B), f"{m:.3f}", f"{sps:.2f}", f"{ms:.1f}", str(n))
+            for p, d, dt, b, k, B, m, sps, ms, n in table]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    print("\n" + "\n".join(lines))
+    if s.out:
+        with open(s.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {s.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

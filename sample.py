@@ -1,0 +1,400 @@
+"""Generate with a trained Visual Echoes model: image -> sound, sound -> image, both together,
+audio inpainting and continuation (paper Sec. 3.4; the loop is `echoes/sampler.py`).
+
+    python sample.py --mode i2a --image dog.png --ckpt model.pt \\
+        --image-vqgan vqgan_imagenet_f16_1024.ckpt --audio-vqgan epoch_39.ckpt \\
+        --vocoder best_netG.pt --out samples            # -> samples/dog.wav, samples/dog_mel.png
+    python sample.py --mode a2i --audio bark.wav ...    # -> samples/bark.png
+    python sample.py --mode joint --num-samples 4 ...   # -> samples/joint_000.png/.wav/_mel.png ...
+    python sample.py --mode inpaint --audio bark.wav --image dog.png --start 2 --end 4 ...
+    python sample.py --mode continue --audio bark.wav [--image dog.png] --start 5 ...
+                                                        # -> samples/bark.wav, samples/bark_mel.png
+
+What a run needs and where it comes from:
+- the model: `--ckpt`, a file `train.py` writes: {"model": state dict, "config":
+  asdict(EchoesConfig), optional "sampling": {steps, temperature, guidance, token_temperature},
+  optional "tokenizers": {"image": {...}, "audio": {...}}, training state that is ignored}.
+  Without `--ckpt` the embedded demo bundle `echoes/assets/demo.pt` is used: the same layout, whose
+  "tokenizers" entries also carry the VQGAN weights ("state_dict", "config"), so it needs nothing
+  else, and i2a / a2i runs that name no input take its example files from `echoes/assets/examples`
+  (until a release ships the demo, a run without --ckpt stops with a one-line message);
+- the tokenizers: `--image-vqgan` / `--audio-vqgan` (released taming / SpecVQGAN checkpoints use
+  the presets of `echoes/tokenizers.py`; a file echoes wrote may carry a "config" entry), else the
+  weights embedded in the checkpoint; the recipe (image resolution, clip length) comes from the
+  checkpoint's "tokenizers" entry, else the paper's (256 px, 10 s at 22050 Hz);
+- the vocoder: `--vocoder` (SpecVQGAN's MelGAN `best_netG.pt`), else Griffin-Lim (no weights);
+- sampling settings: the command line, else the checkpoint's "sampling" entry (its "guidance" a
+  number for every guided mode or a {mode: s} dict), else the paper's (Sec. 4.1: N = 30, T = 9,
+  s = 3 when generating audio from an image, no CFG (s = 1) for audio -> image).
+
+Randomness: sample j of a run (input j // K, its (j % K)-th sample, K = --num-samples) draws from
+its own stream seeded by (--seed, j), so its output does not depend on --batch-size.
+Problems a user can fix print one line and exit with code 2.
+"""
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import echoes
+from echoes import sampler
+from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
+from echoes.model import Echoes, EchoesConfig
+from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig, load_melgan,
+                               load_state_strict, save_mel_png, save_wav)
+
+# the embedded demo: model + tokenizers + its tuned sampling settings in one checkpoint file, and
+# example inputs for runs that name none
+DEMO_BUNDLE = Path(echoes.__file__).parent / "assets" / "demo.pt"
+DEMO_EXAMPLES = Path(echoes.__file__).parent / "assets" / "examples"
+
+# paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
+PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
+                  "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
+
+
+@dataclass
+class Settings:
+    mode: str = setting("i2a", "what to generate: i2a (image -> audio), a2i (audio -> image), "
+                        "joint (both), inpaint (regenerate --start..--end of --audio, given "
+                        "--image), continue (keep --audio before --start, generate the rest)")
+    image: list[str] = setting([], "input image file(s): i2a, inpaint and (optional) continue")
+    audio: list[str] = setting([], "input audio file(s): a2i, inpaint and continue")
+    start: float | None = setting(None, "seconds: where inpainting / continuation starts")
+    end: float | None = setting(None, "seconds: where inpainting ends (default: end of clip)")
+    ckpt: str = setting("", "model checkpoint from train.py (default: the embedded demo)")
+    image_vqgan: str = setting("", "image VQGAN checkpoint (taming layout or echoes's own); "
+                               "default: the one embedded in the checkpoint")
+    audio_vqgan: str = setting("", "audio VQGAN checkpoint (SpecVQGAN codebook layout or "
+                               "echoes's own); default: the one embedded in the checkpoint")
+    vocoder: str = setting("", "MelGAN vocoder (SpecVQGAN best_netG.pt); default: Griffin-Lim")
+    trust_checkpoints: bool = setting(False, "allow full unpickling of checkpoint files "
+                                      "(only for files you trust)")
+    steps: int | None = setting(None, "unmasking steps N (default: checkpoint's, else 30)")
+    temperature: float | None = setting(None, "Gumbel choice temperature T, annealed "
+                                        "(default: checkpoint's, else 9)")
+    guidance: float | None = setting(None, "CFG scale s, 1 = none (default: checkpoint's, else "
+                                     "3 for audio generation, 1 for a2i)")
+    token_temperature: float | None = setting(None, "temperature of the categorical draw "
+                                              "(default: checkpoint's, else 1)")
+    seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
+    batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
+                              "in one forward)")
+    num_samples: int = setting(1, "samples per input (joint: number of pairs)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    out: str = setting("samples", "output folder")
+
+
+# -----------------------------------------------------------------------------
+# checking the request (before anything is loaded)
+
+
+def check_options(s):
+    """One-line errors for options that are impossible or make no sense for the mode."""
+    if s.mode not in sampler.MODES:
+        raise UserError(f"unknown --mode {s.mode!r}: use one of {', '.join(sampler.MODES)}")
+    takes = {"i2a": {"image"}, "a2i": {"audio"}, "joint": set(),
+             "inpaint": {"image", "audio", "start", "end"},
+             "continue": {"image", "audio", "start"}}[s.mode]
+    given = {"image": s.image, "audio": s.audio, "start": s.start, "end": s.end}
+    for name, value in given.items():
+        if value not in (None, []) and name not in takes:
+            raise UserError(f"--{name} makes no sense for --mode {s.mode}")
+    if s.guidance is not None and (s.mode == "joint" or (s.mode == "continue" and not s.image)):
+        without = "without --image " if s.mode == "continue" else ""
+        raise UserError(f"--guidance makes no sense for --mode {s.mode} {without}"
+                        "(nothing to guide by)")
+    for name, low in (("steps", 1), ("batch_size", 1), ("num_samples", 1)):
+        value = getattr(s, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name in ("temperature", "guidance", "token_temperature", "start", "end"):
+        value = getattr(s, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if s.temperature is not None and s.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {s.temperature}")
+    if s.token_temperature is not None and s.token_temperature <= 0:
+        raise UserError(f"--token-temperature must be > 0, got {s.token_temperature}")
+
+
+def model_source(s):
+    """The checkpoint to load: --ckpt, else the embedded demo bundle."""
+    if s.ckpt:
+        return s.ckpt
+    if DEMO_BUNDLE.is_file():
+        return DEMO_BUNDLE
+    raise UserError("no --ckpt given and this release has no embedded demo model yet (it ships "
+                    "with a later release): pass --ckpt PATH, a checkpoint written by train.py")
+
+
+def demo_examples(s):
+    """With the demo model and no input, i2a / a2i take the first example file shipped with it."""
+    if s.ckpt or not DEMO_EXAMPLES.is_dir():
+        return
+    if s.mode == "i2a" and not s.image:
+        s.image = sorted(map(str, DEMO_EXAMPLES.glob("*.png")))[:1]
+    if s.mode == "a2i" and not s.audio:
+        s.audio = sorted(map(str, DEMO_EXAMPLES.glob("*.wav")))[:1]
+
+
+def check_inputs(s):
+    """One-line errors for missing inputs, unpaired inputs and outputs that would collide."""
+    needs = {"i2a": ["image"], "a2i": ["audio"], "joint": [],
+             "inpaint": ["image", "audio", "start"], "continue": ["audio", "start"]}[s.mode]
+    for name in needs:
+        if getattr(s, name) in (None, []):
+            raise UserError(f"--mode {s.mode} needs --{name}")
+    if s.mode in ("inpaint", "continue") and s.image and len(s.image) not in (1, len(s.audio)):
+        raise UserError(f"--mode {s.mode} pairs each --audio with an --image: give one image or "
+                        f"{len(s.audio)}, not {len(s.image)}")
+    for path in s.image + s.audio:
+        if not os.path.isfile(path):
+            raise UserError(f"input file not found: {path}")
+    stems = [Path(p).stem for p in (s.image if s.mode == "i2a" else s.audio)]
+    twice = sorted({x for x in stems if stems.count(x) > 1})
+    if twice:
+        raise UserError(f"several inputs are named {twice[0]!r}: their outputs would overwrite "
+                        "each other; rename them")
+    for path in s.audio:  # inpaint / continue write <stem>.wav: never over the input itself
+        if (Path(s.out) / f"{Path(path).stem}.wav").resolve() == Path(path).resolve():
+            raise UserError(f"the output would overwrite the input {path}: choose another --out")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") \
+            from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+# -----------------------------------------------------------------------------
+# loading the model, the tokenizers and the vocoder
+
+
+def readable(label, path, load, *args, **kwargs):
+    """`load(path, ...)` (a loader built on `load_checkpoint`), with whatever else torch's safe
+    unpickler may raise on a file that is no checkpoint at all (an IndexError on some non-pickle
+    bytes) turned into one line too."""
+    try:
+        return load(path, *args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{label} {path} is not a readable PyTorch file ({type(e).__name__}); "
+                        "check the path") from e
+
+
+def read_checkpoint(path, trusted, what):
+    return readable(what, path, load_checkpoint, trusted=trusted, what=what)
+
+
+def load_model(ckpt, source):
+    """`Echoes` rebuilt from the checkpoint alone (STYLE.md item 14), weights loaded strictly."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
+            or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{source} is not an echoes model checkpoint (it needs 'model' and "
+                        "'config' entries, as train.py writes them)")
+    fields = {f.name for f in dataclasses.fields(EchoesConfig)}
+    unknown = sorted(set(ckpt["config"]) - fields)
+    if unknown:
+        raise UserError(f"{source}: its config has fields this version of EchoesConfig does not "
+                        f"know ({', '.join(unknown[:4])}); use the echoes version that wrote it")
+    model = Echoes(EchoesConfig(**ckpt["config"]))
+    return load_state_strict(model, ckpt["model"], "model checkpoint", source).eval()
+
+
+def load_vqgan_file(path, trusted, preset, what):
+    """A VQGAN from a file: a released checkpoint (Lightning {"state_dict"} or a bare state dict,
+    built with `preset`) or one echoes wrote, which may carry {"config": VQGANConfig fields} next
+    to its "state_dict" (or "model") weights. `load_vqgan` takes its config from the caller only,
+    so this reads the file once and picks the config itself."""
+    return build_vqgan(read_checkpoint(path, trusted, what), preset, what, path)
+
+
+def build_vqgan(obj, preset, what, source):
+    config = preset
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        try:
+            config = VQGANConfig(**obj["config"])
+        except TypeError as e:
+            raise UserError(f"{what} {source}: its config does not fit VQGANConfig ({e})") from e
+    sd = obj
+    if isinstance(obj, dict):
+        sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
+        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    return load_state_strict(VQGAN(config), sd, what, source).eval()
+
+
+def load_tokenizers(s, ckpt, source, device):
+    """(ImageTokenizer, AudioTokenizer): weights from the command line, else embedded in the
+    checkpoint; recipe settings from the checkpoint's "tokenizers" entry, else the paper's."""
+    info = ckpt.get("tokenizers") or {}
+    image_info, audio_info = info.get("image") or {}, info.get("audio") or {}
+
+    def vqgan(flag, path, entry, preset, what):
+        if path:
+            return load_vqgan_file(path, s.trust_checkpoints, preset, what)
+        if isinstance(entry.get("state_dict"), dict):
+            return build_vqgan(entry, preset, f"{what} embedded in", source)
+        raise UserError(f"{source} carries no {what}: pass --{flag} PATH")
+
+    image_vq = vqgan("image-vqgan", s.image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(),
+                     "image VQGAN")
+    audio_vq = vqgan("audio-vqgan", s.audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
+                     "audio VQGAN")
+    vocoder = (readable("MelGAN vocoder", s.vocoder, load_melgan, trusted=s.trust_checkpoints)
+               if s.vocoder else None)
+    image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
+    recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")
+              if k in audio_info}
+    try:
+        audio_tok = AudioTokenizer(audio_vq.to(device),
+                                   vocoder.to(device) if vocoder is not None else None, **recipe)
+    except ValueError as e:
+        raise UserError(f"the audio recipe of {source} does not fit: {e}") from e
+    return image_tok, audio_tok
+
+
+def check_fit(model, image_tok, audio_tok, source):
+    """The model and the tokenizers must agree on token counts and codebook sizes."""
+    c = model.config
+    for what, tok, length, codebook in (("image", image_tok, c.image_len, c.image_codebook),
+                                        ("audio", audio_tok, c.audio_len, c.audio_codebook)):
+        h, w = tok.grid
+        n_embed = tok.vqgan.config.n_embed
+        if h * w != length or n_embed != codebook:
+            raise UserError(f"{source} expects {length} {what} tokens over {codebook} codes, but "
+                            f"the {what} tokenizer gives {h}x{w} = {h * w} ids over {n_embed} "
+                            f"codes: pass the {what} VQGAN the model was trained with")
+
+
+def sampling_settings(s, ckpt):
+    """steps, temperature, guidance, token_temperature: command line > checkpoint > paper."""
+    stored = {**PAPER_SAMPLING, **(ckpt.get("sampling") or {})}
+    out = {}
+    for name in ("steps", "temperature", "guidance", "token_temperature"):
+        value = getattr(s, name)
+        if value is None:
+            value = stored[name]
+            if isinstance(value, dict):  # per-mode values, e.g. {"i2a": 3.0, "a2i": 1.0}
+                paper = PAPER_SAMPLING[name]
+                paper = paper.get(s.mode, 1.0) if isinstance(paper, dict) else paper
+                # inpainting and continuation generate audio from an image, as i2a does
+                like = "i2a" if s.mode in ("inpaint", "continue") else s.mode
+                value = value.get(s.mode, value.get(like, paper))
+        out[name] = value
+    if s.mode == "joint" or (s.mode == "continue" and not s.image):
+        out["guidance"] = 1.0  # nothing to guide by
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def output_stems(s):
+    """One output stem per sample j (input j // K, sample j % K)."""
+    K = s.num_samples
+    if s.mode == "joint":
+        return [f"joint_{j:03d}" for j in range(K)]
+    inputs = s.image if s.mode == "i2a" else s.audio
+    return [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
+
+
+def encode_inputs(s, image_tok, audio_tok, device):
+    """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None)."""
+    def encode(tok, paths):
+        if not paths:
+            return None
+        return torch.cat([tok.encode_files(paths[i:i + s.batch_size])
+                          for i in range(0, len(paths), s.batch_size)]).to(device)
+    images = encode(image_tok, s.image)
+    if images is not None and s.mode in ("inpaint", "continue") and len(s.image) == 1:
+        images = images.expand(len(s.audio), -1)  # one picture for every clip
+    return images, encode(audio_tok, s.audio)
+
+
+def audio_keep(s, audio_tok):
+    """The kept audio positions for inpaint / continue, from --start / --end in seconds."""
+    duration = audio_tok.n_samples / audio_tok.sample_rate
+    try:
+        if s.mode == "inpaint":
+            end = duration if s.end is None else s.end
+            return sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration)
+        return sampler.audio_keep_before(s.start, audio_tok.grid, duration)
+    except ValueError as e:
+        raise UserError(f"--start/--end: {e}") from e
+
+
+def write_outputs(s, stems, audio_ids, image_ids, generators, image_tok, audio_tok):
+    """Decode one batch and write its files; returns the written paths."""
+    out, written = Path(s.out), []
+    if s.mode != "a2i":
+        mels = audio_tok.decode_to_mel(audio_ids)  # (B, 80, T)
+        for stem, mel, g in zip(stems, mels, generators):
+            # Griffin-Lim's random phases come from the sample's own stream, so the waveform too
+            # is independent of the batching
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+            phase_gen = torch.Generator(mel.device).manual_seed(seed)
+            wav = audio_tok.mel_to_wav(mel[None], generator=phase_gen)[0]  # (T,)
+            save_wav(wav, out / f"{stem}.wav", audio_tok.sample_rate)
+            save_mel_png(mel, out / f"{stem}_mel.png")
+            written += [out / f"{stem}.wav", out / f"{stem}_mel.png"]
+    if s.mode in ("a2i", "joint"):
+        for stem, image in zip(stems, image_tok.decode_to_images(image_ids)):
+            image.save(out / f"{stem}.png")
+            written.append(out / f"{stem}.png")
+    return written
+
+
+def main(argv=None):
+    s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    check_options(s)
+    source = model_source(s)
+    demo_examples(s)
+    check_inputs(s)
+    device = pick_device(s.device)
+    ckpt = read_checkpoint(source, s.trust_checkpoints,
+                           "model checkpoint" if s.ckpt else "embedded demo")
+    source = str(source)
+    model = load_model(ckpt, source).to(device)
+    image_tok, audio_tok = load_tokenizers(s, ckpt, source, device)
+    check_fit(model, image_tok, audio_tok, source)
+    opts = sampling_settings(s, ckpt)
+    keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
+    stems = output_stems(s)
+    images, audios = encode_inputs(s, image_tok, audio_tok, device)
+    Path(s.out).mkdir(parents=True, exist_ok=True)
+
+    K, n = s.num_samples, len(stems)
+    generators = sampler.sample_generators(s.seed, n)
+    pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
+                                else ids[torch.arange(lo, hi, device=device) // K])
+    for lo in range(0, n, s.batch_size):
+        hi = min(lo + s.batch_size, n)
+        try:
+            audio_ids, image_ids = sampler.generate(
+                model, s.mode, audio_ids=pick(audios, lo, hi), image_ids=pick(images, lo, hi),
+                audio_keep=keep, batch_size=hi - lo, generator=generators[lo:hi], progress=True,
+                **opts)
+        except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
+            raise UserError(str(e)) from e
+        for path in write_outputs(s, stems[lo:hi], audio_ids, image_ids, generators[lo:hi],
+                                  image_tok, audio_tok):
+            print(path, flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

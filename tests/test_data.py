@@ -1,0 +1,258 @@
+"""Token shards, their dataset and loader, `python -m echoes.data prepare` (DESIGN.md section 7)."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from echoes import data
+
+
+def make_shards(root, n=23, frames=5, Lv=6, La=4, split="train", shard_size=7, seed=0,
+                classes=3):
+    """Clip i has audio ids 100 * i + position and image ids 10 * frame + position (frame f of
+    every clip holds f in the tens), so a fetched row tells which clip and frame it came from."""
+    rng = np.random.default_rng(seed)
+    audio = 100 * np.arange(n)[:, None] + np.arange(La)[None]  # (n, La)
+    image = 10 * np.arange(frames)[None, :, None] + rng.integers(0, 10, (n, frames, Lv))
+    ids = [f"{split}{i}" for i in range(n)]
+    labels = [f"class {i % classes}" for i in range(n)]
+    data.write_shards(root, split, image, audio, ids, labels, shard_size=shard_size)
+    return image, audio, ids, labels
+
+
+def test_shard_round_trip(tmp_path):
+    image, audio, ids, labels = make_shards(tmp_path, n=23, shard_size=7)
+    # a second call appends shards; another split lives beside it
+    more = make_shards(tmp_path, n=5, shard_size=7, seed=1)
+    make_shards(tmp_path, n=4, split="test")
+    index = data.read_index(tmp_path)
+    assert data.split_sizes(index) == {"train": 28, "test": 4}
+    assert [s["name"] for s in index["shards"] if s["split"] == "train"] == [
+        f"train-{k:05d}" for k in range(5)]  # 7 + 7 + 7 + 2, then 5
+    ds = data.TokenShards(tmp_path, "train", train=True)
+    assert len(ds) == 28 and ds.ids == ids + more[2] and ds.labels == labels + more[3]
+    stored = np.load(tmp_path / "train-00000.images.npy", mmap_mode="r")
+    assert stored.dtype == np.uint16 and isinstance(stored, np.memmap)
+    idx = np.array([22, 0, 7, 13, 23, 27, 6])
+    frames = np.array([0, 4, 2, 3, 1, 0, 4])
+    a, v = ds.fetch(idx, frames=frames)
+    all_image = np.concatenate([image, more[0]])
+    all_audio = np.concatenate([audio, more[1]])
+    assert a.dtype == torch.int64 and a.shape == (7, 4) and v.shape == (7, 6)
+    np.testing.assert_array_equal(a.numpy(), all_audio[idx])
+    np.testing.assert_array_equal(v.numpy(), all_image[idx, frames])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_single_image_shards(tmp_path):
+    """The demo data has one image per clip: (N, Lv) image ids are stored as one frame."""
+    image = np.arange(12).reshape(3, 4)
+    data.write_shards(tmp_path, "train", torch.tensor(image), torch.zeros(3, 2, dtype=torch.long),
+                      ["a", "b", "c"], [0, 1, 0])
+    ds = data.TokenShards(tmp_path, "train", train=True)
+    assert ds.frames == 1 and ds.labels == [0, 1, 0]
+    _, v = ds.fetch([2, 0])
+    np.testing.assert_array_equal(v.numpy(), image[[2, 0]])
+    with pytest.raises(ValueError, match="frames"):  # a folder holds one shape of clip
+        data.write_shards(tmp_path, "train", np.zeros((1, 2, 4)), np.zeros((1, 2)), ["d"], [0])
+
+
+def test_training_draws_every_frame_and_evaluation_takes_the_middle(tmp_path):
+    make_shards(tmp_path, n=10, frames=5)
+    train = data.TokenShards(tmp_path, "train", train=True, seed=0)
+    seen = {int(f) for _ in range(20) for f in train.fetch(np.arange(10))[1][:, 0] // 10}
+    assert seen == set(range(5))
+    loader = data.ShardLoader(train, batch_size=5, seed=3)
+    seen = {int(f) for _ in range(20) for f in loader.next()[1][:, 0] // 10}
+    assert seen == set(range(5))
+    evaluation = data.TokenShards(tmp_path, "train", train=False)
+    for _ in range(3):
+        assert (evaluation.fetch(np.arange(10))[1] // 10 == 2).all()  # frame 5 // 2
+
+
+@pytest.mark.parametrize("n, world, batch", [(24, 3, 4), (23, 3, 2), (5, 4, 2)])
+def test_rank_sharding_is_disjoint_and_complete(tmp_path, n, world, batch):
+    make_shards(tmp_path, n=n)
+    ds = data.TokenShards(tmp_path, "train")
+    loaders = [data.ShardLoader(ds, batch, rank, world, seed=7) for rank in range(world)]
+    for epoch in (0, 1):
+        parts = [ld.rank_indices(epoch) for ld in loaders]
+        assert len({len(p) for p in parts}) == 1  # the same number of steps on every rank
+        merged = np.concatenate(parts)
+        assert set(merged) == set(range(n))  # complete
+        pad = len(merged) - n  # only the padding repeats clips
+        assert pad < world * batch and len(merged) - len(set(merged)) == pad
+    assert not np.array_equal(loaders[0].rank_indices(0), loaders[0].rank_indices(1))
+    # what next() yields is exactly the rank's share, epoch after epoch
+    for ld, rank in zip(loaders, range(world)):
+        got = [ld.next()[0][:, 0] // 100 for _ in range(2 * ld.steps_per_epoch())]
+        want = np.concatenate([ld.rank_indices(0), ld.rank_indices(1)])
+        np.testing.assert_array_equal(torch.cat(got).numpy(), want)
+    # evaluation batches: disjoint and complete without padding
+    seen = [first for r in range(world) for first, a, _ in data.eval_batches(ds, 3, r, world)
+            for first in (a[:, 0] // 100).tolist()]
+    assert sorted(seen) == list(range(n))
+
+
+def test_loader_position_restores_the_same_batches(tmp_path):
+    make_shards(tmp_path, n=23)
+    ds = data.TokenShards(tmp_path, "train")
+
+    def loader():
+        return data.ShardLoader(ds, 4, rank=1, world_size=2, seed=5, repair_within_class=True)
+
+    a = loader()
+    for _ in range(5):  # past the end of epoch 0 (3 steps of 8)
+        a.next()
+    state = a.state_dict()
+    want = [a.next() for _ in range(4)]
+    b = loader()
+    b.load_state_dict(state)
+    for (wa, wv), (ga, gv) in zip(want, (b.next() for _ in range(4))):
+        assert torch.equal(wa, ga) and torch.equal(wv, gv)
+
+
+def test_repair_within_class_keeps_the_class(tmp_path):
+    image, audio, _, _ = make_shards(tmp_path, n=30, frames=1, classes=3)
+    ds = data.TokenShards(tmp_path, "train")
+    loader = data.ShardLoader(ds, 10, seed=0, repair_within_class=True)
+    moved = 0
+    for _ in range(6):
+        a, v = loader.next()
+        for clip, row in zip((a[:, 0] // 100).tolist(), v.numpy()):
+            source = int(np.nonzero((image[:, 0] == row).all(1))[0][0])
+            assert source % 3 == clip % 3
+            moved += source != clip
+    assert moved > 30  # most images come from another clip of the class
+
+
+def test_a_failed_write_leaves_no_shard_visible(tmp_path, monkeypatch):
+    make_shards(tmp_path, n=6)
+    before = data.read_index(tmp_path)
+    real_replace = os.replace
+
+    def killed(src, dst):  # dies when the index is renamed into place, after every shard file
+        if os.path.basename(dst) == data.INDEX:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(tmp_path, n=5, seed=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert data.read_index(tmp_path) == before
+    ds = data.TokenShards(tmp_path, "train")
+    assert len(ds) == 6
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    make_shards(tmp_path, n=5, seed=1)  # the next writer reuses the name
+    assert len(data.TokenShards(tmp_path, "train")) == 11
+
+
+def test_missing_index_and_split_are_one_line_errors(tmp_path):
+    from echoes.cli import UserError
+    with pytest.raises(UserError, match="no token shards"):
+        data.TokenShards(tmp_path, "train")
+    make_shards(tmp_path, n=3)
+    with pytest.raises(UserError, match="split 'test'"):
+        data.TokenShards(tmp_path, "test")
+
+
+# -----------------------------------------------------------------------------
+# preparation from videos
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                                  reason="ffmpeg is not installed (apt-get install ffmpeg)")
+
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+def make_video(path, size="48x32", seconds=1.0, audio="sine=frequency=440"):
+    src = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate=10:duration={seconds}"]
+    if audio:
+        src += ["-f", "lavfi", "-i", f"{audio}:duration={seconds}", "-c:a", "aac"]
+    ffmpeg(*src, "-c:v", "mpeg4", "-t", str(seconds), str(path))
+
+
+def tiny_tokenizers(folder):
+    """Random tiny VQGANs saved as echoes writes them ({"config", "state_dict"}): 32 px images
+    -> 8 x 8 ids, 80 x 64 mels -> 5 x 4 ids, 64 codes each."""
+    from echoes.tokenizers import VQGAN, VQGANConfig
+    common = dict(ch=32, num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=8,
+                  n_embed=64)
+    paths = []
+    for name, cfg in (("image", VQGANConfig(ch_mult=(1, 1, 1), resolution=32, **common)),
+                      ("audio", VQGANConfig(ch_mult=(1, 1, 1, 1, 1), resolution=64,
+                                            in_channels=1, out_ch=1, **common))):
+        torch.manual_seed(0)
+        path = folder / f"{name}_vqgan.pt"
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": VQGAN(cfg).state_dict()},
+                   path)
+        paths.append(str(path))
+    return ["--image-vqgan", paths[0], "--audio-vqgan", paths[1], "--image-size", "32",
+            "--clip-seconds", "1", "--mel-frames", "64", "--frames", "3", "--workers", "2",
+            "--batch-size", "2", "--device", "cpu"]
+
+
+@needs_ffmpeg
+def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    (videos / "dogs").mkdir(parents=True)
+    (videos / "cats").mkdir()
+    make_video(videos / "dogs" / "a.mp4")
+    make_video(videos / "dogs" / "b.mp4", size="32x48", audio="sine=frequency=660")
+    make_video(videos / "cats" / "c.mkv", seconds=1.2)
+    make_video(videos / "cats" / "quiet.mp4", audio="anullsrc=r=22050:cl=mono")
+    (videos / "cats" / "broken.mp4").write_bytes(os.urandom(4000))
+    out = tmp_path / "shards"
+    args = ["prepare", "--videos", str(videos), "--out", str(out), "--test-fraction", "0.0",
+            "--shard-size", "2", *tiny_tokenizers(tmp_path)]
+    data.main(args)
+    index = data.read_index(out)
+    assert (index["frames"], index["image_len"], index["audio_len"]) == (3, 64, 20)
+    assert index["tokenizers"]["audio"]["n_samples"] == 22050
+    ds = data.TokenShards(out, "train")
+    assert len(ds) == 3 and sorted(ds.ids) == ["cats/c", "dogs/a", "dogs/b"]
+    assert sorted(ds.labels) == ["cats", "dogs", "dogs"]
+    images = np.load(out / "train-00000.images.npy")
+    assert images.shape == (2, 3, 64) and images.dtype == np.uint16 and images.max() < 64
+    assert np.load(out / "train-00000.audio.npy").shape == (2, 20)
+    skipped = {line.split("\t")[0]: line.split("\t")[1]
+               for line in (out / "skipped.txt").read_text().splitlines()}
+    assert set(skipped) == {"cats/broken", "cats/quiet"}
+    assert "unreadable" in skipped["cats/broken"] and "silent" in skipped["cats/quiet"]
+    # a rerun finds everything done (the bad clips are tried again and skipped again)
+    capsys.readouterr()
+    data.main(args)
+    assert "3 already in shards" in capsys.readouterr().out
+    assert len(data.TokenShards(out, "train")) == 3
+
+
+@needs_ffmpeg
+def test_prepare_from_a_vggsound_csv(tmp_path):
+    videos = tmp_path / "clips"
+    videos.mkdir()
+    make_video(videos / "abcdefghijk_000030.mp4")
+    make_video(videos / "zyx_20000_30000.mkv")
+    make_video(videos / "whole.mp4", seconds=2.5)  # a whole video: the clip starts at 1 s
+    (tmp_path / "vggsound.csv").write_text(
+        'abcdefghijk,30,"dog barking, loud",train\nzyx,20,cat purring,test\n'
+        'gone,5,cat purring,train\nwhole,1,cat purring,train\n')
+    out = tmp_path / "shards"
+    data.main(["prepare", "--videos", str(videos), "--csv", str(tmp_path / "vggsound.csv"),
+               "--out", str(out), *tiny_tokenizers(tmp_path)])
+    train, test = data.TokenShards(out, "train"), data.TokenShards(out, "test", train=False)
+    assert train.ids == ["abcdefghijk_000030", "whole_000001"]
+    assert train.labels == ["dog barking, loud", "cat purring"]
+    assert test.ids == ["zyx_000020"] and test.labels == ["cat purring"]
+    assert "gone_000005\tno video file" in (out / "skipped.txt").read_text()
+    a, v = train.fetch([0, 1])
+    assert a.shape == (2, 20) and v.shape == (2, 64)
+    assert json.loads((out / "index.json").read_text())["frames"] == 3

@@ -1,0 +1,284 @@
+"""`sample.py`, the command line: the files it promises and its one-line errors (exit code 2).
+
+The test makes a tiny random model and tiny VQGANs (16-code books; images 16 px -> 4x4 ids,
+0.36 s clips -> 80x32 mels -> 5x2 ids), saves them the way `train.py` and echoes's tokenizer
+training write them, and runs the script: through a subprocess for a few cases (the real entry
+point) and in-process through `run_cli` for the rest, to stay fast.
+"""
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from echoes.cli import run_cli
+from echoes.model import Echoes, EchoesConfig
+from echoes.tokenizers import VQGAN, VQGANConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+N_FRAMES = 32
+N_SAMPLES = (N_FRAMES - 1) * 256  # 1 + N_SAMPLES // 256 = 32 mel frames: 0.36 s at 22050 Hz
+RECIPE = {"image": {"resolution": 16},
+          "audio": {"n_samples": N_SAMPLES, "n_frames": N_FRAMES, "sample_rate": 22050}}
+
+spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+def tiny_vqgans():
+    torch.manual_seed(0)
+    small = dict(ch=32, num_res_blocks=1, attn_resolutions=(), z_channels=8, embed_dim=8,
+                 n_embed=16)
+    image = VQGANConfig(ch_mult=(1, 1, 1), resolution=16, **small)  # 16 px -> 4x4
+    audio = VQGANConfig(ch_mult=(1, 1, 1, 1, 1), resolution=N_FRAMES, in_channels=1, out_ch=1,
+                        **small)  # (80, 32) -> 5x2
+    return {"image": (image, VQGAN(image)), "audio": (audio, VQGAN(audio))}
+
+
+def tiny_checkpoint(**config_overrides):
+    torch.manual_seed(0)
+    config = EchoesConfig(**{**dict(audio_len=10, image_len=16, audio_codebook=16,
+                                    image_codebook=16, enc_dim=32, enc_depth=1, enc_heads=2,
+                                    dec_dim=32, dec_depth=1, dec_heads=2, dropout=0.0),
+                             **config_overrides})
+    return {"model": Echoes(config).state_dict(), "config": dataclasses.asdict(config),
+            "sampling": {"steps": 3}, "tokenizers": RECIPE, "step": 10, "optimizer": {}}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out = {}
+    vqgans = tiny_vqgans()
+    for m, (config, vq) in vqgans.items():  # echoes's own layout: config next to the weights
+        out[f"{m}_vqgan"] = d / f"{m}_vqgan.pt"
+        torch.save({"config": dataclasses.asdict(config), "state_dict": vq.state_dict()},
+                   out[f"{m}_vqgan"])
+    out["ckpt"] = d / "model.pt"
+    torch.save(tiny_checkpoint(), out["ckpt"])
+    out["mismatched"] = d / "mismatched.pt"  # a model for 5x5 image ids
+    torch.save(tiny_checkpoint(image_len=25), out["mismatched"])
+    broken = tiny_checkpoint()
+    broken["model"].pop("mask_emb")
+    out["broken"] = d / "broken.pt"
+    torch.save(broken, out["broken"])
+    # the demo bundle layout: the tokenizers' weights travel inside the model checkpoint
+    bundle = tiny_checkpoint()
+    bundle["tokenizers"] = {m: {**RECIPE[m], "config": dataclasses.asdict(config),
+                                "state_dict": vq.state_dict()}
+                            for m, (config, vq) in vqgans.items()}
+    out["bundle"] = d / "demo.pt"
+    torch.save(bundle, out["bundle"])
+    rng = np.random.default_rng(0)
+    for name, size in (("cat", (24, 20)), ("dog", (16, 16))):
+        out[name] = d / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(out[name])
+    t = np.arange(int(0.3 * 16000)) / 16000  # 0.3 s at 16 kHz: resampled and zero-padded
+    out["bark"] = d / "bark.wav"
+    soundfile.write(out["bark"], 0.5 * np.sin(2 * np.pi * 440 * t), 16000)
+    out["garbage"] = d / "garbage.png"
+    out["garbage"].write_bytes(b"not an image at all")
+    out["garbage_wav"] = d / "garbage.wav"
+    out["garbage_wav"].write_bytes(b"RIFF but not really a wave file")
+    out["garbage_ckpt"] = d / "garbage.pt"
+    out["garbage_ckpt"].write_bytes(b"not a checkpoint")
+    return out
+
+
+def args(files, *extra, ckpt=True, tokenizers=True):
+    a = ["--ckpt", str(files["ckpt"])] if ckpt else []
+    if tokenizers:
+        a += ["--image-vqgan", str(files["image_vqgan"]), "--audio-vqgan",
+              str(files["audio_vqgan"])]
+    return a + [str(x) for x in extra]
+
+
+def run_in_process(argv, capsys):
+    """(exit code, stdout lines, stderr lines)."""
+    try:
+        run_cli(cli.main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    # tqdm redraws its bar with carriage returns: keep only real lines
+    err = [line for line in captured.err.splitlines() if line.startswith("error")]
+    return code, captured.out.splitlines(), err
+
+
+def check_wav(path):
+    wav, sr = soundfile.read(path)
+    assert sr == 22050 and wav.shape == (N_FRAMES * 256,) and np.isfinite(wav).all()
+
+
+# -----------------------------------------------------------------------------
+# the files it promises
+
+
+def test_i2a_subprocess_writes_wav_and_mel_per_sample(files, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--mode", "i2a", "--image",
+                        files["cat"], files["dog"], "--num-samples", "2", "--batch-size", "3",
+                        "--out", out, *args(files)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    expected = [out / f"{stem}_{k}{suffix}" for stem in ("cat", "dog") for k in (1, 2)
+                for suffix in (".wav", "_mel.png")]
+    assert sorted(r.stdout.split()) == sorted(map(str, expected))
+    for path in expected:
+        assert path.is_file()
+    check_wav(out / "cat_1.wav")
+    assert Image.open(out / "cat_1_mel.png").size == (2 * N_FRAMES, 2 * 80)
+
+
+def test_ids_do_not_depend_on_the_batch_size(files, tmp_path, capsys, monkeypatch):
+    calls, generate = [], cli.sampler.generate
+
+    def recording(*a, **kw):
+        out = generate(*a, **kw)
+        calls.append(out[0])
+        return out
+
+    monkeypatch.setattr(cli.sampler, "generate", recording)
+    monkeypatch.setattr(cli, "write_outputs", lambda *a: [])  # the ids are what is compared
+    results = {}
+    for b in (1, 3):
+        calls.clear()
+        code, _, _ = run_in_process(["--mode", "i2a", "--image", files["cat"], files["dog"],
+                                     "--num-samples", "2", "--batch-size", str(b),
+                                     "--out", tmp_path, *args(files)], capsys)
+        assert code == 0
+        results[b] = (len(calls), torch.cat(calls))
+    assert results[1][0] == 4 and results[3][0] == 2
+    assert torch.equal(results[1][1], results[3][1])
+    assert len({tuple(row.tolist()) for row in results[1][1]}) == 4  # four distinct samples
+
+
+def test_a2i_writes_png(files, tmp_path, capsys):
+    code, out, _ = run_in_process(["--mode", "a2i", "--audio", files["bark"], "--out", tmp_path,
+                                   *args(files)], capsys)
+    assert code == 0 and out == [str(tmp_path / "bark.png")]
+    assert Image.open(tmp_path / "bark.png").size == (16, 16)
+
+
+def test_joint_writes_numbered_pairs(files, tmp_path, capsys):
+    code, out, _ = run_in_process(["--mode", "joint", "--num-samples", "3", "--batch-size", "2",
+                                   "--out", tmp_path, *args(files)], capsys)
+    assert code == 0
+    for j in range(3):
+        for suffix in (".png", ".wav", "_mel.png"):
+            assert str(tmp_path / f"joint_{j:03d}{suffix}") in out
+    check_wav(tmp_path / "joint_002.wav")
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("inpaint", ["--image", "cat", "--start", "0.1", "--end", "0.2"]),
+    ("continue", ["--start", "0.2"]),
+    ("continue", ["--image", "cat", "--start", "0.2", "--guidance", "2"]),
+])
+def test_inpaint_and_continue_write_wav_and_mel(files, tmp_path, capsys, mode, extra):
+    extra = [files[x] if x in files else x for x in extra]
+    code, out, _ = run_in_process(["--mode", mode, "--audio", files["bark"], *extra,
+                                   "--out", tmp_path, *args(files)], capsys)
+    assert code == 0
+    assert out == [str(tmp_path / "bark.wav"), str(tmp_path / "bark_mel.png")]
+    check_wav(tmp_path / "bark.wav")
+
+
+def test_the_demo_bundle_plugs_in_without_ckpt(files, tmp_path, capsys, monkeypatch):
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "tone.png").write_bytes(files["dog"].read_bytes())
+    monkeypatch.setattr(cli, "DEMO_BUNDLE", files["bundle"])
+    monkeypatch.setattr(cli, "DEMO_EXAMPLES", examples)
+    code, out, err = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path],
+                                    capsys)
+    assert code == 0, err
+    assert out == [str(tmp_path / "cat.wav"), str(tmp_path / "cat_mel.png")]
+    # no input named: the demo's example
+    code, out, err = run_in_process(["--mode", "i2a", "--out", tmp_path], capsys)
+    assert code == 0 and out == [str(tmp_path / "tone.wav"), str(tmp_path / "tone_mel.png")]
+
+
+def test_sampling_defaults_come_from_the_checkpoint(files):
+    s = cli.Settings(mode="i2a", temperature=2.0)
+    ckpt = {"sampling": {"steps": 3, "guidance": {"i2a": 1.5}}}
+    assert cli.sampling_settings(s, ckpt) == dict(steps=3, temperature=2.0, guidance=1.5,
+                                                  token_temperature=1.0)
+    assert cli.sampling_settings(cli.Settings(mode="inpaint"), ckpt)["guidance"] == 1.5  # as i2a
+    assert cli.sampling_settings(cli.Settings(mode="a2i"), ckpt)["guidance"] == 1.0  # paper
+    assert cli.sampling_settings(cli.Settings(mode="a2i"), {})["guidance"] == 1.0
+    assert cli.sampling_settings(cli.Settings(mode="i2a"), {})["guidance"] == 3.0
+
+
+# -----------------------------------------------------------------------------
+# one-line errors, exit code 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "i2a", "--image", "missing.png"], "not found"),
+    (["--mode", "x2y"], "unknown --mode"),
+])
+def test_errors_subprocess(files, tmp_path, argv, message):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv, *args(files)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("argv, message, kw", [
+    (["--mode", "i2a", "--image", "garbage"], "cannot read image", {}),
+    (["--mode", "a2i", "--audio", "garbage_wav"], "cannot read audio", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "garbage_ckpt"], "garbage.pt", {}),
+    (["--mode", "i2a", "--image", "cat", "--audio", "bark"], "--audio makes no sense", {}),
+    (["--mode", "a2i", "--audio", "bark", "--start", "0.1"], "--start makes no sense", {}),
+    (["--mode", "joint", "--guidance", "3"], "--guidance makes no sense", {}),
+    (["--mode", "continue", "--audio", "bark", "--start", "0.1", "--guidance", "3"],
+     "--guidance makes no sense", {}),
+    (["--mode", "i2a"], "needs --image", {}),
+    (["--mode", "inpaint", "--audio", "bark", "--image", "cat"], "needs --start", {}),
+    (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "cat", "dog", "--start", "0.1"],
+     "give one image", {}),
+    (["--mode", "i2a", "--image", "cat", "--num-samples", "0"], "at least 1", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "mismatched"], "expects 25 image tokens", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "broken"], "missing 1 keys (mask_emb)", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "bark"], "bark.wav", {}),
+    (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "--start", "0.2", "--end", "5"],
+     "outside the clip", {}),
+    (["--mode", "continue", "--audio", "bark", "--start", "-1"], "outside the clip", {}),
+    (["--mode", "i2a", "--image", "cat"], "no embedded demo", dict(ckpt=False)),
+    (["--mode", "i2a"], "no embedded demo", dict(ckpt=False, tokenizers=False)),
+    (["--mode", "i2a", "--image", "cat"], "carries no image VQGAN: pass --image-vqgan",
+     dict(tokenizers=False)),
+    (["--mode", "i2a", "--image", "cat", "--device", "cuda:0"], "no CUDA GPU", {}),
+])
+def test_errors_in_process(files, tmp_path, capsys, monkeypatch, argv, message, kw):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr(cli, "DEMO_BUNDLE", tmp_path / "no_demo_here.pt")
+    monkeypatch.setattr(cli, "DEMO_EXAMPLES", tmp_path / "no_examples_here")
+    argv = [str(files[a]) if a in files else a for a in argv]
+    tail = args(files, "--out", tmp_path / "out", **kw)
+    if "--ckpt" in argv:  # the case names its own checkpoint
+        tail = tail[2:]
+    code, out, err = run_in_process(argv + tail, capsys)
+    assert code == 2 and out == []
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_never_overwrites_its_input(files, tmp_path, capsys):
+    wav = tmp_path / "clip.wav"
+    wav.write_bytes(files["bark"].read_bytes())
+    code, _, err = run_in_process(["--mode", "continue", "--audio", wav, "--start", "0.1",
+                                   "--out", tmp_path, *args(files)], capsys)
+    assert code == 2 and "overwrite the input" in err[0]

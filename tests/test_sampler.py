@@ -1,0 +1,323 @@
+"""The sampler: iterative unmasking with CFG (paper Sec. 3.4, Code 1, Eq. 2; DESIGN.md section 4).
+
+A tiny random `Echoes` stands in for a trained one: every property checked here (determinism,
+the schedule, what the unconditional pass sees, which tokens may change) holds for any weights.
+"""
+
+import math
+import types
+
+import pytest
+import torch
+
+from echoes import sampler
+from echoes.model import Echoes, EchoesConfig, TorchOps
+from echoes.sampler import (audio_keep_before, audio_keep_outside, generate, mask_lengths,
+                            sample_generators, time_range_columns)
+
+AUDIO_GRID = (4, 6)  # rows x columns of the tiny audio ids: La = 24
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = EchoesConfig(audio_len=24, image_len=16, audio_codebook=16, image_codebook=20,
+                          enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1,
+                          dec_heads=2, dropout=0.0)
+    model = Echoes(config, ops=TorchOps).eval()
+    with torch.no_grad():  # sharper logits than the init's, so that guidance changes the draws
+        model.audio_head.bias.normal_(0, 2.0)
+        model.image_head.bias.normal_(0, 2.0)
+    return model
+
+
+def random_ids(model, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    return (torch.randint(0, c.audio_codebook, (B, c.audio_len), generator=g),
+            torch.randint(0, c.image_codebook, (B, c.image_len), generator=g))
+
+
+def spy_on(model):
+    """Record the ids of every forward pass the sampler makes."""
+    calls, inner = [], model.features
+
+    def features(audio_ids, image_ids):
+        calls.append((audio_ids.clone(), image_ids.clone()))
+        return inner(audio_ids, image_ids)
+
+    model.features = features
+    return calls
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# determinism
+
+
+def test_same_seed_same_ids_different_seed_differs():
+    model = tiny_model()
+    _, image = random_ids(model, 3)
+    a1, _ = generate(model, "i2a", image_ids=image, steps=6, generator=seeded(1))
+    a2, _ = generate(model, "i2a", image_ids=image, steps=6, generator=seeded(1))
+    a3, _ = generate(model, "i2a", image_ids=image, steps=6, generator=seeded(2))
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, a3)
+
+
+def test_same_input_in_a_batch_of_4_gives_identical_ids():
+    model = tiny_model()
+    _, image = random_ids(model, 4)
+    alone, _ = generate(model, "i2a", image_ids=image[:1], steps=6, generator=seeded(5))
+    batch, _ = generate(model, "i2a", image_ids=image, steps=6, generator=seeded(5))
+    assert torch.equal(batch[0], alone[0])
+    # with explicit per-sample streams the position in the batch does not matter either: four
+    # copies of one input, each stream also run alone
+    gens = lambda: sample_generators(11, 4)  # noqa: E731
+    copies, _ = generate(model, "i2a", image_ids=image[:1].expand(4, -1), steps=6,
+                         generator=gens())
+    for j in range(4):
+        one, _ = generate(model, "i2a", image_ids=image[:1], steps=6, generator=[gens()[j]])
+        assert torch.equal(copies[j], one[0])
+    assert len({tuple(r.tolist()) for r in copies}) > 1  # distinct streams, distinct samples
+    # cutting the list into batches changes nothing
+    whole, _ = generate(model, "i2a", image_ids=image, steps=6, generator=gens())
+    g = gens()
+    parts = torch.cat([generate(model, "i2a", image_ids=image[:3], steps=6, generator=g[:3])[0],
+                       generate(model, "i2a", image_ids=image[3:], steps=6, generator=g[3:])[0]])
+    assert torch.equal(whole, parts)
+
+
+def test_joint_batch_size_and_per_sample_streams():
+    model = tiny_model()
+    a4, v4 = generate(model, "joint", batch_size=4, steps=5, generator=seeded(3))
+    a1, v1 = generate(model, "joint", batch_size=1, steps=5, generator=seeded(3))
+    assert a4.shape == (4, 24) and v4.shape == (4, 16)
+    assert torch.equal(a4[0], a1[0]) and torch.equal(v4[0], v1[0])
+
+
+# -----------------------------------------------------------------------------
+# what the loop keeps, fills and re-masks
+
+
+@pytest.mark.parametrize("mode", ["i2a", "a2i", "joint"])
+def test_condition_unchanged_and_no_mask_id_left(mode):
+    model = tiny_model()
+    audio, image = random_ids(model, 3)
+    kwargs = {"i2a": dict(image_ids=image), "a2i": dict(audio_ids=audio),
+              "joint": dict(batch_size=3)}[mode]
+    a, v = generate(model, mode, steps=5, generator=seeded(0), **kwargs)
+    c = model.config
+    assert a.dtype == v.dtype == torch.long
+    assert ((a >= 0) & (a < c.audio_codebook)).all() and ((v >= 0) & (v < c.image_codebook)).all()
+    if mode == "i2a":
+        assert torch.equal(v, image)
+    if mode == "a2i":
+        assert torch.equal(a, audio)
+
+
+def expected_unknown(initial, before, step, steps):
+    """The count after `step` (DESIGN.md section 4), written out independently of the sampler."""
+    if before == 0 or step == steps - 1:
+        return 0
+    target = math.floor(initial * math.cos(math.pi / 2 * (step + 1) / steps))
+    return max(1, min(before - 1, target))
+
+
+def test_unknown_count_follows_the_schedule_per_sample():
+    model = tiny_model()
+    audio, image = random_ids(model, 5)
+    La, steps = model.config.audio_len, 7
+    # samples start with 24, 17, 9, 1 and 0 unknown positions
+    keep = torch.ones(5, La, dtype=torch.bool)
+    for b, n in enumerate([24, 17, 9, 1, 0]):
+        keep[b, torch.randperm(La, generator=seeded(b))[:n]] = False
+    calls = spy_on(model)
+    out, _ = generate(model, "inpaint", audio_ids=audio, image_ids=image, audio_keep=keep,
+                      steps=steps, guidance=1.0, generator=seeded(0))
+    states = [a for a, _ in calls] + [out]  # the ids before each step, then the result
+    assert len(states) == steps + 1
+    initial = (~keep).sum(1).tolist()
+    for t in range(steps):
+        before = (states[t] == model.audio_mask_id).sum(1).tolist()
+        after = (states[t + 1] == model.audio_mask_id).sum(1).tolist()
+        assert after == [expected_unknown(i, b, t, steps) for i, b in zip(initial, before)], t
+        # known tokens never change, and a token once unmasked stays
+        known = states[t] != model.audio_mask_id
+        assert torch.equal(states[t + 1][known], states[t][known])
+    assert torch.equal(out[keep], audio[keep])
+    assert torch.equal(out[4], audio[4])  # nothing to generate: left alone
+
+
+def test_joint_each_modality_has_its_own_schedule():
+    model = tiny_model()
+    calls, steps = spy_on(model), 6
+    out = generate(model, "joint", batch_size=2, steps=steps, generator=seeded(4))
+    for m, L, mid in ((0, 24, model.audio_mask_id), (1, 16, model.image_mask_id)):
+        states = [call[m] for call in calls] + [out[m]]
+        assert (states[0] == mid).all()
+        for t in range(steps):
+            before = (states[t] == mid).sum(1).tolist()
+            after = (states[t + 1] == mid).sum(1).tolist()
+            assert after == [expected_unknown(L, b, t, steps) for b in before]
+
+
+def test_mask_lengths_clamp():
+    initial = torch.tensor([100, 100, 100, 5])
+    unknown = torch.tensor([100, 3, 1, 5])
+    # step 0 of 10: floor(100 * cos(pi/20)) = 98 -> 98, clamped to 2, clamped up to 1; 5 -> 4
+    assert mask_lengths(initial, unknown, 0, 10).tolist() == [98, 2, 1, 4]
+
+
+def test_gumbel_noise_is_finite_at_the_ends():
+    u = torch.tensor([0.0, 1e-45, 0.5, 1 - 2 ** -24, 1.0])
+    assert torch.isfinite(sampler.gumbel_noise(u)).all()
+
+
+def test_the_model_ops_switch_governs_sampling():
+    model = tiny_model()
+    used = []
+
+    def draw(*args):
+        used.append("draw")
+        return sampler.draw_tokens(*args)
+
+    def remask(*args):
+        used.append("remask")
+        return sampler.remask(*args)
+
+    model.ops = types.SimpleNamespace(**{k: getattr(TorchOps, k) for k in
+                                         ("gather_embed", "pad_decoder", "codebook_ce")},
+                                      draw_tokens=draw, remask=remask)
+    _, image = random_ids(model, 2)
+    generate(model, "i2a", image_ids=image, steps=3, generator=seeded(0))
+    assert used.count("draw") == 3 and used.count("remask") == 2  # no re-mask at the last step
+
+
+# -----------------------------------------------------------------------------
+# classifier-free guidance (Eq. 2)
+
+
+def test_guidance_one_is_exactly_unguided():
+    model = tiny_model()
+    _, image = random_ids(model, 3)
+    calls = spy_on(model)
+    guided_one, _ = generate(model, "i2a", image_ids=image, steps=6, guidance=1.0,
+                             generator=sample_generators(9, 3))
+    assert all(a.shape[0] == 3 for a, _ in calls)  # one pass of B: no unconditional twin
+    # the unguided loop itself: no condition to mask at all
+    c = model.config
+    audio0 = torch.full((3, c.audio_len), model.audio_mask_id)
+    plain, _ = sampler.unmask(model, audio0, image, ("audio",), sample_generators(9, 3),
+                              uncond=None, steps=6, guidance=3.0)
+    assert torch.equal(guided_one, plain)
+    guided_three, _ = generate(model, "i2a", image_ids=image, steps=6, guidance=3.0,
+                               generator=sample_generators(9, 3))
+    assert not torch.equal(guided_one, guided_three)
+
+
+@pytest.mark.parametrize("mode", ["i2a", "a2i", "inpaint"])
+def test_unconditional_pass_sees_a_fully_masked_condition(mode):
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    keep = audio_keep_outside(0.0, 0.5, AUDIO_GRID, 1.0)
+    kwargs = {"i2a": dict(image_ids=image), "a2i": dict(audio_ids=audio),
+              "inpaint": dict(audio_ids=audio, image_ids=image, audio_keep=keep)}[mode]
+    calls = spy_on(model)
+    generate(model, mode, steps=4, guidance=3.0, generator=seeded(0), **kwargs)
+    assert len(calls) == 4
+    for a, v in calls:
+        assert a.shape[0] == v.shape[0] == 4  # cond and uncond in one batch of 2B
+        if mode == "a2i":  # condition = audio
+            assert torch.equal(a[:2], audio) and (a[2:] == model.audio_mask_id).all()
+            assert torch.equal(v[:2], v[2:])
+        else:  # condition = image; the audio being generated is the same in both halves
+            assert torch.equal(v[:2], image) and (v[2:] == model.image_mask_id).all()
+            assert torch.equal(a[:2], a[2:])
+
+
+# -----------------------------------------------------------------------------
+# inpainting and continuation
+
+
+def test_inpainting_keeps_every_token_outside_the_range():
+    model = tiny_model()
+    audio, image = random_ids(model, 3)
+    keep = audio_keep_outside(0.35, 0.6, AUDIO_GRID, 1.0)  # columns 2 and 3 of 6
+    grid = keep.view(AUDIO_GRID)
+    assert grid.all(0).tolist() == [True, True, False, False, True, True]
+    assert (grid == grid[0]).all()  # all mel rows of a column
+    a, v = generate(model, "inpaint", audio_ids=audio, image_ids=image, audio_keep=keep,
+                    steps=5, generator=seeded(0))
+    assert torch.equal(a[:, keep], audio[:, keep]) and torch.equal(v, image)
+    assert (a != model.audio_mask_id).all()
+    assert not torch.equal(a[:, ~keep], audio[:, ~keep])
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_continuation_keeps_the_start(with_image):
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    keep = audio_keep_before(0.5, AUDIO_GRID, 1.0)  # columns 0-2 kept, 3-5 generated
+    assert keep.view(AUDIO_GRID).all(0).tolist() == [True] * 3 + [False] * 3
+    calls = spy_on(model)
+    a, _ = generate(model, "continue", audio_ids=audio, audio_keep=keep, steps=4,
+                    image_ids=image if with_image else None, generator=seeded(0))
+    assert torch.equal(a[:, keep], audio[:, keep]) and (a != model.audio_mask_id).all()
+    assert calls[0][0].shape[0] == (4 if with_image else 2)  # CFG only when an image guides
+    if not with_image:
+        assert (calls[0][1] == model.image_mask_id).all()
+
+
+def test_time_range_columns():
+    # 4 columns over 2 s: [0, .5), [.5, 1), [1, 1.5), [1.5, 2)
+    assert time_range_columns(0.5, 1.0, 4, 2.0).tolist() == [False, True, False, False]
+    assert time_range_columns(0.4, 1.01, 4, 2.0).tolist() == [True, True, True, False]
+    assert time_range_columns(0.0, 2.0, 4, 2.0).all()
+    for start, end in ((-0.1, 1.0), (1.0, 2.5), (1.5, 1.0), (1.0, 1.0), (3.0, 4.0)):
+        with pytest.raises(ValueError, match="outside the clip"):
+            time_range_columns(start, end, 4, 2.0)
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="x2y"), "unknown mode"),
+    (dict(mode="i2a"), "needs image_ids"),
+    (dict(mode="i2a", image=True, audio=True), "takes no audio_ids"),
+    (dict(mode="joint", image=True), "takes no image_ids"),
+    (dict(mode="inpaint", image=True, audio=True), "needs audio_keep"),
+    (dict(mode="i2a", image=True, audio_keep=torch.ones(24, dtype=torch.bool)), "only for"),
+    (dict(mode="inpaint", image=True, audio=True, audio_keep=torch.ones(23, dtype=torch.bool)),
+     "audio_keep"),
+    (dict(mode="i2a", image=True, steps=0), "steps"),
+    (dict(mode="i2a", image=True, guidance=float("nan")), "guidance"),
+    (dict(mode="i2a", image=True, token_temperature=0.0), "token_temperature"),
+    (dict(mode="i2a", image=True, temperature=-1.0), "temperature"),
+    (dict(mode="joint", batch_size=0), "batch_size"),
+    (dict(mode="i2a", image_ids=torch.zeros(2, 15, dtype=torch.long)), r"\(B, 16\)"),
+    (dict(mode="i2a", image_ids=torch.full((2, 16), 20)), "must lie in"),
+    (dict(mode="i2a", image_ids=torch.zeros(2, 16)), "integer"),
+    (dict(mode="i2a", image=True, generator=[seeded(0)]), "one torch.Generator per sample"),
+])
+def test_impossible_arguments_raise(kwargs, message):
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    kwargs = dict(kwargs)
+    if kwargs.pop("image", False):
+        kwargs["image_ids"] = image
+    if kwargs.pop("audio", False):
+        kwargs["audio_ids"] = audio
+    with pytest.raises(ValueError, match=message):
+        generate(model, kwargs.pop("mode"), steps=kwargs.pop("steps", 2), **kwargs)
+
+
+def test_model_is_left_in_its_training_mode():
+    model = tiny_model().train()
+    _, image = random_ids(model, 1)
+    generate(model, "i2a", image_ids=image, steps=2, generator=seeded(0))
+    assert model.training

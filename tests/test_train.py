@@ -1,0 +1,191 @@
+"""train.py: torchrun on gloo, exact resume, atomic checkpoints, SIGTERM, bad inputs (CPU)."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echoes import data
+from echoes.model import Echoes, EchoesConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("echoes_train", ROOT / "train.py")
+trainer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trainer)
+
+# a model small enough that a step takes milliseconds; dropout on, so its RNG must resume too
+TINY = json.dumps(dict(audio_len=12, image_len=16, audio_codebook=32, image_codebook=32,
+                       enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1,
+                       dec_heads=2, dropout=0.1))
+TOKENIZERS = {"audio": {"n_samples": 22050, "n_frames": 64, "codebook": 32},
+              "image": {"resolution": 32, "codebook": 32}}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 10)):
+        image, audio = rng.integers(0, 32, (n, 3, 16)), rng.integers(0, 32, (n, 12))
+        data.write_shards(root, split, image, audio, [f"{split}{i}" for i in range(n)],
+                          [str(i % 3) for i in range(n)], shard_size=16,
+                          meta={"tokenizers": TOKENIZERS})
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: determinism does not need it, but 2 busy cores run a tiny model
+    several times faster without OpenMP spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def args(shards, out, *extra):
+    return ["--data", str(shards), "--out", str(out), "--preset", "demo", "--model-overrides",
+            TINY, "--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--no-progress",
+            *extra]
+
+
+def losses(out):
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def env1():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_torchrun_two_processes_on_gloo(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args(shards, out, "--micro-batch", "2", "--max-steps", "3",
+                                          "--eval-every", "2", "--save-every", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env1())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x micro-batch 2 x 2 accumulation = global batch 8" in proc.stdout
+    assert proc.stdout.count("step 3/3") == 1  # rank 0 logs alone
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["rng"]["world_size"] == 2
+    assert ckpt["data"] == {"epoch": 0, "index": 24}  # 3 steps x 2 micro x 2 ranks x 2
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
+    for key in ("loss", "loss_audio", "loss_image", "lr", "grad_norm", "step_time",
+                "samples_per_s"):
+        assert np.isfinite(records[0][key])
+
+
+def test_checkpoint_layout_and_exact_resume(shards, tmp_path, one_thread):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--max-steps", "8", "--eval-every", "3", "--save-every", "100",
+              "--repair-within-class"]
+    assert trainer.main(args(shards, straight, *common)) == 0
+    assert trainer.main(args(shards, split, *common, "--run-steps", "4")) == 0
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 4
+    assert trainer.main(args(shards, split, *common, "--resume")) == 0
+    assert losses(straight) == losses(split) and len(losses(split)) == 8
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(split / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8 and a["data"] == b["data"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert {"model", "config", "settings", "optimizer", "step", "data", "rng", "tokenizers",
+            "metrics"} <= set(a)
+    assert a["tokenizers"] == TOKENIZERS and a["settings"]["global_batch"] == 8
+    assert set(a["rng"]["ranks"][0]) == {"torch", "cuda", "python", "masking"}
+    model = Echoes(EchoesConfig(**a["config"]))  # the checkpoint alone rebuilds the model
+    model.load_state_dict(a["model"])
+    # --resume at --max-steps has nothing left to do
+    assert trainer.main(args(shards, split, *common, "--resume")) == 0
+
+
+def test_a_killed_save_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    real_replace = os.replace
+
+    def killed(src, dst):  # the temp file is complete; the process dies before the rename
+        if str(dst).endswith("ckpt.pt"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(args(shards, out, "--max-steps", "3", "--save-every", "1", "--resume",
+                          "--eval-every", "0"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    ckpt = trainer.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 1
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]  # no temp file left behind
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(shards, tmp_path, capsys,
+                                                               one_thread):
+    out = tmp_path / "run"
+    code = trainer.main(args(shards, out, "--max-steps", "10", "--save-every", "1", "--lr", "1e30",
+                             "--warmup-steps", "0", "--grad-clip", "0", "--eval-every", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "non-finite loss at step" in err[0]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert f"keeps step {step}" in err[0]
+
+
+def test_sigterm_saves_and_exits(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *args(shards, out, "--max-steps", "100000", "--save-every", "100000",
+                                   "--eval-every", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env1())
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or not losses(out):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == len(losses(out)) >= 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no data", "is not a folder"),
+    ("empty data", "no token shards"),
+    ("batch split", "impossible batch split"),
+    ("wrong preset", "pick the matching --preset"),
+    ("unknown override", "unknown field"),
+    ("existing run", "pass --resume"),
+    ("other model", "another model configuration"),
+])
+def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, case, message, one_thread):
+    out = tmp_path / "run"
+    argv = args(shards, out, "--max-steps", "1", "--eval-every", "0")
+    if case in ("existing run", "other model"):
+        assert trainer.main(argv) == 0
+        capsys.readouterr()
+    argv = {
+        "no data": argv + ["--data", str(tmp_path / "missing")],
+        "empty data": argv + ["--data", str(tmp_path)],
+        "batch split": argv + ["--global-batch", "10"],
+        "wrong preset": [a for a in argv if a != TINY and a != "--model-overrides"],
+        "unknown override": argv + ["--model-overrides", '{"depth": 3}'],
+        "existing run": argv,
+        "other model": argv + ["--resume", "--model-overrides",
+                               TINY.replace('"enc_depth": 1', '"enc_depth": 2')],
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        trainer.run_cli(trainer.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err

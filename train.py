@@ -1,0 +1,545 @@
+"""Train the Visual Echoes transformer on token shards: one process, or many under torchrun.
+
+The recipe is the paper's (Sec. 4.1) as MAGE trains (`main_pretrain.py`, `util/lr_sched.py`):
+AdamW with betas (0.9, 0.95) and weight decay 0.05, lr = 1.5e-4 * global_batch / 256 with a linear
+warmup then a cosine decay, grad-norm clip 3.0, bf16 autocast on GPU. The loop is laid out as
+build-nanogpt's `train_gpt2.py` and nanochat's `base_train.py`: one distributed setup driven by
+torchrun's environment, the global batch given once and gradient accumulation derived from it,
+the gradient all-reduce on the last micro-step only, evaluation on every rank averaged with one
+all-reduce, checkpoints from the unwrapped model with everything needed to resume exactly.
+
+    python train.py --data shards --out runs/vgg                           # one process
+    torchrun --nproc_per_node=8 train.py --data shards --out runs/vgg      # 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        train.py --data shards --out runs/vgg                              # 2 nodes
+    python train.py --data shards --out runs/vgg --resume                  # continue a run
+
+Checkpoint `OUT/ckpt.pt` (written atomically every --save-every steps, at the end and on SIGTERM):
+    model       state dict of the unwrapped model      config     dataclasses.asdict(EchoesConfig)
+    optimizer   AdamW state dict                       settings   the resolved settings below
+    step        optimizer steps done                   data       loader position {epoch, index}
+    rng         {"world_size", "ranks": per rank {"torch", "cuda", "python", "masking"}}
+    tokenizers  the shard index's tokenizer settings (when it has them)
+    sampling    sampling defaults for sample.py (when --sampling gives them)
+    metrics     last training loss and evaluation loss
+Log: one line per step on stdout and in `OUT/log.jsonl` (rank 0).
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import kernels
+from echoes import data
+from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting
+from echoes.model import Echoes, EchoesConfig
+
+
+@dataclass
+class Settings:
+    """`train.py` settings: each field is a --flag (see --help); stored in the checkpoint."""
+    # data and output
+    data: str = setting("", "folder of token shards (python -m echoes.data prepare)")
+    out: str = setting("runs/echoes", "folder for ckpt.pt and log.jsonl")
+    resume: bool = setting(False, "continue from OUT/ckpt.pt up to --max-steps (starts from "
+                           "step 0 when there is none yet, so a requeued job can always pass it)")
+    train_split: str = setting("train", "split of the shards to train on")
+    eval_split: str = setting("test", "split to evaluate on (skipped when the shards lack it)")
+    # model
+    preset: str = setting("paper", "model size (EchoesConfig presets)", choices=["paper", "demo"])
+    model_overrides: str = setting("", "JSON object of EchoesConfig fields over the preset, "
+                                   "e.g. '{\"enc_depth\": 2, \"dropout\": 0.0}'")
+    kernels: str = setting("auto", "fused Triton ops or plain PyTorch (auto: Triton when CUDA "
+                           "and Triton are present)", choices=["auto", "triton", "torch"])
+    # optimisation: the paper recipe (Sec. 4.1, MAGE)
+    global_batch: int = setting(512, "samples per optimizer step over all processes (paper: 512)")
+    micro_batch: int = setting(0, "samples per process per forward pass; 0 = global-batch / "
+                               "processes; accumulation steps = global / (micro x processes)")
+    max_steps: int = setting(0, "total optimizer steps (a resumed run continues up to it); "
+                             "0 = --epochs passes over the training split")
+    run_steps: int = setting(0, "stop this invocation after this many steps (checkpoint saved), "
+                             "keeping the schedule of --max-steps: for time-sliced jobs; 0 = "
+                             "run to --max-steps")
+    epochs: float = setting(1000.0, "passes over the training split when --max-steps is 0 "
+                            "(paper: 1000)")
+    base_lr: float = setting(1.5e-4, "learning rate per 256 samples (MAE/MAGE scaling)")
+    lr: float = setting(0.0, "peak learning rate; 0 = base-lr * global-batch / 256")
+    warmup_steps: int = setting(-1, "linear warmup steps; -1 = 2.5%% of max-steps (MAGE warms up "
+                                "40 of 1600 epochs)")
+    min_lr_ratio: float = setting(0.0, "floor of the cosine decay, as a fraction of the peak")
+    weight_decay: float = setting(0.05, "AdamW weight decay on Linear weights only (none on "
+                                  "biases, norms, token, positional and modality embeddings)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(3.0, "clip the global gradient norm to this (0 = off)")
+    amp: str = setting("auto", "autocast precision: auto = bf16 on a GPU that has it, else fp32",
+                       choices=["auto", "bf16", "fp32"])
+    # research tricks at the data level (DESIGN.md section 8), off in the paper recipe
+    repair_within_class: bool = setting(False, "each step, pair every clip's audio with the "
+                                        "image of a random clip of the same class")
+    # bookkeeping
+    seed: int = setting(0, "seed of the model init, data order, masking and dropout")
+    device: str = setting("auto", "auto (CUDA when present), cuda or cpu; under torchrun each "
+                          "process takes cuda:LOCAL_RANK")
+    log_every: int = setting(1, "steps between log lines")
+    eval_every: int = setting(1000, "steps between evaluations on --eval-split (0 = at the end)")
+    eval_samples: int = setting(0, "clips of the eval split to use (0 = all)")
+    save_every: int = setting(1000, "steps between checkpoints (and one at the end)")
+    sampling: str = setting("", "JSON of sampling defaults stored in the checkpoint for sample.py"
+                            ", e.g. '{\"guidance\": 3.0}' (a resumed run keeps the stored ones)")
+    progress: bool = setting(True, "show a progress bar on rank 0")
+
+
+# dense bf16 tensor-core peak of one device in TFLOP/s (vendor data sheets); the first name that
+# is contained in torch.cuda.get_device_name() wins, so the specific entries come first. A device
+# not listed gets no MFU rather than a wrong one.
+PEAK_TFLOPS = [
+    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("V100", 125.0),  # fp16 tensor cores: the V100 has no bf16
+    ("MI300X", 1307.0),
+]
+
+
+def peak_tflops(device):
+    """Peak TFLOP/s of a device (PEAK_TFLOPS), or None for the CPU and unknown GPUs."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# distributed setup (nanochat `compute_init`)
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    master: bool
+
+
+def print0(*args, **kwargs):
+    """print on global rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup_distributed(device="auto"):
+    """One process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (NCCL on CUDA, gloo on
+    the CPU). Without torchrun the same path runs with world size 1 on an in-process store."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    if cuda:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=dev if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank, local, world, dev, rank == 0)
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def configure_optimizer(model, lr, weight_decay, betas, device_type):
+    """AdamW with weight decay on Linear weights only: biases, LayerNorm parameters, the token
+    embedding tables, positional / modality embeddings and the mask embedding are not decayed
+    (nanoGPT's `configure_optimizers`; MAE/MAGE exempt 1-D and positional parameters)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def lr_at(step, peak, warmup, total, min_ratio=0.0):
+    """Linear warmup over `warmup` steps, then a half cosine from `peak` to `min_ratio * peak`
+    at `total` (MAGE `util/lr_sched.py`, per step instead of per fractional epoch)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device, amp):
+    """bf16 autocast (no loss scaling needed), or nothing for fp32."""
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class LossModule(nn.Module):
+    """Makes the training loss the forward pass, which is what DDP hooks into."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio_ids, image_ids, generator):
+        return self.model.training_loss(audio_ids, image_ids, generator)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
+    """Eq. 1's loss on an evaluation split, every rank on its share, summed over ranks with one
+    all-reduce (build-nanogpt). Masks come from a generator seeded per batch by (seed, first clip)
+    and the middle frame is used, so evaluations at different steps see the same corruption."""
+    model.eval()
+    gen = torch.Generator(d.device)
+    totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # sum_a, n_a, sum_v, n_v
+    for first, audio, image in data.eval_batches(dataset, batch_size, d.rank, d.world_size, limit):
+        gen.manual_seed(seed * 1_000_003 + first)
+        with autocast(d.device, amp):
+            _, st = model.training_loss(audio.to(d.device), image.to(d.device), gen)
+        totals += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
+                               st["loss_image"] * st["masked_image"], st["masked_image"]]).double()
+    dist.all_reduce(totals)
+    model.train()
+    sa, na, sv, nv = totals.tolist()
+    return {"eval_loss": (sa + sv) / max(na + nv, 1), "eval_loss_audio": sa / max(na, 1),
+            "eval_loss_image": sv / max(nv, 1)}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_state(generator, device):
+    """Every random stream of this rank: dropout draws from the global torch (CPU / CUDA) state,
+    masks from `generator`; python's for completeness (numpy's global state is never used: data
+    draws are seeded by position, see echoes/data.py)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(), "masking": generator.get_state()}
+
+
+def set_rng_state(state, generator, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    generator.set_state(state["masking"])
+
+
+def save_checkpoint(path, d, model, optimizer, config, s, step, loader, generator, extra):
+    """Gather every rank's RNG state and write the checkpoint from rank 0 (atomically: a run
+    killed while saving keeps the previous file). All ranks must call this together."""
+    states = [None] * d.world_size
+    dist.all_gather_object(states, rng_state(generator, d.device))
+    if d.master:
+        save_atomic({"model": model.state_dict(), "config": dataclasses.asdict(config),
+                     "settings": dataclasses.asdict(s), "optimizer": optimizer.state_dict(),
+                     "step": step, "data": loader.state_dict(),
+                     "rng": {"world_size": d.world_size, "ranks": states}, **extra}, path)
+
+
+def _trim_log(path, step):
+    """Keep the log records up to `step`: a resumed run redoes the steps after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def resolve_config(s):
+    """The preset with --model-overrides applied; unknown fields and wrong types are errors."""
+    base = EchoesConfig.preset(s.preset)
+    try:
+        overrides = json.loads(s.model_overrides) if s.model_overrides else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--model-overrides is not valid JSON ({e})") from e
+    if not isinstance(overrides, dict):
+        raise UserError("--model-overrides must be a JSON object, e.g. '{\"enc_depth\": 2}'")
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(EchoesConfig)}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise UserError(f"--model-overrides: unknown field {key!r} (fields: "
+                            f"{', '.join(fields)})")
+        want = type(fields[key])
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok and not (want is float and isinstance(value, int) and
+                           not isinstance(value, bool)):
+            raise UserError(f"--model-overrides: {key} must be {want.__name__}, got {value!r}")
+    return EchoesConfig.preset(s.preset, **overrides)
+
+
+def check_settings(s, world):
+    """Everything a user can get wrong, checked before any process group exists, on every rank.
+    Returns (config, micro batch, accumulation steps)."""
+    config = resolve_config(s)
+    if not s.data or not os.path.isdir(s.data):
+        raise UserError(f"--data {s.data!r} is not a folder; make shards with "
+                        "`python -m echoes.data prepare` and pass their folder")
+    index = data.read_index(s.data)
+    if data.split_sizes(index).get(s.train_split, 0) == 0:
+        raise UserError(f"{s.data} holds no shards of split {s.train_split!r} "
+                        f"(it has: {', '.join(data.split_sizes(index)) or 'none'})")
+    if (index["audio_len"], index["image_len"]) != (config.audio_len, config.image_len):
+        raise UserError(f"the shards hold {index['audio_len']} audio and {index['image_len']} "
+                        f"image ids per clip, the {s.preset} model takes {config.audio_len} and "
+                        f"{config.image_len}; pick the matching --preset or --model-overrides")
+    for kind, size in (("audio", config.audio_codebook), ("image", config.image_codebook)):
+        book = (index.get("tokenizers") or {}).get(kind, {}).get("codebook")
+        if book is not None and book > size:
+            raise UserError(f"the {kind} tokenizer has {book} codes, the model's codebook "
+                            f"{size}; set {kind}_codebook in --model-overrides")
+    micro = s.micro_batch or s.global_batch // world
+    if s.global_batch < 1 or micro < 1 or s.global_batch % (micro * world):
+        raise UserError(f"impossible batch split: --global-batch {s.global_batch} is not a "
+                        f"multiple of --micro-batch {micro} x {world} processes")
+    for name in ("log_every", "save_every"):
+        if getattr(s, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        kernels.resolve(s.kernels)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(str(e)) from e
+    if s.sampling:
+        try:
+            assert isinstance(json.loads(s.sampling), dict)
+        except (json.JSONDecodeError, AssertionError) as e:
+            raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": 3.0}'") from e
+    return config, micro, s.global_batch // (micro * world)
+
+
+def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
+    """Load a checkpoint into the fresh model, optimizer, loader and RNG streams; returns its
+    step. A checkpoint of another model configuration is a one-line error."""
+    for key in ("model", "config", "optimizer", "step", "data", "rng"):
+        if key not in ckpt:
+            raise UserError(f"{path} is not a train.py checkpoint (no {key!r} key)")
+    want = dataclasses.asdict(config)
+    diff = {k: (ckpt["config"].get(k), v) for k, v in want.items() if ckpt["config"].get(k) != v}
+    if diff:
+        raise UserError(f"{path} was trained with another model configuration ("
+                        + ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+                        + "); pass the same --preset and --model-overrides or another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loader.load_state_dict(ckpt["data"])
+    old = ckpt.get("settings", {})
+    for key in ("seed", "global_batch", "data"):
+        if key in old and old[key] != getattr(s, key):
+            print0(f"warning: --{key.replace('_', '-')} was {old[key]!r} in the checkpoint, "
+                   f"now {getattr(s, key)!r}: the run continues but not as it would have")
+    rng = ckpt["rng"]
+    if rng["world_size"] == d.world_size:
+        set_rng_state(rng["ranks"][d.rank], generator, d.device)
+    else:  # fresh streams: the data position still holds, the random draws differ
+        print0(f"note: the checkpoint ran on {rng['world_size']} process(es), this run on "
+               f"{d.world_size}: random streams are re-seeded, so the resume is not exact")
+        torch.manual_seed(s.seed * 1_000_003 + d.rank + ckpt["step"])
+        generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919 + ckpt["step"])
+    print0(f"resumed {path} at step {ckpt['step']} (epoch {loader.epoch}, clip {loader.index})")
+    return int(ckpt["step"])
+
+
+def main(argv=None):
+    s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
+    config, micro, accum = check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
+    ckpt_path = os.path.join(s.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not s.resume:
+        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or pick another --out")
+    d = setup_distributed(s.device)
+    try:
+        return train(s, d, config, micro, accum, ckpt_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(s, d, config, micro, accum, ckpt_path):
+    amp = s.amp if s.amp != "auto" else (
+        "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of a bf16 run
+        torch.backends.cudnn.allow_tf32 = True
+    train_set = data.TokenShards(s.data, s.train_split, train=True, seed=s.seed)
+    eval_set = None
+    if data.split_sizes(data.read_index(s.data)).get(s.eval_split):
+        eval_set = data.TokenShards(s.data, s.eval_split, train=False)
+    loader = data.ShardLoader(train_set, micro, d.rank, d.world_size, s.seed,
+                              repair_within_class=s.repair_within_class)
+    max_steps = s.max_steps or math.ceil(
+        s.epochs * math.ceil(len(train_set) / s.global_batch))
+    warmup = s.warmup_steps if s.warmup_steps >= 0 else round(0.025 * max_steps)
+    peak_lr = s.lr or s.base_lr * s.global_batch / 256
+
+    torch.manual_seed(s.seed)  # the same initial weights on every rank
+    model = Echoes(config, ops=kernels.select(s.kernels)).to(d.device)
+    optimizer = configure_optimizer(model, peak_lr, s.weight_decay, (s.beta1, s.beta2),
+                                    d.device.type)
+    generator = torch.Generator(d.device)  # the masking draws of draw_corruption
+    torch.manual_seed(s.seed * 1_000_003 + d.rank)  # dropout differs across ranks
+    random.seed(s.seed * 1_000_003 + d.rank)
+    generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919)
+
+    step, extra = 0, {}
+    ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
+    if ckpt is not None:
+        step = resume(ckpt, ckpt_path, s, d, config, model, optimizer, loader, generator)
+        extra = {k: ckpt[k] for k in ("sampling", "metrics") if k in ckpt}
+        del ckpt
+    elif s.resume:
+        print0(f"no checkpoint in {s.out} yet: starting from step 0")
+    if train_set.tokenizers:
+        extra["tokenizers"] = train_set.tokenizers
+    if s.sampling:
+        extra["sampling"] = json.loads(s.sampling)
+
+    counts = model.parameter_counts()
+    print0(f"model: {counts['total'] / 1e6:.2f} M parameters ("
+           + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if k != "total")
+           + f"); kernels {model.ops.name if hasattr(model.ops, 'name') else 'torch'}; {amp}")
+    print0(f"data: {len(train_set)} {s.train_split} clips"
+           + (f", {len(eval_set)} {s.eval_split}" if eval_set else ", no eval split")
+           + f"; {d.world_size} process(es) x micro-batch {micro} x {accum} accumulation = "
+           f"global batch {s.global_batch}; {max_steps} steps "
+           f"({loader.steps_per_epoch() / accum:.0f} per epoch), peak lr {peak_lr:.3g}, "
+           f"warmup {warmup}")
+    if step >= max_steps:
+        print0(f"{ckpt_path} is at step {step}, --max-steps is {max_steps}: nothing to do")
+        return 0
+
+    end = min(max_steps, step + s.run_steps) if s.run_steps > 0 else max_steps
+    ddp = DDP(LossModule(model), device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    flops = model.flops_per_sample(train=True)
+    peak = peak_tflops(d.device)
+    log_path = os.path.join(s.out, "log.jsonl")
+    if d.master:
+        os.makedirs(s.out, exist_ok=True)
+        _trim_log(log_path, step)
+    log = open(log_path, "a") if d.master else None
+    stop = {"signal": False}
+    saved = step if os.path.exists(ckpt_path) else None  # the step the checkpoint on disk holds
+
+    def on_sigterm(signum, frame):
+        stop["signal"] = True
+
+    # handlers can only be set from the main thread (a test may call main() from another)
+    previous = (signal.signal(signal.SIGTERM, on_sigterm)
+                if threading.current_thread() is threading.main_thread() else None)
+    from tqdm import tqdm
+    bar = tqdm(total=max_steps, initial=step, disable=not (d.master and s.progress),
+               dynamic_ncols=True, unit="step")
+    try:
+        while step < end:
+            t0 = time.perf_counter()
+            lr = lr_at(step, peak_lr, warmup, max_steps, s.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.zeros(3, device=d.device)  # loss, loss_audio, loss_image
+            for micro_step in range(accum):
+                audio, image = (x.to(d.device, non_blocking=True) for x in loader.next())
+                last = micro_step == accum - 1
+                # gradients are all-reduced on the last micro-step only (build-nanogpt)
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    with autocast(d.device, amp):
+                        loss, st = ddp(audio, image, generator)
+                    (loss / accum).backward()
+                sums += torch.stack([loss.detach(), st["loss_audio"], st["loss_image"]]).float()
+            # one small all-reduce: world-mean losses (for the log) and the stop request
+            flags = torch.cat([sums / accum, torch.tensor([float(stop["signal"])],
+                                                          device=d.device)])
+            dist.all_reduce(flags)
+            loss_v, loss_a, loss_i = (flags[:3] / d.world_size).tolist()
+            stopping = flags[3].item() > 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf")).item()
+            if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
+                kept = (f"{ckpt_path} keeps step {saved}" if saved is not None
+                        else "no checkpoint was written")
+                print0(f"error: non-finite loss at step {step + 1} (loss {loss_v}, grad norm "
+                       f"{grad_norm}); stopped without saving, {kept}; lower --lr or check "
+                       "the data", file=sys.stderr)
+                return 1
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": loss_v, "loss_audio": loss_a, "loss_image": loss_i,
+                      "lr": lr, "grad_norm": grad_norm, "step_time": dt,
+                      "samples_per_s": s.global_batch / dt}
+            if peak:
+                record["mfu"] = flops * s.global_batch / dt / (peak * 1e12 * d.world_size)
+            extra.setdefault("metrics", {})["loss"] = loss_v
+            if d.master and (step % s.log_every == 0 or step == end):
+                mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
+                tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio {loss_a:.4f}, "
+                           f"image {loss_i:.4f}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                           f"{1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
+                           file=sys.stdout)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            at_end = step == end or stopping
+            if eval_set is not None and ((s.eval_every and step % s.eval_every == 0) or at_end):
+                ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
+                extra["metrics"]["eval_loss"] = ev["eval_loss"]
+                if d.master:
+                    tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
+                               f"{ev['eval_loss_audio']:.4f}, image {ev['eval_loss_image']:.4f})",
+                               file=sys.stdout)
+                    log.write(json.dumps({"step": step, **ev}) + "\n")
+                    log.flush()
+            if step % s.save_every == 0 or at_end:
+                save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader,
+                                generator, extra)
+                saved = step
+            if stopping:
+                print0(f"stopped by SIGTERM at step {step}; {ckpt_path} saved, continue with "
+                       "--resume")
+                return 0
+        print0(f"done: {step} of {max_steps} steps, checkpoint {ckpt_path}")
+        return 0
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
