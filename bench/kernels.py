@@ -28,11 +28,17 @@ time.perf_counter); `--small` shrinks the shapes so that takes seconds.
 
 import dataclasses
 import importlib
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+# run as `python bench/kernels.py`, this file's folder comes first on sys.path and its own name
+# would shadow the `kernels` package: put the repository root first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from echoes import model as model_ref
 from echoes import sampler as sampler_ref
