@@ -44,8 +44,9 @@ import echoes
 from echoes import sampler
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
 from echoes.model import Echoes, EchoesConfig
-from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig, load_melgan,
-                               load_state_strict, save_mel_png, save_wav)
+from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, load_melgan,
+                               load_state_strict, load_vqgan, save_mel_png, save_wav,
+                               vqgan_from_checkpoint)
 
 # the embedded demo: model + tokenizers + its tuned sampling settings in one checkpoint file, and
 # example inputs for runs that name none
@@ -182,21 +183,8 @@ def pick_device(name):
 # loading the model, the tokenizers and the vocoder
 
 
-def readable(label, path, load, *args, **kwargs):
-    """`load(path, ...)` (a loader built on `load_checkpoint`), with whatever else torch's safe
-    unpickler may raise on a file that is no checkpoint at all (an IndexError on some non-pickle
-    bytes) turned into one line too."""
-    try:
-        return load(path, *args, **kwargs)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{label} {path} is not a readable PyTorch file ({type(e).__name__}); "
-                        "check the path") from e
-
-
 def read_checkpoint(path, trusted, what):
-    return readable(what, path, load_checkpoint, trusted=trusted, what=what)
+    return load_checkpoint(path, trusted=trusted, what=what)
 
 
 def load_model(ckpt, source):
@@ -214,29 +202,6 @@ def load_model(ckpt, source):
     return load_state_strict(model, ckpt["model"], "model checkpoint", source).eval()
 
 
-def load_vqgan_file(path, trusted, preset, what):
-    """A VQGAN from a file: a released checkpoint (Lightning {"state_dict"} or a bare state dict,
-    built with `preset`) or one echoes wrote, which may carry {"config": VQGANConfig fields} next
-    to its "state_dict" (or "model") weights. `load_vqgan` takes its config from the caller only,
-    so this reads the file once and picks the config itself."""
-    return build_vqgan(read_checkpoint(path, trusted, what), preset, what, path)
-
-
-def build_vqgan(obj, preset, what, source):
-    config = preset
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        try:
-            config = VQGANConfig(**obj["config"])
-        except TypeError as e:
-            raise UserError(f"{what} {source}: its config does not fit VQGANConfig ({e})") from e
-    sd = obj
-    if isinstance(obj, dict):
-        sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
-    if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
-        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
-    return load_state_strict(VQGAN(config), sd, what, source).eval()
-
-
 def load_tokenizers(s, ckpt, source, device):
     """(ImageTokenizer, AudioTokenizer): weights from the command line, else embedded in the
     checkpoint; recipe settings from the checkpoint's "tokenizers" entry, else the paper's."""
@@ -245,16 +210,16 @@ def load_tokenizers(s, ckpt, source, device):
 
     def vqgan(flag, path, entry, preset, what):
         if path:
-            return load_vqgan_file(path, s.trust_checkpoints, preset, what)
+            return load_vqgan(path, s.trust_checkpoints, preset)
         if isinstance(entry.get("state_dict"), dict):
-            return build_vqgan(entry, preset, f"{what} embedded in", source)
+            return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
         raise UserError(f"{source} carries no {what}: pass --{flag} PATH")
 
     image_vq = vqgan("image-vqgan", s.image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(),
                      "image VQGAN")
     audio_vq = vqgan("audio-vqgan", s.audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
                      "audio VQGAN")
-    vocoder = (readable("MelGAN vocoder", s.vocoder, load_melgan, trusted=s.trust_checkpoints)
+    vocoder = (load_melgan(s.vocoder, trusted=s.trust_checkpoints)
                if s.vocoder else None)
     image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
     recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")

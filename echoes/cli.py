@@ -16,7 +16,6 @@ import os
 import pickle
 import sys
 import tempfile
-import zipfile
 
 import torch
 
@@ -102,12 +101,19 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's safe unpickler names the class it refuses ("Unsupported global"); any other
+        # unpickling error ("Unsupported operand", "invalid load key") means the bytes are no
+        # pickle at all, and full unpickling would not help
+        if "global" not in str(e).lower():
+            raise UserError(f"{what} {path} is not a readable PyTorch file; "
+                            "re-download or re-create it") from e
         if not trusted:
             raise UserError(f"{what} {path} holds objects beyond tensors and plain types; "
                             "if you trust the file, pass --trust-checkpoints") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise UserError(f"{what} {path} is not a readable PyTorch file "
-                        f"({str(e).splitlines()[0][:120]}); re-download or re-create it") from e
+    except Exception as e:  # torn zip, truncated file, random bytes: torch raises many types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{what} {path} is not a readable PyTorch file ({first}); "
+                        "re-download or re-create it") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a trusted but broken pickle: still one line

@@ -404,24 +404,6 @@ def decode_clip(path, s, start=0.0):
     return frames, wav[:n_samples].copy()
 
 
-def _load_tokenizer_vqgan(path, default, trusted, what):
-    """A VQGAN from a released Lightning checkpoint ("state_dict" + loss.* keys), a bare state
-    dict, or a file echoes wrote: {"config": VQGANConfig fields, "state_dict" | "model": ...}."""
-    from echoes.cli import load_checkpoint
-    from echoes.tokenizers import VQGAN, VQGANConfig, load_state_strict
-    obj = load_checkpoint(path, trusted=trusted, what=what)
-    config = default
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        names = {f.name for f in dataclasses.fields(VQGANConfig)}
-        config = VQGANConfig(**{k: v for k, v in obj["config"].items() if k in names})
-    sd = obj
-    if isinstance(obj, dict):
-        sd = obj.get("state_dict", obj.get("model", obj))
-    if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
-        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
-    return load_state_strict(VQGAN(config), sd, what, path).eval()
-
-
 @dataclasses.dataclass
 class PrepareSettings:
     """`python -m echoes.data prepare` settings (each one is a --flag; see --help)."""
@@ -523,14 +505,14 @@ def list_clips(s):
 
 
 def _make_tokenizers(s, device):
-    from echoes.tokenizers import AudioTokenizer, ImageTokenizer, VQGANConfig
+    from echoes.tokenizers import AudioTokenizer, ImageTokenizer, VQGANConfig, load_vqgan
     for flag, path in (("--image-vqgan", s.image_vqgan), ("--audio-vqgan", s.audio_vqgan)):
         if not path:
             raise UserError(f"give {flag} (see --help for the released checkpoints)")
-    image_vq = _load_tokenizer_vqgan(s.image_vqgan, VQGANConfig.imagenet_f16_1024(),
-                                     s.trust_checkpoints, "image VQGAN checkpoint").to(device)
-    audio_vq = _load_tokenizer_vqgan(s.audio_vqgan, VQGANConfig.vggsound_codebook(),
-                                     s.trust_checkpoints, "audio VQGAN checkpoint").to(device)
+    image_vq = load_vqgan(s.image_vqgan, s.trust_checkpoints,
+                          VQGANConfig.imagenet_f16_1024()).to(device)
+    audio_vq = load_vqgan(s.audio_vqgan, s.trust_checkpoints,
+                          VQGANConfig.vggsound_codebook()).to(device)
     n_samples = round(s.clip_seconds * s.sample_rate)
     try:
         audio_tok = AudioTokenizer(audio_vq, n_samples=n_samples, n_frames=s.mel_frames,

@@ -343,14 +343,30 @@ def load_state_strict(module, state_dict, what, path):
 
 
 def load_vqgan(path, trusted=False, config=None, **kwargs):
-    """A VQGAN from a Lightning checkpoint (`{"state_dict": ...}` with `loss.*` keys, as taming and
-    SpecVQGAN release them) or a bare state dict. `config` / kwargs as for `VQGAN`."""
+    """A VQGAN from a file: a Lightning checkpoint (`{"state_dict": ...}` with `loss.*` keys, as
+    taming and SpecVQGAN release them), a bare state dict, or a file echoes wrote, which carries
+    its own `"config"` (VQGANConfig fields) next to `"state_dict"` or `"model"`.
+    `config` / kwargs (as for `VQGAN`) build a released file; a file's own config wins."""
     obj = load_checkpoint(path, trusted=trusted, what="VQGAN checkpoint")
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    return vqgan_from_checkpoint(obj, config, os.fspath(path), **kwargs)
+
+
+def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
+    """`load_vqgan` on an object already loaded (a file's contents, or an entry of a bundle)."""
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        names = {f.name for f in dataclasses.fields(VQGANConfig)}
+        unknown = sorted(set(obj["config"]) - names)
+        if unknown:
+            raise UserError(f"{source}: its VQGAN config has unknown fields "
+                            f"({', '.join(unknown[:4])}); use the echoes version that wrote it")
+        config, kwargs = VQGANConfig(**obj["config"]), {}
+    sd = obj
+    if isinstance(obj, dict):
+        sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
         sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     model = VQGAN(config, **kwargs)
-    return load_state_strict(model, sd, "VQGAN checkpoint", path).eval()
+    return load_state_strict(model, sd, "VQGAN checkpoint", source).eval()
 
 
 # -----------------------------------------------------------------------------
