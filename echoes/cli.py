@@ -61,6 +61,14 @@ def _arg_type(f):
 _PARSERS = {"int": int, "float": float, "str": str}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 def parse_settings(cls, argv=None, description=None, overrides=None):
     """Build `cls` (a dataclass of `setting()` fields) from the command line.
 
@@ -68,7 +76,7 @@ def parse_settings(cls, argv=None, description=None, overrides=None):
     fields take several values. `overrides` (a dict) replaces defaults before parsing, for
     checkpoint-stored defaults. Errors exit with code 2 (argparse's convention)."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     overrides = overrides or {}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
