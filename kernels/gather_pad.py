@@ -8,19 +8,17 @@ TRITON_INTERPRET=1).
 
 - `gather_embed(ids, keep, weight, pos, mod)`: out[b, k] = weight[ids[b, l]] + pos[l] + mod with
   l = keep[b, k]. One pass: token id, table row and positional row are gathered inside the kernel,
-  so neither `ids.gather(1, keep)` nor `pos[keep]` is materialised. Backward works from the
-  position side like the pad backward (finding k with keep[b, k] = l by integer compares): grad
-  pos and grad mod are summed over a program's samples in registers (one fp32 atomic per element
-  per program), grad weight gets one fp32 atomic per row element, except for the rows of the mask
-  id (the table's last row, ~70% of the rows in training), also summed in registers.
+  so neither `ids.gather(1, keep)` nor `pos[keep]` is materialised. Backward scatters the upstream
+  gradient into fp32 buffers with atomics; rows of a block that hit the same table row (the mask
+  id takes ~70% of the rows in training) are summed first with one small tl.dot against the
+  block's "same token" matrix, so each table row gets at most one atomic per block.
 - `pad_decoder(x, keep, unknown, mask_emb, pos, mod)`: out[b, l] = x[b, k] where keep[b, k] = l
   and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
   side: a block of positions l finds its k by comparing against keep[b, :] (K integer compares per
   position, far cheaper than the row it moves), so no inverse index is built and nothing is
-  assumed about keep's order; when a gradient is wanted it also writes that k per position (a
-  (B, L) int32 inverse index) for the backward. Backward reads the upstream gradient once: it
-  writes grad x for every kept row (zero where the token is unknown) and sums grad pos / mask_emb /
-  mod over the batch in registers, one fp32 atomic per block and batch split.
+  assumed about keep's order. Backward reads the upstream gradient once: it writes grad x for every
+  kept row (zero where the token is unknown) and sums grad pos / mask_emb / mod over the batch in
+  registers, one fp32 atomic per block and batch split.
 
 Dtypes follow the reference under autocast (neither op is on autocast's lists): the output dtype is
 the promotion of the inputs' dtypes (gather: weight, pos, mod; pad: x, pos, mod), everything is
@@ -42,21 +40,20 @@ from echoes.model import pad_decoder as pad_decoder_reference
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Block sizes. On a GPU: rows x 256 columns per program for the streaming forwards (4 warps,
-# 16 B vector accesses); 16 x 128 tiles and enough batch splits for ~1k programs in both
-# backwards. Under the interpreter, small blocks so that small test shapes hit every tail.
+# 16 B vector accesses); 64-row blocks for the gather backward so the same-token sum is one
+# 64 x 64 x 128 tl.dot; 16 x 128 tiles and enough batch splits for ~1k programs in the pad
+# backward. Under the interpreter, small blocks so that small test shapes hit every tail.
 if INTERPRET:
     GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
-    GATHER_BWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
-    GATHER_BWD_PROGRAMS = 16
+    GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=32, num_warps=1)
     PAD_FWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
-    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, num_warps=1)
+    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
     PAD_BWD_PROGRAMS = 16  # target program count; sets the batch split
 else:
     GATHER_FWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
-    GATHER_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
-    GATHER_BWD_PROGRAMS = 1024
+    GATHER_BWD = dict(BLOCK_R=64, BLOCK_D=128, num_warps=4)
     PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, BLOCK_KC=256, num_warps=4)
-    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, num_warps=4)
+    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
     PAD_BWD_PROGRAMS = 1024
 
 
@@ -101,56 +98,46 @@ def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
 
 
 @triton.jit
-def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, B, L, K, D, b_per, common_tok,
+def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D,
                        s_ib, s_il, s_kb, s_kk,
                        W_GRAD: tl.constexpr, P_GRAD: tl.constexpr, M_GRAD: tl.constexpr,
-                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
-    """grad weight[t] += grad rows with token t; grad pos[l] = sum of the grad rows kept at
-    position l; grad mod = sum of all grad rows; fp32 buffers.
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad weight[t] += sum of grad rows with token t; grad pos[l] += grad rows at position l;
+    grad mod += all grad rows; fp32 buffers, atomics.
 
-    Worked from the position side, as the pad backward: each program owns a (BLOCK_L, BLOCK_D)
-    tile of positions for b_per samples, finds for each sample the row k with keep[b, k] = l (K
-    integer compares per position), and reads that grad row (the token is ids[b, l]). grad pos
-    and grad mod are summed over the samples in registers: one atomic per element per program,
-    not one per grad row. grad weight takes one atomic per grad row element, except rows of
-    `common_tok` (the mask id, ~70% of the rows in training), which are summed in registers and
-    added once per program, so the mask row sees no contention.
-    Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes: B*K*D*grad_bytes read +
-    (non-common rows)*D + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 2*B*K*D adds, plus
-    B*L*K*cdiv(D, BLOCK_D) integer compares."""
-    pid_l = tl.program_id(0)
+    Per block of rows the rows sharing a token are summed first, S = same @ G with
+    same[i, j] = (tok_i == tok_j) (one BLOCK_R x BLOCK_R x BLOCK_D tl.dot, 3xTF32 so fp32-exact
+    enough), and only the first row of each token adds S: one atomic per distinct token per block
+    instead of one per row, which removes the contention on the mask id's row.
+    Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes read + at most
+    2*B*K*D fp32 atomics; FLOPs: 2*B*K*BLOCK_R*D for the same-token sums (tensor cores)."""
+    pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    ls = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (Lb,)
-    lmask = ls < L
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ridx = tl.arange(0, BLOCK_R)
+    rows = pid_r * BLOCK_R + ridx  # (R,)
+    rmask = rows < N
+    b = rows // K
+    k = rows - b * K
+    l = tl.load(keep + b * s_kb + k * s_kk, mask=rmask, other=0)  # (R,)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
     cmask = cols < D
-    acc_p = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-    acc_c = tl.zeros([BLOCK_D], tl.float32)  # rows of the common token
-    b0 = pid_b * b_per
-    b1 = tl.minimum(b0 + b_per, B)
-    for b in range(b0, b1):
-        kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
-        kept = lmask & (kidx >= 0)
-        m2 = kept[:, None] & cmask[None, :]
-        rows = (b * K + kidx).to(tl.int64)
-        g = tl.load(grad + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
-        g = g.to(tl.float32)  # (Lb, Dc), 0 at positions sample b dropped
-        acc_p += g
-        if W_GRAD:
-            tok = tl.load(ids + b * s_ib + ls * s_il, mask=kept, other=0)  # (Lb,)
-            common = tok == common_tok
-            acc_c += tl.sum(tl.where(common[:, None], g, 0.0), axis=0)
-            tl.atomic_add(gw + tok.to(tl.int64)[:, None] * D + cols[None, :], g,
-                          mask=m2 & (~common)[:, None], sem="relaxed")
+    m2 = rmask[:, None] & cmask[None, :]
+    g = tl.load(grad + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m2,
+                other=0.0).to(tl.float32)  # (R, Dc)
     if W_GRAD:
-        crow = tl.zeros([BLOCK_D], tl.int64) + common_tok  # int64 even when Triton specialises it
-        tl.atomic_add(gw + crow * D + cols, acc_c, mask=cmask, sem="relaxed")
+        tok = tl.load(ids + b * s_ib + l * s_il, mask=rmask, other=0)
+        tok = tl.where(rmask, tok, -1)  # padding rows never match a real token
+        same = tok[:, None] == tok[None, :]  # (R, R)
+        earlier = same & (ridx[None, :] < ridx[:, None])
+        first = tl.sum(earlier.to(tl.int32), axis=1) == 0  # (R,) first row of its token
+        gsum = tl.dot(same.to(tl.float32), g, input_precision="tf32x3")  # (R, Dc)
+        tl.atomic_add(gw + tok.to(tl.int64)[:, None] * D + cols[None, :], gsum,
+                      mask=m2 & first[:, None], sem="relaxed")
     if P_GRAD:
-        tl.atomic_add(gp + ls.to(tl.int64)[:, None] * D + cols[None, :], acc_p,
-                      mask=lmask[:, None] & cmask[None, :], sem="relaxed")
+        tl.atomic_add(gp + l.to(tl.int64)[:, None] * D + cols[None, :], g, mask=m2,
+                      sem="relaxed")
     if M_GRAD:
-        tl.atomic_add(gm + cols, tl.sum(acc_p, axis=0), mask=cmask, sem="relaxed")
+        tl.atomic_add(gm + cols, tl.sum(g, axis=0), mask=cmask, sem="relaxed")
 
 
 class GatherEmbed(torch.autograd.Function):
@@ -184,22 +171,19 @@ class GatherEmbed(torch.autograd.Function):
         N = B * K
         dev = grad.device
         grad = grad.contiguous()  # (B, K, D)
-        L = pshape[0]
         gw = torch.zeros(wshape, device=dev, dtype=torch.float32) if need_w else None
-        # one fp32 buffer for the two sums over rows: rows [0, L) pos, L mod
-        acc = torch.zeros(L + 1, D, device=dev, dtype=torch.float32)
+        gp = torch.zeros(pshape, device=dev, dtype=torch.float32) if need_p else None
+        gm = torch.zeros(D, device=dev, dtype=torch.float32) if need_m else None
         if N > 0 and (need_w or need_p or need_m):
             cfg = dict(GATHER_BWD)
-            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
-            n_l, n_d = triton.cdiv(L, cfg["BLOCK_L"]), triton.cdiv(D, cfg["BLOCK_D"])
-            splits = max(1, min(B, triton.cdiv(GATHER_BWD_PROGRAMS, n_l * n_d)))
-            b_per = triton.cdiv(B, splits)
-            grid = (n_l, n_d, triton.cdiv(B, b_per))
-            _gather_bwd_kernel[grid](grad, ids, keep, gw if need_w else acc, acc[:L], acc[L],
-                                     B, L, K, D, b_per, wshape[0] - 1, ids.stride(0),
-                                     ids.stride(1), keep.stride(0), keep.stride(1),
-                                     W_GRAD=need_w, P_GRAD=need_p, M_GRAD=need_m, **cfg)
-        gp, gm = acc[:L], acc[L]
+            cfg["BLOCK_D"] = max(16, _block_d(D, cfg["BLOCK_D"]))
+            grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
+            dummy = grad  # never touched when its flag is off
+            _gather_bwd_kernel[grid](grad, ids, keep, gw if need_w else dummy,
+                                     gp if need_p else dummy, gm if need_m else dummy,
+                                     N, K, D, ids.stride(0), ids.stride(1), keep.stride(0),
+                                     keep.stride(1), W_GRAD=need_w, P_GRAD=need_p,
+                                     M_GRAD=need_m, **cfg)
         return (None, None, gw.to(wdtype) if need_w else None,
                 gp.to(pdtype) if need_p else None, gm.to(mdtype) if need_m else None)
 
@@ -230,16 +214,14 @@ def _kept_index(keep_row, s_kk, ls, K, BLOCK_L: tl.constexpr, BLOCK_KC: tl.const
 
 
 @triton.jit
-def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, inv, L, K, D, n_lb,
-                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl, STORE_INV: tl.constexpr,
+def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
+                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
-    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod;
-    with STORE_INV, inv[b, l] = that k, or -1 where l was dropped (int32, for the backward).
+    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod.
 
     Grid (B * cdiv(L, BLOCK_L), cdiv(D, BLOCK_D)). Bytes: B*L*D*out_bytes written +
-    (kept, known rows) * D * x_bytes read + L*D pos (L2 hits) (+ B*L*4 for inv); floor
-    B*L*D*out_bytes + B*K*D*x_bytes. FLOPs: 2*B*L*D adds, plus B*L*K*cdiv(D, BLOCK_D) integer
-    compares."""
+    (kept, known rows) * D * x_bytes read + L*D pos (L2 hits); floor B*L*D*out_bytes +
+    B*K*D*x_bytes. FLOPs: 2*B*L*D adds, plus B*L*K*cdiv(D, BLOCK_D) integer compares."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = pid // n_lb
@@ -261,25 +243,22 @@ def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, inv, L, K, D, n_l
     y = y + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (Lb, Dc)
     rows = (b * L + ls).to(tl.int64)
     tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=m2)
-    if STORE_INV:
-        if pid_d == 0:
-            tl.store(inv + rows, kidx, mask=lmask)
 
 
 @triton.jit
-def _pad_bwd_kernel(grad, inv, unknown, gx, gp, gme, gm, B, L, K, D, b_per, s_ub,
+def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
+                    s_kb, s_kk, s_ub,
                     X_GRAD: tl.constexpr, P_GRAD: tl.constexpr, E_GRAD: tl.constexpr,
-                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_KC: tl.constexpr):
     """grad x[b, k] = grad[b, keep[b, k]] where that token is known, else 0; grad pos[l] =
     sum_b grad[b, l]; grad mask_emb = sum of grad rows that took it; grad mod = sum of all rows.
 
     Each program owns a (BLOCK_L, BLOCK_D) tile of positions for b_per samples, sums its tile over
-    those samples in registers and adds it to the fp32 buffers with one atomic per element. The
-    k of each position comes from the forward's inverse index inv (B, L) int32, so the grad
-    loads depend on nothing and no keep row is scanned here.
+    those samples in registers and adds it to the fp32 buffers with one atomic per element.
     Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes: B*L*D*grad_bytes read +
-    B*K*D*x_bytes written + B*L*(4 + 1)*cdiv(D, BLOCK_D) index reads (L2 hits) +
-    (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 3*B*L*D adds."""
+    B*K*D*x_bytes written + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 3*B*L*D adds, plus
+    B*L*K*cdiv(D, BLOCK_D) integer compares."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -293,10 +272,10 @@ def _pad_bwd_kernel(grad, inv, unknown, gx, gp, gme, gm, B, L, K, D, b_per, s_ub
     b0 = pid_b * b_per
     b1 = tl.minimum(b0 + b_per, B)
     for b in range(b0, b1):
-        rows = (b * L + ls).to(tl.int64)
-        kidx = tl.load(inv + rows, mask=lmask, other=-1)  # (Lb,)
+        kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
         unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
         take = (kidx >= 0) & (unk == 0)
+        rows = (b * L + ls).to(tl.int64)
         g = tl.load(grad + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
         g = g.to(tl.float32)  # (Lb, Dc)
         acc_p += g
@@ -328,25 +307,21 @@ class PadDecoder(torch.autograd.Function):
         unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
-        store_inv = any(ctx.needs_input_grad)
-        # (B, L) k of each position, -1 where dropped: the backward's index, every element
-        # written by the kernel's first column block
-        inv = torch.empty((B, L) if store_inv else (1, 1), device=x.device, dtype=torch.int32)
         if B * L > 0 and D > 0:
             cfg = dict(PAD_FWD)
             cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             n_lb = triton.cdiv(L, cfg["BLOCK_L"])
             grid = (B * n_lb, triton.cdiv(D, cfg["BLOCK_D"]))
-            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out, inv, L, K, D, n_lb,
+            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out, L, K, D, n_lb,
                                   x.stride(0), x.stride(1), keep.stride(0), keep.stride(1),
-                                  unk.stride(0), pos.stride(0), STORE_INV=store_inv, **cfg)
-        ctx.save_for_backward(inv, unk)
+                                  unk.stride(0), pos.stride(0), **cfg)
+        ctx.save_for_backward(keep, unk)
         ctx.meta = (x.dtype, K, mask_emb.dtype, pos.dtype, mod.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        inv, unk = ctx.saved_tensors  # (B, L) int32, (B, L) uint8
+        keep, unk = ctx.saved_tensors
         xdtype, K, edtype, pdtype, mdtype = ctx.meta
         need_x, _, _, need_e, need_p, need_m = ctx.needs_input_grad
         B, L, D = grad.shape
@@ -362,9 +337,10 @@ class PadDecoder(torch.autograd.Function):
             splits = max(1, min(B, triton.cdiv(PAD_BWD_PROGRAMS, n_l * n_d)))
             b_per = triton.cdiv(B, splits)
             grid = (n_l, n_d, triton.cdiv(B, b_per))
-            _pad_bwd_kernel[grid](grad, inv, unk, gx if need_x else grad, acc[:L], acc[L],
-                                  acc[L + 1], B, L, K, D, b_per, unk.stride(0), X_GRAD=need_x,
-                                  P_GRAD=need_p, E_GRAD=need_e, M_GRAD=need_m, **cfg)
+            _pad_bwd_kernel[grid](grad, keep, unk, gx if need_x else grad, acc[:L], acc[L],
+                                  acc[L + 1], B, L, K, D, b_per, keep.stride(0),
+                                  keep.stride(1), unk.stride(0), X_GRAD=need_x, P_GRAD=need_p,
+                                  E_GRAD=need_e, M_GRAD=need_m, **cfg)
         return (gx, None, None, acc[L].to(edtype) if need_e else None,
                 acc[:L].to(pdtype) if need_p else None, acc[L + 1].to(mdtype) if need_m else None)
 
