@@ -5,7 +5,7 @@
   `dataclasses.asdict` gives the resolved settings to store in a checkpoint (STYLE.md item 3).
 - `UserError` / `run_cli()`: problems a user can fix (a missing file, an impossible option) are
   raised as `UserError` and printed as one line with exit code 2, never as a traceback.
-- `load_checkpoint()` / `save_atomic()`: safe loading of third-party pickles
+- `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
   (`weights_only=True` first, DESIGN.md section 2) and atomic writes (temp file + rename), so a
   killed run never leaves a half-written checkpoint behind.
 """
@@ -129,16 +129,17 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: readers see
-    the old file or the new one, never a torn write."""
+def write_atomic(path, write):
+    """Call `write(f)` on a temp file in `path`'s folder, fsync, then rename it over `path`:
+    readers see the old file or the complete new one, never a torn write; the temp file is
+    removed when anything fails."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -146,3 +147,8 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path):
+    """torch.save through `write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f))

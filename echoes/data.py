@@ -35,7 +35,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections import deque
 from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import UserError, parse_settings, run_cli, setting
+from echoes.cli import UserError, parse_settings, run_cli, setting, write_atomic
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -53,24 +52,8 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", "
 # writing shards
 
 
-def _replace_atomic(path, write):
-    """Call `write(f)` on a temp file beside `path`, fsync, rename over `path`; the temp file is
-    removed when anything fails, so `path` is either the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path, obj):
-    _replace_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
+    write_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 def read_index(root, required=True):
@@ -145,7 +128,7 @@ def write_shards(out_dir, split, image_ids, audio_ids, ids, labels, shard_size=N
         end = min(start + size, N)
         base = os.path.join(out_dir, name)
         for suffix, arr in ((".images.npy", image[start:end]), (".audio.npy", audio[start:end])):
-            _replace_atomic(base + suffix, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
+            write_atomic(base + suffix, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
         _write_json(base + ".json", {
             "split": split, "n": end - start, "ids": [str(i) for i in ids[start:end]],
             "labels": [lab if isinstance(lab, str) else int(lab) for lab in labels[start:end]]})
@@ -581,7 +564,7 @@ def prepare(s):
 
     def write_skipped():
         text = "".join(f"{c}\t{why}\t{p}\n" for c, why, p in skipped)
-        _replace_atomic(os.path.join(s.out, SKIPPED), lambda f: f.write(text.encode()))
+        write_atomic(os.path.join(s.out, SKIPPED), lambda f: f.write(text.encode()))
 
     buffers = {}  # split -> [image ids (F, Lv), audio ids (La,), clip id, label]
     written = 0

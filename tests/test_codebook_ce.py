@@ -10,11 +10,7 @@ reference in echoes/model.py, the loss and every gradient from one upstream grad
   autocast.
 """
 
-import json
-import os
-import subprocess
-import sys
-import traceback
+import functools
 
 import pytest
 import torch
@@ -70,33 +66,15 @@ def check_ce(atol, rtol, device="cpu", autocast=False, eps=0.1, **shape):
         torch.testing.assert_close(got, exp, atol=atol * scale, rtol=rtol)
 
 
-def run_interpreter_cases():
-    """Runs every interpreter case in this process (TRITON_INTERPRET=1 must already be set);
-    returns {name: None or the traceback}."""
-    results = {}
-    for name, shape, atol, rtol in INTERPRETER_CASES:
-        try:
-            check_ce(atol, rtol, **shape)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc()
-    return results
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULTS "):])
+def interpreter_checks():
+    return {name: functools.partial(check_ce, atol, rtol, **shape)
+            for name, shape, atol, rtol in INTERPRETER_CASES}
 
 
 @pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES])
 def test_interpreter_matches_reference(name, interpreter_results):
-    error = interpreter_results[name]
-    assert error is None, error
+    assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
+    assert interpreter_results[name] is None, interpreter_results[name]
 
 
 def test_cpu_tensors_fall_back_to_the_reference(monkeypatch):
@@ -144,6 +122,6 @@ def test_peak_memory_at_most_half_of_eager():
     assert fused <= 0.5 * eager, f"fused {fused:.1f} MiB, eager {eager:.1f} MiB"
 
 
-if __name__ == "__main__":  # the interpreter subprocess of `interpreter_results`
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print("RESULTS " + json.dumps(run_interpreter_cases()))
+if __name__ == "__main__":  # the interpreter subprocess of the `interpreter_results` fixture
+    from conftest import interpreter_main
+    interpreter_main(interpreter_checks())

@@ -9,11 +9,8 @@ references in echoes/model.py, outputs and every gradient from one upstream grad
   output dtype against the reference in the same dtypes and autocast.
 """
 
-import json
-import os
-import subprocess
-import sys
-import traceback
+
+import functools
 
 import pytest
 import torch
@@ -125,33 +122,15 @@ def check_pad(atol, rtol, device="cpu", x_dtype=torch.float32, param_dtype=torch
 CHECKS = {"gather": check_gather, "pad": check_pad}
 
 
-def run_interpreter_cases():
-    """Runs every interpreter case in this process (TRITON_INTERPRET=1 must already be set);
-    returns {name: None or the traceback}."""
-    results = {}
-    for name, op, shape, atol, rtol in INTERPRETER_CASES:
-        try:
-            CHECKS[op](atol, rtol, **shape)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc()
-    return results
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULTS "):])
+def interpreter_checks():
+    return {name: functools.partial(CHECKS[op], atol, rtol, **shape)
+            for name, op, shape, atol, rtol in INTERPRETER_CASES}
 
 
 @pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES])
 def test_interpreter_matches_reference(name, interpreter_results):
-    error = interpreter_results[name]
-    assert error is None, error
+    assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
+    assert interpreter_results[name] is None, interpreter_results[name]
 
 
 def test_cpu_tensors_fall_back_to_the_reference(monkeypatch):
@@ -200,6 +179,6 @@ def test_pad_gpu(shape, x_dtype, param_dtype, autocast, atol, rtol):
               autocast=autocast, **shape)
 
 
-if __name__ == "__main__":  # the interpreter subprocess of `interpreter_results`
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    print("RESULTS " + json.dumps(run_interpreter_cases()))
+if __name__ == "__main__":  # the interpreter subprocess of the `interpreter_results` fixture
+    from conftest import interpreter_main
+    interpreter_main(interpreter_checks())

@@ -13,11 +13,7 @@ boundary, and otherwise allows a mismatch only at a floating-point tie (u within
 boundary between the two ids).
 """
 
-import json
 import os
-import subprocess
-import sys
-import traceback
 
 import pytest
 import torch
@@ -238,39 +234,10 @@ def cpu_tensors_use_the_reference_without_the_interpreter():
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-def _run_checks():
-    """Run every check, print one JSON line each: {"name", "ok", "error"}."""
-    torch.manual_seed(0)
-    for name, fn in CHECKS.items():
-        try:
-            fn()
-            print(json.dumps({"name": name, "ok": True}), flush=True)
-        except Exception:
-            print(json.dumps({"name": name, "ok": False, "error": traceback.format_exc()}),
-                  flush=True)
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=900)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row["name"]] = row
-    if not results:
-        pytest.fail(f"interpreter run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return results
-
-
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_interpreter(name, interpreter_results):
-    row = interpreter_results.get(name)
-    assert row is not None, f"{name} did not run (the subprocess stopped early)"
-    assert row["ok"], row.get("error")
+    assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
+    assert interpreter_results[name] is None, interpreter_results[name]
 
 
 # -----------------------------------------------------------------------------
@@ -351,9 +318,7 @@ def test_gpu_paper_shape_draw_under_autocast():
     torch.testing.assert_close(logp[same], ref_logp[same], rtol=0, atol=0.1)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--interpret"]:
-        assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-        _run_checks()
-    else:
-        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+if __name__ == "__main__":  # the interpreter subprocess of the `interpreter_results` fixture
+    from conftest import interpreter_main
+    torch.manual_seed(0)
+    interpreter_main(CHECKS)
