@@ -1,0 +1,779 @@
+"""The embedded demo "shapes and tones": how its tokenizers, model and bundle are built, and how
+the shipped bundle is loaded (issue 7; data set: DESIGN.md section 8, `echoes/shapes.py`).
+
+    python -m echoes.demo build            # every stage that has no output yet
+    python -m echoes.demo build --force    # all of them again
+    python -m echoes.demo build --stages model tune bundle   # some stages only
+
+The build runs these stages; each writes its output under --work (the bundle and examples into
+the package) and is skipped when that output exists and is newer than its inputs (so a killed
+build resumes where it stopped; the model stage resumes train.py's checkpoint), unless --force:
+
+    data        generated pairs of the training and validation seeds: images, [0, 1] mels
+    tokenizers  two small VQGANs (the same `VQGAN` class as the paper's tokenizers, at 0.24 M and
+                0.28 M parameters: 64x64 image -> 8x8 ids, (80, 128) mel -> 5x8 ids), trained
+                on the training pairs with `train_tokenizer` (EMA codebook, dead-code restarts,
+                L1 + L2 reconstruction); on a CPU as two 1-thread processes side by side
+    shards      both sets tokenized into token shards (`echoes.data.write_shards`, 1 frame)
+    model       the `demo` preset trained by `train.py` on the shards (re-pairing images and
+                clips within a class every batch; bf16 autocast on a GPU)
+    tune        steps, temperature, guidance and token temperature for i2a, a2i and joint,
+                chosen on the validation seeds by the class readers of `echoes/shapes.py`
+    bundle      echoes/assets/demo.pt (model + tokenizers + sampling defaults + audio recipe,
+                fp16 weights) and example inputs in echoes/assets/examples/
+
+Seeds of the generator (`shapes.make_pair(index, seed)`): training TRAIN_SEED, validation (tuning)
+VAL_SEED, test (bench/quality.py) TEST_SEED, shipped examples EXAMPLE_SEED; no item is shared.
+A GPU is used when present (`--device auto`): the tokenizers then train one after the other on
+it and the model stage takes about a minute. On 2 idle CPU cores the budget is about 2 min
+(data) + 10 (tokenizers) + 1 (shards) + 40 (model, 2500 steps of 64 in fp32, ~0.95 s each) + 2
+(tune); a busy machine is slower.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from echoes import sampler, shapes
+from echoes.cli import (UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting,
+                        write_atomic)
+from echoes.data import write_shards
+from echoes.model import Echoes, EchoesConfig
+from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
+                               mel_spectrogram, n_params, vqgan_from_checkpoint)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_BUNDLE = ASSETS / "demo.pt"
+EXAMPLES = ASSETS / "examples"
+MAX_BUNDLE_BYTES = 10 * 1024 * 1024
+
+TRAIN_SEED, VAL_SEED, TEST_SEED, EXAMPLE_SEED = 1, 2, 3, 4
+
+# the audio recipe of the demo: 1.474 s clips, 128 mel frames (DESIGN.md section 8), no crop
+AUDIO_RECIPE = {"sample_rate": shapes.SAMPLE_RATE, "n_samples": shapes.CLIP_SAMPLES,
+                "n_frames": shapes.DEMO_FRAMES, "keep_frames": shapes.DEMO_FRAMES}
+IMAGE_SIZE = shapes.SPEC.image_size
+
+
+def image_vqgan_config():
+    """64x64 RGB -> 8x8 ids over 256 codes of dimension 32 (three downsamplings). One channel
+    width throughout and no encoder blocks besides the middle ones: the full-resolution levels
+    cost most, and one filled shape on a flat background needs little capacity."""
+    return VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(),
+                       resolution=IMAGE_SIZE, in_channels=3, out_ch=3, z_channels=32,
+                       embed_dim=32, n_embed=256)
+
+
+def audio_vqgan_config():
+    """(80, 128) mel -> 5x8 ids over 256 codes of dimension 32 (four downsamplings, as
+    SpecVQGAN's 16x). One channel width throughout: the full-resolution levels cost most."""
+    return VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(),
+                       resolution=shapes.DEMO_FRAMES, in_channels=1, out_ch=1, z_channels=32,
+                       embed_dim=32, n_embed=256)
+
+
+VQGAN_CONFIGS = {"image": image_vqgan_config, "audio": audio_vqgan_config}
+
+
+# -----------------------------------------------------------------------------
+# data: generated pairs as model inputs
+
+
+def make_set(n, seed, progress=False, chunk=240):
+    """Items 0 .. n-1 of `seed` -> labels int64 (n,), images uint8 (n, 64, 64, 3), [0, 1] mels
+    float16 (n, 80, 128) of the SpecVQGAN recipe (the audio tokenizer's input)."""
+    labels, images, mels = [], [], []
+    with tqdm(total=n, desc=f"pairs (seed {seed})", disable=not progress, unit="pair") as bar:
+        for start in range(0, n, chunk):
+            lab, img, wav = shapes.generate(min(chunk, n - start), seed, start=start)
+            labels.append(lab)
+            images.append(img)
+            mels.append(mel_spectrogram(torch.from_numpy(wav)).half().numpy())  # (b, 80, 128)
+            bar.update(len(lab))
+    return np.concatenate(labels), np.concatenate(images), np.concatenate(mels)
+
+
+def image_input(images):
+    """uint8 (B, H, W, 3) -> (B, 3, H, W) float in [-1, 1], the image VQGAN's input."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    return x / 127.5 - 1
+
+
+def audio_input(mels):
+    """[0, 1] mels (B, 80, T) -> (B, 1, 80, T) float 2 S - 1, the audio VQGAN's input."""
+    return torch.as_tensor(np.asarray(mels)).float().unsqueeze(1) * 2 - 1
+
+
+def model_input(modality, arrays):
+    return image_input(arrays) if modality == "image" else audio_input(arrays)
+
+
+def output_to_uint8(x):
+    """Image VQGAN output (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def output_to_mel(x):
+    """Audio VQGAN output (B, 1, 80, T) -> [0, 1] mels (B, 80, T) numpy."""
+    return ((x[:, 0].float() + 1) / 2).clamp(0, 1).cpu().numpy()
+
+
+def read_class(modality, item):
+    """An image (H, W, 3) or a [0, 1] mel (80, T) -> class index (-1 when unreadable)."""
+    read = shapes.read_image if modality == "image" else shapes.read_mel
+    return shapes.label_of(*read(item))
+
+
+def read_parts(modality, item):
+    """-> (colour, shape) by the readers of echoes/shapes.py."""
+    return (shapes.read_image if modality == "image" else shapes.read_mel)(item)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer training: EMA codebook, dead-code restarts, L1 + L2 reconstruction
+
+
+class EMACodebook:
+    """Exponential-moving-average codebook updates (van den Oord et al. 2017, appendix; the
+    `EMAVectorQuantizer` of taming-transformers) with dead-code restarts (Dhariwal et al. 2020,
+    Jukebox): a code that is almost never chosen is moved onto a random latent of the batch.
+    The codebook tensor is `quantizer.embedding.weight`, updated in place, never by gradients."""
+
+    def __init__(self, quantizer, decay=0.99, eps=1e-5, dead_below=0.05):
+        self.weight = quantizer.embedding.weight
+        self.weight.requires_grad_(False)
+        K, D = self.weight.shape
+        self.decay, self.eps, self.dead_below = decay, eps, dead_below
+        self.size = torch.ones(K, device=self.weight.device)  # EMA of each code's usage count
+        self.sum = self.weight.detach().clone()  # EMA of the latents assigned to each code
+        self.ready = False
+
+    @torch.no_grad()
+    def update(self, z, ids, generator=None):
+        """z (N, D) latents, ids (N,) their nearest codes. Returns the number of restarted codes."""
+        K, D = self.weight.shape
+        if not self.ready:  # start from latents the encoder actually produces
+            pick = torch.randint(0, len(z), (K,), generator=generator, device="cpu")
+            self.weight.copy_(z[pick.to(z.device)])
+            self.sum.copy_(self.weight)
+            self.ready = True
+            return 0
+        counts = torch.bincount(ids, minlength=K).float()  # (K,)
+        sums = torch.zeros(K, D, device=z.device).index_add_(0, ids, z.float())  # (K, D)
+        self.size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.size.sum()
+        size = (self.size + self.eps) / (n + K * self.eps) * n  # Laplace smoothing
+        self.weight.copy_(self.sum / size[:, None])
+        dead = self.size < self.dead_below  # (K,)
+        n_dead = int(dead.sum())
+        if n_dead:
+            pick = torch.randint(0, len(z), (n_dead,), generator=generator, device="cpu")
+            fresh = z[pick.to(z.device)].float()  # (n_dead, D)
+            self.weight[dead] = fresh
+            self.sum[dead] = fresh
+            self.size[dead] = 1.0
+        return n_dead
+
+
+def train_tokenizer(vqgan, data, steps, batch_size=16, lr=1e-3, commitment=0.25,
+                    generator=None, progress=False, desc="tokenizer", log=None):
+    """Train a `VQGAN` as an autoencoder on `data` (N, C, H, W) in [-1, 1] (moved to the model's
+    device batch by batch): loss = L1 + L2 between input and reconstruction + commitment
+    * |z - sg(z_q)|^2; the codebook follows the encoder by EMA (`EMACodebook`); Adam with a
+    cosine decay to lr / 10. Returns the per-step losses (a list of floats)."""
+    device = next(vqgan.parameters()).device
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    codebook = EMACodebook(vqgan.quantize)
+    params = [p for p in vqgan.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    vqgan.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        idx = torch.randint(0, len(data), (batch_size,), generator=generator)
+        x = data[idx].to(device).float()  # (B, C, H, W)
+        recon, ids, z, z_q = vqgan(x)
+        D = z.shape[1]
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D), row-major like ids
+        restarted = codebook.update(z_flat.detach(), ids.reshape(-1), generator)
+        loss = (F.l1_loss(recon, x) + F.mse_loss(recon, x)
+                + commitment * F.mse_loss(z, z_q.detach()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            used = int((codebook.size > 0.5).sum())
+            bar.set_postfix(loss=f"{loss.item():.4f}", codes=used, restarted=restarted)
+            if log is not None and step % 100 == 0:
+                log(step, loss.item(), used)
+    vqgan.eval()
+    return losses
+
+
+@torch.no_grad()
+def reconstruct(vqgan, x, batch_size=64):
+    """(N, C, H, W) inputs -> (reconstructions through the codes (N, C, H, W), ids (N, L))."""
+    device = next(vqgan.parameters()).device
+    out, ids = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device).float()
+        code = vqgan.encode(xb)
+        out.append(vqgan.decode(code, vqgan.latent_size(*xb.shape[-2:])).cpu())
+        ids.append(code.cpu())
+    return torch.cat(out), torch.cat(ids)
+
+
+def readable_fraction(modality, vqgan, arrays, labels):
+    """Share of reconstructions whose class the readers of echoes/shapes.py recover, and the share
+    of codes in use. arrays: uint8 images (N, H, W, 3) or [0, 1] mels (N, 80, T)."""
+    recon, ids = reconstruct(vqgan, model_input(modality, arrays))
+    items = output_to_uint8(recon) if modality == "image" else output_to_mel(recon)
+    right = [read_class(modality, it) == int(lab) for it, lab in zip(items, labels)]
+    return float(np.mean(right)), len(torch.unique(ids)) / vqgan.config.n_embed
+
+
+# -----------------------------------------------------------------------------
+# loading the shipped bundle
+
+
+def vqgan_from_entry(entry):
+    """A bundle's tokenizer entry {"config", "state_dict", ...} -> VQGAN in eval mode (fp32:
+    loading casts the stored fp16 weights)."""
+    return vqgan_from_checkpoint(entry, source="demo tokenizer entry")
+
+
+def load_demo(path=DEMO_BUNDLE, device="cpu"):
+    """The embedded demo -> (model, image tokenizer, audio tokenizer, sampling defaults, bundle).
+    Weights are stored in fp16 and run in fp32."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: build it with `python -m echoes.demo build`")
+    bundle = load_checkpoint(path, what="demo bundle")
+    model = Echoes(EchoesConfig(**bundle["config"]))
+    model.load_state_dict({k: v.float() for k, v in bundle["model"].items()})
+    model = model.to(device).eval()
+    tok = bundle["tokenizers"]
+    image_tok = ImageTokenizer(vqgan_from_entry(tok["image"]).to(device),
+                               resolution=tok["image"]["resolution"])
+    audio_tok = AudioTokenizer(vqgan_from_entry(tok["audio"]).to(device),
+                               **{k: tok["audio"][k] for k in AUDIO_RECIPE})
+    return model, image_tok, audio_tok, bundle.get("sampling", {}), bundle
+
+
+def sampling_for(sampling, mode):
+    """The bundle's stored settings for one mode: {steps, temperature, guidance,
+    token_temperature}, each either one value or a {mode: value} dict."""
+    return {k: (v.get(mode, v.get("i2a")) if isinstance(v, dict) else v)
+            for k, v in sampling.items()}
+
+
+# -----------------------------------------------------------------------------
+# the build
+
+
+@dataclasses.dataclass
+class BuildSettings:
+    """`python -m echoes.demo build` settings (each one is a --flag; see --help)."""
+    work: str = setting("demo_build", "folder for the intermediate outputs of every stage")
+    force: bool = setting(False, "redo the chosen stages even when their outputs exist")
+    stages: list[str] = setting(["data", "tokenizers", "shards", "model", "tune", "bundle"],
+                                "stages to run, in order (each skipped when its output exists)")
+    device: str = setting("auto", "auto (a GPU when present), cpu or cuda")
+    threads: int = setting(0, "CPU threads for the model and tuning stages (0 = all cores)")
+    n_train: int = setting(6000, "training pairs (seeds TRAIN_SEED), tokenizers and model")
+    n_val: int = setting(240, "validation pairs (VAL_SEED): tokenizer checks, eval loss, tuning")
+    image_tokenizer_steps: int = setting(1200, "optimizer steps of the image tokenizer")
+    audio_tokenizer_steps: int = setting(500, "optimizer steps of the audio tokenizer")
+    tokenizer_batch: int = setting(16, "tokenizer batch size")
+    tokenizer_lr: float = setting(2e-3, "tokenizer peak learning rate (Adam, cosine to 1/10)")
+    model_steps: int = setting(2500, "optimizer steps of the transformer (train.py --max-steps)")
+    model_batch: int = setting(64, "transformer batch (train.py --global-batch)")
+    model_lr: float = setting(1e-3, "transformer peak learning rate (train.py --lr)")
+    model_amp: str = setting("auto", "train.py --amp; auto = bf16 on a GPU, fp32 on a CPU (a CPU "
+                             "without bf16 instructions ran a demo step 3x slower under bf16 "
+                             "autocast)", choices=["auto", "bf16", "fp32"])
+    repair_within_class: bool = setting(True, "train.py --repair-within-class: every batch pairs "
+                                        "each clip with a random image of its class")
+    n_tune: int = setting(48, "validation pairs per setting tried in the tune stage")
+    seed: int = setting(0, "seed of tokenizer and model training and of the tuning draws")
+
+
+STAGES = ("data", "tokenizers", "shards", "model", "tune", "bundle")
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _paths(work):
+    w = Path(work)
+    return {"data": w / "data.npz", "image_vqgan": w / "image_vqgan.pt",
+            "audio_vqgan": w / "audio_vqgan.pt", "shards": w / "shards",
+            "model": w / "model", "ckpt": w / "model" / "ckpt.pt", "tune": w / "sampling.json",
+            "bundle": DEMO_BUNDLE, "examples": EXAMPLES}
+
+
+def _save_npz(path, **arrays):
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def load_data(work):
+    """The data stage's arrays: {train,val}_{labels,images,mels}."""
+    with np.load(_paths(work)["data"]) as z:
+        return {k: z[k] for k in z.files}
+
+
+def stage_data(s, p):
+    train = make_set(s.n_train, TRAIN_SEED, progress=True)
+    val = make_set(s.n_val, VAL_SEED, progress=True)
+    _save_npz(p["data"], train_labels=train[0], train_images=train[1], train_mels=train[2],
+              val_labels=val[0], val_images=val[1], val_mels=val[2])
+
+
+def tokenizer_file(vqgan, modality, extra):
+    """What a tokenizer file (and a bundle entry) holds: config, weights, recipe, metrics."""
+    recipe = ({"resolution": IMAGE_SIZE} if modality == "image" else dict(AUDIO_RECIPE))
+    return {"config": dataclasses.asdict(vqgan.config), "state_dict": vqgan.state_dict(),
+            **recipe, "grid": list(vqgan.latent_size(*((IMAGE_SIZE, IMAGE_SIZE) if modality ==
+                                                       "image" else (80, shapes.DEMO_FRAMES)))),
+            "codebook": vqgan.config.n_embed, **extra}
+
+
+def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, progress=True):
+    """Train one demo tokenizer on the data stage's training pairs and save it (the body of the
+    `tokenizer` command, which the build runs once per modality)."""
+    d = load_data(work)
+    key = "images" if modality == "image" else "mels"
+    data = model_input(modality, d[f"train_{key}"])  # (N, C, H, W) in [-1, 1]
+    torch.manual_seed(seed)
+    vqgan = VQGAN(VQGAN_CONFIGS[modality]()).to(device)
+    t0 = time.time()
+    losses = train_tokenizer(vqgan, data, steps, batch_size, lr,
+                             generator=torch.Generator().manual_seed(seed), progress=progress,
+                             desc=f"{modality} tokenizer")
+    readable, used = readable_fraction(modality, vqgan, d[f"val_{key}"], d["val_labels"])
+    minutes = (time.time() - t0) / 60
+    print(f"{modality} tokenizer: {n_params(vqgan) / 1e6:.2f} M parameters, {steps} steps in "
+          f"{minutes:.1f} min, final loss {np.mean(losses[-20:]):.4f}, {100 * used:.0f}% of codes "
+          f"used, {100 * readable:.1f}% of validation reconstructions readable", flush=True)
+    save_atomic(tokenizer_file(vqgan.cpu(), modality, {
+        "metrics": {"readable": readable, "codes_used": used, "loss": float(np.mean(losses[-20:])),
+                    "minutes": minutes, "steps": steps}}), _paths(work)[f"{modality}_vqgan"])
+
+
+def stage_tokenizers(s, p, device):
+    todo = [m for m in ("image", "audio") if s.force or not p[f"{m}_vqgan"].exists()]
+    steps = {"image": s.image_tokenizer_steps, "audio": s.audio_tokenizer_steps}
+    args = lambda m: ["tokenizer", "--modality", m, "--work", s.work, "--steps",  # noqa: E731
+                      str(steps[m]), "--batch-size", str(s.tokenizer_batch), "--lr",
+                      str(s.tokenizer_lr), "--seed", str(s.seed), "--device", str(device)]
+    if device.type == "cuda" or len(todo) < 2:
+        for m in todo:
+            tokenizer_main(args(m)[1:])
+        return
+    # on a CPU: two 1-thread processes side by side (faster than one 2-thread process each)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "echoes.demo", *args(m),
+                               *([] if m == "image" else ["--no-progress"])], env=env)
+             for m in todo]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise UserError(f"tokenizer training failed (exit codes {codes}); see the output above")
+
+
+def load_tokenizer(path, device="cpu"):
+    return vqgan_from_entry(load_checkpoint(path, what="demo tokenizer")).to(device)
+
+
+@torch.no_grad()
+def tokenize(vqgan, x, batch_size=256):
+    device = next(vqgan.parameters()).device
+    return torch.cat([vqgan.encode(x[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def stage_shards(s, p, device):
+    d = load_data(s.work)
+    image_vq = load_tokenizer(p["image_vqgan"], device)
+    audio_vq = load_tokenizer(p["audio_vqgan"], device)
+    tmp = p["shards"].with_name(".tmp-shards")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = {"tokenizers": {
+        "image": {"resolution": IMAGE_SIZE, "grid": [8, 8], "codebook": image_vq.config.n_embed,
+                  "frames": 1},
+        "audio": {**AUDIO_RECIPE, "grid": [5, shapes.DEMO_FRAMES // 16],
+                  "codebook": audio_vq.config.n_embed}}}
+    for split, seed in (("train", TRAIN_SEED), ("val", VAL_SEED)):
+        labels = d[f"{split}_labels"]
+        image = tokenize(image_vq, image_input(d[f"{split}_images"]))  # (N, 64)
+        audio = tokenize(audio_vq, audio_input(d[f"{split}_mels"]))  # (N, 40)
+        names = [shapes.CLASSES[int(lab)] for lab in labels]
+        write_shards(tmp, split, image, audio, [f"{seed}-{i}" for i in range(len(labels))],
+                     names, meta=meta)
+        print(f"shards: {split} {len(labels)} pairs, {len(torch.unique(image))} image and "
+              f"{len(torch.unique(audio))} audio codes in use", flush=True)
+    shutil.rmtree(p["shards"], ignore_errors=True)
+    os.replace(tmp, p["shards"])
+
+
+def train_script():
+    path = Path(__file__).resolve().parents[1] / "train.py"
+    if not path.is_file():
+        raise UserError(f"train.py not found beside the echoes package ({path.parent}): the "
+                        "model stage runs from a source checkout")
+    return path
+
+
+def stage_model(s, p, device):
+    if s.force and p["model"].exists():
+        shutil.rmtree(p["model"])
+    amp = s.model_amp if s.model_amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    cmd = [sys.executable, str(train_script()), "--data", str(p["shards"]), "--out",
+           str(p["model"]), "--preset", "demo", "--global-batch", str(s.model_batch),
+           "--max-steps", str(s.model_steps), "--lr", str(s.model_lr), "--amp", amp,
+           "--eval-split", "val", "--eval-every", "500", "--save-every", "250",
+           "--log-every", "100", "--seed", str(s.seed), "--device", device.type, "--resume",
+           "--warmup-steps", str(max(1, s.model_steps // 20)), "--min-lr-ratio", "0.1",
+           "--repair-within-class" if s.repair_within_class else "--no-repair-within-class"]
+    env = dict(os.environ)
+    if s.threads:
+        env["OMP_NUM_THREADS"] = str(s.threads)
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise UserError(f"train.py exited with code {code}; rerun the build to resume it")
+
+
+# -----------------------------------------------------------------------------
+# scoring generations with the class readers (the tune stage and bench/quality.py)
+
+
+def encode_items(modality, tok, arrays, batch_size=256):
+    """uint8 images (N, H, W, 3) or [0, 1] mels (N, 80, T) -> ids (N, L) with a demo tokenizer."""
+    vq = tok.vqgan
+    x = model_input(modality, arrays)
+    return tokenize(vq, x, batch_size)
+
+
+@torch.no_grad()
+def decode_items(modality, tok, ids, batch_size=256):
+    """ids (N, L) -> uint8 images (N, H, W, 3) or [0, 1] mels (N, 80, T), numpy."""
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        if modality == "image":
+            out.append(output_to_uint8(tok.decode(chunk)))
+        else:
+            out.append(tok.decode_to_mel(chunk).cpu().numpy())
+    return np.concatenate(out)
+
+
+def score(modality, items, labels):
+    """Read every generated item -> {"colour", "shape", "both"} accuracies against `labels` and
+    the read class indices (N,) (-1 where unreadable)."""
+    parts = [read_parts(modality, it) for it in items]
+    want = [shapes.label_parts(int(lab)) for lab in labels]
+    colour = np.mean([p[0] == w[0] for p, w in zip(parts, want)])
+    shape = np.mean([p[1] == w[1] for p, w in zip(parts, want)])
+    both = np.mean([p == w for p, w in zip(parts, want)])
+    read = np.array([shapes.label_of(*p) if p[0] is not None else -1 for p in parts])
+    return {"colour": float(colour), "shape": float(shape), "both": float(both)}, read
+
+
+def generate_ids(model, mode, opts, seed, batch_size=64, **ids):
+    """`sampler.generate` over a long list in batches, sample i drawing from stream (seed, i)."""
+    n = len(next(v for v in ids.values() if v is not None)) if ids else opts.pop("n")
+    outs = []
+    gens = sampler.sample_generators(seed, n)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        part = {k: (v[lo:hi] if v is not None and k != "audio_keep" else v)
+                for k, v in ids.items()}
+        outs.append(sampler.generate(model, mode, generator=gens[lo:hi], batch_size=hi - lo,
+                                     **part, **opts))
+    return torch.cat([o[0] for o in outs]).cpu(), torch.cat([o[1] for o in outs]).cpu()
+
+
+def eval_i2a(model, image_tok, audio_tok, image_ids, labels, opts, seed=0):
+    """Image ids (N, Lv) of labelled images -> generated audio read by `read_mel`: accuracies,
+    the read classes and the generated [0, 1] mels."""
+    audio, _ = generate_ids(model, "i2a", opts, seed, image_ids=image_ids)
+    mels = decode_items("audio", audio_tok, audio)
+    acc, read = score("audio", mels, labels)
+    return acc, read, mels
+
+
+def eval_a2i(model, image_tok, audio_tok, audio_ids, labels, opts, seed=0):
+    """Audio ids (N, La) of labelled clips -> generated images read by `read_image`."""
+    _, image = generate_ids(model, "a2i", opts, seed, audio_ids=audio_ids)
+    images = decode_items("image", image_tok, image)
+    acc, read = score("image", images, labels)
+    return acc, read, images
+
+
+def eval_joint(model, image_tok, audio_tok, n, opts, seed=0):
+    """n pairs from nothing -> {"both": share whose image class (read_image) equals the audio class
+    (read_mel), both readable}, the read classes of the clips, the images and the mels."""
+    opts = {k: v for k, v in opts.items() if k != "guidance"}  # nothing to guide by
+    audio, image = generate_ids(model, "joint", {**opts, "n": n}, seed)
+    mels = decode_items("audio", audio_tok, audio)
+    images = decode_items("image", image_tok, image)
+    read_a = np.array([read_class("audio", m) for m in mels])
+    read_v = np.array([read_class("image", im) for im in images])
+    return {"both": float(np.mean((read_a == read_v) & (read_a >= 0)))}, read_a, images, mels
+
+
+# the settings the tune stage tries, per mode (steps, temperature T, guidance s, token temperature)
+TUNE_GRID = {
+    "i2a": [dict(steps=12, temperature=t, guidance=g, token_temperature=tt)
+            for t in (2.0, 9.0) for g in (1.0, 3.0) for tt in (0.5, 1.0)],
+    "a2i": [dict(steps=12, temperature=t, guidance=g, token_temperature=tt)
+            for t in (2.0, 9.0) for g in (1.0, 2.0) for tt in (0.5, 1.0)],
+    "joint": [dict(steps=12, temperature=t, guidance=1.0, token_temperature=tt)
+              for t in (2.0, 9.0) for tt in (0.25, 0.5, 1.0)],
+}
+TUNE_STEPS = (8, 12, 20)  # then tried with the best of the grid
+
+
+def model_from_ckpt(path, device):
+    ckpt = load_checkpoint(path, what="demo model checkpoint")
+    model = Echoes(EchoesConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def stage_tune(s, p, device):
+    """Pick, per mode, the grid point with the best 'both right' accuracy (joint: consistency) on
+    n_tune validation pairs (ties: the cheaper one), then the number of steps; write
+    sampling.json."""
+    d = load_data(s.work)
+    model, _ = model_from_ckpt(p["ckpt"], device)
+    image_tok = ImageTokenizer(load_tokenizer(p["image_vqgan"], device), resolution=IMAGE_SIZE)
+    audio_tok = AudioTokenizer(load_tokenizer(p["audio_vqgan"], device), **AUDIO_RECIPE)
+    n = min(s.n_tune, len(d["val_labels"]))
+    labels = d["val_labels"][:n]
+    image_ids = encode_items("image", image_tok, d["val_images"][:n])
+    audio_ids = encode_items("audio", audio_tok, d["val_mels"][:n])
+    best, table = {}, []
+    for mode in ("i2a", "a2i", "joint"):
+        def run(o, mode=mode):
+            if mode == "i2a":
+                acc = eval_i2a(model, image_tok, audio_tok, image_ids, labels, o, s.seed)[0]
+            elif mode == "a2i":
+                acc = eval_a2i(model, image_tok, audio_tok, audio_ids, labels, o, s.seed)[0]
+            else:  # joint: consistency counts as 'both', there is no shape of its own
+                acc = {**eval_joint(model, image_tok, audio_tok, n, o, s.seed)[0], "shape": 0.0}
+            return acc
+        results = []
+        for opts in tqdm(TUNE_GRID[mode], desc=f"tune {mode}", unit="setting"):
+            acc = run(dict(opts))
+            results.append((acc["both"], acc["shape"], opts))
+            table.append({"mode": mode, **opts, **acc})
+            tqdm.write(f"{mode} {opts} -> {acc}")
+        top = max(results, key=lambda r: (r[0], r[1], -r[2]["guidance"]))[2]
+        for steps in TUNE_STEPS:
+            if steps == top["steps"]:
+                continue
+            opts = {**top, "steps": steps}
+            acc = run(dict(opts))
+            results.append((acc["both"], acc["shape"], opts))
+            table.append({"mode": mode, **opts, **acc})
+            tqdm.write(f"{mode} {opts} -> {acc}")
+        # the best, preferring fewer steps and no guidance when they score the same
+        best[mode] = max(results, key=lambda r: (r[0], r[1], -r[2]["steps"],
+                                                  -r[2]["guidance"]))[2]
+        print(f"tune: {mode} -> {best[mode]}", flush=True)
+    sampling = {k: {m: best[m][k] for m in best} for k in ("steps", "temperature", "guidance",
+                                                          "token_temperature")}
+    for k in sampling:  # inpainting and continuation generate audio given an image, as i2a
+        sampling[k].update({"inpaint": best["i2a"][k], "continue": best["i2a"][k]})
+    p["tune"].write_text(json.dumps({"sampling": sampling, "table": table}, indent=1))
+
+
+# -----------------------------------------------------------------------------
+# the bundle
+
+
+EXAMPLE_CLASSES = ("red circle", "green square", "blue triangle", "yellow square")
+
+
+def half(state_dict):
+    """fp16 copies of the floating-point tensors of a state dict (the bundle's storage)."""
+    return {k: (v.half() if v.is_floating_point() else v).clone() for k, v in state_dict.items()}
+
+
+def write_examples(folder, seed=EXAMPLE_SEED):
+    """One PNG + WAV pair per class of EXAMPLE_CLASSES (generator seed `seed`), named after the
+    class (red_circle.png, red_circle.wav, ...), and labels.csv."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in EXAMPLE_CLASSES:
+        label = shapes.CLASSES.index(name)
+        label_got, img, wav = shapes.make_pair(label, seed)  # index = label: that class
+        assert label_got == label
+        stem = name.replace(" ", "_")
+        Image.fromarray(img).save(folder / f"{stem}.png")
+        soundfile.write(folder / f"{stem}.wav", wav, shapes.SAMPLE_RATE, subtype="PCM_16")
+        rows.append((label, name, f"{stem}.png", f"{stem}.wav"))
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "class", "image", "audio"])
+        w.writerows(rows)
+
+
+def stage_bundle(s, p):
+    ckpt = load_checkpoint(p["ckpt"], what="demo model checkpoint")
+    tuned = json.loads(p["tune"].read_text())
+    tokenizers = {}
+    for m in ("image", "audio"):
+        entry = load_checkpoint(p[f"{m}_vqgan"], what="demo tokenizer")
+        tokenizers[m] = {**entry, "state_dict": half(entry["state_dict"])}
+    bundle = {"model": half(ckpt["model"]), "config": ckpt["config"],
+              "sampling": tuned["sampling"], "tokenizers": tokenizers,
+              "demo": {"seeds": {"train": TRAIN_SEED, "val": VAL_SEED, "test": TEST_SEED,
+                                 "examples": EXAMPLE_SEED},
+                       "n_train": s.n_train, "model_steps": ckpt["step"],
+                       "train_settings": {k: v for k, v in ckpt.get("settings", {}).items()
+                                          if k not in ("data", "out")},  # no local paths
+                       "train_metrics": ckpt.get("metrics", {}), "tune": tuned["table"]}}
+    save_atomic(bundle, p["bundle"])
+    os.chmod(p["bundle"], 0o644)  # a package file: readable by everyone
+    size = p["bundle"].stat().st_size
+    if size > MAX_BUNDLE_BYTES:
+        raise UserError(f"{p['bundle']} is {size / 2**20:.1f} MiB, over the 10 MB budget: "
+                        "shrink the demo preset or the tokenizers")
+    write_examples(p["examples"])
+    print(f"bundle: {p['bundle']} ({size / 2**20:.2f} MiB), examples in {p['examples']}")
+
+
+STAGE_FILES = {  # stage: (its outputs, its inputs)
+    "data": (["data"], []),
+    "tokenizers": (["image_vqgan", "audio_vqgan"], ["data"]),
+    "shards": (["shards"], ["image_vqgan", "audio_vqgan"]),
+    "model": (["ckpt"], ["shards"]),
+    "tune": (["tune"], ["ckpt"]),
+    "bundle": (["bundle"], ["tune", "ckpt", "image_vqgan", "audio_vqgan"]),
+}
+
+
+def stage_done(stage, s, p):
+    """Whether a stage's outputs exist and are newer than its inputs (the build then skips it
+    unless --force); the model stage also needs --model-steps reached."""
+    outputs, inputs = STAGE_FILES[stage]
+    if not all(p[k].exists() for k in outputs):
+        return False
+    oldest = min(p[k].stat().st_mtime for k in outputs)
+    if any(p[k].exists() and p[k].stat().st_mtime > oldest for k in inputs):
+        return False
+    if stage == "model":
+        return load_checkpoint(p["ckpt"], what="demo model checkpoint")["step"] >= s.model_steps
+    if stage == "bundle":
+        return (p["examples"] / "labels.csv").exists()
+    return True
+
+
+def build(s):
+    unknown = [x for x in s.stages if x not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    device = _device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    p = _paths(s.work)
+    Path(s.work).mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    for stage in STAGES:
+        if stage not in s.stages:
+            continue
+        if not s.force and stage_done(stage, s, p):
+            print(f"== {stage}: done already (its output exists; --force redoes it)")
+            continue
+        print(f"== {stage}", flush=True)
+        t0 = time.time()
+        if stage == "data":
+            stage_data(s, p)
+        elif stage == "tokenizers":
+            stage_tokenizers(s, p, device)
+        elif stage == "shards":
+            stage_shards(s, p, device)
+        elif stage == "model":
+            stage_model(s, p, device)
+        elif stage == "tune":
+            stage_tune(s, p, device)
+        else:
+            stage_bundle(s, p)
+        print(f"== {stage}: {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"build finished in {(time.time() - t_all) / 60:.1f} min")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclasses.dataclass
+class TokenizerSettings:
+    """`python -m echoes.demo tokenizer` (one stage of the build, run per modality)."""
+    modality: str = setting("image", "which tokenizer", choices=["image", "audio"])
+    work: str = setting("demo_build", "the build folder (reads data.npz, writes *_vqgan.pt)")
+    steps: int = setting(1200, "optimizer steps")
+    batch_size: int = setting(16, "batch size")
+    lr: float = setting(2e-3, "peak learning rate")
+    seed: int = setting(0, "seed of the init and the batches")
+    device: str = setting("auto", "auto, cpu or cuda")
+    progress: bool = setting(True, "show a progress bar")
+
+
+def tokenizer_main(argv):
+    t = parse_settings(TokenizerSettings, argv, description="Train one demo tokenizer.")
+    if not _paths(t.work)["data"].exists():
+        raise UserError(f"{t.work} has no data.npz: run `python -m echoes.demo build` "
+                        "(its data stage comes first)")
+    train_one_tokenizer(t.modality, t.work, t.steps, t.batch_size, t.lr, t.seed,
+                        _device(t.device), t.progress)
+
+
+USAGE = """usage: python -m echoes.demo COMMAND [options]
+
+commands:
+  build       rebuild the embedded demo (echoes/assets/demo.pt and examples); see `build --help`
+  tokenizer   train one demo tokenizer (a stage of build); see `tokenizer --help`"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] == "build":
+        build(parse_settings(BuildSettings, argv[1:], description="Rebuild the embedded demo."))
+    elif argv[0] == "tokenizer":
+        tokenizer_main(argv[1:])
+    else:
+        raise UserError(f"unknown command {argv[0]!r}; see `python -m echoes.demo --help`")
+
+
+if __name__ == "__main__":
+    run_cli(main)

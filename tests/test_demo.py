@@ -1,0 +1,158 @@
+"""Tests for the embedded demo (echoes/demo.py, issue 7): the shipped bundle and examples load and
+work, and the tokenizer-training routine learns. The readers and the generator's determinism are
+covered by tests/test_shapes.py. CPU only, well under a minute."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from echoes import demo, sampler, shapes
+from echoes.cli import run_cli
+from echoes.model import EchoesConfig
+from echoes.tokenizers import VQGAN, VQGANConfig, mel_spectrogram
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    assert demo.DEMO_BUNDLE.is_file(), "the demo bundle is missing: python -m echoes.demo build"
+    return demo.load_demo()
+
+
+def example_paths():
+    return [(shapes.CLASSES.index(name), demo.EXAMPLES / f"{name.replace(' ', '_')}.png",
+             demo.EXAMPLES / f"{name.replace(' ', '_')}.wav") for name in demo.EXAMPLE_CLASSES]
+
+
+# -----------------------------------------------------------------------------
+# the shipped files
+
+
+def test_bundle_size_and_layout(bundle):
+    assert demo.DEMO_BUNDLE.stat().st_size <= demo.MAX_BUNDLE_BYTES
+    model, image_tok, audio_tok, sampling, raw = bundle
+    # the stored config is the demo preset (a rebuilt preset must ship a rebuilt bundle)
+    assert raw["config"] == dataclasses.asdict(EchoesConfig.demo())
+    assert image_tok.grid == (8, 8) and audio_tok.grid == (5, 8)
+    assert model.config.image_len == 64 and model.config.audio_len == 40
+    assert image_tok.vqgan.config.n_embed == model.config.image_codebook
+    assert audio_tok.vqgan.config.n_embed == model.config.audio_codebook
+    assert (audio_tok.n_samples, audio_tok.n_frames, audio_tok.sample_rate) == (
+        shapes.CLIP_SAMPLES, shapes.DEMO_FRAMES, shapes.SAMPLE_RATE)
+    for mode in ("i2a", "a2i"):
+        opts = demo.sampling_for(sampling, mode)
+        assert set(opts) == {"steps", "temperature", "guidance", "token_temperature"}
+    # weights are stored in fp16 to fit the budget
+    assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+
+
+def test_examples_are_generator_items():
+    for label, png, wav in example_paths():
+        img = np.asarray(Image.open(png).convert("RGB"))
+        _, want_img, want_wav = shapes.make_pair(label, demo.EXAMPLE_SEED)
+        assert np.array_equal(img, want_img)
+        x, sr = soundfile.read(wav, dtype="float32")
+        assert sr == shapes.SAMPLE_RATE and len(x) == shapes.CLIP_SAMPLES
+        assert np.abs(x - want_wav).max() < 1e-3  # 16-bit PCM
+
+
+def test_tokenizers_reconstruct_examples_readably(bundle):
+    _, image_tok, audio_tok, _, _ = bundle
+    for label, png, wav in example_paths():
+        want = shapes.label_parts(label)
+        rec = demo.decode_items("image", image_tok, image_tok.encode_files([png]))[0]
+        assert shapes.read_image(rec) == want
+        ids = audio_tok.encode_files([wav])
+        assert ids.shape == (1, 40)
+        assert shapes.read_mel(audio_tok.decode_to_mel(ids)[0]) == want
+
+
+def test_short_i2a_and_a2i_samples_run(bundle):
+    model, image_tok, audio_tok, sampling, _ = bundle
+    _, png, wav = example_paths()[0]
+    gen = sampler.sample_generators(0, 1)
+    opts = {**demo.sampling_for(sampling, "i2a"), "steps": 3}
+    audio, image = sampler.generate(model, "i2a", image_ids=image_tok.encode_files([png]),
+                                    generator=gen, **opts)
+    assert audio.shape == (1, 40) and 0 <= int(audio.min()) and int(audio.max()) < 256
+    mel = audio_tok.decode_to_mel(audio)
+    assert mel.shape == (1, 80, shapes.DEMO_FRAMES)
+    opts = {**demo.sampling_for(sampling, "a2i"), "steps": 3}
+    _, image = sampler.generate(model, "a2i", audio_ids=audio_tok.encode_files([wav]),
+                                generator=sampler.sample_generators(0, 1), **opts)
+    assert image.shape == (1, 64)
+
+
+def test_sample_cli_without_arguments_uses_the_demo(tmp_path):
+    spec = importlib.util.spec_from_file_location("sample_demo", ROOT / "sample.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    run_cli(cli.main, ["--mode", "i2a", "--out", str(tmp_path), "--steps", "2"])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith(".wav") for n in written) and any(n.endswith("_mel.png")
+                                                            for n in written)
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer-training routine
+
+
+def small_images(n, size=16):
+    """n generated images box-downsampled to size x size, as VQGAN input (n, 3, size, size)."""
+    _, images, _ = shapes.generate(n, seed=99)
+    x = demo.image_input(images)  # (n, 3, 64, 64)
+    return torch.nn.functional.avg_pool2d(x, 64 // size)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and do not fight a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_tokenizer_loss_falls(one_thread):
+    torch.manual_seed(0)
+    config = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=0, attn_resolutions=(),
+                         resolution=16, z_channels=8, embed_dim=8, n_embed=16)
+    vq = VQGAN(config)
+    data = small_images(24)
+    losses = demo.train_tokenizer(vq, data, steps=25, batch_size=8, lr=3e-3,
+                                  generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 25 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+    assert not vq.quantize.embedding.weight.requires_grad  # the codebook moves by EMA only
+    assert not vq.training
+
+
+def test_ema_codebook_follows_latents_and_restarts_dead_codes():
+    quantizer = VQGAN(VQGANConfig(ch=32, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(),
+                                  resolution=4, z_channels=4, embed_dim=4, n_embed=8)).quantize
+    book = demo.EMACodebook(quantizer, decay=0.5, dead_below=0.3)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 4, generator=g)
+    assert book.update(z, torch.zeros(64, dtype=torch.long), g) == 0  # init from latents
+    assert all(any(torch.equal(w, v) for v in z) for w in book.weight)
+    # every latent goes to code 0: it moves toward their mean, the others die and restart
+    ids = torch.zeros(64, dtype=torch.long)
+    restarted = sum(book.update(z, ids, g) for _ in range(4))
+    assert restarted >= 7
+    assert torch.allclose(book.weight[0], z.mean(0), atol=0.2)
+
+
+def test_mel_recipe_gives_the_token_grid():
+    _, _, wav = shapes.make_pair(0, seed=5)
+    mel = mel_spectrogram(torch.from_numpy(wav))
+    assert mel.shape == (1, 80, shapes.DEMO_FRAMES)
+    vq = VQGAN(demo.audio_vqgan_config())
+    assert vq.latent_size(80, shapes.DEMO_FRAMES) == (5, 8)
+    assert VQGAN(demo.image_vqgan_config()).latent_size(64, 64) == (8, 8)
