@@ -1,5 +1,5 @@
 """The embedded demo "shapes and tones": how its tokenizers, model and bundle are built, and how
-the shipped bundle is loaded (issue 7; data set: DESIGN.md section 8, `echoes/shapes.py`).
+the shipped bundle is loaded (data set: DESIGN.md section 8, `echoes/shapes.py`).
 
     python -m echoes.demo build            # every stage that has no output yet
     python -m echoes.demo build --force    # all of them again

@@ -1,4 +1,4 @@
-"""Tests for the embedded demo (echoes/demo.py, issue 7): the shipped bundle and examples load and
+"""Tests for the embedded demo (echoes/demo.py): the shipped bundle and examples load and
 work, and the tokenizer-training routine learns. The readers and the generator's determinism are
 covered by tests/test_shapes.py. CPU only, well under a minute."""
 
