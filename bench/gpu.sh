@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
-# Usage: bash bench/gpu.sh [OUT_DIR]    (at most 8.5 minutes on an H100/H200; about 4 when nothing times out)
-# Needs torch + triton with CUDA. Without network, soundfile is installed from ./.wheels when
-# that folder holds its wheels (pip download soundfile cffi pycparser -d .wheels).
+# Usage: bash bench/gpu.sh [OUT_DIR]
+# At most 8.5 minutes on an H100/H200 (about 4 when no stage times out). Needs torch + triton
+# with CUDA. On a machine without network, soundfile is installed from ./.wheels, fetched
+# beforehand for the GPU machine's Python, e.g. for 3.12:
+#   pip download --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+#       -d .wheels soundfile cffi pycparser
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/out}}
