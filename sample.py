@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import echoes
+import kernels
 from echoes import sampler
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
 from echoes.model import Echoes, EchoesConfig
@@ -183,10 +184,6 @@ def pick_device(name):
 # loading the model, the tokenizers and the vocoder
 
 
-def read_checkpoint(path, trusted, what):
-    return load_checkpoint(path, trusted=trusted, what=what)
-
-
 def load_model(ckpt, source):
     """`Echoes` rebuilt from the checkpoint alone (STYLE.md item 14), weights loaded strictly."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
@@ -247,6 +244,10 @@ def check_fit(model, image_tok, audio_tok, source):
 
 def sampling_settings(s, ckpt):
     """steps, temperature, guidance, token_temperature: command line > checkpoint > paper."""
+    try:
+        sampler.check_sampling_defaults(ckpt.get("sampling") or {})
+    except ValueError as e:
+        raise UserError(f"the checkpoint's {e}; re-save it with valid sampling defaults") from e
     stored = {**PAPER_SAMPLING, **(ckpt.get("sampling") or {})}
     out = {}
     for name in ("steps", "temperature", "guidance", "token_temperature"):
@@ -331,8 +332,12 @@ def main(argv=None):
     demo_examples(s)
     check_inputs(s)
     device = pick_device(s.device)
-    ckpt = read_checkpoint(source, s.trust_checkpoints,
-                           "model checkpoint" if s.ckpt else "embedded demo")
+    try:  # the model picks its kernels through this switch: a bad ECHOES_KERNELS fails here
+        kernels.resolve()
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"ECHOES_KERNELS: {e}") from e
+    ckpt = load_checkpoint(source, trusted=s.trust_checkpoints,
+                           what="model checkpoint" if s.ckpt else "embedded demo")
     source = str(source)
     model = load_model(ckpt, source).to(device)
     image_tok, audio_tok = load_tokenizers(s, ckpt, source, device)
@@ -341,7 +346,10 @@ def main(argv=None):
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     stems = output_stems(s)
     images, audios = encode_inputs(s, image_tok, audio_tok, device)
-    Path(s.out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(s.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {s.out}: cannot create the folder ({e.strerror})") from e
 
     K, n = s.num_samples, len(stems)
     generators = sampler.sample_generators(s.seed, n)

@@ -46,6 +46,7 @@ import kernels
 from echoes import data
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting
 from echoes.model import Echoes, EchoesConfig
+from echoes.sampler import check_sampling_defaults
 
 
 @dataclass
@@ -336,9 +337,11 @@ def check_settings(s, world):
         raise UserError(str(e)) from e
     if s.sampling:
         try:
-            assert isinstance(json.loads(s.sampling), dict)
-        except (json.JSONDecodeError, AssertionError) as e:
+            check_sampling_defaults(json.loads(s.sampling))
+        except json.JSONDecodeError as e:
             raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": 3.0}'") from e
+        except ValueError as e:
+            raise UserError(f"--sampling: {e}") from e
     return config, micro, s.global_batch // (micro * world)
 
 
@@ -514,7 +517,9 @@ def train(s, d, config, micro, accum, ckpt_path):
                 log.flush()
             bar.update(1)
             at_end = step == end or stopping
-            if eval_set is not None and ((s.eval_every and step % s.eval_every == 0) or at_end):
+            # after SIGTERM the save comes first: a scheduler's grace period may not fit an eval
+            if eval_set is not None and not stopping and (
+                    (s.eval_every and step % s.eval_every == 0) or at_end):
                 ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
                 extra["metrics"]["eval_loss"] = ev["eval_loss"]
                 if d.master:

@@ -65,10 +65,13 @@ def read_index(root, required=True):
             raise UserError(f"{root} holds no token shards (no {INDEX}); make them with "
                             "`python -m echoes.data prepare`")
         return None
-    with open(path) as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise UserError(f"{path} is not an echoes shard index (format {index.get('format')!r})")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); prepare the shards again") from e
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise UserError(f"{path} is not an echoes shard index; prepare the shards again")
     return index
 
 

@@ -63,8 +63,8 @@ class EchoesConfig:
     def demo(cls, **overrides):
         """The embedded demo ("shapes and tones", DESIGN.md section 8): 8 x 8 image ids and
         5 x 8 audio ids over 256-code books; 3.5 M parameters (7 MB in fp16, inside the bundle's
-        10 MB with both tokenizers), small enough to train on 2 CPU cores. Width 256 keeps bf16
-        autocast faster than fp32 on a CPU."""
+        10 MB with both tokenizers), small enough to train on 2 CPU cores (in fp32: on CPUs
+        without bf16 instructions bf16 autocast is slower)."""
         base = dict(audio_len=40, image_len=64, audio_codebook=256, image_codebook=256,
                     enc_dim=256, enc_depth=3, enc_heads=8, dec_dim=256, dec_depth=1, dec_heads=8,
                     dropout=0.0, full_mask_prob=0.3)

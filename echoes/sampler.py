@@ -238,6 +238,32 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
 
 
 # -----------------------------------------------------------------------------
+# sampling defaults stored in checkpoints
+
+SAMPLING_KEYS = ("steps", "temperature", "guidance", "token_temperature")
+
+
+def check_sampling_defaults(defaults):
+    """Sampling defaults as a checkpoint stores them: {name: number or {mode: number}} with names
+    from SAMPLING_KEYS and modes from MODES. Raises ValueError naming the first problem."""
+    if not isinstance(defaults, dict):
+        raise ValueError("sampling defaults must be an object of "
+                         f"{{{', '.join(SAMPLING_KEYS)}}}")
+    unknown = sorted(set(defaults) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {', '.join(unknown)}: "
+                         f"use {', '.join(SAMPLING_KEYS)}")
+    for name, value in defaults.items():
+        per_mode = value if isinstance(value, dict) else {"all modes": value}
+        bad_modes = sorted(set(per_mode) - set(MODES) - {"all modes"})
+        all_numbers = all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                      for v in per_mode.values())
+        if bad_modes or not all_numbers:
+            raise ValueError(f"sampling setting {name!r} must be a number or an object of "
+                             f"{{mode: number}} with modes {', '.join(MODES)}; got {value!r}")
+
+
+# -----------------------------------------------------------------------------
 # the entry point
 
 

@@ -9,8 +9,8 @@ plain PyTorch reference (the spec, defined where the plain path uses it):
 - `sampling.py`: `draw_tokens` (CFG mix, softmax and categorical draw over the codebook) and
   `remask` (Gumbel top-k re-mask); reference in `echoes/sampler.py`.
 
-`select(backend)` returns the op set: "triton", "torch", or None for the default, which is the
-environment variable ECHOES_KERNELS ("auto", "triton" or "torch") and otherwise "auto": Triton
+`select(backend)` returns the op set: "triton" or "torch" as asked; "auto" or None defer to the
+environment variable ECHOES_KERNELS ("auto", "triton" or "torch") and, without it, pick Triton
 when CUDA and Triton are both present, PyTorch otherwise. The Triton ops themselves fall back to
 the reference for tensors that are not on a GPU (unless TRITON_INTERPRET=1), so a model on the
 CPU of a GPU machine still runs.
@@ -35,7 +35,9 @@ def triton_available():
 
 def resolve(backend=None):
     """The backend name an argument (or ECHOES_KERNELS) resolves to: "triton" or "torch"."""
-    backend = backend or os.environ.get("ECHOES_KERNELS", "auto")
+    # "auto" (the scripts' default) and None both defer to the environment variable
+    if backend in (None, "", "auto"):
+        backend = os.environ.get("ECHOES_KERNELS") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "auto":

@@ -256,3 +256,10 @@ def test_prepare_from_a_vggsound_csv(tmp_path):
     a, v = train.fetch([0, 1])
     assert a.shape == (2, 20) and v.shape == (2, 64)
     assert json.loads((out / "index.json").read_text())["frames"] == 3
+
+
+def test_a_corrupt_index_is_one_user_error(tmp_path):
+    from echoes.cli import UserError
+    (tmp_path / data.INDEX).write_text('{"format": ')  # a torn write from another tool
+    with pytest.raises(UserError, match="corrupt"):
+        data.read_index(tmp_path)

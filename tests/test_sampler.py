@@ -321,3 +321,21 @@ def test_model_is_left_in_its_training_mode():
     _, image = random_ids(model, 1)
     generate(model, "i2a", image_ids=image, steps=2, generator=seeded(0))
     assert model.training
+
+
+def test_sampling_defaults_are_checked():
+    sampler.check_sampling_defaults({"steps": 12, "guidance": {"i2a": 3.0, "a2i": 1}})
+    for bad in ({"temprature": 9.0}, {"temperature": "hot"}, {"guidance": {"i2a": None}},
+                {"steps": {"x2y": 4}}, {"guidance": True}, [1, 2]):
+        with pytest.raises(ValueError):
+            sampler.check_sampling_defaults(bad)
+
+
+def test_the_kernel_switch_reads_the_environment_for_auto(monkeypatch):
+    import kernels
+    monkeypatch.setenv("ECHOES_KERNELS", "torch")
+    assert kernels.resolve("auto") == kernels.resolve(None) == "torch"
+    monkeypatch.setenv("ECHOES_KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        kernels.resolve("auto")
+    assert kernels.resolve("torch") == "torch"  # an explicit choice wins over the environment
