@@ -32,7 +32,6 @@ its own stream seeded by (--seed, j), so its output does not depend on --batch-s
 Problems a user can fix print one line and exit with code 2.
 """
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -40,23 +39,12 @@ from pathlib import Path
 
 import torch
 
-import echoes
 import kernels
 from echoes import sampler
+from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, SAMPLING_KEYS, check_fit, load_model,
+                               load_tokenizers, stored_sampling)
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
-from echoes.model import Echoes, EchoesConfig
-from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, load_melgan,
-                               load_state_strict, load_vqgan, save_mel_png, save_wav,
-                               vqgan_from_checkpoint)
-
-# the embedded demo: model + tokenizers + its tuned sampling settings in one checkpoint file, and
-# example inputs for runs that name none
-DEMO_BUNDLE = Path(echoes.__file__).parent / "assets" / "demo.pt"
-DEMO_EXAMPLES = Path(echoes.__file__).parent / "assets" / "examples"
-
-# paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
-PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
-                  "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
+from echoes.tokenizers import save_mel_png, save_wav
 
 
 @dataclass
@@ -180,87 +168,10 @@ def pick_device(name):
     return device
 
 
-# -----------------------------------------------------------------------------
-# loading the model, the tokenizers and the vocoder
-
-
-def load_model(ckpt, source):
-    """`Echoes` rebuilt from the checkpoint alone (STYLE.md item 14), weights loaded strictly."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
-            or not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{source} is not an echoes model checkpoint (it needs 'model' and "
-                        "'config' entries, as train.py writes them)")
-    fields = {f.name for f in dataclasses.fields(EchoesConfig)}
-    unknown = sorted(set(ckpt["config"]) - fields)
-    if unknown:
-        raise UserError(f"{source}: its config has fields this version of EchoesConfig does not "
-                        f"know ({', '.join(unknown[:4])}); use the echoes version that wrote it")
-    model = Echoes(EchoesConfig(**ckpt["config"]))
-    return load_state_strict(model, ckpt["model"], "model checkpoint", source).eval()
-
-
-def load_tokenizers(s, ckpt, source, device):
-    """(ImageTokenizer, AudioTokenizer): weights from the command line, else embedded in the
-    checkpoint; recipe settings from the checkpoint's "tokenizers" entry, else the paper's."""
-    info = ckpt.get("tokenizers") or {}
-    image_info, audio_info = info.get("image") or {}, info.get("audio") or {}
-
-    def vqgan(flag, path, entry, preset, what):
-        if path:
-            return load_vqgan(path, s.trust_checkpoints, preset)
-        if isinstance(entry.get("state_dict"), dict):
-            return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
-        raise UserError(f"{source} carries no {what}: pass --{flag} PATH")
-
-    image_vq = vqgan("image-vqgan", s.image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(),
-                     "image VQGAN")
-    audio_vq = vqgan("audio-vqgan", s.audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
-                     "audio VQGAN")
-    vocoder = (load_melgan(s.vocoder, trusted=s.trust_checkpoints)
-               if s.vocoder else None)
-    image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
-    recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")
-              if k in audio_info}
-    try:
-        audio_tok = AudioTokenizer(audio_vq.to(device),
-                                   vocoder.to(device) if vocoder is not None else None, **recipe)
-    except ValueError as e:
-        raise UserError(f"the audio recipe of {source} does not fit: {e}") from e
-    return image_tok, audio_tok
-
-
-def check_fit(model, image_tok, audio_tok, source):
-    """The model and the tokenizers must agree on token counts and codebook sizes."""
-    c = model.config
-    for what, tok, length, codebook in (("image", image_tok, c.image_len, c.image_codebook),
-                                        ("audio", audio_tok, c.audio_len, c.audio_codebook)):
-        h, w = tok.grid
-        n_embed = tok.vqgan.config.n_embed
-        if h * w != length or n_embed != codebook:
-            raise UserError(f"{source} expects {length} {what} tokens over {codebook} codes, but "
-                            f"the {what} tokenizer gives {h}x{w} = {h * w} ids over {n_embed} "
-                            f"codes: pass the {what} VQGAN the model was trained with")
-
-
-def sampling_settings(s, ckpt):
+def sampling_settings(s, ckpt, source="the checkpoint"):
     """steps, temperature, guidance, token_temperature: command line > checkpoint > paper."""
-    try:
-        sampler.check_sampling_defaults(ckpt.get("sampling") or {})
-    except ValueError as e:
-        raise UserError(f"the checkpoint's {e}; re-save it with valid sampling defaults") from e
-    stored = {**PAPER_SAMPLING, **(ckpt.get("sampling") or {})}
-    out = {}
-    for name in ("steps", "temperature", "guidance", "token_temperature"):
-        value = getattr(s, name)
-        if value is None:
-            value = stored[name]
-            if isinstance(value, dict):  # per-mode values, e.g. {"i2a": 3.0, "a2i": 1.0}
-                paper = PAPER_SAMPLING[name]
-                paper = paper.get(s.mode, 1.0) if isinstance(paper, dict) else paper
-                # inpainting and continuation generate audio from an image, as i2a does
-                like = "i2a" if s.mode in ("inpaint", "continue") else s.mode
-                value = value.get(s.mode, value.get(like, paper))
-        out[name] = value
+    out = stored_sampling(ckpt, s.mode, source)
+    out.update({k: getattr(s, k) for k in SAMPLING_KEYS if getattr(s, k) is not None})
     if s.mode == "joint" or (s.mode == "continue" and not s.image):
         out["guidance"] = 1.0  # nothing to guide by
     return out
@@ -340,9 +251,10 @@ def main(argv=None):
                            what="model checkpoint" if s.ckpt else "embedded demo")
     source = str(source)
     model = load_model(ckpt, source).to(device)
-    image_tok, audio_tok = load_tokenizers(s, ckpt, source, device)
+    image_tok, audio_tok = load_tokenizers(ckpt, source, device, s.image_vqgan, s.audio_vqgan,
+                                           s.vocoder, s.trust_checkpoints)
     check_fit(model, image_tok, audio_tok, source)
-    opts = sampling_settings(s, ckpt)
+    opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     stems = output_stems(s)
     images, audios = encode_inputs(s, image_tok, audio_tok, device)

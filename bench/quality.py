@@ -34,14 +34,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from echoes import demo, sampler  # noqa: E402
+from echoes import checkpoint, demo, sampler  # noqa: E402
 from echoes.cli import UserError, parse_settings, run_cli, setting  # noqa: E402
 
 
 @dataclasses.dataclass
 class Settings:
     """`bench/quality.py` settings (each one is a --flag; see --help)."""
-    bundle: str = setting(str(demo.DEMO_BUNDLE), "the demo bundle to score")
+    bundle: str = setting(str(checkpoint.DEMO_BUNDLE), "the demo bundle to score")
     n: int = setting(96, "test pairs for the main rows (8 per class)")
     n_ablation: int = setting(48, "test pairs per ablation row (4 per class)")
     n_joint: int = setting(96, "pairs generated from nothing for joint consistency")
@@ -118,9 +118,10 @@ def main(argv=None):
         torch.set_num_threads(s.threads)
     device = demo._device(s.device)
     t_start = time.time()
-    model, image_tok, audio_tok, sampling, bundle = demo.load_demo(s.bundle, device)
-    i2a = demo.sampling_for(sampling, "i2a")
-    a2i = demo.sampling_for(sampling, "a2i")
+    model, image_tok, audio_tok, bundle = checkpoint.load_for_sampling(s.bundle, device,
+                                                                       what="demo bundle")
+    i2a = checkpoint.stored_sampling(bundle, "i2a")
+    a2i = checkpoint.stored_sampling(bundle, "a2i")
     n_max = max(s.n, s.n_ablation)
     labels, images, mels = demo.make_set(n_max, demo.TEST_SEED, progress=True)
     image_ids = demo.encode_items("image", image_tok, images)
@@ -164,7 +165,8 @@ def main(argv=None):
         log(row(name, opts, acc, None, n))
 
     # joint: both modalities from nothing; consistency = image class == audio class
-    joint = {k: v for k, v in demo.sampling_for(sampling, "joint").items() if k != "guidance"}
+    joint = {k: v for k, v in checkpoint.stored_sampling(bundle, "joint").items()
+             if k != "guidance"}
     acc, read_a, _, _ = demo.eval_joint(model, image_tok, audio_tok, s.n_joint, joint, s.seed)
     classes = len(set(read_a[read_a >= 0].tolist()))
     log(row("joint consistency", joint, acc, None, s.n_joint,
@@ -173,7 +175,7 @@ def main(argv=None):
     # audio inpainting: 0.5-1.0 s regenerated given the image and the rest of the clip
     duration = audio_tok.n_samples / audio_tok.sample_rate
     keep = sampler.audio_keep_outside(0.5, 1.0, audio_tok.grid, duration)
-    inp = demo.sampling_for(sampling, "inpaint")
+    inp = checkpoint.stored_sampling(bundle, "inpaint")
     audio_in, _ = demo.generate_ids(model, "inpaint", dict(inp), s.seed,
                                     audio_ids=audio_ids[:n], image_ids=image_ids[:n],
                                     audio_keep=keep)

@@ -1,5 +1,6 @@
-"""The embedded demo "shapes and tones": how its tokenizers, model and bundle are built, and how
-the shipped bundle is loaded (data set: DESIGN.md section 8, `echoes/shapes.py`).
+"""The embedded demo "shapes and tones": how its tokenizers, model and bundle are built and how
+generations are scored (data set: DESIGN.md section 8, `echoes/shapes.py`; the shipped bundle
+is loaded like any checkpoint, by `echoes/checkpoint.py`).
 
     python -m echoes.demo build            # every stage that has no output yet
     python -m echoes.demo build --force    # all of them again
@@ -49,16 +50,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from echoes import sampler, shapes
+from echoes.checkpoint import DEMO_BUNDLE, DEMO_EXAMPLES, load_model
 from echoes.cli import (UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting,
                         write_atomic)
 from echoes.data import write_shards
-from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
                                mel_spectrogram, n_params, vqgan_from_checkpoint)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_BUNDLE = ASSETS / "demo.pt"
-EXAMPLES = ASSETS / "examples"
 MAX_BUNDLE_BYTES = 10 * 1024 * 1024
 
 TRAIN_SEED, VAL_SEED, TEST_SEED, EXAMPLE_SEED = 1, 2, 3, 4
@@ -252,38 +250,13 @@ def readable_fraction(modality, vqgan, arrays, labels):
 
 
 # -----------------------------------------------------------------------------
-# loading the shipped bundle
+# tokenizer files
 
 
 def vqgan_from_entry(entry):
     """A bundle's tokenizer entry {"config", "state_dict", ...} -> VQGAN in eval mode (fp32:
     loading casts the stored fp16 weights)."""
     return vqgan_from_checkpoint(entry, source="demo tokenizer entry")
-
-
-def load_demo(path=DEMO_BUNDLE, device="cpu"):
-    """The embedded demo -> (model, image tokenizer, audio tokenizer, sampling defaults, bundle).
-    Weights are stored in fp16 and run in fp32."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found: build it with `python -m echoes.demo build`")
-    bundle = load_checkpoint(path, what="demo bundle")
-    model = Echoes(EchoesConfig(**bundle["config"]))
-    model.load_state_dict({k: v.float() for k, v in bundle["model"].items()})
-    model = model.to(device).eval()
-    tok = bundle["tokenizers"]
-    image_tok = ImageTokenizer(vqgan_from_entry(tok["image"]).to(device),
-                               resolution=tok["image"]["resolution"])
-    audio_tok = AudioTokenizer(vqgan_from_entry(tok["audio"]).to(device),
-                               **{k: tok["audio"][k] for k in AUDIO_RECIPE})
-    return model, image_tok, audio_tok, bundle.get("sampling", {}), bundle
-
-
-def sampling_for(sampling, mode):
-    """The bundle's stored settings for one mode: {steps, temperature, guidance,
-    token_temperature}, each either one value or a {mode: value} dict."""
-    return {k: (v.get(mode, v.get("i2a")) if isinstance(v, dict) else v)
-            for k, v in sampling.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +306,7 @@ def _paths(work):
     return {"data": w / "data.npz", "image_vqgan": w / "image_vqgan.pt",
             "audio_vqgan": w / "audio_vqgan.pt", "shards": w / "shards",
             "model": w / "model", "ckpt": w / "model" / "ckpt.pt", "tune": w / "sampling.json",
-            "bundle": DEMO_BUNDLE, "examples": EXAMPLES}
+            "bundle": DEMO_BUNDLE, "examples": DEMO_EXAMPLES}
 
 
 def _save_npz(path, **arrays):
@@ -559,9 +532,7 @@ TUNE_STEPS = (8, 12, 20)  # then tried with the best of the grid
 
 def model_from_ckpt(path, device):
     ckpt = load_checkpoint(path, what="demo model checkpoint")
-    model = Echoes(EchoesConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    return load_model(ckpt, str(path)).to(device), ckpt
 
 
 def stage_tune(s, p, device):

@@ -12,7 +12,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from echoes import demo, sampler, shapes
+from echoes import checkpoint, demo, sampler, shapes
 from echoes.cli import run_cli
 from echoes.model import EchoesConfig
 from echoes.tokenizers import VQGAN, VQGANConfig, mel_spectrogram
@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bundle():
     assert demo.DEMO_BUNDLE.is_file(), "the demo bundle is missing: python -m echoes.demo build"
-    return demo.load_demo()
+    return checkpoint.load_for_sampling(demo.DEMO_BUNDLE, what="demo bundle")
 
 
 def example_paths():
-    return [(shapes.CLASSES.index(name), demo.EXAMPLES / f"{name.replace(' ', '_')}.png",
-             demo.EXAMPLES / f"{name.replace(' ', '_')}.wav") for name in demo.EXAMPLE_CLASSES]
+    return [(shapes.CLASSES.index(name), demo.DEMO_EXAMPLES / f"{name.replace(' ', '_')}.png",
+             demo.DEMO_EXAMPLES / f"{name.replace(' ', '_')}.wav") for name in demo.EXAMPLE_CLASSES]
 
 
 # -----------------------------------------------------------------------------
@@ -37,7 +37,7 @@ def example_paths():
 
 def test_bundle_size_and_layout(bundle):
     assert demo.DEMO_BUNDLE.stat().st_size <= demo.MAX_BUNDLE_BYTES
-    model, image_tok, audio_tok, sampling, raw = bundle
+    model, image_tok, audio_tok, raw = bundle
     # the stored config is the demo preset (a rebuilt preset must ship a rebuilt bundle)
     assert raw["config"] == dataclasses.asdict(EchoesConfig.demo())
     assert image_tok.grid == (8, 8) and audio_tok.grid == (5, 8)
@@ -47,7 +47,7 @@ def test_bundle_size_and_layout(bundle):
     assert (audio_tok.n_samples, audio_tok.n_frames, audio_tok.sample_rate) == (
         shapes.CLIP_SAMPLES, shapes.DEMO_FRAMES, shapes.SAMPLE_RATE)
     for mode in ("i2a", "a2i"):
-        opts = demo.sampling_for(sampling, mode)
+        opts = checkpoint.stored_sampling(raw, mode)
         assert set(opts) == {"steps", "temperature", "guidance", "token_temperature"}
     # weights are stored in fp16 to fit the budget
     assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
@@ -64,7 +64,7 @@ def test_examples_are_generator_items():
 
 
 def test_tokenizers_reconstruct_examples_readably(bundle):
-    _, image_tok, audio_tok, _, _ = bundle
+    _, image_tok, audio_tok, _ = bundle
     for label, png, wav in example_paths():
         want = shapes.label_parts(label)
         rec = demo.decode_items("image", image_tok, image_tok.encode_files([png]))[0]
@@ -75,16 +75,16 @@ def test_tokenizers_reconstruct_examples_readably(bundle):
 
 
 def test_short_i2a_and_a2i_samples_run(bundle):
-    model, image_tok, audio_tok, sampling, _ = bundle
+    model, image_tok, audio_tok, raw = bundle
     _, png, wav = example_paths()[0]
     gen = sampler.sample_generators(0, 1)
-    opts = {**demo.sampling_for(sampling, "i2a"), "steps": 3}
+    opts = {**checkpoint.stored_sampling(raw, "i2a"), "steps": 3}
     audio, image = sampler.generate(model, "i2a", image_ids=image_tok.encode_files([png]),
                                     generator=gen, **opts)
     assert audio.shape == (1, 40) and 0 <= int(audio.min()) and int(audio.max()) < 256
     mel = audio_tok.decode_to_mel(audio)
     assert mel.shape == (1, 80, shapes.DEMO_FRAMES)
-    opts = {**demo.sampling_for(sampling, "a2i"), "steps": 3}
+    opts = {**checkpoint.stored_sampling(raw, "a2i"), "steps": 3}
     _, image = sampler.generate(model, "a2i", audio_ids=audio_tok.encode_files([wav]),
                                 generator=sampler.sample_generators(0, 1), **opts)
     assert image.shape == (1, 64)
