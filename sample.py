@@ -29,7 +29,9 @@ What a run needs and where it comes from:
 
 Randomness: sample j of a run (input j // K, its (j % K)-th sample, K = --num-samples) draws from
 its own stream seeded by (--seed, j), so its output does not depend on --batch-size.
-Problems a user can fix print one line and exit with code 2.
+Existing files are never overwritten: a sample whose output name is taken in --out gets the first
+free suffix -2, -3, ... (the written paths are printed). Problems a user can fix print one line
+and exit with code 2.
 """
 
 import math
@@ -150,9 +152,6 @@ def check_inputs(s):
     if twice:
         raise UserError(f"several inputs are named {twice[0]!r}: their outputs would overwrite "
                         "each other; rename them")
-    for path in s.audio:  # inpaint / continue write <stem>.wav: never over the input itself
-        if (Path(s.out) / f"{Path(path).stem}.wav").resolve() == Path(path).resolve():
-            raise UserError(f"the output would overwrite the input {path}: choose another --out")
 
 
 def pick_device(name):
@@ -182,12 +181,27 @@ def sampling_settings(s, ckpt, source="the checkpoint"):
 
 
 def output_stems(s):
-    """One output stem per sample j (input j // K, sample j % K)."""
+    """One output stem per sample j (input j // K, sample j % K): the input's name (joint:
+    joint_000, ...), with _k for K > 1; when a file of that name is already in --out, the
+    first free -2, -3, ... is added, so a run never overwrites earlier outputs or its inputs."""
     K = s.num_samples
     if s.mode == "joint":
-        return [f"joint_{j:03d}" for j in range(K)]
-    inputs = s.image if s.mode == "i2a" else s.audio
-    return [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
+        names = [f"joint_{j:03d}" for j in range(K)]
+    else:
+        inputs = s.image if s.mode == "i2a" else s.audio
+        names = [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
+    endings = {"a2i": (".png",), "joint": (".png", ".wav", "_mel.png")}.get(
+        s.mode, (".wav", "_mel.png"))
+    taken = lambda stem: any((Path(s.out) / f"{stem}{e}").exists()  # noqa: E731
+                             for e in endings)
+    stems = []
+    for name in names:
+        stem, n = name, 1
+        while taken(stem) or stem in stems:
+            n += 1
+            stem = f"{name}-{n}"
+        stems.append(stem)
+    return stems
 
 
 def encode_inputs(s, image_tok, audio_tok, device):

@@ -276,9 +276,15 @@ def test_errors_in_process(files, tmp_path, capsys, monkeypatch, argv, message, 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_never_overwrites_its_input(files, tmp_path, capsys):
+def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
     wav = tmp_path / "clip.wav"
     wav.write_bytes(files["bark"].read_bytes())
-    code, _, err = run_in_process(["--mode", "continue", "--audio", wav, "--start", "0.1",
-                                   "--out", tmp_path, *args(files)], capsys)
-    assert code == 2 and "overwrite the input" in err[0]
+    before = wav.read_bytes()
+    argv = ["--mode", "continue", "--audio", wav, "--start", "0.1", "--out", tmp_path,
+            *args(files), "--steps", "2"]
+    for run in (1, 2):
+        code, out, _ = run_in_process(argv, capsys)
+        assert code == 0
+        assert out == [str(tmp_path / f"clip-{run + 1}.wav"),
+                       str(tmp_path / f"clip-{run + 1}_mel.png")]
+    assert wav.read_bytes() == before
