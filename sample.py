@@ -78,6 +78,8 @@ class Settings:
                               "in one forward)")
     num_samples: int = setting(1, "samples per input (joint: number of pairs)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    cuda_graphs: bool = setting(True, "on a GPU, replay the transformer's forward from CUDA "
+                                "graphs (the same ids, fewer kernel launches)")
     out: str = setting("samples", "output folder")
 
 
@@ -287,7 +289,7 @@ def main(argv=None):
             audio_ids, image_ids = sampler.generate(
                 model, s.mode, audio_ids=pick(audios, lo, hi), image_ids=pick(images, lo, hi),
                 audio_keep=keep, batch_size=hi - lo, generator=generators[lo:hi], progress=True,
-                **opts)
+                cuda_graphs=s.cuda_graphs, **opts)
         except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
             raise UserError(str(e)) from e
         for path in write_outputs(s, stems[lo:hi], audio_ids, image_ids, generators[lo:hi],

@@ -2,10 +2,11 @@
 N = 30 steps and CFG s = 3 (Sec. 4.1), whose two passes run as one batch of 2B per step.
 
 Rows: the `demo` preset on the CPU, always; the `paper` preset (random weights, bf16 autocast) on
-the GPU when there is one. Each GPU row runs the plain PyTorch path (`kernels.select("torch")`)
-and, where Triton is usable, the fused kernels (`kernels.select("triton")`). Every row times whole
+the GPU when there is one. The GPU rows run the plain PyTorch path (`kernels.select("torch")`,
+eager: the baseline), the same with the transformer's forward replayed from CUDA graphs, and,
+where Triton is usable, the fused kernels without and with CUDA graphs. Every row times whole
 `generate` calls (features, CFG mix, draw, re-mask, random numbers) after one short warm-up run,
-and reports the median of the repeats.
+and reports the median of the repeats and the speed-up over the eager PyTorch row.
 
     python bench/sample.py                      # a few minutes on a 2-core CPU
     python bench/sample.py --steps 4 --repeats 1 --throughput-batch 8   # a quick look
@@ -58,17 +59,20 @@ def cpu_name():
 
 
 def backends(device):
-    """(name, op set or None, why not) for the plain path and, on a GPU, the Triton path."""
-    rows = [("torch", kernels.select("torch"), "")]
-    if device.type == "cuda":
-        try:
-            rows.append(("triton", kernels.select("triton"), ""))
-        except (ImportError, RuntimeError) as e:
-            rows.append(("triton", None, f"{type(e).__name__}: {e}"))
-    return rows
+    """(name, op set or None, CUDA graphs on, why not): the plain path and, on a GPU, the plain
+    path with CUDA graphs and the Triton path without and with them."""
+    if device.type != "cuda":
+        return [("torch", kernels.select("torch"), False, "")]
+    rows = [("torch", kernels.select("torch"), False, ""),
+            ("torch + graphs", kernels.select("torch"), True, "")]
+    try:
+        triton_ops, why = kernels.select("triton"), ""
+    except (ImportError, RuntimeError) as e:
+        triton_ops, why = None, f"{type(e).__name__}: {e}"
+    return rows + [("triton", triton_ops, False, why), ("triton + graphs", triton_ops, True, why)]
 
 
-def time_generate(model, image_ids, s, repeats, autocast_dtype):
+def time_generate(model, image_ids, s, repeats, autocast_dtype, graphs):
     """Median wall time of one `generate` call in i2a mode, and all the times."""
     device = image_ids.device
 
@@ -76,7 +80,7 @@ def time_generate(model, image_ids, s, repeats, autocast_dtype):
         g = torch.Generator().manual_seed(s.seed)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             generate(model, "i2a", image_ids=image_ids, steps=steps, temperature=s.temperature,
-                     guidance=s.guidance, generator=g)
+                     guidance=s.guidance, generator=g, cuda_graphs=graphs)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -100,7 +104,8 @@ def bench_preset(preset, device, autocast_dtype, s, table):
     dtype = "bf16 autocast" if autocast_dtype is not None else "fp32"
     print(f"{preset}: {n_params:.1f} M parameters on {name} ({dtype})", flush=True)
     g = torch.Generator().manual_seed(s.seed)
-    for backend, ops, why in backends(device):
+    baseline = {}  # kind -> the eager PyTorch row's median
+    for backend, ops, graphs, why in backends(device):
         if ops is None:
             print(f"  {backend}: skipped ({why})", flush=True)
             continue
@@ -109,9 +114,10 @@ def bench_preset(preset, device, autocast_dtype, s, table):
             repeats = s.repeats or (1 if device.type == "cpu" and kind == "throughput" else 3)
             image_ids = torch.randint(0, config.image_codebook, (B, config.image_len),
                                       generator=g).to(device)
-            median, times = time_generate(model, image_ids, s, repeats, autocast_dtype)
+            median, times = time_generate(model, image_ids, s, repeats, autocast_dtype, graphs)
+            baseline.setdefault(kind, median)
             table.append((preset, name, dtype, backend, kind, B, median, B / median,
-                          1e3 * median / s.steps, len(times)))
+                          1e3 * median / s.steps, baseline[kind] / median, len(times)))
             print(f"  {backend} {kind} B={B}: {median:.3f} s "
                   f"({', '.join(f'{t:.2f}' for t in times)})", flush=True)
 
@@ -127,9 +133,9 @@ def main(argv=None):
     title = (f"i2a, N = {s.steps}, CFG s = {s.guidance} (one forward of 2B per step), "
              f"T = {s.temperature}; median of the repeats")
     head = ("preset", "device", "dtype", "ops", "row", "batch", "s / call", "samples/s",
-            "ms / step", "runs")
-    rows = [(p, d, dt, b, k, str(B), f"{m:.3f}", f"{sps:.2f}", f"{ms:.1f}", str(n))
-            for p, d, dt, b, k, B, m, sps, ms, n in table]
+            "ms / step", "x eager torch", "runs")
+    rows = [(p, d, dt, b, k, str(B), f"{m:.3f}", f"{sps:.2f}", f"{ms:.1f}", f"{x:.2f}", str(n))
+            for p, d, dt, b, k, B, m, sps, ms, x, n in table]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     print("\n" + "\n".join(lines))

@@ -31,6 +31,7 @@ Shape letters: B samples, L tokens of a modality, C codebook size, D head width,
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -163,34 +164,80 @@ def mask_id(model, modality):
     return model.audio_mask_id if modality == "audio" else model.image_mask_id
 
 
-def guided_features(model, ids, uncond=None):
+class GraphedFeatures:
+    """`model.features` replayed from CUDA graphs, one captured per input shape (and autocast
+    dtype) on first use (PyTorch's `torch.cuda.CUDAGraph`). A sampling step at a small batch is
+    bound by launching ~10 kernels per transformer block, one after the other; a replay issues
+    the whole forward at once. The ids are copied into the graph's static inputs; the returned
+    features are its static outputs, valid until the next call. If a capture fails, it warns
+    once and runs the plain forward from then on."""
+
+    def __init__(self, model):
+        self.model, self.graphs, self.failed = model, {}, False
+
+    def __call__(self, audio, image):
+        if self.failed:
+            return self.model.features(audio, image)
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(audio.shape), tuple(image.shape), dtype)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(audio, image)
+            except RuntimeError as e:
+                warnings.warn(f"CUDA graph capture failed, sampling without graphs: {e}")
+                self.failed = True
+                return self.model.features(audio, image)
+        graph, a, v, out = self.graphs[key]
+        a.copy_(audio)
+        v.copy_(image)
+        graph.replay()
+        return out
+
+    def _capture(self, audio, image):
+        a, v = audio.clone(), image.clone()  # the static inputs
+        side = torch.cuda.Stream()  # warm-up off the capturing stream: autotuning, workspaces
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model.features(a, v)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model.features(a, v)
+        return graph, a, v, out
+
+
+def guided_features(model, ids, uncond=None, features=None):
     """MLM-head features of the current ids, as {modality: (h_cond, h_uncond)} with h (B, L, D).
     With `uncond` a modality name, the unconditional twin (that modality fully set to its mask
     id) runs in the same forward pass as a batch of 2B (Eq. 2; both passes as one batch, as
-    Im2Wav and 4M do); otherwise h_uncond is None."""
+    Im2Wav and 4M do); otherwise h_uncond is None. `features` replaces `model.features` (the
+    CUDA-graph replay, `GraphedFeatures`)."""
+    features = features or model.features
     audio, image = ids["audio"], ids["image"]
     if uncond is None:
-        ha, hv = model.features(audio, image)
+        ha, hv = features(audio, image)
         return {"audio": (ha, None), "image": (hv, None)}
     B = audio.shape[0]
     twin = {"audio": audio, "image": image}
     twin[uncond] = torch.full_like(ids[uncond], mask_id(model, uncond))
-    ha, hv = model.features(torch.cat([audio, twin["audio"]]),
-                            torch.cat([image, twin["image"]]))  # (2B, La, D), (2B, Lv, D)
+    ha, hv = features(torch.cat([audio, twin["audio"]]),
+                      torch.cat([image, twin["image"]]))  # (2B, La, D), (2B, Lv, D)
     return {"audio": (ha[:B], ha[B:]), "image": (hv[:B], hv[B:])}
 
 
 def unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond=None,
-                temperature=9.0, guidance=3.0, token_temperature=1.0):
+                temperature=9.0, guidance=3.0, token_temperature=1.0, features=None):
     """One step of the loop. ids {modality: (B, L) long} hold the mask id at unknown positions;
     `targets` are the generated modalities, `initial` {modality: (B,) long} their unknown counts
     before step 0, `uniforms` {modality: ((B, L) for the draw, (B, L) for the Gumbel noise)}.
     `uncond` names the condition modality whose masked twin gives the unconditional logits (used
-    only when guidance != 1). Returns the new ids; known tokens are never touched."""
+    only when guidance != 1); `features` replaces `model.features`. Returns the new ids; known
+    tokens are never touched."""
     draw = getattr(model.ops, "draw_tokens", draw_tokens)
     choose = getattr(model.ops, "remask", remask)
     guided = uncond is not None and guidance != 1
-    h = guided_features(model, ids, uncond if guided else None)
+    h = guided_features(model, ids, uncond if guided else None, features)
     out = dict(ids)
     for m in targets:
         cur, mid = ids[m], mask_id(model, m)
@@ -216,11 +263,16 @@ def unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond=None
 
 
 def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=30,
-           temperature=9.0, guidance=3.0, token_temperature=1.0, progress=False, callback=None):
+           temperature=9.0, guidance=3.0, token_temperature=1.0, progress=False, callback=None,
+           cuda_graphs=False):
     """The whole loop over `steps` on ids that already hold the mask id at every position to
     generate. `generators`: one per sample. `callback(step, ids)`, if given, sees the ids after
-    each step. Returns (audio_ids, image_ids)."""
+    each step. `cuda_graphs` (ids on a GPU only) replays the transformer's forward from CUDA
+    graphs (`GraphedFeatures`): the same ids, fewer kernel launches. Returns (audio_ids,
+    image_ids)."""
     ids = {"audio": audio_ids, "image": image_ids}
+    graphed = cuda_graphs and audio_ids.is_cuda
+    features = GraphedFeatures(model) if graphed else None
     initial = {m: (ids[m] == mask_id(model, m)).sum(1) for m in targets}  # (B,) per modality
     sizes = [ids[m].shape[1] for m in targets for _ in range(2)]
     bar = range(steps)
@@ -231,7 +283,7 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
         u = draw_uniforms(generators, sizes, audio_ids.device)
         uniforms = {m: (u[2 * i], u[2 * i + 1]) for i, m in enumerate(targets)}
         ids = unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond,
-                          temperature, guidance, token_temperature)
+                          temperature, guidance, token_temperature, features)
         if callback is not None:
             callback(step, ids)
     return ids["audio"], ids["image"]
@@ -297,7 +349,7 @@ def _check_numbers(steps, temperature, guidance, token_temperature, batch_size):
 
 def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps=30,
              temperature=9.0, guidance=3.0, token_temperature=1.0, batch_size=1, generator=None,
-             progress=False):
+             progress=False, cuda_graphs=True):
     """Generate token ids with `model` (an `Echoes`) by iterative unmasking (paper Sec. 3.4).
 
     Modes and the arguments they take (ids are (B, L) integer tensors with values in [0, C)):
@@ -320,6 +372,8 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     batch size. `generator` is a torch.Generator (one base seed is drawn from it), a list with one
     generator per sample (callers that batch a long list pass slices of `sample_generators(seed,
     n)`), or None (torch's default generator).
+    `cuda_graphs`: on a GPU, replay the transformer's forward from CUDA graphs captured on the
+    first step (`GraphedFeatures`; ignored on a CPU). The ids are the same either way.
     Returns (audio_ids (B, La), image_ids (B, Lv)) long, on the model's device."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -372,7 +426,7 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     try:
         with torch.inference_mode():
             return unmask(model, audio, image, targets, generators, uncond, steps, temperature,
-                          guidance, token_temperature, progress)
+                          guidance, token_temperature, progress, cuda_graphs=cuda_graphs)
     finally:
         model.train(was_training)
 

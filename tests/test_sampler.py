@@ -339,3 +339,36 @@ def test_the_kernel_switch_reads_the_environment_for_auto(monkeypatch):
     with pytest.raises(ValueError):
         kernels.resolve("auto")
     assert kernels.resolve("torch") == "torch"  # an explicit choice wins over the environment
+
+
+# -----------------------------------------------------------------------------
+# CUDA graphs: the same ids with fewer launches
+
+
+def test_cuda_graphs_are_ignored_on_a_cpu():
+    model = tiny_model()
+    _, image = random_ids(model, 2)
+    with_graphs = generate(model, "i2a", image_ids=image, steps=4, cuda_graphs=True,
+                           generator=sample_generators(3, 2))
+    without = generate(model, "i2a", image_ids=image, steps=4, cuda_graphs=False,
+                       generator=sample_generators(3, 2))
+    assert all(torch.equal(a, b) for a, b in zip(with_graphs, without))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("mode", ["i2a", "a2i", "joint"])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replay_gives_the_same_ids(mode, autocast, backend):
+    import kernels
+    model = tiny_model().cuda()
+    model.ops = kernels.select(backend)
+    audio, image = (x.cuda() for x in random_ids(model, 3))
+    given = {"i2a": dict(image_ids=image), "a2i": dict(audio_ids=audio),
+             "joint": dict(batch_size=3)}[mode]
+    out = {}
+    for graphs in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out[graphs] = generate(model, mode, steps=6, guidance=2.0, cuda_graphs=graphs,
+                                   generator=sample_generators(5, 3), **given)
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
