@@ -88,6 +88,8 @@ class Settings:
     grad_clip: float = setting(3.0, "clip the global gradient norm to this (0 = off)")
     amp: str = setting("auto", "autocast precision: auto = bf16 on a GPU that has it, else fp32",
                        choices=["auto", "bf16", "fp32"])
+    compile: bool = setting(False, "torch.compile each transformer block (fuses norms, GELU and "
+                            "residual adds; the first steps compile)")
     # research tricks at the data level (DESIGN.md section 8), off in the paper recipe
     repair_within_class: bool = setting(False, "each step, pair every clip's audio with the "
                                         "image of a random clip of the same class")
@@ -409,6 +411,8 @@ def train(s, d, config, micro, accum, ckpt_path):
 
     torch.manual_seed(s.seed)  # the same initial weights on every rank
     model = Echoes(config, ops=kernels.select(s.kernels)).to(d.device)
+    if s.compile:
+        model.compile_blocks()
     optimizer = configure_optimizer(model, peak_lr, s.weight_decay, (s.beta1, s.beta2),
                                     d.device.type)
     generator = torch.Generator(d.device)  # the masking draws of draw_corruption
@@ -432,7 +436,8 @@ def train(s, d, config, micro, accum, ckpt_path):
     counts = model.parameter_counts()
     print0(f"model: {counts['total'] / 1e6:.2f} M parameters ("
            + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if k != "total")
-           + f"); kernels {model.ops.name if hasattr(model.ops, 'name') else 'torch'}; {amp}")
+           + f"); kernels {model.ops.name if hasattr(model.ops, 'name') else 'torch'}; {amp}"
+           + ("; compiled blocks" if s.compile else ""))
     print0(f"data: {len(train_set)} {s.train_split} clips"
            + (f", {len(eval_set)} {s.eval_split}" if eval_set else ", no eval split")
            + f"; {d.world_size} process(es) x micro-batch {micro} x {accum} accumulation = "

@@ -1,5 +1,6 @@
 """Training-step benchmark: step time, samples/s and MFU of one optimizer step (forward, backward,
-grad clip, AdamW), plain PyTorch ops vs the fused Triton kernels.
+grad clip, AdamW), plain PyTorch ops vs the fused Triton kernels, and the Triton kernels with
+every transformer block compiled (`Echoes.compile_blocks`, train.py --compile).
 
 - GPU: the `paper` preset under bf16 autocast at the largest batch that fits, found by doubling
   the batch until CUDA runs out of memory (nanoGPT's `bench.py` times a step the same way);
@@ -53,8 +54,9 @@ class Settings:
     max_batch: int = setting(1024, "upper end of the GPU batch search")
     steps: int = setting(5, "timed steps per row (the median is reported)")
     warmup: int = setting(2, "untimed steps first (allocator, cuBLAS and Triton autotuning)")
-    kernels: str = setting("both", "plain PyTorch ops, the fused Triton ops, or both",
-                           choices=["both", "torch", "triton"])
+    kernels: str = setting("both", "plain PyTorch ops, the fused Triton ops (+compile: with "
+                           "compiled blocks), or all three on a GPU",
+                           choices=["both", "torch", "triton", "triton+compile"])
     cpu_amp: str = setting("both", "CPU precision: fp32, bf16 autocast or both",
                            choices=["both", "fp32", "bf16"])
     threads: int = setting(0, "CPU threads (0 = torch's default)")
@@ -95,15 +97,18 @@ def fits(model, optimizer, config, B, device, amp, generator):
         return False
 
 
-def bench_row(preset, device, backend, amp, s):
-    """Build the model on `device` with `backend` ops, pick the batch, time the steps."""
+def bench_row(preset, device, backend, amp, s, batch=0):
+    """Build the model on `device` with `backend` ops ("+compile": blocks compiled), pick the
+    batch (`batch`, else --batch, else the largest that fits), time the steps."""
     config = EchoesConfig.preset(preset)
     torch.manual_seed(0)
     with device:  # built in place: initialising 400 M parameters on the CPU takes seconds
-        model = Echoes(config, ops=kernels.select(backend))
+        model = Echoes(config, ops=kernels.select(backend.removesuffix("+compile")))
+    if backend.endswith("+compile"):
+        model.compile_blocks()
     optimizer = trainer.configure_optimizer(model, 1e-4, 0.05, (0.9, 0.95), device.type)
     generator = torch.Generator(device).manual_seed(0)
-    B = s.batch or (16 if device.type == "cpu" else 0)
+    B = batch or s.batch or (16 if device.type == "cpu" else 0)
     if B == 0:  # double until out of memory
         b = 8
         while b <= s.max_batch and fits(model, optimizer, config, b, device, amp, generator):
@@ -142,11 +147,11 @@ def plan(s, notes):
     cuda = torch.cuda.is_available() and s.device in ("auto", "cuda")
     if s.device == "cuda" and not cuda:
         raise UserError("--device cuda, but no CUDA GPU is visible")
-    backends = ["torch", "triton"] if s.kernels == "both" else [s.kernels]
+    backends = ["torch", "triton", "triton+compile"] if s.kernels == "both" else [s.kernels]
     if cuda:
         preset = "paper" if s.preset == "auto" else s.preset
         for backend in backends:
-            if backend == "triton" and not kernels.triton_available():
+            if backend.startswith("triton") and not kernels.triton_available():
                 notes.append("triton: not measured (Triton is not importable)")
                 continue
             rows.append((preset, torch.device("cuda"), backend, "bf16"))
@@ -177,10 +182,12 @@ def main(argv=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     results, notes = [], []
+    batch = {}  # device type -> the batch of its first row: every row of a device uses it
     for preset, device, backend, amp in plan(s, notes):
         print(f"{preset} on {device_name(device)}, {backend} ops, {amp} ...", flush=True)
         try:
-            results.append(bench_row(preset, device, backend, amp, s))
+            results.append(bench_row(preset, device, backend, amp, s, batch.get(device.type, 0)))
+            batch.setdefault(device.type, results[-1]["batch"])
         except (ImportError, RuntimeError) as e:  # a kernel backend that cannot run here
             notes.append(f"{preset} {device} {backend}: not measured ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})")

@@ -279,6 +279,15 @@ class Echoes(nn.Module):
         y = self.dec_norm(y)
         return y[:, :c.audio_len], y[:, c.audio_len:]
 
+    def compile_blocks(self, **options):
+        """`torch.compile` every encoder and decoder block in place (`nn.Module.compile`, so the
+        state-dict keys do not change): the compiler fuses the norms, GELU, bias and residual
+        adds around the matrix products; the ops between the blocks stay as `ops` has them.
+        The blocks share one compiled graph; the first steps pay the compilation."""
+        for block in [*self.encoder, *self.decoder]:
+            block.compile(**options)
+        return self
+
     def head_weights(self, modality):
         """(E[:C], b) of a modality's MLM head: logits = h @ E[:C]^T + b; the mask row is never a
         target. E is detached unless `detach_head_embedding` is off."""
