@@ -90,7 +90,7 @@ class Settings:
                        choices=["auto", "bf16", "fp32"])
     compile: bool = setting(False, "torch.compile each transformer block (fuses norms, GELU and "
                             "residual adds; the first steps compile)")
-    # research tricks at the data level (DESIGN.md section 8), off in the paper recipe
+    # research tricks at the data level (they helped the demo), off in the paper recipe
     repair_within_class: bool = setting(False, "each step, pair every clip's audio with the "
                                         "image of a random clip of the same class")
     # bookkeeping

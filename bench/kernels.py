@@ -1,6 +1,6 @@
 """Benchmark of the fused ops in kernels/ against eager PyTorch and torch.compile.
 
-For each op of DESIGN.md section 5 (gather_embed, pad_decoder, codebook_ce, draw_tokens with
+For each fused op of kernels/ (gather_embed, pad_decoder, codebook_ce, draw_tokens with
 CFG, remask) at the paper shapes (B = 64 samples of 265 audio + 256 image tokens, 133 + 128 kept
 by the encoder, D = 1024, C = 1024; the cross-entropy on the ~0.7 * 64 * 521 masked rows; the
 draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implementations:

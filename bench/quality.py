@@ -1,4 +1,4 @@
-"""Quality benchmark of the embedded demo ("shapes and tones", DESIGN.md section 8).
+"""Quality benchmark of the embedded demo ("shapes and tones", echoes/shapes.py).
 
 Everything is scored on a held-out test set: items 0 .. n-1 of the generator's TEST_SEED, a seed
 that training, tokenizer training and tuning never use (echoes/demo.py). Generated images and

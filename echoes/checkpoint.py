@@ -29,7 +29,7 @@ SAMPLING_KEYS = ("steps", "temperature", "guidance", "token_temperature")
 
 
 def load_model(ckpt, source):
-    """`Echoes` rebuilt from the checkpoint alone (STYLE.md item 14), weights loaded strictly
+    """`Echoes` rebuilt from the checkpoint alone (its stored config), weights loaded strictly
     (fp16 weights, as the demo bundle stores them, are cast to fp32), in eval mode."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
             or not isinstance(ckpt.get("config"), dict):

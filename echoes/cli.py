@@ -2,12 +2,12 @@
 
 - `setting()` / `parse_settings()`: each script keeps its settings in one dataclass near the top;
   every field becomes a `--flag` with its help text, unknown flags and wrong types are errors, and
-  `dataclasses.asdict` gives the resolved settings to store in a checkpoint (STYLE.md item 3).
+  `dataclasses.asdict` gives the resolved settings to store in a checkpoint.
 - `UserError` / `run_cli()`: problems a user can fix (a missing file, an impossible option) are
   raised as `UserError` and printed as one line with exit code 2, never as a traceback.
 - `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
-  (`weights_only=True` first, DESIGN.md section 2) and atomic writes (temp file + rename), so a
-  killed run never leaves a half-written checkpoint behind.
+  (`weights_only=True` first; full unpickling only with `--trust-checkpoints`) and atomic writes
+  (temp file + rename), so a killed run never leaves a half-written checkpoint behind.
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """Token shards: their on-disk format, the dataset and loader `train.py` reads, and
-`python -m echoes.data prepare`, which makes them from videos (DESIGN.md section 7, paper Sec. 4.1).
+`python -m echoes.data prepare`, which makes them from videos (paper Sec. 3.1, 4.1).
 
 The transformer never sees pixels or waveforms, only the ids the frozen tokenizers give:
 
@@ -243,7 +243,7 @@ class ShardLoader:
     from a generator seeded by (seed, epoch, index), so a restored position reproduces the data
     exactly, with no generator state to save (a counter-based stream, as JAX's PRNG keys).
 
-    `repair_within_class` (a research trick, DESIGN.md section 8; off in the paper recipe): each
+    `repair_within_class` (a research trick that helped the demo; off in the paper recipe): each
     sample's image is taken from a random clip of the same class, a fresh draw every batch, so
     the model learns class-level rather than clip-level pairing. Unlabelled clips keep their own."""
 
@@ -653,7 +653,7 @@ def main(argv=None):
         return
     if argv[0] == "prepare":
         prepare(parse_settings(PrepareSettings, argv[1:],
-                               description="Videos -> token shards (DESIGN.md section 7)."))
+                               description="Videos -> token shards (paper Sec. 3.1, 4.1)."))
     elif argv[0] == "info" and len(argv) == 2:
         info(argv[1])
     else:

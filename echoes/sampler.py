@@ -11,10 +11,10 @@ What this file holds, top to bottom:
   `torch.Generator` seeded from (seed, i), so a sample's ids do not depend on the batch size, on
   how a long list is cut into batches, or on the other samples beside it;
 - the loop (`unmask_step`, `unmask`) and the entry point `generate` with the five modes:
-  `i2a`, `a2i`, `joint`, `inpaint` and `continue` (DESIGN.md section 4);
+  `i2a`, `a2i`, `joint`, `inpaint` and `continue` (paper Sec. 3.4 and 4.3);
 - helpers from a time range in seconds to `audio_keep` over the audio token columns.
 
-The loop, per step t = 0 .. N-1 and per generated modality (DESIGN.md section 4):
+The loop, per step t = 0 .. N-1 and per generated modality (Sec. 3.4, Code 1; MAGE `gen_image`):
 1. features of the current ids; with guidance s != 1 the condition's unconditional twin (the
    condition modality fully set to its mask id) runs in the same batch of 2B (Eq. 2);
 2. a token is drawn at every unknown position from softmax((s lc + (1 - s) lu) / token_T);
@@ -438,7 +438,7 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
 def time_range_columns(start, end, cols, duration):
     """Token columns that overlap [start, end) seconds of a clip of `duration` seconds whose mel
     spans `cols` token columns evenly (column j covers [j, j+1) * duration / cols). The mel's
-    centre crop (DESIGN.md section 2: 6 frames of 862, 0.07 s, at each end for VGGSound) shifts
+    centre crop (`tokenizers.crop_mel`: 6 frames of 862, 0.07 s, at each end for VGGSound) shifts
     this by less than half a column, so it is ignored. -> (cols,) bool, True = overlaps."""
     if not (math.isfinite(start) and math.isfinite(end)):
         raise ValueError(f"time range must be finite, got {start}..{end}")

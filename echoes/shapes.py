@@ -1,5 +1,5 @@
 """The embedded demo data set "shapes and tones": a generator of paired images and clips, and
-readers that recover the class from either modality by plain signal analysis (DESIGN.md section 8).
+readers that recover the class from either modality by plain signal analysis.
 
 12 classes = 4 colours x 3 shapes. The colour sets the image's fill colour and the clip's pitch;
 the shape sets the image's outline and the clip's timbre / rhythm:
@@ -17,7 +17,7 @@ the shape sets the image's outline and the clip's timbre / rhythm:
 - `generate(n, seed)` stacks items as arrays; `write_files(out_dir, n, seed)` writes PNG + WAV files
   and `labels.csv` (example inputs for the scripts).
 - `read_image`, `read_audio`, `read_mel` -> (colour, shape): no learning, so they can score what a
-  model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (DESIGN.md section 2),
+  model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/tokenizers.py),
   which is what the audio tokenizer decodes to, before any vocoder.
 - `python -m echoes.shapes --out DIR --n N --seed S` writes example files.
 
@@ -68,7 +68,7 @@ def label_of(colour, shape):
 
 @dataclasses.dataclass(frozen=True)
 class ShapesSpec:
-    """The numbers behind every generated pair (DESIGN.md section 8); one frozen instance, SPEC."""
+    """The numbers behind every generated pair; one frozen instance, SPEC."""
     image_size: int = 64            # images are image_size x image_size RGB
     background: int = 235           # light-grey background value, all three channels
     pixel_noise: float = 3.0        # std of the Gaussian noise added to every pixel (0-255 scale)
@@ -402,7 +402,7 @@ def _mel_to_hz(m):
 
 
 def mel_band_centres(n_mels=80, fmin=125.0, fmax=7600.0):
-    """Centre frequency (Hz) of each band of the recipe's filterbank (DESIGN.md section 2): band i
+    """Centre frequency (Hz) of each band of the recipe's filterbank (librosa.filters.mel): band i
     peaks at point i + 1 of n_mels + 2 points evenly spaced in mel from fmin to fmax."""
     pts = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
     return pts[1:-1]
@@ -448,9 +448,9 @@ def mel_features(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=
 
 
 def read_mel(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=256):
-    """[0, 1] mel spectrogram ((80, frames) or (1, 80, frames), SpecVQGAN scaling: DESIGN.md
-    section 2) -> (colour, shape). Pitch: which candidate fundamental's bands hold the most
-    energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
+    """[0, 1] mel spectrogram ((80, frames) or (1, 80, frames), SpecVQGAN scaling as in
+    echoes/tokenizers.py) -> (colour, shape). Pitch: which candidate fundamental's bands hold
+    the most energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
     fundamental bands' envelope over frames modulated near 2 Hz."""
     f = mel_features(mel01, n_mels, fmin, fmax, sr, hop)
     odd = f["harmonic_db"] > _MEL_HARMONIC_DB

@@ -1,4 +1,4 @@
-"""Tokenizers: images and sounds to discrete ids and back (Visual Echoes Sec. 3.2; DESIGN.md 2).
+"""Tokenizers: images and sounds to discrete ids and back (Visual Echoes Sec. 3.2).
 
 What this file holds, top to bottom:
 - `VQGAN`: the taming-transformers VQGAN (Esser et al. 2021; Encoder/Decoder of

@@ -1,6 +1,6 @@
 """Fused masked-token gather (encoder input) and pad (decoder input), forward and backward.
 
-The two data-movement ops around MAGE's encoder (DESIGN.md sections 3 and 5; MAGE
+The two data-movement ops around MAGE's encoder (paper Sec. 3.3, Fig. 1; MAGE
 `models_mage.py`, `forward_encoder` / `forward_decoder`). Their plain PyTorch references,
 `echoes.model.gather_embed` and `echoes.model.pad_decoder`, are the spec: the public functions here
 take exactly their arguments and call them for tensors that are not on a GPU (unless

@@ -1,4 +1,4 @@
-"""Token shards, their dataset and loader, `python -m echoes.data prepare` (DESIGN.md section 7)."""
+"""Token shards, their dataset and loader, `python -m echoes.data prepare` (paper Sec. 3.1, 4.1)."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""The transformer and its training objective (DESIGN.md section 3, paper Sec. 3.3 / Eq. 1)."""
+"""The transformer and its training objective (paper Sec. 3.3 / Eq. 1)."""
 
 import math
 import types
@@ -41,7 +41,7 @@ def test_paper_preset_on_meta_device_shapes_and_parameter_count():
     assert la.shape == (2, 265, 1024) and lv.shape == (2, 256, 1024)
     counts = model.parameter_counts()
     print("paper preset parameters (M):", {k: round(n / 1e6, 2) for k, n in counts.items()})
-    # the paper reports 424.4 M; DESIGN.md's architecture gives 409.4 M (README explains)
+    # the paper reports 424.4 M; the architecture it describes gives 409.4 M (README explains)
     assert abs(counts["total"] - 424.4e6) / 424.4e6 < 0.05
     assert counts["encoder"] > counts["decoder"] > counts["heads"]
     assert model.audio_mask_id == 1024 and model.image_mask_id == 1024

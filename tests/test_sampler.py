@@ -1,4 +1,4 @@
-"""The sampler: iterative unmasking with CFG (paper Sec. 3.4, Code 1, Eq. 2; DESIGN.md section 4).
+"""The sampler: iterative unmasking with CFG (paper Sec. 3.4, Code 1, Eq. 2; echoes/sampler.py).
 
 A tiny random `Echoes` stands in for a trained one: every property checked here (determinism,
 the schedule, what the unconditional pass sees, which tokens may change) holds for any weights.
@@ -119,7 +119,7 @@ def test_condition_unchanged_and_no_mask_id_left(mode):
 
 
 def expected_unknown(initial, before, step, steps):
-    """The count after `step` (DESIGN.md section 4), written out independently of the sampler."""
+    """The count after `step` (sampler.py's loop, step 3), written out apart from the sampler."""
     if before == 0 or step == steps - 1:
         return 0
     target = math.floor(initial * math.cos(math.pi / 2 * (step + 1) / steps))

@@ -1,4 +1,4 @@
-"""Tests for echoes/shapes.py, the "shapes and tones" demo data set (DESIGN.md section 8): the
+"""Tests for echoes/shapes.py, the "shapes and tones" demo data set: the
 generator's determinism and balance, the image / audio specs, and the readers' accuracy on fresh
 items and under mild degradations. CPU only, a few seconds."""
 
@@ -19,7 +19,7 @@ EVAL_SEED = 1234
 
 
 # -----------------------------------------------------------------------------
-# mel of the SpecVQGAN recipe (DESIGN.md section 2): the project's own when present, otherwise a
+# mel of the SpecVQGAN recipe: the project's own (echoes/tokenizers.py) when present, otherwise a
 # local copy of the recipe so that these tests do not wait on echoes/tokenizers.py
 
 

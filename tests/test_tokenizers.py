@@ -18,6 +18,10 @@ from echoes.tokenizers import (
     griffin_lim, load_audio, load_hifigan, load_image, load_melgan, load_vqgan, mel_filterbank,
     mel_spectrogram, n_params, resample, save_mel_png, save_wav)
 
+# reference vectors: outputs of taming-transformers, SpecVQGAN (codebook model, MelGAN), hifi-gan
+# and librosa's mel recipe at small random configurations, kept outside this repository; set
+# ECHOES_REFERENCE to their folder (default: shared/reference beside the repository root); when
+# it is absent, the tests that need them skip
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 REFERENCE = os.environ.get("ECHOES_REFERENCE", REFERENCE)
 needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE),
