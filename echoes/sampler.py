@@ -170,7 +170,9 @@ class GraphedFeatures:
     bound by launching ~10 kernels per transformer block, one after the other; a replay issues
     the whole forward at once. The ids are copied into the graph's static inputs; the returned
     features are its static outputs, valid until the next call. If a capture fails, it warns
-    once and runs the plain forward from then on."""
+    once and runs the plain forward from then on. Under autocast the graph reads the weight
+    copies autocast cached during the warm-up; that cache lives as long as the caller's autocast
+    context, which encloses every replay of one `generate` call (the graphs die with it)."""
 
     def __init__(self, model):
         self.model, self.graphs, self.failed = model, {}, False
