@@ -1,5 +1,5 @@
 """The embedded demo "shapes and tones": how its tokenizers, model and bundle are built and how
-generations are scored (data set: DESIGN.md section 8, `echoes/shapes.py`; the shipped bundle
+generations are scored (data set: `echoes/shapes.py`; the shipped bundle
 is loaded like any checkpoint, by `echoes/checkpoint.py`).
 
     python -m echoes.demo build            # every stage that has no output yet
@@ -26,9 +26,9 @@ build resumes where it stopped; the model stage resumes train.py's checkpoint), 
 Seeds of the generator (`shapes.make_pair(index, seed)`): training TRAIN_SEED, validation (tuning)
 VAL_SEED, test (bench/quality.py) TEST_SEED, shipped examples EXAMPLE_SEED; no item is shared.
 A GPU is used when present (`--device auto`): the tokenizers then train one after the other on
-it and the model stage takes about a minute. On 2 idle CPU cores the budget is about 2 min
-(data) + 10 (tokenizers) + 1 (shards) + 40 (model, 2500 steps of 64 in fp32, ~0.95 s each) + 2
-(tune); a busy machine is slower.
+it and the model stage takes about a minute. On 2 CPU cores the stages took 0.6 min (data),
+8.3 (tokenizers), 0.5 (shards), 30-40 (model: 2500 steps of 64 in fp32, 0.6-1.1 s each; the
+same machine ran the same step at either speed at different times) and 3 (tune): 43-53 minutes.
 """
 
 import csv
@@ -61,7 +61,7 @@ MAX_BUNDLE_BYTES = 10 * 1024 * 1024
 
 TRAIN_SEED, VAL_SEED, TEST_SEED, EXAMPLE_SEED = 1, 2, 3, 4
 
-# the audio recipe of the demo: 1.474 s clips, 128 mel frames (DESIGN.md section 8), no crop
+# the audio recipe of the demo: 1.474 s clips, 128 mel frames (echoes/shapes.py), no crop
 AUDIO_RECIPE = {"sample_rate": shapes.SAMPLE_RATE, "n_samples": shapes.CLIP_SAMPLES,
                 "n_frames": shapes.DEMO_FRAMES, "keep_frames": shapes.DEMO_FRAMES}
 IMAGE_SIZE = shapes.SPEC.image_size

@@ -1,7 +1,7 @@
 """The Visual Echoes transformer: one masked generative encoder-decoder over audio + image tokens.
 
 Follows the paper (Sec. 3.3, Eq. 1) and MAGE (Li et al. 2023, `models_mage.py`), the codebase it
-builds on; every number the paper leaves open is pinned in DESIGN.md section 3:
+builds on; every number the paper leaves open is an `EchoesConfig` field below:
 - each modality has its own embedding table with one extra row, its mask id;
 - training masks a per-sample, per-modality truncated-normal ratio of tokens and drops a fixed 50%
   of positions (independent of the mask) before the encoder;
@@ -49,7 +49,7 @@ class EchoesConfig:
     drop_ratio: float = 0.5  # fraction of each modality's positions dropped before the encoder
     label_smoothing: float = 0.1  # cross-entropy label smoothing (MAGE)
     detach_head_embedding: bool = True  # MLM head uses E.detach() as in MAGE; False trains E too
-    # research trick (DESIGN.md section 8), off in the paper preset: this fraction of samples has
+    # research trick (it helped the demo), off in the paper preset: this fraction of samples has
     # one modality (chosen at random) fully masked and the other fully visible, the situation that
     # conditional inference starts from and the truncated normal almost never produces
     full_mask_prob: float = 0.0
@@ -61,7 +61,7 @@ class EchoesConfig:
 
     @classmethod
     def demo(cls, **overrides):
-        """The embedded demo ("shapes and tones", DESIGN.md section 8): 8 x 8 image ids and
+        """The embedded demo ("shapes and tones", echoes/shapes.py): 8 x 8 image ids and
         5 x 8 audio ids over 256-code books; 3.5 M parameters (7 MB in fp16, inside the bundle's
         10 MB with both tokenizers), small enough to train on 2 CPU cores (in fp32: on CPUs
         without bf16 instructions bf16 autocast is slower)."""
