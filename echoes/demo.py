@@ -27,8 +27,8 @@ Seeds of the generator (`shapes.make_pair(index, seed)`): training TRAIN_SEED, v
 VAL_SEED, test (bench/quality.py) TEST_SEED, shipped examples EXAMPLE_SEED; no item is shared.
 A GPU is used when present (`--device auto`): the tokenizers then train one after the other on
 it and the model stage takes about a minute. On 2 CPU cores the stages took 0.6 min (data),
-8.3 (tokenizers), 0.5 (shards), 30-40 (model: 2500 steps of 64 in fp32, 0.6-1.1 s each; the
-same machine ran the same step at either speed at different times) and 3 (tune): 43-53 minutes.
+8.3 (tokenizers), 0.5 (shards), 26-46 (model: 2500 steps of 64 in fp32, 0.62-1.1 s each: the
+same machine ran the same step at either speed at different times) and 3 (tune): 38-58 min.
 """
 
 import csv
