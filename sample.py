@@ -43,8 +43,8 @@ import torch
 
 import kernels
 from echoes import sampler
-from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, SAMPLING_KEYS, check_fit, load_model,
-                               load_tokenizers, stored_sampling)
+from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
+                               stored_sampling)
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
 from echoes.tokenizers import save_mel_png, save_wav
 
@@ -172,7 +172,7 @@ def pick_device(name):
 def sampling_settings(s, ckpt, source="the checkpoint"):
     """steps, temperature, guidance, token_temperature: command line > checkpoint > paper."""
     out = stored_sampling(ckpt, s.mode, source)
-    out.update({k: getattr(s, k) for k in SAMPLING_KEYS if getattr(s, k) is not None})
+    out.update({k: getattr(s, k) for k in sampler.SAMPLING_KEYS if getattr(s, k) is not None})
     if s.mode == "joint" or (s.mode == "continue" and not s.image):
         out["guidance"] = 1.0  # nothing to guide by
     return out

@@ -25,7 +25,6 @@ DEMO_EXAMPLES = ASSETS / "examples"  # its example inputs, for runs that name no
 # paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
 PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
                   "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
-SAMPLING_KEYS = ("steps", "temperature", "guidance", "token_temperature")
 
 
 def load_model(ckpt, source):
@@ -100,7 +99,7 @@ def stored_sampling(ckpt, mode, source="the checkpoint"):
     stored = {**PAPER_SAMPLING, **(ckpt.get("sampling") or {})}
     like = "i2a" if mode in ("inpaint", "continue") else mode
     out = {}
-    for name in SAMPLING_KEYS:
+    for name in sampler.SAMPLING_KEYS:
         value = stored[name]
         if isinstance(value, dict):  # per mode, e.g. {"i2a": 3.0, "a2i": 1.0}
             paper = PAPER_SAMPLING[name]
