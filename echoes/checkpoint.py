@@ -90,8 +90,8 @@ def check_fit(model, image_tok, audio_tok, source):
 def stored_sampling(ckpt, mode, source="the checkpoint"):
     """The checkpoint's sampling settings for one mode, else the paper's: {steps, temperature,
     guidance, token_temperature}. Per-mode dicts without an entry for inpaint / continue use
-    i2a's (both generate audio from an image); joint, which has nothing to guide by, and
-    continuation without an image get guidance 1."""
+    i2a's (both generate audio from an image); joint, which has nothing to guide by, gets
+    guidance 1 (so must a continuation without an image, which only the caller knows of)."""
     try:
         sampler.check_sampling_defaults(ckpt.get("sampling") or {})
     except ValueError as e:
