@@ -435,9 +435,9 @@ def stage_model(s, p, device):
     if s.threads:
         env["OMP_NUM_THREADS"] = str(s.threads)
     # the masked-row count, so the heads' matrix shapes, changes every step, and on a CPU oneDNN
-    # caches compiled kernels per shape (up to 1024): a 2500-step run grew to 6 GB of memory; 16
+    # caches compiled kernels per shape (up to 1024): a 2500-step run grew to 6 GB of memory; 8
     # keeps it under 1 GB at the same speed
-    env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     code = subprocess.run(cmd, env=env).returncode
     if code != 0:
         raise UserError(f"train.py exited with code {code}; rerun the build to resume it")
