@@ -435,7 +435,7 @@ def stage_model(s, p, device):
     if s.threads:
         env["OMP_NUM_THREADS"] = str(s.threads)
     # the masked-row count, so the heads' matrix shapes, changes every step, and on a CPU oneDNN
-    # caches compiled kernels per shape (up to 1024): a 2500-step run grew to 6 GB of memory; 8
+    # caches compiled kernels per shape (up to 1024): a training run grew to 6 GB by step 2000; 8
     # keeps it under 1 GB at the same speed
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     code = subprocess.run(cmd, env=env).returncode
