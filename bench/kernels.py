@@ -18,8 +18,9 @@ mix is linear in h). "rate" is that work divided by the time; "floor" the floor 
 time; "peak MB" the torch.cuda.max_memory_allocated rise while the row's function runs.
 
 torch.compile builds each reference once per shape before its rows are timed (about a minute in
-all on a fresh cache); `--no-compile` skips it. Without a GPU it says so and times the eager references on the CPU (median of
-time.perf_counter); `--small` shrinks the shapes so that takes seconds.
+all on a fresh cache); `--no-compile` skips it. Without a GPU it says so and times the eager
+references on the CPU (median of time.perf_counter); `--small` shrinks the shapes so that takes
+seconds.
 
     python bench/kernels.py                  # paper shapes, on a GPU
     python bench/kernels.py --small          # quick, CPU or GPU
