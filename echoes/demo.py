@@ -26,9 +26,11 @@ build resumes where it stopped; the model stage resumes train.py's checkpoint), 
 Seeds of the generator (`shapes.make_pair(index, seed)`): training TRAIN_SEED, validation (tuning)
 VAL_SEED, test (bench/quality.py) TEST_SEED, shipped examples EXAMPLE_SEED; no item is shared.
 A GPU is used when present (`--device auto`): the tokenizers then train one after the other on
-it and the model stage takes about a minute. On 2 CPU cores the stages took 0.6 min (data),
-8.3 (tokenizers), 0.5 (shards), 26-46 (model: 2500 steps of 64 in fp32, 0.62-1.1 s each: the
-same machine ran the same step at either speed at different times) and 3 (tune): 38-58 min.
+it and the model stage takes about a minute. On 2 CPU cores one uninterrupted run from nothing
+took 59.2 min: 0.9 (data), 12.5 (tokenizers), 0.7 (shards), 41.4 (model: 2500 steps of 64 in
+fp32, 1.0 s each) and 3.7 (tune); that run's image book had 64 codes instead of 256, which
+changes no stage's cost. The same machine ran the same training step at 0.62-1.1 s at different
+times, so a run in a fast hour takes about 40 min.
 """
 
 import csv
