@@ -30,7 +30,8 @@ it and the model stage takes about a minute. On 2 CPU cores one uninterrupted ru
 took 59.2 min: 0.9 (data), 12.5 (tokenizers), 0.7 (shards), 41.4 (model: 2500 steps of 64 in
 fp32, 1.0 s each) and 3.7 (tune); that run's image book had 64 codes instead of 256, which
 changes no stage's cost. The same machine ran the same training step at 0.62-1.1 s at different
-times, so a run in a fast hour takes about 40 min.
+times; stages timed separately in a fast hour (8.3 min tokenizers, 0.62 s per step) add up to
+about 40 min.
 """
 
 import csv
