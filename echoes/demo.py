@@ -14,7 +14,9 @@ build resumes where it stopped; the model stage resumes train.py's checkpoint), 
     tokenizers  two small VQGANs (the same `VQGAN` class as the paper's tokenizers, at 0.24 M and
                 0.28 M parameters: 64x64 image -> 8x8 ids, (80, 128) mel -> 5x8 ids), trained
                 on the training pairs with `train_tokenizer` (EMA codebook, dead-code restarts,
-                L1 + L2 reconstruction); on a CPU as two 1-thread processes side by side
+                L1 + L2 reconstruction, and for the image one a patch-mean loss that makes each
+                code carry its own patch's colour); on a CPU as two 1-thread processes side by
+                side
     shards      both sets tokenized into token shards (`echoes.data.write_shards`, 1 frame)
     model       the `demo` preset trained by `train.py` on the shards (re-pairing images and
                 clips within a class every batch; bf16 autocast on a GPU)
@@ -48,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -192,16 +195,36 @@ class EMACodebook:
         return n_dead
 
 
+def patch_mean_loss(reader, z, z_q, x):
+    """MSE between reader(code) and the mean of each code's own input patch. z, z_q (B, D, h, w)
+    latents and their codes, x (B, C, H, W) the input; the reader sees the codes' values and its
+    gradient reaches the encoder through z (straight-through, as the reconstruction's does)."""
+    means = reader(z + (z_q - z).detach())  # (B, C, h, w)
+    return F.mse_loss(means, F.adaptive_avg_pool2d(x, z.shape[-2:]))
+
+
 def train_tokenizer(vqgan, data, steps, batch_size=16, lr=1e-3, commitment=0.25,
-                    generator=None, progress=False, desc="tokenizer", log=None):
+                    patch_mean=0.0, generator=None, progress=False, desc="tokenizer", log=None):
     """Train a `VQGAN` as an autoencoder on `data` (N, C, H, W) in [-1, 1] (moved to the model's
     device batch by batch): loss = L1 + L2 between input and reconstruction + commitment
-    * |z - sg(z_q)|^2; the codebook follows the encoder by EMA (`EMACodebook`); Adam with a
-    cosine decay to lr / 10. Returns the per-step losses (a list of floats)."""
+    * |z - sg(z_q)|^2 (+ patch_mean * the patch-mean loss below); the codebook follows the
+    encoder by EMA (`EMACodebook`); Adam with a cosine decay to lr / 10. Returns the per-step
+    losses (a list of floats).
+
+    The patch-mean loss (a choice of this project, not taming's): a 1x1 convolution, trained
+    alongside and thrown away afterwards, must read the mean of each code's own input patch
+    (`patch_mean_loss`) from that code alone, through the straight-through estimator.
+    Without it a VQGAN whose receptive field spans the image spreads a patch's content over its
+    neighbours' codes: the demo's image tokenizer drew fully red and fully green patches with the
+    same codes and left the colour to context, which a transformer sampling codes in parallel
+    cannot reproduce (audio -> image then painted red shapes yellow and green ones blue)."""
     device = next(vqgan.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     codebook = EMACodebook(vqgan.quantize)
     params = [p for p in vqgan.parameters() if p.requires_grad]
+    reader = nn.Conv2d(vqgan.config.embed_dim, data.shape[1], 1).to(device) if patch_mean else None
+    if reader is not None:
+        params += list(reader.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     vqgan.train()
     losses = []
@@ -217,6 +240,8 @@ def train_tokenizer(vqgan, data, steps, batch_size=16, lr=1e-3, commitment=0.25,
         restarted = codebook.update(z_flat.detach(), ids.reshape(-1), generator)
         loss = (F.l1_loss(recon, x) + F.mse_loss(recon, x)
                 + commitment * F.mse_loss(z, z_q.detach()))
+        if reader is not None:
+            loss = loss + patch_mean * patch_mean_loss(reader, z, z_q, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,6 +306,8 @@ class BuildSettings:
     audio_tokenizer_steps: int = setting(500, "optimizer steps of the audio tokenizer")
     tokenizer_batch: int = setting(16, "tokenizer batch size")
     tokenizer_lr: float = setting(2e-3, "tokenizer peak learning rate (Adam, cosine to 1/10)")
+    image_patch_mean: float = setting(1.0, "weight of the image tokenizer's patch-mean loss "
+                                      "(each code must carry its own patch's mean colour)")
     model_steps: int = setting(2500, "optimizer steps of the transformer (train.py --max-steps)")
     model_batch: int = setting(64, "transformer batch (train.py --global-batch)")
     model_lr: float = setting(1e-3, "transformer peak learning rate (train.py --lr)")
@@ -338,7 +365,8 @@ def tokenizer_file(vqgan, modality, extra):
             "codebook": vqgan.config.n_embed, **extra}
 
 
-def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, progress=True):
+def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, patch_mean=0.0,
+                        progress=True):
     """Train one demo tokenizer on the data stage's training pairs and save it (the body of the
     `tokenizer` command, which the build runs once per modality)."""
     d = load_data(work)
@@ -347,7 +375,7 @@ def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, pro
     torch.manual_seed(seed)
     vqgan = VQGAN(VQGAN_CONFIGS[modality]()).to(device)
     t0 = time.time()
-    losses = train_tokenizer(vqgan, data, steps, batch_size, lr,
+    losses = train_tokenizer(vqgan, data, steps, batch_size, lr, patch_mean=patch_mean,
                              generator=torch.Generator().manual_seed(seed), progress=progress,
                              desc=f"{modality} tokenizer")
     readable, used = readable_fraction(modality, vqgan, d[f"val_{key}"], d["val_labels"])
@@ -357,15 +385,18 @@ def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, pro
           f"used, {100 * readable:.1f}% of validation reconstructions readable", flush=True)
     save_atomic(tokenizer_file(vqgan.cpu(), modality, {
         "metrics": {"readable": readable, "codes_used": used, "loss": float(np.mean(losses[-20:])),
-                    "minutes": minutes, "steps": steps}}), _paths(work)[f"{modality}_vqgan"])
+                    "minutes": minutes, "steps": steps, "patch_mean": patch_mean}}),
+                _paths(work)[f"{modality}_vqgan"])
 
 
 def stage_tokenizers(s, p, device):
     todo = [m for m in ("image", "audio") if s.force or not p[f"{m}_vqgan"].exists()]
     steps = {"image": s.image_tokenizer_steps, "audio": s.audio_tokenizer_steps}
+    patch_mean = {"image": s.image_patch_mean, "audio": 0.0}
     args = lambda m: ["tokenizer", "--modality", m, "--work", s.work, "--steps",  # noqa: E731
                       str(steps[m]), "--batch-size", str(s.tokenizer_batch), "--lr",
-                      str(s.tokenizer_lr), "--seed", str(s.seed), "--device", str(device)]
+                      str(s.tokenizer_lr), "--patch-mean", str(patch_mean[m]), "--seed",
+                      str(s.seed), "--device", str(device)]
     if device.type == "cuda" or len(todo) < 2:
         for m in todo:
             tokenizer_main(args(m)[1:])
@@ -719,6 +750,7 @@ class TokenizerSettings:
     steps: int = setting(1200, "optimizer steps")
     batch_size: int = setting(16, "batch size")
     lr: float = setting(2e-3, "peak learning rate")
+    patch_mean: float = setting(0.0, "weight of the patch-mean loss (see train_tokenizer)")
     seed: int = setting(0, "seed of the init and the batches")
     device: str = setting("auto", "auto, cpu or cuda")
     progress: bool = setting(True, "show a progress bar")
@@ -730,7 +762,7 @@ def tokenizer_main(argv):
         raise UserError(f"{t.work} has no data.npz: run `python -m echoes.demo build` "
                         "(its data stage comes first)")
     train_one_tokenizer(t.modality, t.work, t.steps, t.batch_size, t.lr, t.seed,
-                        _device(t.device), t.progress)
+                        _device(t.device), t.patch_mean, t.progress)
 
 
 USAGE = """usage: python -m echoes.demo COMMAND [options]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from echoes import checkpoint, demo, sampler, shapes
-from echoes.cli import run_cli
+from echoes.cli import parse_settings, run_cli
 from echoes.model import EchoesConfig
 from echoes.tokenizers import VQGAN, VQGANConfig, mel_spectrogram
 
@@ -74,6 +74,22 @@ def test_tokenizers_reconstruct_examples_readably(bundle):
         assert shapes.read_mel(audio_tok.decode_to_mel(ids)[0]) == want
 
 
+def test_image_codes_carry_their_patch_colour(bundle):
+    """The shipped image tokenizer was trained with the patch-mean loss: a patch that lies wholly
+    inside a shape gets a code that no other colour's inside patches share."""
+    _, image_tok, _, _ = bundle
+    labels, images, _ = shapes.generate(48, seed=5)
+    ids = demo.encode_items("image", image_tok, images).numpy()  # (48, 64)
+    inside = np.abs(images.astype(int) - 235).max(-1) > 30  # (48, 64, 64)
+    inside = inside.reshape(48, 8, 8, 8, 8).all(axis=(2, 4)).reshape(48, 64)
+    colours = {}
+    for i, pos in zip(*np.nonzero(inside)):
+        colours.setdefault(int(ids[i, pos]), set()).add(shapes.label_parts(int(labels[i]))[0])
+    assert inside.sum() > 100 and len(colours) >= 4
+    shared = {code: c for code, c in colours.items() if len(c) > 1}
+    assert not shared, f"codes used inside shapes of several colours: {shared}"
+
+
 def test_short_i2a_and_a2i_samples_run(bundle):
     model, image_tok, audio_tok, raw = bundle
     _, png, wav = example_paths()[0]
@@ -132,6 +148,44 @@ def test_train_tokenizer_loss_falls(one_thread):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
     assert not vq.quantize.embedding.weight.requires_grad  # the codebook moves by EMA only
     assert not vq.training
+
+
+def test_patch_mean_loss_reads_codes_and_trains_the_encoder():
+    torch.manual_seed(0)
+    reader = torch.nn.Conv2d(4, 3, 1)
+    x = torch.randn(2, 3, 8, 8)
+    z = torch.randn(2, 4, 2, 2, requires_grad=True)
+    z_q = torch.randn(2, 4, 2, 2)
+    loss = demo.patch_mean_loss(reader, z, z_q, x)
+    want = torch.nn.functional.avg_pool2d(x, 4)  # (2, 3, 2, 2): each code's 4x4 patch
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(reader(z_q), want))
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0 and reader.weight.grad is not None
+
+
+def test_train_tokenizer_adds_the_patch_mean_loss(one_thread):
+    def train(patch_mean):
+        torch.manual_seed(0)
+        vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=0, attn_resolutions=(),
+                               resolution=16, z_channels=8, embed_dim=8, n_embed=16))
+        losses = demo.train_tokenizer(vq, small_images(24), steps=6, batch_size=8, lr=3e-3,
+                                      patch_mean=patch_mean,
+                                      generator=torch.Generator().manual_seed(0))
+        assert len(losses) == 6 and all(np.isfinite(losses))
+        return losses
+
+    plain, with_term = train(0.0), train(1.0)
+    assert with_term[0] > plain[0]  # same weights and batch at step 0, plus the extra term
+
+
+def test_build_gives_the_patch_mean_loss_to_the_image_tokenizer_only(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "tokenizer_main", calls.append)
+    build = demo.BuildSettings(work=str(tmp_path), image_patch_mean=0.5)
+    demo.stage_tokenizers(build, demo._paths(tmp_path), torch.device("cuda"))  # one by one
+    got = {t.modality: t for t in (parse_settings(demo.TokenizerSettings, argv) for argv in calls)}
+    assert got["image"].patch_mean == 0.5 and got["audio"].patch_mean == 0.0
+    assert got["image"].steps == build.image_tokenizer_steps and got["image"].device == "cuda"
 
 
 def test_ema_codebook_follows_latents_and_restarts_dead_codes():
