@@ -80,7 +80,7 @@ def test_image_codes_carry_their_patch_colour(bundle):
     _, image_tok, _, _ = bundle
     labels, images, _ = shapes.generate(48, seed=5)
     ids = demo.encode_items("image", image_tok, images).numpy()  # (48, 64)
-    inside = np.abs(images.astype(int) - 235).max(-1) > 30  # (48, 64, 64)
+    inside = np.abs(images.astype(int) - shapes.SPEC.background).max(-1) > 30  # (48, 64, 64)
     inside = inside.reshape(48, 8, 8, 8, 8).all(axis=(2, 4)).reshape(48, 64)
     colours = {}
     for i, pos in zip(*np.nonzero(inside)):
