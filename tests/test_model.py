@@ -94,6 +94,22 @@ def test_full_mask_fraction_masks_one_modality_and_shows_the_other():
     assert 10 < a_full.sum() < 54
 
 
+def test_drop_masked_first_keeps_every_visible_position_that_fits():
+    plain = Echoes(tiny_config(), ops=TorchOps)
+    model = Echoes(tiny_config(drop_masked_first=True), ops=TorchOps)
+    out = model.draw_corruption(400, "cpu", torch.Generator().manual_seed(5))
+    ref = plain.draw_corruption(400, "cpu", torch.Generator().manual_seed(5))
+    for mask, keep, ref_mask, L in ((out[0], out[1], ref[0], 10), (out[2], out[3], ref[2], 12)):
+        assert torch.equal(mask, ref_mask)  # the same masks from the same stream
+        K = L - L // 2
+        assert keep.shape == (400, K) and (keep.diff(dim=1) > 0).all()
+        visible = (~mask).sum(1)
+        kept_visible = (~mask.gather(1, keep)).sum(1)
+        assert torch.equal(kept_visible, visible.clamp(max=K))
+        # both cases occur: fewer visible than K (all kept) and more (a random K of them)
+        assert (visible < K).any() and (visible > K).any()
+
+
 def test_dropped_and_masked_positions_reach_the_decoder_as_the_shared_mask_embedding():
     config = tiny_config()
     seen = {}
