@@ -747,10 +747,12 @@ class TokenizerSettings:
     """`python -m echoes.demo tokenizer` (one stage of the build, run per modality)."""
     modality: str = setting("image", "which tokenizer", choices=["image", "audio"])
     work: str = setting("demo_build", "the build folder (reads data.npz, writes *_vqgan.pt)")
-    steps: int = setting(1200, "optimizer steps")
+    steps: int = setting(1200, "optimizer steps (the build: --image-tokenizer-steps 1200, "
+                         "--audio-tokenizer-steps 500)")
     batch_size: int = setting(16, "batch size")
     lr: float = setting(2e-3, "peak learning rate")
-    patch_mean: float = setting(0.0, "weight of the patch-mean loss (see train_tokenizer)")
+    patch_mean: float = setting(0.0, "weight of the patch-mean loss (see train_tokenizer; the "
+                                "build: --image-patch-mean 1.0 for the image one, 0 for audio)")
     seed: int = setting(0, "seed of the init and the batches")
     device: str = setting("auto", "auto, cpu or cuda")
     progress: bool = setting(True, "show a progress bar")
