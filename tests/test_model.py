@@ -110,6 +110,17 @@ def test_drop_masked_first_keeps_every_visible_position_that_fits():
         assert (visible < K).any() and (visible > K).any()
 
 
+def test_demo_preset_drops_nothing_and_still_masks():
+    config = EchoesConfig.demo()
+    assert config.drop_ratio == 0 and EchoesConfig.paper().drop_ratio == 0.5
+    model = Echoes(tiny_config(drop_ratio=config.drop_ratio), ops=TorchOps)
+    a_mask, a_keep, v_mask, v_keep = model.draw_corruption(50, "cpu",
+                                                           torch.Generator().manual_seed(0))
+    assert torch.equal(a_keep, torch.arange(10).expand(50, 10))
+    assert torch.equal(v_keep, torch.arange(12).expand(50, 12))
+    assert a_mask.any() and v_mask.any() and not v_mask.all()
+
+
 def test_dropped_and_masked_positions_reach_the_decoder_as_the_shared_mask_embedding():
     config = tiny_config()
     seen = {}
