@@ -113,6 +113,7 @@ def test_drop_masked_first_keeps_every_visible_position_that_fits():
 def test_demo_preset_drops_nothing_and_still_masks():
     config = EchoesConfig.demo()
     assert config.drop_ratio == 0 and EchoesConfig.paper().drop_ratio == 0.5
+    assert not config.detach_head_embedding and EchoesConfig.paper().detach_head_embedding
     model = Echoes(tiny_config(drop_ratio=config.drop_ratio), ops=TorchOps)
     a_mask, a_keep, v_mask, v_keep = model.draw_corruption(50, "cpu",
                                                            torch.Generator().manual_seed(0))
