@@ -20,6 +20,9 @@ build resumes where it stopped; the model stage resumes train.py's checkpoint), 
     shards      both sets tokenized into token shards (`echoes.data.write_shards`, 1 frame)
     model       the `demo` preset trained by `train.py` on the shards (re-pairing images and
                 clips within a class every batch; bf16 autocast on a GPU)
+    decoder     the image tokenizer's decoder fine-tuned on the trained model's own fills of
+                partly masked training images (`model_fills`, `tune_decoder`): encoder and
+                codebook stay as they are, so the ids and the shards do not change
     tune        steps, temperature, guidance and token temperature for i2a, a2i and joint,
                 chosen on the validation seeds by the class readers of `echoes/shapes.py`
     bundle      echoes/assets/demo.pt (model + tokenizers + sampling defaults + audio recipe,
@@ -34,7 +37,8 @@ fp32, 1.0 s each) and 3.7 (tune); that run's image book had 64 codes instead of 
 changes no stage's cost. The same machine ran the same training step at 0.62-1.1 s at different
 times; stages timed separately in a fast hour (8.3 min tokenizers, 0.62 s per step) add up to
 about 40 min. The shipped preset (nothing dropped, heads that train the embedding tables) takes
-0.75-1.1 s per step, and tuning on 96 pairs 4.2 min: about 47 min in a fast hour, 56 in a slow one.
+0.75-1.1 s per step, the decoder stage 4.7 min and tuning on 96 pairs 4.2 min: about 50 min in a
+fast hour, 61 in a slow one.
 """
 
 import csv
@@ -297,7 +301,8 @@ class BuildSettings:
     """`python -m echoes.demo build` settings (each one is a --flag; see --help)."""
     work: str = setting("demo_build", "folder for the intermediate outputs of every stage")
     force: bool = setting(False, "redo the chosen stages even when their outputs exist")
-    stages: list[str] = setting(["data", "tokenizers", "shards", "model", "tune", "bundle"],
+    stages: list[str] = setting(["data", "tokenizers", "shards", "model", "decoder", "tune",
+                                 "bundle"],
                                 "stages to run, in order (each skipped when its output exists)")
     device: str = setting("auto", "auto (a GPU when present), cpu or cuda")
     threads: int = setting(0, "CPU threads for the model and tuning stages (0 = all cores)")
@@ -312,6 +317,8 @@ class BuildSettings:
     model_steps: int = setting(2500, "optimizer steps of the transformer (train.py --max-steps)")
     model_batch: int = setting(64, "transformer batch (train.py --global-batch)")
     model_lr: float = setting(1e-3, "transformer peak learning rate (train.py --lr)")
+    decoder_steps: int = setting(800, "optimizer steps of the image decoder's fine-tune on the "
+                                 "model's fills (batch 16, the tokenizer's lr / 4)")
     model_amp: str = setting("auto", "train.py --amp; auto = bf16 on a GPU, fp32 on a CPU (a CPU "
                              "without bf16 instructions ran a demo step 3x slower under bf16 "
                              "autocast)", choices=["auto", "bf16", "fp32"])
@@ -321,7 +328,7 @@ class BuildSettings:
     seed: int = setting(0, "seed of tokenizer and model training and of the tuning draws")
 
 
-STAGES = ("data", "tokenizers", "shards", "model", "tune", "bundle")
+STAGES = ("data", "tokenizers", "shards", "model", "decoder", "tune", "bundle")
 
 
 def _device(name):
@@ -336,6 +343,7 @@ def _paths(work):
     w = Path(work)
     return {"data": w / "data.npz", "image_vqgan": w / "image_vqgan.pt",
             "audio_vqgan": w / "audio_vqgan.pt", "shards": w / "shards",
+            "image_decoder": w / "image_vqgan_decoder.pt",
             "model": w / "model", "ckpt": w / "model" / "ckpt.pt", "tune": w / "sampling.json",
             "bundle": DEMO_BUNDLE, "examples": DEMO_EXAMPLES}
 
@@ -479,6 +487,101 @@ def stage_model(s, p, device):
 
 
 # -----------------------------------------------------------------------------
+# the image decoder, fine-tuned on the model's fills
+
+
+@torch.no_grad()
+def model_fills(model, image_ids, audio_ids, generator, ratio=(0.1, 0.6), token_temperature=0.5,
+                batch_size=128):
+    """Image ids with a share of each (uniform in `ratio`) re-drawn by the transformer in one
+    step, given the rest and the clip, at `token_temperature`: codes of the kind sampling makes,
+    each plausible and their outlines not quite consistent. (N, Lv), (N, La) -> (N, Lv)."""
+    out = []
+    for lo in range(0, len(image_ids), batch_size):
+        v, a = image_ids[lo:lo + batch_size], audio_ids[lo:lo + batch_size]
+        B, L = v.shape
+        r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(B, 1, generator=generator)  # (B, 1)
+        masked = torch.rand(B, L, generator=generator) < r  # (B, Lv)
+        _, logits = model(a, v.masked_fill(masked, model.image_mask_id))  # (B, Lv, Cv)
+        probs = torch.softmax(logits.float() / token_temperature, dim=-1).reshape(B * L, -1)
+        drawn = torch.multinomial(probs, 1, generator=generator).reshape(B, L)
+        out.append(torch.where(masked, drawn, v))
+    return torch.cat(out)
+
+
+def tune_decoder(vqgan, data, clean_ids, filled_ids, steps, batch_size=16, lr=5e-4,
+                 filled_share=0.5, generator=None, progress=False):
+    """Fine-tune the decoder side of a `VQGAN` (post_quant_conv and decoder; encoder and codebook
+    stay frozen, so every image keeps its ids) to draw each training image from its own ids
+    and, for `filled_share` of a batch, from the model's fills of them (`model_fills`):
+    L1 + L2 against the clean image, Adam with a cosine decay to lr / 10. data (N, C, H, W) in
+    [-1, 1]; clean_ids (N, L); filled_ids (R * N, L), row i a fill of item i % N. Returns the
+    per-step losses.
+
+    Why (a choice of this project, not in taming or the paper): the demo transformer draws codes
+    that are each plausible but whose outlines do not quite agree, and a decoder trained only on
+    encoder outputs turns them into wobbly blobs. This one learns to draw the clean shape."""
+    device = next(vqgan.parameters()).device
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    train = [*vqgan.post_quant_conv.parameters(), *vqgan.decoder.parameters()]
+    was = [(p, p.requires_grad) for p in vqgan.parameters()]
+    for p in vqgan.parameters():
+        p.requires_grad_(False)
+    for p in train:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(train, lr=lr)
+    hw = vqgan.latent_size(*data.shape[-2:])
+    n = len(clean_ids)
+    vqgan.train()
+    losses = []
+    for step in tqdm(range(steps), desc="image decoder", disable=not progress, unit="step",
+                     dynamic_ncols=True):
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        idx = torch.randint(0, len(filled_ids), (batch_size,), generator=generator)
+        use_fill = torch.rand(batch_size, 1, generator=generator) < filled_share
+        ids = torch.where(use_fill, filled_ids[idx], clean_ids[idx % n]).to(device)
+        x = data[idx % n].to(device).float()  # (B, C, H, W)
+        recon = vqgan.decode(ids, hw)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for p, flag in was:
+        p.requires_grad_(flag)
+    vqgan.eval()
+    return losses
+
+
+def stage_decoder(s, p, device):
+    d = load_data(s.work)
+    model, _ = model_from_ckpt(p["ckpt"], device)
+    model.eval()
+    image_vq = load_tokenizer(p["image_vqgan"], device)
+    audio_vq = load_tokenizer(p["audio_vqgan"], device)
+    data = image_input(d["train_images"])  # (N, 3, 64, 64)
+    image_ids = tokenize(image_vq, data)  # (N, 64)
+    audio_ids = tokenize(audio_vq, audio_input(d["train_mels"]))  # (N, 40)
+    g = torch.Generator().manual_seed(s.seed)
+    t0 = time.time()
+    filled = torch.cat([model_fills(model, image_ids.to(device), audio_ids.to(device), g).cpu()
+                        for _ in range(2)])  # (2N, 64)
+    losses = tune_decoder(image_vq, data, image_ids, filled, s.decoder_steps,
+                          lr=s.tokenizer_lr / 4, generator=g, progress=True)
+    readable, used = readable_fraction("image", image_vq, d["val_images"], d["val_labels"])
+    minutes = (time.time() - t0) / 60
+    print(f"image decoder: {s.decoder_steps} steps on the model's fills in {minutes:.1f} min, "
+          f"{100 * (filled != image_ids.repeat(2, 1)).float().mean():.0f}% of the codes changed "
+          f"by the fills, {100 * readable:.1f}% of validation reconstructions readable", flush=True)
+    entry = load_checkpoint(p["image_vqgan"], what="demo tokenizer")
+    save_atomic(tokenizer_file(image_vq.cpu(), "image", {
+        "metrics": {**entry.get("metrics", {}), "decoder": {
+            "steps": s.decoder_steps, "minutes": minutes, "readable": readable,
+            "loss": float(np.mean(losses[-20:]))}}}), p["image_decoder"])
+
+
+# -----------------------------------------------------------------------------
 # scoring generations with the class readers (the tune stage and bench/quality.py)
 
 
@@ -580,7 +683,7 @@ def stage_tune(s, p, device):
     sampling.json."""
     d = load_data(s.work)
     model, _ = model_from_ckpt(p["ckpt"], device)
-    image_tok = ImageTokenizer(load_tokenizer(p["image_vqgan"], device), resolution=IMAGE_SIZE)
+    image_tok = ImageTokenizer(load_tokenizer(p["image_decoder"], device), resolution=IMAGE_SIZE)
     audio_tok = AudioTokenizer(load_tokenizer(p["audio_vqgan"], device), **AUDIO_RECIPE)
     n = min(s.n_tune, len(d["val_labels"]))
     labels = d["val_labels"][:n]
@@ -658,8 +761,8 @@ def stage_bundle(s, p):
     ckpt = load_checkpoint(p["ckpt"], what="demo model checkpoint")
     tuned = json.loads(p["tune"].read_text())
     tokenizers = {}
-    for m in ("image", "audio"):
-        entry = load_checkpoint(p[f"{m}_vqgan"], what="demo tokenizer")
+    for m, key in (("image", "image_decoder"), ("audio", "audio_vqgan")):
+        entry = load_checkpoint(p[key], what="demo tokenizer")
         tokenizers[m] = {**entry, "state_dict": half(entry["state_dict"])}
     bundle = {"model": half(ckpt["model"]), "config": ckpt["config"],
               "sampling": tuned["sampling"], "tokenizers": tokenizers,
@@ -684,8 +787,9 @@ STAGE_FILES = {  # stage: (its outputs, its inputs)
     "tokenizers": (["image_vqgan", "audio_vqgan"], ["data"]),
     "shards": (["shards"], ["image_vqgan", "audio_vqgan"]),
     "model": (["ckpt"], ["shards"]),
-    "tune": (["tune"], ["ckpt"]),
-    "bundle": (["bundle"], ["tune", "ckpt", "image_vqgan", "audio_vqgan"]),
+    "decoder": (["image_decoder"], ["ckpt", "image_vqgan"]),
+    "tune": (["tune"], ["ckpt", "image_decoder"]),
+    "bundle": (["bundle"], ["tune", "ckpt", "image_decoder", "audio_vqgan"]),
 }
 
 
@@ -731,6 +835,8 @@ def build(s):
             stage_shards(s, p, device)
         elif stage == "model":
             stage_model(s, p, device)
+        elif stage == "decoder":
+            stage_decoder(s, p, device)
         elif stage == "tune":
             stage_tune(s, p, device)
         else:

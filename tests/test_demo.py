@@ -14,7 +14,7 @@ from PIL import Image
 
 from echoes import checkpoint, demo, sampler, shapes
 from echoes.cli import parse_settings, run_cli
-from echoes.model import EchoesConfig
+from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import VQGAN, VQGANConfig, mel_spectrogram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,9 @@ def test_bundle_size_and_layout(bundle):
     for mode in ("i2a", "a2i"):
         opts = checkpoint.stored_sampling(raw, mode)
         assert set(opts) == {"steps", "temperature", "guidance", "token_temperature"}
+    # the image decoder went through the build's decoder stage
+    decoder = raw["tokenizers"]["image"]["metrics"]["decoder"]
+    assert decoder["steps"] == demo.BuildSettings().decoder_steps and decoder["readable"] >= 0.98
     # weights are stored in fp16 to fit the budget
     assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
 
@@ -186,6 +189,47 @@ def test_build_gives_the_patch_mean_loss_to_the_image_tokenizer_only(tmp_path, m
     got = {t.modality: t for t in (parse_settings(demo.TokenizerSettings, argv) for argv in calls)}
     assert got["image"].patch_mean == 0.5 and got["audio"].patch_mean == 0.0
     assert got["image"].steps == build.image_tokenizer_steps and got["image"].device == "cuda"
+
+
+def test_model_fills_redraw_only_masked_codes(one_thread):
+    torch.manual_seed(0)
+    model = Echoes(EchoesConfig.demo(audio_len=10, image_len=16, audio_codebook=12,
+                                     image_codebook=9, enc_dim=32, enc_heads=2, dec_dim=32,
+                                     dec_heads=2, enc_depth=1)).eval()
+    image = torch.randint(0, 9, (37, 16))
+    audio = torch.randint(0, 12, (37, 10))
+    fills = demo.model_fills(model, image, audio, torch.Generator().manual_seed(0),
+                             ratio=(0.5, 0.5), batch_size=16)
+    assert fills.shape == image.shape and fills.min() >= 0 and fills.max() < 9  # no mask id
+    changed = (fills != image).float().mean().item()
+    assert 0.2 < changed < 0.5  # half re-drawn, some of it to the same code
+    again = demo.model_fills(model, image, audio, torch.Generator().manual_seed(0),
+                             ratio=(0.5, 0.5), batch_size=16)
+    assert torch.equal(fills, again)
+    nothing = demo.model_fills(model, image, audio, torch.Generator().manual_seed(0),
+                               ratio=(0.0, 0.0))
+    assert torch.equal(nothing, image)
+
+
+def test_tune_decoder_trains_the_decoder_only_and_keeps_the_ids(one_thread):
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=0, attn_resolutions=(),
+                           resolution=16, z_channels=8, embed_dim=8, n_embed=16))
+    data = small_images(24)
+    demo.train_tokenizer(vq, data, steps=10, batch_size=8, lr=3e-3,
+                         generator=torch.Generator().manual_seed(0))
+    ids = demo.tokenize(vq, data)  # (24, 64)
+    filled = torch.where(torch.rand(ids.shape) < 0.3, torch.randint(0, 16, ids.shape), ids)
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    losses = demo.tune_decoder(vq, data, ids, filled, steps=8, batch_size=8, lr=3e-3,
+                               generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 8 and all(np.isfinite(losses)) and not vq.training
+    after = vq.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert torch.equal(demo.tokenize(vq, data), ids)
+    assert not vq.quantize.embedding.weight.requires_grad  # left as found: EMA codebook
+    assert all(p.requires_grad for p in vq.decoder.parameters())
 
 
 def test_ema_codebook_follows_latents_and_restarts_dead_codes():
