@@ -37,8 +37,8 @@ fp32, 1.0 s each) and 3.7 (tune); that run's image book had 64 codes instead of 
 changes no stage's cost. The same machine ran the same training step at 0.62-1.1 s at different
 times; stages timed separately in a fast hour (8.3 min tokenizers, 0.62 s per step) add up to
 about 40 min. The shipped preset (nothing dropped, heads that train the embedding tables) takes
-0.75-1.1 s per step, the decoder stage 4.7 min and tuning on 96 pairs 4.2 min: about 50 min in a
-fast hour, 61 in a slow one.
+0.75-1.1 s per step, the decoder stage 6.4 min and tuning on 96 pairs 4.2 min: about 52 min in a
+fast hour, 63 in a slow one.
 """
 
 import csv
@@ -317,7 +317,7 @@ class BuildSettings:
     model_steps: int = setting(2500, "optimizer steps of the transformer (train.py --max-steps)")
     model_batch: int = setting(64, "transformer batch (train.py --global-batch)")
     model_lr: float = setting(1e-3, "transformer peak learning rate (train.py --lr)")
-    decoder_steps: int = setting(800, "optimizer steps of the image decoder's fine-tune on the "
+    decoder_steps: int = setting(1200, "optimizer steps of the image decoder's fine-tune on the "
                                  "model's fills (batch 16, the tokenizer's lr / 4)")
     model_amp: str = setting("auto", "train.py --amp; auto = bf16 on a GPU, fp32 on a CPU (a CPU "
                              "without bf16 instructions ran a demo step 3x slower under bf16 "
@@ -491,7 +491,7 @@ def stage_model(s, p, device):
 
 
 @torch.no_grad()
-def model_fills(model, image_ids, audio_ids, generator, ratio=(0.1, 0.6), token_temperature=0.5,
+def model_fills(model, image_ids, audio_ids, generator, ratio=(0.1, 0.9), token_temperature=0.5,
                 batch_size=128):
     """Image ids with a share of each (uniform in `ratio`) re-drawn by the transformer in one
     step, given the rest and the clip, at `token_temperature`: codes of the kind sampling makes,
@@ -510,7 +510,7 @@ def model_fills(model, image_ids, audio_ids, generator, ratio=(0.1, 0.6), token_
 
 
 def tune_decoder(vqgan, data, clean_ids, filled_ids, steps, batch_size=16, lr=5e-4,
-                 filled_share=0.5, generator=None, progress=False):
+                 filled_share=0.7, generator=None, progress=False):
     """Fine-tune the decoder side of a `VQGAN` (post_quant_conv and decoder; encoder and codebook
     stay frozen, so every image keeps its ids) to draw each training image from its own ids
     and, for `filled_share` of a batch, from the model's fills of them (`model_fills`):
