@@ -208,6 +208,11 @@ def patch_mean_loss(reader, z, z_q, x):
     return F.mse_loss(means, F.adaptive_avg_pool2d(x, z.shape[-2:]))
 
 
+def cosine_lr(peak, step, steps):
+    """The tokenizer and decoder schedule: cosine from `peak` at step 0 down to peak / 10."""
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+
+
 def train_tokenizer(vqgan, data, steps, batch_size=16, lr=1e-3, commitment=0.25,
                     patch_mean=0.0, generator=None, progress=False, desc="tokenizer", log=None):
     """Train a `VQGAN` as an autoencoder on `data` (N, C, H, W) in [-1, 1] (moved to the model's
@@ -236,7 +241,7 @@ def train_tokenizer(vqgan, data, steps, batch_size=16, lr=1e-3, commitment=0.25,
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            group["lr"] = cosine_lr(lr, step, steps)
         idx = torch.randint(0, len(data), (batch_size,), generator=generator)
         x = data[idx].to(device).float()  # (B, C, H, W)
         recon, ids, z, z_q = vqgan(x)
@@ -537,7 +542,7 @@ def tune_decoder(vqgan, data, clean_ids, filled_ids, steps, batch_size=16, lr=5e
     for step in tqdm(range(steps), desc="image decoder", disable=not progress, unit="step",
                      dynamic_ncols=True):
         for group in opt.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+            group["lr"] = cosine_lr(lr, step, steps)
         idx = torch.randint(0, len(filled_ids), (batch_size,), generator=generator)
         use_fill = torch.rand(batch_size, 1, generator=generator) < filled_share
         ids = torch.where(use_fill, filled_ids[idx], clean_ids[idx % n]).to(device)
@@ -569,7 +574,7 @@ def stage_decoder(s, p, device):
                         for _ in range(2)])  # (2N, 64)
     losses = tune_decoder(image_vq, data, image_ids, filled, s.decoder_steps,
                           lr=s.tokenizer_lr / 4, generator=g, progress=True)
-    readable, used = readable_fraction("image", image_vq, d["val_images"], d["val_labels"])
+    readable, _ = readable_fraction("image", image_vq, d["val_images"], d["val_labels"])
     minutes = (time.time() - t0) / 60
     print(f"image decoder: {s.decoder_steps} steps on the model's fills in {minutes:.1f} min, "
           f"{100 * (filled != image_ids.repeat(2, 1)).float().mean():.0f}% of the codes changed "
