@@ -55,9 +55,10 @@ class EchoesConfig:
     full_mask_prob: float = 0.0
     # research trick, off in both presets (it helped the demo until the demo preset stopped
     # dropping, drop_ratio 0, which helped more): the dropped positions are taken from the masked
-    # ones first, so the encoder sees every visible token whenever at most K are visible. With the paper's drop, independent of the mask, the encoder sees about half
-    # of the visible tokens in training but all of them at inference (nothing is dropped there),
-    # and the more of an image was known the worse the model predicted the rest
+    # ones first, so the encoder sees every visible token whenever at most K are visible. With
+    # the paper's drop, independent of the mask, the encoder sees about half of the visible
+    # tokens in training but all of them at inference (nothing is dropped there), and the more
+    # of an image was known the worse the model predicted the rest
     drop_masked_first: bool = False
 
     @classmethod
