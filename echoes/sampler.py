@@ -184,7 +184,8 @@ class GraphedFeatures:
         key = (tuple(audio.shape), tuple(image.shape), dtype)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(audio, image)
+                out, self.graphs[key] = self._capture(audio, image)
+                return out
             except RuntimeError as e:
                 warnings.warn(f"CUDA graph capture failed, sampling without graphs: {e}")
                 self.failed = True
@@ -196,17 +197,22 @@ class GraphedFeatures:
         return out
 
     def _capture(self, audio, image):
+        """(this call's features, (graph, static audio, static image, static features)). One
+        plain forward warms up off the capturing stream (autotuning, workspaces, autocast's
+        weight cache) and is this call's result, so a capture costs no extra forward pass: at a
+        large batch, where a step is bound by compute, graphs cost nothing."""
         a, v = audio.clone(), image.clone()  # the static inputs
-        side = torch.cuda.Stream()  # warm-up off the capturing stream: autotuning, workspaces
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self.model.features(a, v)
+            warm = self.model.features(a, v)
         torch.cuda.current_stream().wait_stream(side)
+        for t in warm:  # made on the side stream, read on this one: keep until this one is done
+            t.record_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self.model.features(a, v)
-        return graph, a, v, out
+        return warm, (graph, a, v, out)
 
 
 def guided_features(model, ids, uncond=None, features=None):
