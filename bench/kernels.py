@@ -6,7 +6,11 @@ by the encoder, D = 1024, C = 1024; the cross-entropy on the ~0.7 * 64 * 521 mas
 draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implementations:
 - triton:  the fused op from kernels/ (reported as missing when its module is not there);
 - eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
-- compile: torch.compile of that same reference.
+- compile: torch.compile of that same reference;
+- candidate (with `--candidate FILE`): the same-named op of another kernel file, e.g. a changed
+  kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`. Kernel timings
+  on a GPU drift between runs by more than most kernel changes (an eager backward measured 486,
+  762 and 1135 us on three H200 runs), so a change is judged against its old version in one run.
 and up to three modes: forward, backward (from one forward kept alive) and full (both).
 
 Time is the median of `triton.testing.do_bench`. The floor of each row is
@@ -25,15 +29,18 @@ seconds.
     python bench/kernels.py                  # paper shapes, on a GPU
     python bench/kernels.py --small          # quick, CPU or GPU
     python bench/kernels.py --ops remask draw_tokens --out results.md
+    python bench/kernels.py --ops pad_decoder --candidate /tmp/gather_pad_old.py
 """
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -70,6 +77,8 @@ class Settings:
     warmup: int = setting(25, "do_bench warmup in ms (GPU)")
     rep: int = setting(100, "do_bench measuring time in ms (GPU); CPU: time budget per row")
     seed: int = setting(0, "seed of the random inputs")
+    candidate: str = setting("", "a kernel file whose same-named ops are also timed, as variant "
+                             "'candidate' (GPU only)")
     out: str = setting("", "also write the table as markdown to this file")
 
 
@@ -219,6 +228,18 @@ def triton_op(name):
         return None, f"import error ({e.__class__.__name__}: {str(e)[:60]})"
 
 
+def candidate_op(path, name):
+    """The op `name` of the kernel file at `path`, or (None, why)."""
+    spec = importlib.util.spec_from_file_location("candidate_" + Path(path).stem, path)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:  # a candidate that does not import is reported, never fatal
+        return None, f"candidate import error ({e.__class__.__name__}: {str(e)[:60]})"
+    fn = getattr(module, name, None)
+    return (fn, "") if fn is not None else (None, f"not in {Path(path).name}")
+
+
 # -----------------------------------------------------------------------------
 # timing
 
@@ -325,6 +346,9 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    if s.candidate and not os.path.isfile(s.candidate):
+        raise UserError(f"--candidate {s.candidate}: no such file; give a kernel file such as "
+                        "kernels/gather_pad.py from another commit")
     if s.small:
         s = dataclasses.replace(s, batch=min(s.batch, 4), dim=min(s.dim, 128),
                                 codebook=min(s.codebook, 256))
@@ -358,6 +382,8 @@ def main(argv=None):
             variants["triton"] = triton_op(op)
             variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
                                    else (None, "skipped (--no-compile)"))
+            if s.candidate:
+                variants["candidate"] = candidate_op(s.candidate, op)
         modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
         for mode in modes:
             for variant, (fn, why) in variants.items():

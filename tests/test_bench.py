@@ -1,0 +1,31 @@
+"""bench/kernels.py: loading a candidate kernel file to time against the current one."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_candidate_ops_load_from_a_kernel_file(tmp_path):
+    copy = tmp_path / "gather_pad_old.py"
+    copy.write_text((ROOT / "kernels" / "gather_pad.py").read_text())
+    fn, why = bench.candidate_op(str(copy), "pad_decoder")
+    assert callable(fn) and why == "" and fn.__module__ == "candidate_gather_pad_old"
+    fn, why = bench.candidate_op(str(copy), "remask")
+    assert fn is None and why == "not in gather_pad_old.py"
+    broken = tmp_path / "broken.py"
+    broken.write_text("import a_module_that_is_not_there\n")
+    fn, why = bench.candidate_op(str(broken), "pad_decoder")
+    assert fn is None and why.startswith("candidate import error (ModuleNotFoundError")
+
+
+def test_a_missing_candidate_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.run_cli(bench.main, ["--candidate", str(tmp_path / "nope.py")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "no such file" in err[0]
