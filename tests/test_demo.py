@@ -254,3 +254,11 @@ def test_mel_recipe_gives_the_token_grid():
     vq = VQGAN(demo.audio_vqgan_config())
     assert vq.latent_size(80, shapes.DEMO_FRAMES) == (5, 8)
     assert VQGAN(demo.image_vqgan_config()).latent_size(64, 64) == (8, 8)
+
+
+def test_tune_candidates_and_the_pick():
+    for mode, candidates in demo.TUNE_CANDIDATES.items():
+        assert len(set(candidates)) == len(candidates) >= 2, mode
+    a, b, c = (dict(steps=n, temperature=2.0, token_temperature=0.5) for n in (12, 8, 20))
+    assert demo.best_setting([(0.75, 0.75, a), (0.75, 0.80, c), (0.70, 0.9, b)]) is c
+    assert demo.best_setting([(0.75, 0.75, a), (0.75, 0.75, b), (0.75, 0.75, c)]) is b
