@@ -665,7 +665,6 @@ def eval_joint(model, image_tok, audio_tok, n, opts, seed=0):
     return {"both": float(np.mean((read_a == read_v) & (read_a >= 0)))}, read_a, images, mels
 
 
-# the settings the tune stage tries, per mode (steps, temperature T, guidance s, token temperature)
 # The settings the tune stage chooses from, per mode: (steps N, Gumbel temperature T, token
 # temperature). Each did best or within noise of the best on the validation pairs of two demo
 # models built independently, in a grid over N 8-20, T 2-9, token T 0.25-1 and CFG s 1-3. Guidance
