@@ -13,13 +13,12 @@ TRITON_INTERPRET=1).
   id takes ~70% of the rows in training) are summed first with one small tl.dot against the
   block's "same token" matrix, so each table row gets at most one atomic per block.
 - `pad_decoder(x, keep, unknown, mask_emb, pos, mod)`: out[b, l] = x[b, k] where keep[b, k] = l
-  and the token at l is known, else mask_emb; plus pos[l] + mod. The kernels work from the
-  output side: one scatter builds a (B, L) int32 slot index (k where keep[b, k] = l and the token
-  is known, -2 - k where it is kept but unknown, -1 where it was dropped), so a block of
-  positions reads its rows' sources with one small load and nothing is assumed about keep's
-  order. Forward and backward share it. Backward reads the upstream gradient once: it writes
-  grad x for every kept row (zero where the token is unknown) and sums grad pos / mask_emb / mod
-  over the batch in registers, one fp32 atomic per block and batch split.
+  and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
+  side: a block of positions l finds its k by comparing against keep[b, :] (K integer compares per
+  position, far cheaper than the row it moves), so no inverse index is built and nothing is
+  assumed about keep's order. Backward reads the upstream gradient once: it writes grad x for every
+  kept row (zero where the token is unknown) and sums grad pos / mask_emb / mod over the batch in
+  registers, one fp32 atomic per block and batch split.
 
 Dtypes follow the reference under autocast (neither op is on autocast's lists): the output dtype is
 the promotion of the inputs' dtypes (gather: weight, pos, mod; pad: x, pos, mod), everything is
@@ -47,14 +46,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
     GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
     GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=32, num_warps=1)
-    PAD_FWD = dict(BLOCK_L=8, BLOCK_D=32, num_warps=1)
-    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, num_warps=1)
+    PAD_FWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
+    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
     PAD_BWD_PROGRAMS = 16  # target program count; sets the batch split
 else:
     GATHER_FWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
     GATHER_BWD = dict(BLOCK_R=64, BLOCK_D=128, num_warps=4)
-    PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, num_warps=4)
-    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, num_warps=4)
+    PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, BLOCK_KC=256, num_warps=4)
+    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
     PAD_BWD_PROGRAMS = 1024
 
 
@@ -202,32 +201,36 @@ def gather_embed(ids, keep, weight, pos, mod):
 # pad_decoder
 
 
-def _slots(keep, unknown):
-    """(B, L) int32 source of every decoder position: k where keep[b, k] = l and the token at l
-    is known, -2 - k where it is kept but unknown, -1 where it was dropped."""
-    B, K = keep.shape
-    slot = torch.full(unknown.shape, -1, dtype=torch.int32, device=keep.device)
-    slot.scatter_(1, keep, torch.arange(K, dtype=torch.int32, device=keep.device).expand(B, K))
-    return torch.where(unknown & (slot >= 0), -2 - slot, slot)
+@triton.jit
+def _kept_index(keep_row, s_kk, ls, K, BLOCK_L: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """k with keep[b, k] == l for each position l of the block, -1 where l was dropped."""
+    kidx = tl.full([BLOCK_L], -1, tl.int32)
+    for k0 in range(0, K, BLOCK_KC):
+        ks = k0 + tl.arange(0, BLOCK_KC)  # (KC,)
+        kv = tl.load(keep_row + ks * s_kk, mask=ks < K, other=-1)
+        hit = kv[None, :] == ls[:, None]  # (Lb, KC)
+        kidx = tl.maximum(kidx, tl.max(tl.where(hit, ks[None, :], -1), axis=1))
+    return kidx
 
 
 @triton.jit
-def _pad_fwd_kernel(x, slot, mask_emb, pos, mod, out, L, D, n_lb, s_xb, s_xk, s_pl,
-                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod,
-    with k = slot[b, l] (`_slots`).
+def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
+                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod.
 
     Grid (B * cdiv(L, BLOCK_L), cdiv(D, BLOCK_D)). Bytes: B*L*D*out_bytes written +
-    (kept, known rows) * D * x_bytes read + L*D pos (L2 hits) + B*L*4 slots; floor
-    B*L*D*out_bytes + B*K*D*x_bytes. FLOPs: 2*B*L*D adds."""
+    (kept, known rows) * D * x_bytes read + L*D pos (L2 hits); floor B*L*D*out_bytes +
+    B*K*D*x_bytes. FLOPs: 2*B*L*D adds, plus B*L*K*cdiv(D, BLOCK_D) integer compares."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = pid // n_lb
     ls = (pid - b * n_lb) * BLOCK_L + tl.arange(0, BLOCK_L)  # (Lb,)
     lmask = ls < L
     b = b.to(tl.int64)
-    kidx = tl.load(slot + b * L + ls, mask=lmask, other=-1)  # (Lb,)
-    take = kidx >= 0  # (Lb,)
+    kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+    unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
+    take = (kidx >= 0) & (unk == 0)  # (Lb,)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     m2 = lmask[:, None] & cmask[None, :]
@@ -243,17 +246,19 @@ def _pad_fwd_kernel(x, slot, mask_emb, pos, mod, out, L, D, n_lb, s_xb, s_xk, s_
 
 
 @triton.jit
-def _pad_bwd_kernel(grad, slot, gx, gp, gme, gm, B, L, K, D, b_per,
+def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
+                    s_kb, s_kk, s_ub,
                     X_GRAD: tl.constexpr, P_GRAD: tl.constexpr, E_GRAD: tl.constexpr,
-                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_KC: tl.constexpr):
     """grad x[b, k] = grad[b, keep[b, k]] where that token is known, else 0; grad pos[l] =
     sum_b grad[b, l]; grad mask_emb = sum of grad rows that took it; grad mod = sum of all rows.
 
     Each program owns a (BLOCK_L, BLOCK_D) tile of positions for b_per samples, sums its tile over
     those samples in registers and adds it to the fp32 buffers with one atomic per element.
     Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes: B*L*D*grad_bytes read +
-    B*K*D*x_bytes written + B*L*4 slots + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs:
-    3*B*L*D adds."""
+    B*K*D*x_bytes written + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 3*B*L*D adds, plus
+    B*L*K*cdiv(D, BLOCK_D) integer compares."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -267,10 +272,9 @@ def _pad_bwd_kernel(grad, slot, gx, gp, gme, gm, B, L, K, D, b_per,
     b0 = pid_b * b_per
     b1 = tl.minimum(b0 + b_per, B)
     for b in range(b0, b1):
-        code = tl.load(slot + b * L + ls, mask=lmask, other=-1)  # (Lb,)
-        take = code >= 0
-        kept = code != -1
-        kidx = tl.where(take, code, -2 - code)  # the kept row, known or not
+        kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+        unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
+        take = (kidx >= 0) & (unk == 0)
         rows = (b * L + ls).to(tl.int64)
         g = tl.load(grad + rows[:, None] * D + cols[None, :], mask=m2, other=0.0)
         g = g.to(tl.float32)  # (Lb, Dc)
@@ -281,7 +285,7 @@ def _pad_bwd_kernel(grad, slot, gx, gp, gme, gm, B, L, K, D, b_per,
             xrows = (b * K + kidx).to(tl.int64)
             tl.store(gx + xrows[:, None] * D + cols[None, :],
                      tl.where(take[:, None], g, 0.0).to(gx.dtype.element_ty),
-                     mask=m2 & kept[:, None])
+                     mask=m2 & (kidx >= 0)[:, None])
     if P_GRAD:
         tl.atomic_add(gp + ls.to(tl.int64)[:, None] * D + cols[None, :], acc_p, mask=m2,
                       sem="relaxed")
@@ -300,7 +304,7 @@ class PadDecoder(torch.autograd.Function):
         if x.stride(2) != 1:
             x = x.contiguous()
         mask_emb, pos, mod = mask_emb.contiguous(), pos.contiguous(), mod.contiguous()
-        slot = _slots(keep, unknown.to(torch.bool))  # (B, L) int32
+        unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
         if B * L > 0 and D > 0:
@@ -308,15 +312,16 @@ class PadDecoder(torch.autograd.Function):
             cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             n_lb = triton.cdiv(L, cfg["BLOCK_L"])
             grid = (B * n_lb, triton.cdiv(D, cfg["BLOCK_D"]))
-            _pad_fwd_kernel[grid](x, slot, mask_emb, pos, mod, out, L, D, n_lb,
-                                  x.stride(0), x.stride(1), pos.stride(0), **cfg)
-        ctx.save_for_backward(slot)
+            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out, L, K, D, n_lb,
+                                  x.stride(0), x.stride(1), keep.stride(0), keep.stride(1),
+                                  unk.stride(0), pos.stride(0), **cfg)
+        ctx.save_for_backward(keep, unk)
         ctx.meta = (x.dtype, K, mask_emb.dtype, pos.dtype, mod.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        slot, = ctx.saved_tensors
+        keep, unk = ctx.saved_tensors
         xdtype, K, edtype, pdtype, mdtype = ctx.meta
         need_x, _, _, need_e, need_p, need_m = ctx.needs_input_grad
         B, L, D = grad.shape
@@ -332,9 +337,10 @@ class PadDecoder(torch.autograd.Function):
             splits = max(1, min(B, triton.cdiv(PAD_BWD_PROGRAMS, n_l * n_d)))
             b_per = triton.cdiv(B, splits)
             grid = (n_l, n_d, triton.cdiv(B, b_per))
-            _pad_bwd_kernel[grid](grad, slot, gx if need_x else grad, acc[:L], acc[L],
-                                  acc[L + 1], B, L, K, D, b_per, X_GRAD=need_x,
-                                  P_GRAD=need_p, E_GRAD=need_e, M_GRAD=need_m, **cfg)
+            _pad_bwd_kernel[grid](grad, keep, unk, gx if need_x else grad, acc[:L], acc[L],
+                                  acc[L + 1], B, L, K, D, b_per, keep.stride(0),
+                                  keep.stride(1), unk.stride(0), X_GRAD=need_x, P_GRAD=need_p,
+                                  E_GRAD=need_e, M_GRAD=need_m, **cfg)
         return (gx, None, None, acc[L].to(edtype) if need_e else None,
                 acc[:L].to(pdtype) if need_p else None, acc[L + 1].to(mdtype) if need_m else None)
 
