@@ -394,7 +394,10 @@ def main(argv=None):
         raise UserError(f"{ckpt_path} exists; pass --resume to continue it or pick another --out")
     d = setup_distributed(s.device)
     try:
-        return train(s, d, config, micro, accum, ckpt_path)
+        code = train(s, d, config, micro, accum, ckpt_path)
+        if d.world_size > 1:  # leave together: a gloo rank whose peer tore down first can abort
+            dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 
