@@ -209,6 +209,11 @@ def test_model_fills_redraw_only_masked_codes(one_thread):
     nothing = demo.model_fills(model, image, audio, torch.Generator().manual_seed(0),
                                ratio=(0.0, 0.0))
     assert torch.equal(nothing, image)
+    # the sampler's loop: every masked code drawn (no mask id left), the known ones kept
+    g = torch.Generator().manual_seed(1)
+    looped = demo.model_fills(model, image, audio, g, ratio=(0.9, 0.9), steps=4, batch_size=16)
+    assert looped.shape == image.shape and looped.min() >= 0 and looped.max() < 9
+    assert 0.5 < (looped != image).float().mean().item() < 0.95
 
 
 def test_tune_decoder_trains_the_decoder_only_and_keeps_the_ids(one_thread):
@@ -219,9 +224,12 @@ def test_tune_decoder_trains_the_decoder_only_and_keeps_the_ids(one_thread):
     demo.train_tokenizer(vq, data, steps=10, batch_size=8, lr=3e-3,
                          generator=torch.Generator().manual_seed(0))
     ids = demo.tokenize(vq, data)  # (24, 64)
-    filled = torch.where(torch.rand(ids.shape) < 0.3, torch.randint(0, 16, ids.shape), ids)
+    items = torch.arange(24).repeat(2)  # two fills per image, the second ones drawn 3x as often
+    fills = ids[items]
+    fills = torch.where(torch.rand(fills.shape) < 0.3, torch.randint(0, 16, fills.shape), fills)
+    weights = torch.cat([torch.ones(24), torch.full((24,), 3.0)])
     before = {k: v.clone() for k, v in vq.state_dict().items()}
-    losses = demo.tune_decoder(vq, data, ids, filled, steps=8, batch_size=8, lr=3e-3,
+    losses = demo.tune_decoder(vq, data, ids, fills, items, 8, weights, batch_size=8, lr=3e-3,
                                generator=torch.Generator().manual_seed(0))
     assert len(losses) == 8 and all(np.isfinite(losses)) and not vq.training
     after = vq.state_dict()
