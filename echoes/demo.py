@@ -31,14 +31,10 @@ build resumes where it stopped; the model stage resumes train.py's checkpoint), 
 Seeds of the generator (`shapes.make_pair(index, seed)`): training TRAIN_SEED, validation (tuning)
 VAL_SEED, test (bench/quality.py) TEST_SEED, shipped examples EXAMPLE_SEED; no item is shared.
 A GPU is used when present (`--device auto`): the tokenizers then train one after the other on
-it and the model stage takes about a minute. On 2 CPU cores one uninterrupted run from nothing
-took 59.2 min: 0.9 (data), 12.5 (tokenizers), 0.7 (shards), 41.4 (model: 2500 steps of 64 in
-fp32, 1.0 s each) and 3.7 (tune); that run's image book had 64 codes instead of 256, which
-changes no stage's cost. The same machine ran the same training step at 0.62-1.1 s at different
-times; stages timed separately in a fast hour (8.3 min tokenizers, 0.62 s per step) add up to
-about 40 min. The shipped preset (nothing dropped, heads that train the embedding tables) takes
-0.75-1.1 s per step, the decoder stage 6.4 min and tuning on 96 pairs 4.2 min: about 52 min in a
-fast hour, 63 in a slow one.
+it and the model stage takes about a minute. On 2 CPU cores a build from a clean checkout took
+51.9 min on 2026-11-27: 0.7 (data), 7.8 (tokenizers), 0.4 (shards), 31.7 (model: 2500 steps of
+64 in fp32, 0.75 s each), 9.1 (decoder) and 2.1 (tune). The same machine runs the same training
+step in 0.75-1.35 s at different hours, so the total moves by up to 10 min.
 """
 
 import csv
