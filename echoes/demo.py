@@ -695,9 +695,9 @@ def eval_joint(model, image_tok, audio_tok, n, opts, seed=0):
 # is left out: s > 1 did worse for both models in every mode (bench/quality.py reports it).
 # A few candidates scored on every validation pair: a wide grid on fewer pairs picked noise (a
 # rebuilt model's pick scored 80% on the 96 tuning pairs and 66% on the 144 others, against 72%
-# for the second-best). Audio -> image with the decoder of the decoder stage: token T 0.25 beat
-# 0.5 on the validation clips of both rebuilt models (shape 74.2% against 69.8% and 70.0% against
-# 66.9%, 480 generations each, N 12, T 9), and 0.125 did no better than 0.25.
+# for the second-best). Audio -> image, with the earlier decoder stage (one-step fills, batch 16):
+# token T 0.25 beat 0.5 on the validation clips of two rebuilt models (shape 74.2% against 69.8%
+# and 70.0% against 66.9%, 480 generations each, N 12, T 9), and 0.125 did no better.
 TUNE_CANDIDATES = {
     "i2a": [(8, 2.0, 0.5), (12, 2.0, 0.5), (12, 9.0, 0.5)],
     "a2i": [(12, 9.0, 0.25), (12, 9.0, 0.125), (12, 9.0, 0.5)],
