@@ -580,20 +580,20 @@ def stage_decoder(s, p, device):
     g = torch.Generator().manual_seed(s.seed)
     t0 = time.time()
     N = len(image_ids)
-    image_ids, audio_ids = image_ids.to(device), audio_ids.to(device)
     # two one-step fills of every image, and fills of some by the sampler's loop, a third of the
     # fills drawn. Audio -> image shape from the same generated ids (validation clips of two
     # rebuilt models, 480 generations each, token T 0.25), batch 16: 70.0% and 74.2% without
     # the sampled fills, 72.3% and 75.6% with them; then batch 32: 75.6% on the first model
-    fills = [model_fills(model, image_ids, audio_ids, g) for _ in range(2)]
-    some = torch.randperm(N, generator=g)[:min(s.decoder_sampled_fills, N)]
+    on_device = image_ids.to(device), audio_ids.to(device)
+    fills = [model_fills(model, *on_device, g).cpu() for _ in range(2)]
+    items, weights = [torch.arange(N)] * 2, [torch.ones(2 * N)]
+    some = torch.randperm(N, generator=g)[:s.decoder_sampled_fills]
     if len(some):
-        fills.append(model_fills(model, image_ids[some.to(device)], audio_ids[some.to(device)], g,
-                                 **SAMPLED_FILLS))
-    items = torch.cat([torch.arange(N), torch.arange(N), some])
-    weights = torch.cat([torch.ones(2 * N), torch.full((len(some),), N / max(len(some), 1))])
-    fills = torch.cat(fills).cpu()  # (2N + len(some), 64)
-    image_ids = image_ids.cpu()
+        fills.append(model_fills(model, *(x[some.to(device)] for x in on_device), g,
+                                 **SAMPLED_FILLS).cpu())
+        items.append(some)
+        weights.append(torch.full((len(some),), N / len(some)))
+    fills, items, weights = torch.cat(fills), torch.cat(items), torch.cat(weights)
     losses = tune_decoder(image_vq, data, image_ids, fills, items, s.decoder_steps, weights,
                           batch_size=s.decoder_batch, lr=s.tokenizer_lr / 4, generator=g,
                           progress=True)

@@ -209,7 +209,7 @@ def test_model_fills_redraw_only_masked_codes(one_thread):
     nothing = demo.model_fills(model, image, audio, torch.Generator().manual_seed(0),
                                ratio=(0.0, 0.0))
     assert torch.equal(nothing, image)
-    # the sampler's loop: every masked code drawn (no mask id left), the known ones kept
+    # the sampler's loop: every masked code drawn, no mask id left
     g = torch.Generator().manual_seed(1)
     looped = demo.model_fills(model, image, audio, g, ratio=(0.9, 0.9), steps=4, batch_size=16)
     assert looped.shape == image.shape and looped.min() >= 0 and looped.max() < 9
