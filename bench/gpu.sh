@@ -8,8 +8,9 @@
 #       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 #       -d .wheels soundfile cffi pycparser
 # To judge a kernel change, time it against the old version in the same run (GPU timings drift
-# between runs by more than most changes): CANDIDATE=FILE bash bench/gpu.sh adds FILE's ops as
-# variant 'candidate' to the kernel table, e.g. FILE from `git show REV:kernels/gather_pad.py`.
+# between runs by more than most changes): CANDIDATE="FILE [FILE ...]" bash bench/gpu.sh adds
+# each FILE's ops to the kernel table as a variant named after the file, e.g. FILE from
+# `git show REV:kernels/gather_pad.py > gather_pad_old.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/out}}
@@ -32,7 +33,7 @@ step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_gather_pad.py tests/test_codebook_ce.py tests/test_sampling_kernels.py \
   tests/test_sampler.py -k "gpu or cuda"
 step kernels 150 python3 bench/kernels.py --out "$out/kernels.md" \
-  ${CANDIDATE:+--candidate "$CANDIDATE"}
+  ${CANDIDATE:+--candidate $CANDIDATE}
 step sample 140 python3 bench/sample.py --out "$out/sample.md"
 step train 150 python3 bench/train.py --out "$out/train.md"
 echo "=== summary"

@@ -7,13 +7,18 @@ draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implemen
 - triton:  the fused op from kernels/ (reported as missing when its module is not there);
 - eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
 - compile: torch.compile of that same reference;
-- candidate (with `--candidate FILE`): the same-named op of another kernel file, e.g. a changed
-  kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`. Kernel timings
-  on a GPU drift between runs by more than most kernel changes (an eager backward measured 486,
-  762 and 1135 us on three H200 runs), so a change is judged against its old version in one run.
+- candidates (with `--candidate FILE [FILE ...]`): the same-named op of other kernel files, e.g.
+  a changed kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`, each
+  a variant named after its file. Kernel timings on a GPU drift between runs by more than most
+  kernel changes (an eager backward measured 486, 762 and 1135 us on three H200 runs), so a change
+  is judged against its old version in one run.
 and up to three modes: forward, backward (from one forward kept alive) and full (both).
 
-Time is the median of `triton.testing.do_bench`. The floor of each row is
+Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock for back-to-back
+calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
+longer than the GPU's. "GPU busy" is the sum of the durations of the kernels (and copies) one call
+runs, from the profiler (mean of 10 calls): what the op costs inside a training step, where the
+host runs ahead of the GPU. Where time is much above busy, the op is bound by its launches. The floor of each row is
 max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's ceilings measured at start:
 a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul (peak), an empty Triton kernel
 (launch, the floor of the launch-bound re-mask). Bytes are the compulsory traffic (each input and
@@ -33,6 +38,7 @@ seconds.
 """
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -77,8 +83,9 @@ class Settings:
     warmup: int = setting(25, "do_bench warmup in ms (GPU)")
     rep: int = setting(100, "do_bench measuring time in ms (GPU); CPU: time budget per row")
     seed: int = setting(0, "seed of the random inputs")
-    candidate: str = setting("", "a kernel file whose same-named ops are also timed, as variant "
-                             "'candidate' (GPU only)")
+    candidate: list[str] = setting([], "kernel files whose same-named ops are also timed, each "
+                                   "as a variant named after its file (GPU only)")
+    busy: bool = setting(True, "also measure each row's GPU busy time with the profiler (GPU)")
     out: str = setting("", "also write the table as markdown to this file")
 
 
@@ -228,16 +235,34 @@ def triton_op(name):
         return None, f"import error ({e.__class__.__name__}: {str(e)[:60]})"
 
 
-def candidate_op(path, name):
-    """The op `name` of the kernel file at `path`, or (None, why)."""
+@functools.lru_cache(maxsize=None)
+def load_candidate(path):
+    """The module of the kernel file at `path` (imported once), or (None, why)."""
     spec = importlib.util.spec_from_file_location("candidate_" + Path(path).stem, path)
     try:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception as e:  # a candidate that does not import is reported, never fatal
         return None, f"candidate import error ({e.__class__.__name__}: {str(e)[:60]})"
+    return module, ""
+
+
+def candidate_op(path, name):
+    """The op `name` of the kernel file at `path`, or (None, why)."""
+    module, why = load_candidate(path)
+    if module is None:
+        return None, why
     fn = getattr(module, name, None)
     return (fn, "") if fn is not None else (None, f"not in {Path(path).name}")
+
+
+def candidate_names(paths):
+    """One variant name per candidate file: its stem, numbered where two stems are the same."""
+    names = []
+    for i, path in enumerate(paths):
+        name = Path(path).stem
+        names.append(name if name not in names else f"{name}#{i + 1}")
+    return names
 
 
 # -----------------------------------------------------------------------------
@@ -261,6 +286,23 @@ def time_cpu(fn, grads, s):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6  # us
+
+
+def busy_us(fn, grads, calls=10):
+    """Mean GPU busy time of one call (us): the summed durations of the kernels, copies and
+    fills it runs, from the profiler; the host's launch overhead and the gaps it leaves are not
+    in it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for t in grads:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if e.device_type == DeviceType.CUDA) / calls
 
 
 def peak_mb(fn, device):
@@ -336,7 +378,13 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             rate = f"{case.flops[mode] / sec / 1e12:.1f} TFLOP/s"
         else:
             rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
-        return dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
+        row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
+        if s.busy and device.type == "cuda":
+            try:
+                row["busy"] = busy_us(run, grads)
+            except Exception as e:  # the profiler is a diagnostic: never lose the row for it
+                row["note"] = f"no busy time ({e.__class__.__name__})"
+        return row
     except Exception as e:  # report and go on: one broken op never hides the rest
         return dict(note=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:70]}")
     finally:
@@ -346,9 +394,10 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
-    if s.candidate and not os.path.isfile(s.candidate):
-        raise UserError(f"--candidate {s.candidate}: no such file; give a kernel file such as "
-                        "kernels/gather_pad.py from another commit")
+    for path in s.candidate:
+        if not os.path.isfile(path):
+            raise UserError(f"--candidate {path}: no such file; give a kernel file such as "
+                            "kernels/gather_pad.py from another commit")
     if s.small:
         s = dataclasses.replace(s, batch=min(s.batch, 4), dim=min(s.dim, 128),
                                 codebook=min(s.codebook, 256))
@@ -382,8 +431,8 @@ def main(argv=None):
             variants["triton"] = triton_op(op)
             variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
                                    else (None, "skipped (--no-compile)"))
-            if s.candidate:
-                variants["candidate"] = candidate_op(s.candidate, op)
+            for name, path in zip(candidate_names(s.candidate), s.candidate):
+                variants[name] = candidate_op(path, op)
         modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
         for mode in modes:
             for variant, (fn, why) in variants.items():
@@ -394,6 +443,8 @@ def main(argv=None):
                              and r["variant"] == "eager") if variant != "eager" else {}
                 if "us" in row and "us" in eager:
                     row["speedup"] = eager["us"] / row["us"]
+                if "busy" in row and "busy" in eager:
+                    row["busy_speedup"] = eager["busy"] / row["busy"]
                 rows.append(row)
                 print(format_row(row), flush=True)
         del case
@@ -409,7 +460,7 @@ def main(argv=None):
 
 
 COLUMNS = ["op", "shape", "mode", "variant", "time (us)", "rate", "% of floor", "vs eager",
-           "peak MB", "note"]
+           "GPU busy (us)", "busy vs eager", "peak MB", "note"]
 
 
 def cells(row):
@@ -418,13 +469,15 @@ def cells(row):
             f"{us:.1f}" if us is not None else "-", row.get("rate", "-"),
             f"{row['floor']:.0f}%" if "floor" in row else "-",
             f"{row['speedup']:.2f}x" if "speedup" in row else "-",
+            f"{row['busy']:.1f}" if "busy" in row else "-",
+            f"{row['busy_speedup']:.2f}x" if "busy_speedup" in row else "-",
             f"{row['peak']:.1f}" if row.get("peak") is not None else "-", row["note"]]
 
 
 def format_row(row):
     c = cells(row)
-    return f"{c[0]:<13} {c[2]:<8} {c[3]:<8} {c[4]:>10} us  {c[5]:>14}  {c[6]:>5}  {c[7]:>7}  " \
-           f"{c[8]:>9} MB  {c[9]}"
+    return f"{c[0]:<13} {c[2]:<8} {c[3]:<10} {c[4]:>9} us  {c[5]:>14}  {c[6]:>5}  {c[7]:>7}  " \
+           f"busy {c[8]:>8} us {c[9]:>7}  {c[10]:>7} MB  {c[11]}"
 
 
 def markdown(header, rows, seconds):
@@ -433,7 +486,9 @@ def markdown(header, rows, seconds):
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     lines += ["", "vs eager: eager time / this time (higher is faster). % of floor: the floor "
               "time (max of bytes / copy bandwidth, FLOPs / matmul peak, and for the launch-bound "
-              "re-mask an empty launch) over this time. peak MB: rise of the allocator peak."]
+              "re-mask an empty launch) over this time. GPU busy: summed kernel durations of one "
+              "call (profiler), without the host's launch overhead. peak MB: rise of the "
+              "allocator peak."]
     return "\n".join(lines)
 
 

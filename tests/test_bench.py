@@ -1,4 +1,4 @@
-"""bench/kernels.py: loading a candidate kernel file to time against the current one."""
+"""bench/kernels.py: loading candidate kernel files to time against the current ones."""
 
 import importlib.util
 from pathlib import Path
@@ -29,3 +29,8 @@ def test_a_missing_candidate_is_a_one_line_error(tmp_path, capsys):
         bench.run_cli(bench.main, ["--candidate", str(tmp_path / "nope.py")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "no such file" in err[0]
+
+
+def test_candidate_variants_are_named_after_their_files():
+    paths = ["old/gather_pad.py", "new/gather_pad.py", "codebook_ce_cublas.py"]
+    assert bench.candidate_names(paths) == ["gather_pad", "gather_pad#2", "codebook_ce_cublas"]
