@@ -52,27 +52,41 @@ def _zero_bias_partials(nargs):
 
 
 def _configs():
+    """(tensor-core configs for bf16 / fp16 matmuls, configs for IEEE fp32 matmuls)."""
     if INTERPRET:  # the interpreter runs one config; small blocks so test shapes hit the tails
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), num_warps=1,
-                              pre_hook=_zero_bias_partials)]
-    # Hopper: 128 x 128/256 tiles with 64-wide K steps, 8 warps (2 warpgroups of wgmma), 3 stages
-    # (48 KiB per stage at 128 x 256 in bf16); 64-row variants give more programs when the
-    # masked row count is small (93 programs of 128 rows for 12k rows on 132 SMs)
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-              (64, 256, 64, 8, 3)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s,
-                          pre_hook=_zero_bias_partials) for m, n, k, w, s in shapes]
+        one = [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), num_warps=1,
+                             pre_hook=_zero_bias_partials)]
+        return one, one
+    # Hopper, bf16: 128 x 128 tiles with 64-wide K steps over 8 warps (2 warpgroups of wgmma),
+    # 3 stages; 64-row variants give more programs when the masked row count is small (93
+    # programs of 128 rows for 12k rows on 132 SMs). IEEE fp32 has no tensor cores and keeps
+    # more live registers per element: smaller tiles, 2 stages. Every config here compiles for
+    # sm_90 without spilling registers (tests/test_kernels_compile.py); 128 x 256 in bf16
+    # spilled 784 B per thread, and the bf16 shapes spilled in fp32.
+    low = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
+    ieee = [(64, 64, 32, 4, 2), (32, 128, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]
+    return tuple([triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w,
+                                num_stages=st, pre_hook=_zero_bias_partials)
+                  for m, n, k, w, st in shapes] for shapes in (low, ieee))
 
 
-CONFIGS = _configs()
+LOW_CONFIGS, IEEE_CONFIGS = _configs()
+CONFIGS = LOW_CONFIGS + [c for c in IEEE_CONFIGS if c not in LOW_CONFIGS]
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
+
+
+def _configs_for(configs, nargs, **kwargs):
+    """Autotune prune: the configs of the launch's matmul precision (IEEE fp32 or not)."""
+    ieee = kwargs.get("IEEE", nargs.get("IEEE"))
+    return [c for c in configs if c in (IEEE_CONFIGS if ieee else LOW_CONFIGS)]
 
 
 def _use_triton(t):
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.autotune(configs=CONFIGS, key=["C", "D", "N_BUCKET", "STORE_GRAD"])
+@triton.autotune(configs=CONFIGS, key=["C", "D", "N_BUCKET", "STORE_GRAD", "IEEE"],
+                 prune_configs_by=dict(early_config_prune=_configs_for))
 @triton.jit
 def _ce_fwd_kernel(h, w, bias, target, loss, dz, bsum, N, C, D, s_hn, s_wc, eps, N_BUCKET,
                    STORE_GRAD: tl.constexpr, ROUND: tl.constexpr, IEEE: tl.constexpr,
