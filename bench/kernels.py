@@ -18,10 +18,11 @@ Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock fo
 calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
 longer than the GPU's. "GPU busy" is the sum of the durations of the kernels (and copies) one call
 runs, from the profiler (mean of 10 calls): what the op costs inside a training step, where the
-host runs ahead of the GPU. Where time is much above busy, the op is bound by its launches. The floor of each row is
-max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's ceilings measured at start:
-a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul (peak), an empty Triton kernel
-(launch, the floor of the launch-bound re-mask). Bytes are the compulsory traffic (each input and
+host runs ahead of the GPU. Where time is much above busy, the op is bound by its launches.
+
+The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
+ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
+(peak), an empty Triton kernel (launch, the floor of the launch-bound re-mask). Bytes are the compulsory traffic (each input and
 output once, tables once); FLOPs the minimum for the op (the CFG draw: one matmul, since the Eq. 2
 mix is linear in h). "rate" is that work divided by the time; "floor" the floor time over the
 time; "peak MB" the torch.cuda.max_memory_allocated rise while the row's function runs.
