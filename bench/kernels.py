@@ -302,8 +302,12 @@ def busy_us(fn, grads, calls=10):
                 t.grad = None
             fn()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == DeviceType.CUDA) / calls
+    def on_gpu(e):  # kernels, copies and fills; not the GPU-side spans of CPU annotations
+        return (e.device_type == DeviceType.CUDA and e.name != "Context Sync"
+                and not getattr(e, "is_user_annotation", False)
+                and getattr(e, "activity_type", "") != "gpu_user_annotation")
+
+    return sum(e.time_range.elapsed_us() for e in prof.events() if on_gpu(e)) / calls
 
 
 def peak_mb(fn, device):
@@ -382,7 +386,11 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
         row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
         if s.busy and device.type == "cuda":
             try:
-                row["busy"] = busy_us(run, grads)
+                busy = busy_us(run, grads)
+                if busy <= 1.2 * us:  # one stream: busy time cannot exceed the wall time
+                    row["busy"] = busy
+                else:
+                    row["note"] = f"profiler busy time {busy:.0f} us > wall time: not shown"
             except Exception as e:  # the profiler is a diagnostic: never lose the row for it
                 row["note"] = f"no busy time ({e.__class__.__name__})"
         return row
