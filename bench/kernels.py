@@ -459,12 +459,12 @@ def main(argv=None):
         del case
         if gpu:
             torch.cuda.empty_cache()
-    table = markdown(header, rows, time.perf_counter() - start)
+        if s.out:  # after every op, so a run stopped part-way still leaves its table
+            with open(s.out, "w") as f:
+                f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
     print()
-    print(table)
+    print(markdown(header, rows, time.perf_counter() - start))
     if s.out:
-        with open(s.out, "w") as f:
-            f.write(table + "\n")
         print(f"wrote {s.out}")
 
 
