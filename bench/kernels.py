@@ -22,10 +22,11 @@ host runs ahead of the GPU. Where time is much above busy, the op is bound by it
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
-(peak), an empty Triton kernel (launch, the floor of the launch-bound re-mask). Bytes are the compulsory traffic (each input and
-output once, tables once); FLOPs the minimum for the op (the CFG draw: one matmul, since the Eq. 2
-mix is linear in h). "rate" is that work divided by the time; "floor" the floor time over the
-time; "peak MB" the torch.cuda.max_memory_allocated rise while the row's function runs.
+(peak), an empty Triton kernel (launch, the floor of the launch-bound re-mask). Bytes are the
+compulsory traffic (each input and output once, tables once); FLOPs the minimum for the op (the
+CFG draw: one matmul, since the Eq. 2 mix is linear in h). "rate" is that work divided by the
+time; "floor" the floor time over the time; "peak MB" the torch.cuda.max_memory_allocated rise
+while the row's function runs.
 
 torch.compile builds each reference once per shape before its rows are timed (about a minute in
 all on a fresh cache); `--no-compile` skips it. Without a GPU it says so and times the eager
@@ -295,6 +296,12 @@ def busy_us(fn, grads, calls=10):
     in it."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    def on_gpu(e):  # kernels, copies and fills; not the GPU-side spans of CPU annotations
+        return (e.device_type == DeviceType.CUDA and e.name != "Context Sync"
+                and not getattr(e, "is_user_annotation", False)
+                and getattr(e, "activity_type", "") != "gpu_user_annotation")
+
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
@@ -302,11 +309,6 @@ def busy_us(fn, grads, calls=10):
                 t.grad = None
             fn()
         torch.cuda.synchronize()
-    def on_gpu(e):  # kernels, copies and fills; not the GPU-side spans of CPU annotations
-        return (e.device_type == DeviceType.CUDA and e.name != "Context Sync"
-                and not getattr(e, "is_user_annotation", False)
-                and getattr(e, "activity_type", "") != "gpu_user_annotation")
-
     return sum(e.time_range.elapsed_us() for e in prof.events() if on_gpu(e)) / calls
 
 

@@ -71,7 +71,7 @@ def _configs():
 
 
 LOW_CONFIGS, IEEE_CONFIGS = _configs()
-CONFIGS = LOW_CONFIGS + [c for c in IEEE_CONFIGS if c not in LOW_CONFIGS]
+CONFIGS = LOW_CONFIGS + [c for c in IEEE_CONFIGS if c not in LOW_CONFIGS]  # interpreter: one
 MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in CONFIGS)
 
 
