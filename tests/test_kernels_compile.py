@@ -232,9 +232,6 @@ def compile_job(job):
 def compiled():
     """compile_job of every recorded job, two at a time (each in its own process)."""
     jobs = recorded_jobs()
-    env_ok = os.environ.get("TRITON_DEFAULT_FP_FUSION") is not None
-    if not env_ok:  # Triton >= 3.9 warns once per process without it; the default is kept
-        os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(compile_job, job) for job in jobs]
         results = []
