@@ -17,7 +17,7 @@ and up to three modes: forward, backward (from one forward kept alive) and full 
 Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock for back-to-back
 calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
 longer than the GPU's. "GPU busy" is the sum of the durations of the kernels (and copies) one call
-runs, from the profiler (mean of 10 calls): what the op costs inside a training step, where the
+runs, from the profiler (mean of 5 calls): what the op costs inside a training step, where the
 host runs ahead of the GPU. Where time is much above busy, the op is bound by its launches.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
@@ -290,7 +290,7 @@ def time_cpu(fn, grads, s):
     return statistics.median(times) * 1e6  # us
 
 
-def busy_us(fn, grads, calls=10):
+def busy_us(fn, grads, calls=5):
     """Mean GPU busy time of one call (us): the summed durations of the kernels, copies and
     fills it runs, from the profiler; the host's launch overhead and the gaps it leaves are not
     in it."""
