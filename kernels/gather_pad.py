@@ -41,7 +41,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Block sizes. On a GPU: rows x 256 columns per program for the streaming forwards (4 warps,
 # 16 B vector accesses); 64 x 64 tiles for the gather backward so the same-token sum is one
-# 64 x 64 x 64 tl.dot (201 registers for sm_90, no spill; 64 x 128 tiles spill 272 B per thread,
+# 64 x 64 x 64 tl.dot (about 200 registers on sm_90, no spill; 64 x 128 tiles spill 272 B,
 # tests/test_kernels_compile.py); 16 x 128 tiles and enough batch splits for ~1k programs in the
 # pad backward. Under the interpreter, small blocks so that small test shapes hit every tail.
 if INTERPRET:

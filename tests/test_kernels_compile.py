@@ -107,11 +107,12 @@ def _launch(module, name, kernel, args, kwargs):
         assert not missing, f"{name}: no value recorded for {missing}"
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(fn.arg_names):
-            if i in fn.constexprs:
-                signature[arg] = "constexpr"
-                constexprs[(i,)] = bound[arg]
+            value = bound[arg]
+            if i in fn.constexprs or (type(value) is int and value == 1):
+                signature[arg] = "constexpr"  # Triton's launcher also specialises ints equal to 1
+                constexprs[(i,)] = value
             else:
-                signature[arg], aligned = _spec(bound[arg])
+                signature[arg], aligned = _spec(value)
                 if aligned:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         label = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
@@ -134,6 +135,8 @@ def _run_ops():
         weight, pos, mod = (torch.randn(*s, generator=g).to(pdtype).requires_grad_()
                             for s in [(C + 1, D), (L, D), (D,)])
         gather_pad.gather_embed(ids, keep, weight, pos, mod).sum().backward()
+        with torch.no_grad():  # sampling: every position kept, keep a stride-0 expanded view
+            gather_pad.gather_embed(ids, torch.arange(L).expand(B, L), weight, pos, mod)
     for xdtype in (torch.bfloat16, torch.float32):  # pad: bf16 (autocast) or fp32 activations
         L, K = 256, 128
         x = torch.randn(B, K, D, generator=g).to(xdtype).requires_grad_()
@@ -142,6 +145,10 @@ def _run_ops():
         mask_emb, pos, mod = (torch.randn(*s, generator=g).requires_grad_()
                               for s in [(D,), (L, D), (D,)])
         gather_pad.pad_decoder(x, keep, unknown, mask_emb, pos, mod).sum().backward()
+        with torch.no_grad():
+            x_all = torch.randn(B, L, D, generator=g).to(xdtype)
+            gather_pad.pad_decoder(x_all, torch.arange(L).expand(B, L), unknown, mask_emb, pos,
+                                   mod)
     for dtype in (torch.bfloat16, torch.float32):  # cross-entropy: bf16 (autocast) or fp32
         N = 300
         h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
