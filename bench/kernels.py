@@ -12,7 +12,9 @@ draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implemen
   a variant named after its file. Kernel timings on a GPU drift between runs by more than most
   kernel changes (an eager backward measured 486, 762 and 1135 us on three H200 runs), so a change
   is judged against its old version in one run.
-and up to three modes: forward, backward (from one forward kept alive) and full (both).
+and up to three modes: forward, backward (from one forward kept alive) and full (both). Before
+timing, each version's outputs and gradients are compared with eager's ("err vs eager"), so a
+candidate is judged on its results as well as its speed.
 
 Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock for back-to-back
 calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
@@ -354,6 +356,37 @@ def ceilings(device, s):
     return bw, flops, 0.0, "fp32 matmul"
 
 
+def results(case, fn):
+    """fn's outputs on the case's inputs and, where the op has a backward, the gradients of the
+    case's leaves from its upstream gradients."""
+    for t in case.grads:
+        t.grad = None
+    with torch.enable_grad() if case.grads else torch.no_grad():
+        outs = case.call(fn)
+    grads = []
+    if case.grads:
+        torch.autograd.backward(outs, case.upstream)
+        grads = [t.grad for t in case.grads]
+        for t in case.grads:
+            t.grad = None
+    return [o.detach() for o in outs] + grads
+
+
+def difference(got, want):
+    """The worst difference between two lists of tensors: ||a - b|| / ||b|| for floating point,
+    the share of differing entries for integer and bool tensors (token ids, masks)."""
+    worst = 0.0
+    for a, b in zip(got, want, strict=True):
+        if a is None or b is None:
+            worst = max(worst, 0.0 if a is b else float("inf"))
+        elif b.is_floating_point():
+            err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)
+            worst = max(worst, float(err))
+        else:
+            worst = max(worst, float((a != b).float().mean()))
+    return worst
+
+
 def mode_fn(case, fn, mode):
     """The function a row times, and the gradients to clear between runs."""
     if mode == "forward":
@@ -444,12 +477,24 @@ def main(argv=None):
                                    else (None, "skipped (--no-compile)"))
             for name, path in zip(candidate_names(s.candidate), s.candidate):
                 variants[name] = candidate_op(path, op)
+        errors = {}  # variant -> difference of its outputs and gradients from eager's
+        if len(variants) > 1:
+            want = results(case, case.reference)
+            for variant, (fn, _) in variants.items():
+                if variant != "eager" and fn is not None:
+                    try:
+                        errors[variant] = difference(results(case, fn), want)
+                    except Exception:  # the timing below reports what is wrong with it
+                        pass
+            del want
         modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
         for mode in modes:
             for variant, (fn, why) in variants.items():
                 row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
                 if fn is not None:
                     row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
+                if variant in errors:
+                    row["err"] = errors[variant]
                 eager = next(r for r in rows[::-1] if r["op"] == op and r["mode"] == mode
                              and r["variant"] == "eager") if variant != "eager" else {}
                 if "us" in row and "us" in eager:
@@ -471,7 +516,7 @@ def main(argv=None):
 
 
 COLUMNS = ["op", "shape", "mode", "variant", "time (us)", "rate", "% of floor", "vs eager",
-           "GPU busy (us)", "busy vs eager", "peak MB", "note"]
+           "GPU busy (us)", "busy vs eager", "peak MB", "err vs eager", "note"]
 
 
 def cells(row):
@@ -482,13 +527,14 @@ def cells(row):
             f"{row['speedup']:.2f}x" if "speedup" in row else "-",
             f"{row['busy']:.1f}" if "busy" in row else "-",
             f"{row['busy_speedup']:.2f}x" if "busy_speedup" in row else "-",
-            f"{row['peak']:.1f}" if row.get("peak") is not None else "-", row["note"]]
+            f"{row['peak']:.1f}" if row.get("peak") is not None else "-",
+            f"{row['err']:.1e}" if "err" in row else "-", row["note"]]
 
 
 def format_row(row):
     c = cells(row)
     return f"{c[0]:<13} {c[2]:<8} {c[3]:<10} {c[4]:>9} us  {c[5]:>14}  {c[6]:>5}  {c[7]:>7}  " \
-           f"busy {c[8]:>8} us {c[9]:>7}  {c[10]:>7} MB  {c[11]}"
+           f"busy {c[8]:>8} us {c[9]:>7}  {c[10]:>7} MB  err {c[11]:>7}  {c[12]}"
 
 
 def markdown(header, rows, seconds):
@@ -499,7 +545,9 @@ def markdown(header, rows, seconds):
               "time (max of bytes / copy bandwidth, FLOPs / matmul peak, and for the launch-bound "
               "re-mask an empty launch) over this time. GPU busy: summed kernel durations of one "
               "call (profiler), without the host's launch overhead. peak MB: rise of the "
-              "allocator peak."]
+              "allocator peak. err vs eager: the worst ||a - b|| / ||b|| over the outputs and "
+              "gradients (for token ids and masks: the share that differ); bf16 rounding gives "
+              "1e-3 to 1e-2, and bf16 draws near ties differ by a few percent."]
     return "\n".join(lines)
 
 

@@ -34,3 +34,20 @@ def test_a_missing_candidate_is_a_one_line_error(tmp_path, capsys):
 def test_candidate_variants_are_named_after_their_files():
     paths = ["old/gather_pad.py", "new/gather_pad.py", "codebook_ce_cublas.py"]
     assert bench.candidate_names(paths) == ["gather_pad", "gather_pad#2", "codebook_ce_cublas"]
+
+
+def test_difference_from_eager_covers_outputs_and_gradients():
+    import dataclasses
+
+    import torch
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32)
+    g = torch.Generator().manual_seed(0)
+    case = bench.setup_gather_embed(s, torch.device("cpu"), torch.float32, g)
+    want = bench.results(case, case.reference)
+    assert len(want) == 2 + len(case.grads)  # both modalities' outputs, every leaf's gradient
+    assert bench.difference(bench.results(case, case.reference), want) == 0.0
+    scaled = bench.results(case, lambda *args: case.reference(*args) * 1.01)
+    assert abs(bench.difference(scaled, want) - 0.01) < 1e-4  # outputs and gradients
+    case = bench.setup_draw_tokens(s, torch.device("cpu"), torch.float32, g)
+    ids, logp = bench.results(case, case.reference)
+    assert bench.difference([ids.roll(1), logp], [ids, logp]) > 0.5  # share of ids that differ
