@@ -436,6 +436,40 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             t.grad = None
 
 
+def op_rows(op, case, variants, s, timer, device, ceiling):
+    """The table rows of one op: every mode of every variant ({name: (fn, why not)}, eager
+    first), each with its time and speed-up against eager and its difference from eager."""
+    bw, peak, launch, _ = ceiling
+    errors = {}  # variant -> difference of its outputs and gradients from eager's
+    if len(variants) > 1:
+        want = results(case, case.reference)
+        for variant, (fn, _) in variants.items():
+            if variant != "eager" and fn is not None:
+                try:
+                    errors[variant] = difference(results(case, fn), want)
+                except Exception:  # the timing below reports what is wrong with it
+                    pass
+        del want
+    rows = []
+    modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
+    for mode in modes:
+        for variant, (fn, why) in variants.items():
+            row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
+            if fn is not None:
+                row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
+            if variant in errors:
+                row["err"] = errors[variant]
+            eager = next(r for r in rows[::-1] if r["mode"] == mode
+                         and r["variant"] == "eager") if variant != "eager" else {}
+            if "us" in row and "us" in eager:
+                row["speedup"] = eager["us"] / row["us"]
+            if "busy" in row and "busy" in eager:
+                row["busy_speedup"] = eager["busy"] / row["busy"]
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
     for path in s.candidate:
@@ -458,7 +492,7 @@ def main(argv=None):
         name, versions = "CPU (no CUDA GPU)", f"torch {torch.__version__}"
         print("no CUDA GPU: timing the eager PyTorch references on the CPU "
               "(median of time.perf_counter); no Triton or torch.compile rows")
-    bw, peak, launch, peak_kind = ceilings(device, s)
+    bw, peak, launch, peak_kind = ceiling = ceilings(device, s)
     header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, "
               f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch {launch * 1e6:.1f} us")
     print(header)
@@ -475,34 +509,9 @@ def main(argv=None):
             variants["triton"] = triton_op(op)
             variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
                                    else (None, "skipped (--no-compile)"))
-            for name, path in zip(candidate_names(s.candidate), s.candidate):
-                variants[name] = candidate_op(path, op)
-        errors = {}  # variant -> difference of its outputs and gradients from eager's
-        if len(variants) > 1:
-            want = results(case, case.reference)
-            for variant, (fn, _) in variants.items():
-                if variant != "eager" and fn is not None:
-                    try:
-                        errors[variant] = difference(results(case, fn), want)
-                    except Exception:  # the timing below reports what is wrong with it
-                        pass
-            del want
-        modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
-        for mode in modes:
-            for variant, (fn, why) in variants.items():
-                row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
-                if fn is not None:
-                    row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
-                if variant in errors:
-                    row["err"] = errors[variant]
-                eager = next(r for r in rows[::-1] if r["op"] == op and r["mode"] == mode
-                             and r["variant"] == "eager") if variant != "eager" else {}
-                if "us" in row and "us" in eager:
-                    row["speedup"] = eager["us"] / row["us"]
-                if "busy" in row and "busy" in eager:
-                    row["busy_speedup"] = eager["busy"] / row["busy"]
-                rows.append(row)
-                print(format_row(row), flush=True)
+            for variant, path in zip(candidate_names(s.candidate), s.candidate):
+                variants[variant] = candidate_op(path, op)
+        rows += op_rows(op, case, variants, s, timer, device, ceiling)
         del case
         if gpu:
             torch.cuda.empty_cache()

@@ -51,3 +51,28 @@ def test_difference_from_eager_covers_outputs_and_gradients():
     case = bench.setup_draw_tokens(s, torch.device("cpu"), torch.float32, g)
     ids, logp = bench.results(case, case.reference)
     assert bench.difference([ids.roll(1), logp], [ids, logp]) > 0.5  # share of ids that differ
+
+
+def test_op_rows_with_a_candidate_and_a_wrong_version(tmp_path):
+    import dataclasses
+
+    import torch
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1, busy=False)
+    device = torch.device("cpu")
+    case = bench.setup_pad_decoder(s, device, torch.float32, torch.Generator().manual_seed(0))
+    copy = tmp_path / "gather_pad_copy.py"
+    copy.write_text((ROOT / "kernels" / "gather_pad.py").read_text())
+    variants = {"eager": (case.reference, ""),
+                "wrong": (lambda *args: case.reference(*args) * 2, ""),
+                "gather_pad_copy": bench.candidate_op(str(copy), "pad_decoder"),
+                "missing": (None, "not in it")}
+    rows = bench.op_rows("pad_decoder", case, variants, s, bench.time_cpu, device,
+                         bench.ceilings(device, s))
+    by = {(r["mode"], r["variant"]): r for r in rows}
+    assert len(rows) == 3 * 4 and all(r["op"] == "pad_decoder" for r in rows)
+    for mode in ("forward", "backward", "full"):
+        assert "err" not in by[mode, "eager"] and by[mode, "eager"]["us"] > 0
+        assert by[mode, "gather_pad_copy"]["err"] == 0.0  # the kernel file's CPU fallback
+        assert abs(by[mode, "wrong"]["err"] - 1.0) < 1e-6 and by[mode, "wrong"]["speedup"] > 0
+        assert by[mode, "missing"]["note"] == "not in it" and "us" not in by[mode, "missing"]
+    assert "| pad_decoder |" in bench.markdown("header", rows, 1.0)
