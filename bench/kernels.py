@@ -441,15 +441,17 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
     first), each with its time and speed-up against eager and its difference from eager."""
     bw, peak, launch, _ = ceiling
     errors = {}  # variant -> difference of its outputs and gradients from eager's
-    if len(variants) > 1:
-        want = results(case, case.reference)
-        for variant, (fn, _) in variants.items():
-            if variant != "eager" and fn is not None:
-                try:
-                    errors[variant] = difference(results(case, fn), want)
-                except Exception:  # the timing below reports what is wrong with it
-                    pass
-        del want
+    try:
+        want = results(case, case.reference) if len(variants) > 1 else None
+    except Exception:  # the eager row below reports what is wrong
+        want = None
+    for variant, (fn, _) in variants.items():
+        if want is not None and variant != "eager" and fn is not None:
+            try:
+                errors[variant] = difference(results(case, fn), want)
+            except Exception:  # the timing below reports what is wrong with it
+                pass
+    del want
     rows = []
     modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
     for mode in modes:
