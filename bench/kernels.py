@@ -19,8 +19,9 @@ candidate is judged on its results as well as its speed.
 Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock for back-to-back
 calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
 longer than the GPU's. "GPU busy" is the sum of the durations of the kernels (and copies) one call
-runs, from the profiler (mean of 5 calls): what the op costs inside a training step, where the
-host runs ahead of the GPU. Where time is much above busy, the op is bound by its launches.
+runs, from the profiler (mean of 5 calls, in a second pass after all the timing): what the op
+costs inside a training step, where the host runs ahead of the GPU. Where time is much above
+busy, the op is bound by its launches.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
@@ -418,22 +419,21 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             rate = f"{case.flops[mode] / sec / 1e12:.1f} TFLOP/s"
         else:
             rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
-        row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
-        if s.busy and device.type == "cuda":
-            try:
-                busy = busy_us(run, grads)
-                if busy <= 1.2 * us:  # one stream: busy time cannot exceed the wall time
-                    row["busy"] = busy
-                else:
-                    row["note"] = f"profiler busy time {busy:.0f} us > wall time: not shown"
-            except Exception as e:  # the profiler is a diagnostic: never lose the row for it
-                row["note"] = f"no busy time ({e.__class__.__name__})"
-        return row
+        return dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
     except Exception as e:  # report and go on: one broken op never hides the rest
         return dict(note=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:70]}")
     finally:
         for t in case.grads:
             t.grad = None
+
+
+def make_case(op, s, device, act):
+    """The op's inputs at the settings' shapes, drawn from the settings' seed."""
+    g = torch.Generator(device=device).manual_seed(s.seed)
+    try:
+        return SETUPS[op](s, device, act, g)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(f"{op}: out of memory at these shapes; try --small") from e
 
 
 def op_rows(op, case, variants, s, timer, device, ceiling):
@@ -465,11 +465,37 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
                          and r["variant"] == "eager") if variant != "eager" else {}
             if "us" in row and "us" in eager:
                 row["speedup"] = eager["us"] / row["us"]
-            if "busy" in row and "busy" in eager:
-                row["busy_speedup"] = eager["busy"] / row["busy"]
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
+
+
+def add_busy(rows, case, variants):
+    """Fill in the GPU busy time of one op's timed rows, and its ratio against eager. Run after
+    all the timing: the profiler can leave the driver slower to launch for the rest of the
+    process, which would bias the rows timed after it."""
+    for row in rows:
+        fn = variants[row["variant"]][0]
+        if fn is None or "us" not in row:
+            continue
+        try:
+            run, grads = mode_fn(case, fn, row["mode"])
+            run()
+            busy = busy_us(run, grads)
+            if busy <= 1.2 * row["us"]:  # one stream: busy time cannot exceed the wall time
+                row["busy"] = busy
+            else:
+                row["note"] = f"profiler busy time {busy:.0f} us > wall time: not shown"
+        except Exception as e:  # the profiler is a diagnostic: never lose the row for it
+            row["note"] = f"no busy time ({e.__class__.__name__})"
+        finally:
+            for t in case.grads:
+                t.grad = None
+    for row in rows:
+        eager = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "eager"
+                      and "busy" in r), None)
+        if "busy" in row and eager is not None and row is not eager:
+            row["busy_speedup"] = eager["busy"] / row["busy"]
 
 
 def main(argv=None):
@@ -499,13 +525,9 @@ def main(argv=None):
               f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch {launch * 1e6:.1f} us")
     print(header)
 
-    rows = []
+    rows, op_variants = [], {}
     for op in s.ops:
-        g = torch.Generator(device=device).manual_seed(s.seed)
-        try:
-            case = SETUPS[op](s, device, act, g)
-        except torch.cuda.OutOfMemoryError as e:
-            raise UserError(f"{op}: out of memory at these shapes; try --small") from e
+        case = make_case(op, s, device, act)
         variants = {"eager": (case.reference, "")}  # first: the others' speed-up is against it
         if gpu:
             variants["triton"] = triton_op(op)
@@ -514,12 +536,23 @@ def main(argv=None):
             for variant, path in zip(candidate_names(s.candidate), s.candidate):
                 variants[variant] = candidate_op(path, op)
         rows += op_rows(op, case, variants, s, timer, device, ceiling)
+        op_variants[op] = variants
         del case
         if gpu:
             torch.cuda.empty_cache()
         if s.out:  # after every op, so a run stopped part-way still leaves its table
             with open(s.out, "w") as f:
                 f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
+    if gpu and s.busy:  # a second pass, after all the timing (see add_busy)
+        print("GPU busy times (profiler) ...", flush=True)
+        for op, variants in op_variants.items():
+            case = make_case(op, s, device, act)  # the same seed: the same inputs
+            add_busy([r for r in rows if r["op"] == op], case, variants)
+            del case
+            torch.cuda.empty_cache()
+            if s.out:
+                with open(s.out, "w") as f:
+                    f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
     print()
     print(markdown(header, rows, time.perf_counter() - start))
     if s.out:

@@ -76,3 +76,28 @@ def test_op_rows_with_a_candidate_and_a_wrong_version(tmp_path):
         assert abs(by[mode, "wrong"]["err"] - 1.0) < 1e-6 and by[mode, "wrong"]["speedup"] > 0
         assert by[mode, "missing"]["note"] == "not in it" and "us" not in by[mode, "missing"]
     assert "| pad_decoder |" in bench.markdown("header", rows, 1.0)
+
+
+def test_busy_times_fill_in_after_the_timing(monkeypatch):
+    import dataclasses
+
+    import torch
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1)
+    device = torch.device("cpu")
+    case = bench.make_case("remask", s, device, torch.float32)
+    variants = {"eager": (case.reference, ""), "other": (case.reference, ""),
+                "missing": (None, "")}
+    rows = bench.op_rows("remask", case, variants, s, bench.time_cpu, device,
+                         bench.ceilings(device, s))
+    rows[0]["us"], rows[1]["us"] = 1e6, 1.0  # "other" looks far faster than its busy time
+    calls = iter([40.0, 20.0])  # eager's busy time, then other's
+    monkeypatch.setattr(bench, "busy_us", lambda run, grads: next(calls))
+    bench.add_busy(rows, case, variants)
+    eager, other, missing = rows
+    assert eager["busy"] == 40.0 and "busy_speedup" not in eager
+    assert "busy" not in other and "> wall time" in other["note"]  # 20 us busy in a 1 us call
+    assert "busy" not in missing and missing["note"] == ""
+    other["us"], other["note"] = 1e6, ""
+    calls = iter([40.0, 20.0])
+    bench.add_busy(rows, case, variants)
+    assert other["busy"] == 20.0 and other["busy_speedup"] == 2.0
