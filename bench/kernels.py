@@ -16,12 +16,13 @@ and up to three modes: forward, backward (from one forward kept alive) and full 
 timing, each version's outputs and gradients are compared with eager's ("err vs eager"), so a
 candidate is judged on its results as well as its speed.
 
-Time is the median of `triton.testing.do_bench`: wall time on the GPU's clock for back-to-back
-calls, which includes the host's work (Python, autograd, kernel launches) whenever that takes
-longer than the GPU's. "GPU busy" is the sum of the durations of the kernels (and copies) one call
-runs, from the profiler (mean of 5 calls, in a second pass after all the timing): what the op
-costs inside a training step, where the host runs ahead of the GPU. Where time is much above
-busy, the op is bound by its launches.
+Time is the median of `triton.testing.do_bench`, on the GPU's clock from the start of a call to
+its end. do_bench clears L2 with a 256 MB fill before each call and the host queues the call
+while the GPU runs the fill, so the host's work (Python, autograd, launches) shows in the time
+only where it is longer than that fill plus the call's GPU work. "GPU busy" is the sum of the
+durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
+second pass after all the timing): what the op costs inside a training step, where the host runs
+ahead of the GPU. Where time is much above busy, the op is bound by its launches.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
@@ -246,8 +247,10 @@ def load_candidate(path):
     spec = importlib.util.spec_from_file_location("candidate_" + Path(path).stem, path)
     try:
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import would (dataclasses, pickling look there)
         spec.loader.exec_module(module)
     except Exception as e:  # a candidate that does not import is reported, never fatal
+        sys.modules.pop(spec.name, None)
         return None, f"candidate import error ({e.__class__.__name__}: {str(e)[:60]})"
     return module, ""
 
@@ -262,11 +265,13 @@ def candidate_op(path, name):
 
 
 def candidate_names(paths):
-    """One variant name per candidate file: its stem, numbered where two stems are the same."""
+    """One variant name per candidate file: its stem, numbered where it would repeat another
+    candidate's or a built-in variant's name."""
     names = []
     for i, path in enumerate(paths):
         name = Path(path).stem
-        names.append(name if name not in names else f"{name}#{i + 1}")
+        taken = name in names or name in ("eager", "triton", "compile")
+        names.append(f"{name}#{i + 1}" if taken else name)
     return names
 
 
@@ -378,13 +383,13 @@ def difference(got, want):
     the share of differing entries for integer and bool tensors (token ids, masks)."""
     worst = 0.0
     for a, b in zip(got, want, strict=True):
-        if a is None or b is None:
-            worst = max(worst, 0.0 if a is b else float("inf"))
+        if a is None or b is None or a.shape != b.shape:
+            err = 0.0 if a is b else float("inf")
         elif b.is_floating_point():
-            err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)
-            worst = max(worst, float(err))
+            err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
         else:
-            worst = max(worst, float((a != b).float().mean()))
+            err = float((a != b).float().mean())
+        worst = max(worst, err if err == err else float("inf"))  # NaN: as far off as can be
     return worst
 
 
@@ -440,7 +445,7 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
     """The table rows of one op: every mode of every variant ({name: (fn, why not)}, eager
     first), each with its time and speed-up against eager and its difference from eager."""
     bw, peak, launch, _ = ceiling
-    errors = {}  # variant -> difference of its outputs and gradients from eager's
+    errors = {}  # variant -> difference of its outputs and gradients from eager's, or why not
     try:
         want = results(case, case.reference) if len(variants) > 1 else None
     except Exception:  # the eager row below reports what is wrong
@@ -449,8 +454,8 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
         if want is not None and variant != "eager" and fn is not None:
             try:
                 errors[variant] = difference(results(case, fn), want)
-            except Exception:  # the timing below reports what is wrong with it
-                pass
+            except Exception as e:
+                errors[variant] = f"not compared ({e.__class__.__name__}: {str(e)[:50]})"
     del want
     rows = []
     modes = [m for m in s.modes if m in case.bytes] if case.grads else ["forward"]
@@ -459,8 +464,10 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
             row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
             if fn is not None:
                 row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
-            if variant in errors:
+            if isinstance(errors.get(variant), float):
                 row["err"] = errors[variant]
+            elif variant in errors:
+                row["note"] = " ".join(filter(None, [row["note"], errors[variant]]))
             eager = next(r for r in rows[::-1] if r["mode"] == mode
                          and r["variant"] == "eager") if variant != "eager" else {}
             if "us" in row and "us" in eager:
@@ -475,6 +482,8 @@ def add_busy(rows, case, variants):
     all the timing: the profiler can leave the driver slower to launch for the rest of the
     process, which would bias the rows timed after it."""
     for row in rows:
+        for key in ("busy", "busy_speedup"):
+            row.pop(key, None)
         fn = variants[row["variant"]][0]
         if fn is None or "us" not in row:
             continue
@@ -482,10 +491,11 @@ def add_busy(rows, case, variants):
             run, grads = mode_fn(case, fn, row["mode"])
             run()
             busy = busy_us(run, grads)
-            if busy <= 1.2 * row["us"]:  # one stream: busy time cannot exceed the wall time
-                row["busy"] = busy
+            if not 0 < busy <= 1.2 * row["us"]:  # one stream: busy cannot exceed the wall time
+                row["note"] = f"profiler busy time {busy:.1f} us in a {row['us']:.1f} us call: " \
+                              "not shown"
             else:
-                row["note"] = f"profiler busy time {busy:.0f} us > wall time: not shown"
+                row["busy"] = busy
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             row["note"] = f"no busy time ({e.__class__.__name__})"
         finally:

@@ -32,8 +32,9 @@ def test_a_missing_candidate_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_candidate_variants_are_named_after_their_files():
-    paths = ["old/gather_pad.py", "new/gather_pad.py", "codebook_ce_cublas.py"]
-    assert bench.candidate_names(paths) == ["gather_pad", "gather_pad#2", "codebook_ce_cublas"]
+    paths = ["old/gather_pad.py", "new/gather_pad.py", "codebook_ce_cublas.py", "triton.py"]
+    assert bench.candidate_names(paths) == ["gather_pad", "gather_pad#2", "codebook_ce_cublas",
+                                            "triton#4"]
 
 
 def test_difference_from_eager_covers_outputs_and_gradients():
@@ -51,6 +52,10 @@ def test_difference_from_eager_covers_outputs_and_gradients():
     case = bench.setup_draw_tokens(s, torch.device("cpu"), torch.float32, g)
     ids, logp = bench.results(case, case.reference)
     assert bench.difference([ids.roll(1), logp], [ids, logp]) > 0.5  # share of ids that differ
+    nan = logp.clone()
+    nan[0] = float("nan")
+    assert bench.difference([ids, nan], [ids, logp]) == float("inf")
+    assert bench.difference([ids, logp[:, None]], [ids, logp]) == float("inf")  # shape
 
 
 def test_op_rows_with_a_candidate_and_a_wrong_version(tmp_path):
@@ -95,9 +100,12 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     bench.add_busy(rows, case, variants)
     eager, other, missing = rows
     assert eager["busy"] == 40.0 and "busy_speedup" not in eager
-    assert "busy" not in other and "> wall time" in other["note"]  # 20 us busy in a 1 us call
+    assert "busy" not in other and "not shown" in other["note"]  # 20 us busy in a 1 us call
     assert "busy" not in missing and missing["note"] == ""
     other["us"], other["note"] = 1e6, ""
     calls = iter([40.0, 20.0])
     bench.add_busy(rows, case, variants)
     assert other["busy"] == 20.0 and other["busy_speedup"] == 2.0
+    calls = iter([0.0, 20.0])  # no GPU events seen for eager: no busy time, no ratio
+    bench.add_busy(rows, case, variants)
+    assert "not shown" in eager["note"] and "busy_speedup" not in other

@@ -31,10 +31,9 @@ import torch
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: H100 / H200
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
-                torch.uint8: "u8", torch.bool: "i1"}
+                torch.uint8: "u8", torch.bool: "u1"}
 
 
 def _tools():
@@ -75,7 +74,7 @@ def _spec(value):
     if isinstance(value, torch.Tensor):
         return "*" + TRITON_TYPES[value.dtype], value.data_ptr() % 16 == 0
     if isinstance(value, bool):
-        return "i1", False
+        return "u1", False
     if isinstance(value, int):
         return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), value % 16 == 0
     if isinstance(value, float):
@@ -97,12 +96,12 @@ def _launch(module, name, kernel, args, kwargs):
     jobs = []
     for config in configs:
         kw = dict(kwargs)
-        options = {k: kw.pop(k) for k in LAUNCH_OPTIONS if k in kw}
         if config is not None:
-            kw.update(config.kwargs)
-            options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+            kw.update({k: v for k, v in config.all_kwargs().items() if v is not None})
+        # keywords that are not parameters are compile options (num_warps, enable_fp_fusion, ...)
+        options = {k: v for k, v in kw.items() if k not in fn.arg_names}
         bound = dict(zip(fn.arg_names, args))
-        bound.update(kw)
+        bound.update({k: v for k, v in kw.items() if k in fn.arg_names})
         missing = [a for a in fn.arg_names if a not in bound]
         assert not missing, f"{name}: no value recorded for {missing}"
         signature, constexprs, attrs = {}, {}, {}
@@ -127,7 +126,7 @@ def _run_ops():
     `recorded_jobs`), so outputs and gradients are garbage and only the calls matter."""
     from kernels import codebook_ce, gather_pad, sampling
     g = torch.Generator().manual_seed(0)
-    B, C, D = 2, 1024, 1024
+    B, C, D = 64, 1024, 1024  # the paper's batch: the backwards' batch splits are real loops
     for pdtype in (torch.float32, torch.bfloat16):  # gather: fp32 parameters, or all-bf16
         L, K = 265, 133
         ids = torch.randint(0, C + 1, (B, L), generator=g)
