@@ -21,8 +21,9 @@ its end. do_bench clears L2 with a 256 MB fill before each call and the host que
 while the GPU runs the fill, so the host's work (Python, autograd, launches) shows in the time
 only where it is longer than that fill plus the call's GPU work. "GPU busy" is the sum of the
 durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
-second pass after all the timing): what the op costs inside a training step, where the host runs
-ahead of the GPU. Where time is much above busy, the op is bound by its launches.
+second pass after all the timing, L2 not cleared): what the op costs inside a training step,
+where the host runs ahead of the GPU. Where time is much above busy, the op is bound by its
+launches or by reading its inputs from HBM rather than L2.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
