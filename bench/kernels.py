@@ -2,8 +2,9 @@
 
 For each fused op of kernels/ (gather_embed, pad_decoder, codebook_ce, draw_tokens with
 CFG, remask) at the paper shapes (B = 64 samples of 265 audio + 256 image tokens, 133 + 128 kept
-by the encoder, D = 1024, C = 1024; the cross-entropy on the ~0.7 * 64 * 521 masked rows; the
-draw on the 64 * 265 audio rows of an i2a step, both CFG passes), three implementations:
+by the encoder, ~40% of them masked as in training, D = 1024, C = 1024; the cross-entropy on the
+~0.7 * 64 * 521 masked rows; the draw on the 64 * 265 audio rows of an i2a step, both CFG
+passes), three implementations:
 - triton:  the fused op from kernels/ (reported as missing when its module is not there);
 - eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
 - compile: torch.compile of that same reference;
@@ -77,7 +78,8 @@ class Settings:
     image_kept: int = setting(128, "image positions the encoder keeps")
     dim: int = setting(1024, "width D of the embeddings and of the head features")
     codebook: int = setting(1024, "codebook size C")
-    masked_ratio: float = setting(0.7, "fraction of the tokens that are masked (the CE rows)")
+    masked_ratio: float = setting(0.7, "fraction of the tokens that are masked: the CE rows, and "
+                                  "the mask ids among the gather's and pad's kept rows")
     guidance: float = setting(3.0, "CFG scale s of the draw (paper: 3 for i2a)")
     tau: float = setting(4.5, "Gumbel temperature of the re-mask (T * (1 - ratio) mid-schedule)")
     dtype: str = setting("bf16", "activation dtype (x, h); parameters stay fp32 as in the model",
@@ -122,8 +124,17 @@ def leaf(t):
     return t.detach().requires_grad_(True)
 
 
-def kept_positions(B, L, K, device, g):
-    return torch.rand(B, L, generator=g, device=device).argsort(1)[:, :K].sort(1).values  # (B,K)
+def masked_and_kept(B, L, K, masked_ratio, device, g):
+    """A training step's corruption, as MAGE draws it: in each sample a random masked_ratio of the
+    L positions is masked, and the encoder keeps K positions: every known one and masked ones for
+    the rest (with 265 positions, 0.7 masked and 133 kept, 54 of the kept rows are masked).
+    Returns keep (B, K) sorted and unknown (B, L) bool."""
+    order = torch.rand(B, L, generator=g, device=device).argsort(1)  # (B, L) a random order
+    n_known = min(K, L - round(masked_ratio * L))
+    keep = order[:, :K].sort(1).values  # the known positions first, then masked ones
+    unknown = torch.ones(B, L, dtype=torch.bool, device=device)
+    unknown.scatter_(1, order[:, :n_known], False)
+    return keep, unknown
 
 
 def setup_gather_embed(s, device, act, g):
@@ -131,8 +142,9 @@ def setup_gather_embed(s, device, act, g):
     C, D = s.codebook, s.dim
     parts = []
     for L, K in [(s.audio_len, s.audio_kept), (s.image_len, s.image_kept)]:
-        ids = torch.randint(0, C + 1, (s.batch, L), generator=g, device=device)
-        keep = kept_positions(s.batch, L, K, device, g)
+        keep, unknown = masked_and_kept(s.batch, L, K, s.masked_ratio, device, g)
+        ids = torch.randint(0, C, (s.batch, L), generator=g, device=device)
+        ids[unknown] = C  # the mask id: the table's last row, hit by the kept masked rows
         weight = leaf(torch.randn(C + 1, D, generator=g, device=device) * 0.02)
         pos = leaf(torch.randn(L, D, generator=g, device=device) * 0.02)
         mod = leaf(torch.randn(D, generator=g, device=device) * 0.02)
@@ -156,8 +168,7 @@ def setup_pad_decoder(s, device, act, g):
     parts = []
     for L, K in [(s.audio_len, s.audio_kept), (s.image_len, s.image_kept)]:
         x = leaf(torch.randn(s.batch, K, D, generator=g, device=device).to(act))
-        keep = kept_positions(s.batch, L, K, device, g)
-        unknown = torch.rand(s.batch, L, generator=g, device=device) < s.masked_ratio
+        keep, unknown = masked_and_kept(s.batch, L, K, s.masked_ratio, device, g)
         mask_emb = leaf(torch.randn(D, generator=g, device=device) * 0.02)
         pos = leaf(torch.randn(L, D, generator=g, device=device) * 0.02)
         mod = leaf(torch.randn(D, generator=g, device=device) * 0.02)

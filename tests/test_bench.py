@@ -109,3 +109,13 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     calls = iter([0.0, 20.0])  # no GPU events seen for eager: no busy time, no ratio
     bench.add_busy(rows, case, variants)
     assert "not shown" in eager["note"] and "busy_speedup" not in other
+
+
+def test_the_corruption_keeps_every_known_position():
+    import torch
+    keep, unknown = bench.masked_and_kept(3, 265, 133, 0.7, torch.device("cpu"),
+                                          torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 133) and (keep.diff(1) > 0).all()  # sorted, distinct
+    assert (unknown.sum(1) == 186).all()  # round(0.7 * 265) masked, 79 known
+    kept_unknown = unknown.gather(1, keep)
+    assert (kept_unknown.sum(1) == 133 - 79).all()  # all 79 known kept, 54 masked (41%)
