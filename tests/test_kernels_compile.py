@@ -4,16 +4,16 @@ a GPU.
 The interpreter (the other kernel tests) runs kernels as NumPy: it does not type-check the way the
 GPU compiler does (a name bound to tensors of two shapes in the two arms of an `if` compiles under
 the interpreter and fails on a GPU), and it allocates no registers or shared memory. Here each
-public op runs on CPU tensors at the paper's widths (D = C = 1024) with its kernel launches
-recorded instead of run (the outputs are left as garbage); each distinct launch (every autotune
-config of it) is then compiled by Triton's own compiler for sm_90 down to a cubin, with ptxas
-from Triton's wheel, and its resources are read back with cuobjdump: the shared memory must fit
-an H100 and nothing may spill to local memory.
+public op runs on CPU tensors at the paper's batch and widths (B = 64, D = C = 1024) with its
+kernel launches recorded instead of run (the outputs are left as garbage); each distinct launch
+(every autotune config of it) is then compiled by Triton's own compiler for sm_90 down to a cubin,
+with ptxas from Triton's wheel, and its resources are read back with cuobjdump: the shared memory
+must fit an H100 and nothing may spill to local memory.
 
 The launches are those of the paper preset's GPU paths: training under bf16 autocast with fp32
 parameters (gather, pad, cross-entropy forward and backward) and sampling (mix, draw, re-mask);
-plus the fp32 variants. Compiling takes about a minute on two cores the first time; Triton's
-cache makes later runs take seconds.
+plus the fp32 variants. Compiling takes about 20 s on two cores the first time; Triton's cache
+makes later runs take a few seconds.
 
     python tests/test_kernels_compile.py     # the table: kernel, config, registers, spills, shared
 """
@@ -217,8 +217,8 @@ def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    module, name, label, signature, constexprs, attrs, options = job
     from triton.runtime.autotuner import Autotuner
+    module, name, label, signature, constexprs, attrs, options = job
     kernel = getattr(importlib.import_module(module), name)
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
