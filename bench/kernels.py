@@ -131,7 +131,7 @@ def masked_and_kept(B, L, K, masked_ratio, device, g):
     Returns keep (B, K) sorted and unknown (B, L) bool."""
     order = torch.rand(B, L, generator=g, device=device).argsort(1)  # (B, L) a random order
     n_known = min(K, L - round(masked_ratio * L))
-    keep = order[:, :K].sort(1).values  # the known positions first, then masked ones
+    keep = order[:, :K].sort(1).values  # the n_known known positions and K - n_known masked
     unknown = torch.ones(B, L, dtype=torch.bool, device=device)
     unknown.scatter_(1, order[:, :n_known], False)
     return keep, unknown
