@@ -548,6 +548,12 @@ def main(argv=None):
     print(header)
 
     rows, op_variants = [], {}
+
+    def save():  # after every op, so a run stopped part-way still leaves its table
+        if s.out:
+            with open(s.out, "w") as f:
+                f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
+
     for op in s.ops:
         case = make_case(op, s, device, act)
         variants = {"eager": (case.reference, "")}  # first: the others' speed-up is against it
@@ -562,9 +568,7 @@ def main(argv=None):
         del case
         if gpu:
             torch.cuda.empty_cache()
-        if s.out:  # after every op, so a run stopped part-way still leaves its table
-            with open(s.out, "w") as f:
-                f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
+        save()
     if gpu and s.busy:  # a second pass, after all the timing (see add_busy)
         print("GPU busy times (profiler) ...", flush=True)
         for op, variants in op_variants.items():
@@ -572,9 +576,7 @@ def main(argv=None):
             add_busy([r for r in rows if r["op"] == op], case, variants)
             del case
             torch.cuda.empty_cache()
-            if s.out:
-                with open(s.out, "w") as f:
-                    f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
+            save()
     print()
     print(markdown(header, rows, time.perf_counter() - start))
     if s.out:

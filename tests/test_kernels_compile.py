@@ -28,6 +28,7 @@ import tempfile
 
 import pytest
 import torch
+from test_gather_pad import make_gather_inputs, make_pad_inputs
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: H100 / H200
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
@@ -128,26 +129,15 @@ def _run_ops():
     g = torch.Generator().manual_seed(0)
     B, C, D = 64, 1024, 1024  # the paper's batch: the backwards' batch splits are real loops
     for pdtype in (torch.float32, torch.bfloat16):  # gather: fp32 parameters, or all-bf16
-        L, K = 265, 133
-        ids = torch.randint(0, C + 1, (B, L), generator=g)
-        keep = torch.rand(B, L, generator=g).argsort(1)[:, :K]
-        weight, pos, mod = (torch.randn(*s, generator=g).to(pdtype).requires_grad_()
-                            for s in [(C + 1, D), (L, D), (D,)])
-        gather_pad.gather_embed(ids, keep, weight, pos, mod).sum().backward()
-        with torch.no_grad():  # sampling: every position kept, keep a stride-0 expanded view
-            gather_pad.gather_embed(ids, torch.arange(L).expand(B, L), weight, pos, mod)
+        for inference in (False, True):  # training, and the sampler's stride-0 keep
+            ids, keep, p, _ = make_gather_inputs(B, 265, 133, C, D, "cpu", pdtype, inference)
+            gather_pad.gather_embed(ids, keep, p["weight"], p["pos"], p["mod"]).sum().backward()
     for xdtype in (torch.bfloat16, torch.float32):  # pad: bf16 (autocast) or fp32 activations
-        L, K = 256, 128
-        x = torch.randn(B, K, D, generator=g).to(xdtype).requires_grad_()
-        keep = torch.rand(B, L, generator=g).argsort(1)[:, :K]
-        unknown = torch.rand(B, L, generator=g) < 0.7
-        mask_emb, pos, mod = (torch.randn(*s, generator=g).requires_grad_()
-                              for s in [(D,), (L, D), (D,)])
-        gather_pad.pad_decoder(x, keep, unknown, mask_emb, pos, mod).sum().backward()
-        with torch.no_grad():
-            x_all = torch.randn(B, L, D, generator=g).to(xdtype)
-            gather_pad.pad_decoder(x_all, torch.arange(L).expand(B, L), unknown, mask_emb, pos,
-                                   mod)
+        for inference in (False, True):
+            x, keep, unknown, p, _ = make_pad_inputs(B, 256, 128, D, "cpu", xdtype,
+                                                     inference=inference)
+            gather_pad.pad_decoder(x, keep, unknown, p["mask_emb"], p["pos"],
+                                   p["mod"]).sum().backward()
     for dtype in (torch.bfloat16, torch.float32):  # cross-entropy: bf16 (autocast) or fp32
         N = 300
         h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
