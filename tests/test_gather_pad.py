@@ -24,6 +24,7 @@ INTERPRETER_CASES = [
     ("gather_inference_keep", "gather",
      dict(B=2, L=21, K=21, C=5, D=40, inference=True, grads=("weight", "mod")), 1e-5, 1e-5),
     ("gather_pos_only", "gather", dict(B=4, L=13, K=9, C=7, D=24, grads=("pos",)), 1e-5, 1e-5),
+    ("gather_no_mask_ids", "gather", dict(B=3, L=17, K=9, C=11, D=40, mask_frac=0.0), 1e-5, 1e-5),
     ("pad_random_keep", "pad", dict(B=3, L=37, K=19, D=72), 1e-5, 1e-5),
     ("pad_inference_keep", "pad",
      dict(B=2, L=21, K=21, D=40, inference=True, grads=("x", "mask_emb", "mod")), 1e-5, 1e-5),
