@@ -9,9 +9,9 @@ TRITON_INTERPRET=1).
 - `gather_embed(ids, keep, weight, pos, mod)`: out[b, k] = weight[ids[b, l]] + pos[l] + mod with
   l = keep[b, k]. One pass: token id, table row and positional row are gathered inside the kernel,
   so neither `ids.gather(1, keep)` nor `pos[keep]` is materialised. Backward scatters the upstream
-  gradient into fp32 buffers with atomics; rows of a block that hit the same table row (the mask
-  id takes ~70% of the rows in training) are summed first with one small tl.dot against the
-  block's "same token" matrix, so each table row gets at most one atomic per block.
+  gradient into one zeroed fp32 buffer with atomics; the rows of a block that hit the mask id's
+  row (the table's last, ~40% of the kept rows in training) are summed first, so that row gets
+  one atomic per block, not one per row.
 - `pad_decoder(x, keep, unknown, mask_emb, pos, mod)`: out[b, l] = x[b, k] where keep[b, k] = l
   and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
   side: a block of positions l finds its k by comparing against keep[b, :] (K integer compares per
@@ -39,11 +39,10 @@ from echoes.model import pad_decoder as pad_decoder_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Block sizes. On a GPU: rows x 256 columns per program for the streaming forwards (4 warps,
-# 16 B vector accesses); 64 x 64 tiles for the gather backward so the same-token sum is one
-# 64 x 64 x 64 tl.dot (about 200 registers on sm_90, no spill; 64 x 128 tiles spill 272 B,
-# tests/test_kernels_compile.py); 16 x 128 tiles and enough batch splits for ~1k programs in the
-# pad backward. Under the interpreter, small blocks so that small test shapes hit every tail.
+# Block sizes. On a GPU: rows x 256 columns per program for the streaming forwards and the gather
+# backward (4 warps, 16 B vector accesses); 16 x 128 tiles and enough batch splits for ~1k
+# programs in the pad backward. Under the interpreter, small blocks so that small test shapes hit
+# every tail.
 if INTERPRET:
     GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
     GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=32, num_warps=1)
@@ -52,7 +51,7 @@ if INTERPRET:
     PAD_BWD_PROGRAMS = 16  # target program count; sets the batch split
 else:
     GATHER_FWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
-    GATHER_BWD = dict(BLOCK_R=64, BLOCK_D=64, num_warps=4)
+    GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
     PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, BLOCK_KC=256, num_warps=4)
     PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
     PAD_BWD_PROGRAMS = 1024
@@ -99,23 +98,21 @@ def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
 
 
 @triton.jit
-def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D,
+def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D, hot,
                        s_ib, s_il, s_kb, s_kk,
                        W_GRAD: tl.constexpr, P_GRAD: tl.constexpr, M_GRAD: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad weight[t] += sum of grad rows with token t; grad pos[l] += grad rows at position l;
     grad mod += all grad rows; fp32 buffers, atomics.
 
-    Per block of rows the rows sharing a token are summed first, S = same @ G with
-    same[i, j] = (tok_i == tok_j) (one BLOCK_R x BLOCK_R x BLOCK_D tl.dot, 3xTF32 so fp32-exact
-    enough), and only the first row of each token adds S: one atomic per distinct token per block
-    instead of one per row, which removes the contention on the mask id's row.
-    Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes read + at most
-    2*B*K*D fp32 atomics; FLOPs: 2*B*K*BLOCK_R*D for the same-token sums (tensor cores)."""
+    The rows of the block whose token is `hot` (the table's last row, the mask id, ~40% of the
+    kept rows in training) are summed in registers and added with one atomic per block, so the
+    mask id's row is not hit by one atomic per row; every other row adds itself (codes repeat
+    rarely within a block). Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes
+    read + at most 2*B*K*D fp32 atomics; FLOPs: 3*B*K*D adds."""
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
-    ridx = tl.arange(0, BLOCK_R)
-    rows = pid_r * BLOCK_R + ridx  # (R,)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     rmask = rows < N
     b = rows // K
     k = rows - b * K
@@ -127,13 +124,12 @@ def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D,
                 other=0.0).to(tl.float32)  # (R, Dc)
     if W_GRAD:
         tok = tl.load(ids + b * s_ib + l * s_il, mask=rmask, other=0)
-        tok = tl.where(rmask, tok, -1)  # padding rows never match a real token
-        same = tok[:, None] == tok[None, :]  # (R, R)
-        earlier = same & (ridx[None, :] < ridx[:, None])
-        first = tl.sum(earlier.to(tl.int32), axis=1) == 0  # (R,) first row of its token
-        gsum = tl.dot(same.to(tl.float32), g, input_precision="tf32x3")  # (R, Dc)
-        tl.atomic_add(gw + tok.to(tl.int64)[:, None] * D + cols[None, :], gsum,
-                      mask=m2 & first[:, None], sem="relaxed")
+        is_hot = (tok == hot) & rmask  # (R,)
+        tl.atomic_add(gw + tok.to(tl.int64)[:, None] * D + cols[None, :], g,
+                      mask=m2 & ~is_hot[:, None], sem="relaxed")
+        hot_sum = tl.sum(tl.where(is_hot[:, None], g, 0.0), axis=0)  # (Dc,)
+        n_hot = tl.sum(tl.where(m2 & is_hot[:, None], 1, 0), axis=0)  # (Dc,) hot rows
+        tl.atomic_add(gw + hot.to(tl.int64) * D + cols, hot_sum, mask=n_hot > 0, sem="relaxed")
     if P_GRAD:
         tl.atomic_add(gp + l.to(tl.int64)[:, None] * D + cols[None, :], g, mask=m2,
                       sem="relaxed")
@@ -172,21 +168,20 @@ class GatherEmbed(torch.autograd.Function):
         N = B * K
         dev = grad.device
         grad = grad.contiguous()  # (B, K, D)
-        gw = torch.zeros(wshape, device=dev, dtype=torch.float32) if need_w else None
-        gp = torch.zeros(pshape, device=dev, dtype=torch.float32) if need_p else None
-        gm = torch.zeros(D, device=dev, dtype=torch.float32) if need_m else None
+        # one zeroed fp32 buffer for the three sums: rows [0, C+1) weight, then L pos, then mod
+        C1, L = wshape[0], pshape[0]
+        acc = torch.zeros(C1 + L + 1, D, device=dev, dtype=torch.float32)
         if N > 0 and (need_w or need_p or need_m):
             cfg = dict(GATHER_BWD)
-            cfg["BLOCK_D"] = max(16, _block_d(D, cfg["BLOCK_D"]))
+            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
-            dummy = grad  # never touched when its flag is off
-            _gather_bwd_kernel[grid](grad, ids, keep, gw if need_w else dummy,
-                                     gp if need_p else dummy, gm if need_m else dummy,
-                                     N, K, D, ids.stride(0), ids.stride(1), keep.stride(0),
-                                     keep.stride(1), W_GRAD=need_w, P_GRAD=need_p,
-                                     M_GRAD=need_m, **cfg)
-        return (None, None, gw.to(wdtype) if need_w else None,
-                gp.to(pdtype) if need_p else None, gm.to(mdtype) if need_m else None)
+            _gather_bwd_kernel[grid](grad, ids, keep, acc[:C1], acc[C1:C1 + L], acc[C1 + L],
+                                     N, K, D, C1 - 1, ids.stride(0), ids.stride(1),
+                                     keep.stride(0), keep.stride(1), W_GRAD=need_w,
+                                     P_GRAD=need_p, M_GRAD=need_m, **cfg)
+        return (None, None, acc[:C1].to(wdtype) if need_w else None,
+                acc[C1:C1 + L].to(pdtype) if need_p else None,
+                acc[C1 + L].to(mdtype) if need_m else None)
 
 
 def gather_embed(ids, keep, weight, pos, mod):
