@@ -1,6 +1,6 @@
 """Fused logits over the codebook + cross-entropy at the masked rows, forward and backward.
 
-MAGE's MLM loss (DESIGN.md sections 3 and 5; MAGE `models_mage.py`, `MlmLayer` + the
+MAGE's MLM loss (paper Sec. 3.3, Eq. 1; MAGE `models_mage.py`, `MlmLayer` + the
 label-smoothed `nn.CrossEntropyLoss`): logits = h @ E^T + b over the C codes, summed
 cross-entropy with label smoothing eps exactly as `F.cross_entropy(label_smoothing=eps)`:
 
