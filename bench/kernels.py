@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 
 # run as `python bench/kernels.py`, this file's folder comes first on sys.path and its own name
 # would shadow the `kernels` package: put the repository root first
@@ -535,12 +536,11 @@ def main(argv=None):
     timer = time_gpu if gpu else time_cpu
     start = time.perf_counter()
     if gpu:
-        import torch._functorch.config
         import triton
         # the backward rows run backward with retain_graph=True, which a compiled backward that
         # donates its saved buffers refuses; whether it donates is settled by its first backward
         # (the err check's, which does not retain the graph), so donation is turned off
-        torch._functorch.config.donated_buffer = False
+        functorch_config.donated_buffer = False
         name = torch.cuda.get_device_name()
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
     else:

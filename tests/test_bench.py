@@ -1,4 +1,5 @@
-"""bench/kernels.py: loading candidate kernel files to time against the current ones."""
+"""bench/kernels.py: its CPU run, candidate kernel files timed against the current ones, the
+error and busy-time columns."""
 
 import importlib.util
 from pathlib import Path
@@ -119,3 +120,17 @@ def test_the_corruption_keeps_every_known_position():
     assert (unknown.sum(1) == 186).all()  # round(0.7 * 265) masked, 79 known
     kept_unknown = unknown.gather(1, keep)
     assert (kept_unknown.sum(1) == 133 - 79).all()  # all 79 known kept, 54 masked (41%)
+
+
+def test_main_writes_the_eager_table_on_the_cpu(tmp_path, capsys):
+    if bench.torch.cuda.is_available():
+        pytest.skip("on a GPU main times every variant: bench/gpu.sh runs it")
+    out = tmp_path / "kernels.md"
+    bench.run_cli(bench.main, ["--small", "--ops", "remask", "codebook_ce", "--rep", "5",
+                               "--out", str(out)])
+    table = out.read_text()
+    assert "device: CPU (no CUDA GPU)" in table
+    for mode in ("forward", "backward", "full"):
+        assert f"| {mode} | eager |" in table
+    assert "| codebook_ce | N" in table
+    assert "| remask | B4 L265 | forward | eager |" in table

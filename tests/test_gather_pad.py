@@ -151,7 +151,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("param_dtype, atol, rtol", [
-    (torch.float32, 1e-5, 1e-5),
+    # the mask id's weight gradient sums ~700 rows in another order than the reference: 1e-4
+    (torch.float32, 1e-4, 1e-4),
     (torch.bfloat16, 2e-2, 2e-2),
 ])
 @pytest.mark.parametrize("shape", [
