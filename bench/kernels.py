@@ -23,8 +23,10 @@ while the GPU runs the fill, so the host's work (Python, autograd, launches) sho
 only where it is longer than that fill plus the call's GPU work. "GPU busy" is the sum of the
 durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
 second pass after all the timing, L2 not cleared): what the op costs inside a training step,
-where the host runs ahead of the GPU. Where time is much above busy, the op is bound by its
-launches or by reading its inputs from HBM rather than L2.
+where the host runs ahead of the GPU. "host" is the CPU time to issue one call (Python,
+autograd, allocations, launches), measured in the same pass while a spin kernel holds the GPU;
+where time is far above busy and host is not, the op is bound by reading its inputs from HBM
+rather than L2.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
@@ -333,6 +335,23 @@ def busy_us(fn, grads, calls=5):
     return sum(e.time_range.elapsed_us() for e in prof.events() if on_gpu(e)) / calls
 
 
+def host_us(fn, grads, calls=20, spin_cycles=int(4e8)):
+    """Host time to issue one call (us): Python, autograd, allocations and launches, measured
+    while a spin kernel (~0.2 s) holds the GPU so that nothing waits on it. None where the queue
+    ran dry during the calls: the call waited for the GPU (a synchronising op)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(spin_cycles)
+    start = time.perf_counter()
+    for _ in range(calls):
+        for t in grads:
+            t.grad = None
+        fn()
+    us = (time.perf_counter() - start) / calls * 1e6
+    drained = torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    return None if drained else us
+
+
 def peak_mb(fn, device):
     """Rise of the allocator's peak while fn runs once (GPU only)."""
     if device.type != "cuda":
@@ -491,11 +510,11 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
 
 
 def add_busy(rows, case, variants):
-    """Fill in the GPU busy time of one op's timed rows, and its ratio against eager. Run after
-    all the timing: the profiler can leave the driver slower to launch for the rest of the
-    process, which would bias the rows timed after it."""
+    """Fill in the GPU busy time of one op's timed rows, its ratio against eager, and the host
+    time of a call. Run after all the timing: the profiler can leave the driver slower to launch
+    for the rest of the process, which would bias the rows timed after it."""
     for row in rows:
-        for key in ("busy", "busy_speedup"):
+        for key in ("busy", "busy_speedup", "host"):
             row.pop(key, None)
         fn = variants[row["variant"]][0]
         if fn is None or "us" not in row:
@@ -509,6 +528,7 @@ def add_busy(rows, case, variants):
                               "not shown"
             else:
                 row["busy"] = busy
+            row["host"] = host_us(run, grads)
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             row["note"] = f"no busy time ({e.__class__.__name__})"
         finally:
@@ -589,7 +609,7 @@ def main(argv=None):
 
 
 COLUMNS = ["op", "shape", "mode", "variant", "time (us)", "rate", "% of floor", "vs eager",
-           "GPU busy (us)", "busy vs eager", "peak MB", "err vs eager", "note"]
+           "GPU busy (us)", "busy vs eager", "host (us)", "peak MB", "err vs eager", "note"]
 
 
 def cells(row):
@@ -600,6 +620,7 @@ def cells(row):
             f"{row['speedup']:.2f}x" if "speedup" in row else "-",
             f"{row['busy']:.1f}" if "busy" in row else "-",
             f"{row['busy_speedup']:.2f}x" if "busy_speedup" in row else "-",
+            ("sync" if row["host"] is None else f"{row['host']:.1f}") if "host" in row else "-",
             f"{row['peak']:.1f}" if row.get("peak") is not None else "-",
             f"{row['err']:.1e}" if "err" in row else "-", row["note"]]
 
@@ -607,7 +628,8 @@ def cells(row):
 def format_row(row):
     c = cells(row)
     return f"{c[0]:<13} {c[2]:<8} {c[3]:<10} {c[4]:>9} us  {c[5]:>14}  {c[6]:>5}  {c[7]:>7}  " \
-           f"busy {c[8]:>8} us {c[9]:>7}  {c[10]:>7} MB  err {c[11]:>7}  {c[12]}"
+           f"busy {c[8]:>8} us {c[9]:>7}  host {c[10]:>7} us  {c[11]:>7} MB  err {c[12]:>7}  " \
+           f"{c[13]}"
 
 
 def markdown(header, rows, seconds):
@@ -617,11 +639,13 @@ def markdown(header, rows, seconds):
     lines += ["", "vs eager: eager time / this time (higher is faster). % of floor: the floor "
               "time (max of bytes / copy bandwidth, FLOPs / matmul peak, and for the launch-bound "
               "re-mask an empty launch) over this time. GPU busy: summed kernel durations of one "
-              "call (profiler), without the host's launch overhead. peak MB: rise of the "
-              "allocator peak. err vs eager: the worst ||a - b|| / ||b|| over the outputs and "
-              "gradients (for token ids and masks: the share that differ); bf16 rounding gives "
-              "1e-3 to 1e-2; bf16 guided draws (s = 3 amplifies rounding) differ in ~10% of the ids, "
-              "about as far as eager's own bf16 draws are from an fp64 draw of the same inputs."]
+              "call (profiler), without the host's launch overhead. host: CPU time to issue one "
+              "call while the GPU is held busy (Python, autograd, launches; sync: the call waited "
+              "for the GPU). peak MB: rise of the allocator peak. err vs eager: the worst "
+              "||a - b|| / ||b|| over the outputs and gradients (for token ids and masks: the "
+              "share that differ); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws (s = 3 "
+              "amplifies rounding) differ in ~10% of the ids, about as far as eager's own bf16 "
+              "draws are from an fp64 draw of the same inputs."]
     return "\n".join(lines)
 
 

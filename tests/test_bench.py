@@ -98,9 +98,13 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     rows[0]["us"], rows[1]["us"] = 1e6, 1.0  # "other" looks far faster than its busy time
     calls = iter([40.0, 20.0])  # eager's busy time, then other's
     monkeypatch.setattr(bench, "busy_us", lambda run, grads: next(calls))
+    hosts = iter([12.0, None] * 3)  # eager's host time; other waits for the GPU
+    monkeypatch.setattr(bench, "host_us", lambda run, grads: next(hosts))
     bench.add_busy(rows, case, variants)
     eager, other, missing = rows
     assert eager["busy"] == 40.0 and "busy_speedup" not in eager
+    assert bench.cells(eager)[10] == "12.0" and bench.cells(other)[10] == "sync"
+    assert bench.cells(missing)[10] == "-"
     assert "busy" not in other and "not shown" in other["note"]  # 20 us busy in a 1 us call
     assert "busy" not in missing and missing["note"] == ""
     other["us"], other["note"] = 1e6, ""
