@@ -24,9 +24,9 @@ only where it is longer than that fill plus the call's GPU work. "GPU busy" is t
 durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
 second pass after all the timing, L2 not cleared): what the op costs inside a training step,
 where the host runs ahead of the GPU. "host" is the CPU time to issue one call (Python,
-autograd, allocations, launches), measured in the same pass while a spin kernel holds the GPU;
-where time is far above busy and host is not, the op is bound by reading its inputs from HBM
-rather than L2.
+autograd, allocations, launches), measured after the row's timing while a spin kernel holds the
+GPU; where time is far above busy and host is not, the op is bound by reading its inputs from
+HBM rather than L2.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
@@ -444,7 +444,7 @@ def mode_fn(case, fn, mode):
 
 
 def measure(case, fn, mode, timer, s, device, bw, peak, launch):
-    """One row: time, rate, % of floor and peak memory of `fn` in `mode`."""
+    """One row: time, rate, % of floor, host time (GPU only) and peak memory of `fn` in `mode`."""
     floor = max(case.bytes[mode] / bw, case.flops[mode] / peak,
                 launch if case.launch_bound else 0.0)
     try:
@@ -456,7 +456,10 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             rate = f"{case.flops[mode] / sec / 1e12:.1f} TFLOP/s"
         else:
             rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
-        return dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
+        row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
+        if device.type == "cuda":  # here, not in the profiler's pass (see add_busy)
+            row["host"] = host_us(run, grads)
+        return row
     except Exception as e:  # report and go on: one broken op never hides the rest
         return dict(note=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:70]}")
     finally:
@@ -510,11 +513,11 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
 
 
 def add_busy(rows, case, variants):
-    """Fill in the GPU busy time of one op's timed rows, its ratio against eager, and the host
-    time of a call. Run after all the timing: the profiler can leave the driver slower to launch
-    for the rest of the process, which would bias the rows timed after it."""
+    """Fill in the GPU busy time of one op's timed rows, and its ratio against eager. Run after
+    all the timing: the profiler can leave the driver slower to launch for the rest of the
+    process, which would bias the rows timed after it."""
     for row in rows:
-        for key in ("busy", "busy_speedup", "host"):
+        for key in ("busy", "busy_speedup"):
             row.pop(key, None)
         fn = variants[row["variant"]][0]
         if fn is None or "us" not in row:
@@ -528,7 +531,6 @@ def add_busy(rows, case, variants):
                               "not shown"
             else:
                 row["busy"] = busy
-            row["host"] = host_us(run, grads)
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             row["note"] = f"no busy time ({e.__class__.__name__})"
         finally:

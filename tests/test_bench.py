@@ -98,13 +98,9 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     rows[0]["us"], rows[1]["us"] = 1e6, 1.0  # "other" looks far faster than its busy time
     calls = iter([40.0, 20.0])  # eager's busy time, then other's
     monkeypatch.setattr(bench, "busy_us", lambda run, grads: next(calls))
-    hosts = iter([12.0, None] * 3)  # eager's host time; other waits for the GPU
-    monkeypatch.setattr(bench, "host_us", lambda run, grads: next(hosts))
     bench.add_busy(rows, case, variants)
     eager, other, missing = rows
     assert eager["busy"] == 40.0 and "busy_speedup" not in eager
-    assert bench.cells(eager)[10] == "12.0" and bench.cells(other)[10] == "sync"
-    assert bench.cells(missing)[10] == "-"
     assert "busy" not in other and "not shown" in other["note"]  # 20 us busy in a 1 us call
     assert "busy" not in missing and missing["note"] == ""
     other["us"], other["note"] = 1e6, ""
@@ -126,7 +122,30 @@ def test_the_corruption_keeps_every_known_position():
     assert (kept_unknown.sum(1) == 133 - 79).all()  # all 79 known kept, 54 masked (41%)
 
 
-def test_main_writes_the_eager_table_on_the_cpu(tmp_path, capsys):
+def test_host_times_on_a_gpu_row_only(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    def host_cell(row):
+        return bench.cells(dict(op="", shape="", mode="", variant="", note="") | row)[10]
+
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1)
+    case = bench.make_case("remask", s, torch.device("cpu"), torch.float32)
+    ceiling = bench.ceilings(torch.device("cpu"), s)[:3]
+    row = bench.measure(case, case.reference, "forward", bench.time_cpu, s, torch.device("cpu"),
+                        *ceiling)
+    assert "us" in row and "host" not in row and host_cell(row) == "-"
+    # a GPU row (the CPU timer and tensors stand in): the host time, or sync where it waited
+    monkeypatch.setattr(bench, "peak_mb", lambda run, device: 0.0)
+    for host, cell in [(12.0, "12.0"), (None, "sync")]:
+        monkeypatch.setattr(bench, "host_us", lambda run, grads: host)
+        row = bench.measure(case, case.reference, "forward", bench.time_cpu, s,
+                            torch.device("cuda"), *ceiling)
+        assert host_cell(row) == cell
+
+
+def test_main_writes_the_eager_table_on_the_cpu(tmp_path):
     if bench.torch.cuda.is_available():
         pytest.skip("on a GPU main times every variant: bench/gpu.sh runs it")
     out = tmp_path / "kernels.md"
