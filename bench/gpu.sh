@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
 # Usage: bash bench/gpu.sh [OUT_DIR]
-# At most 9.4 minutes on an H100/H200 (about 5-6 when no stage times out). Needs torch + triton
-# with CUDA. On a machine without network, soundfile is installed from ./.wheels, fetched
-# beforehand for the GPU machine's Python, e.g. for 3.12:
+# At most 9.4 minutes on an H100/H200 (3.5-4 on an H200 on 2026-11-27, with two to four
+# candidates). Needs torch + triton with CUDA. On a machine without network, soundfile is
+# installed from ./.wheels, fetched beforehand for the GPU machine's Python, e.g. for 3.12:
 #   pip download --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 #       -d .wheels soundfile cffi pycparser
