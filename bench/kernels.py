@@ -458,7 +458,10 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
         row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
         if device.type == "cuda":  # here, not in the profiler's pass (see add_busy)
-            row["host"] = host_us(run, grads)
+            try:
+                row["host"] = host_us(run, grads)
+            except Exception as e:  # a diagnostic: never lose the row's timing for it
+                row["note"] = f"no host time ({e.__class__.__name__})"
         return row
     except Exception as e:  # report and go on: one broken op never hides the rest
         return dict(note=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:70]}")

@@ -144,6 +144,14 @@ def test_host_times_on_a_gpu_row_only(monkeypatch):
                             torch.device("cuda"), *ceiling)
         assert host_cell(row) == cell
 
+    def broken(run, grads):
+        raise RuntimeError("no spin kernel")
+
+    monkeypatch.setattr(bench, "host_us", broken)  # the row keeps its time
+    row = bench.measure(case, case.reference, "forward", bench.time_cpu, s, torch.device("cuda"),
+                        *ceiling)
+    assert "us" in row and host_cell(row) == "-" and row["note"] == "no host time (RuntimeError)"
+
 
 def test_main_writes_the_eager_table_on_the_cpu(tmp_path):
     if bench.torch.cuda.is_available():
