@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from echoes.model import codebook_ce as codebook_ce_reference
 
@@ -107,10 +108,11 @@ def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
 class CodebookCE(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, label_smoothing, cdtype):
+    def forward(ctx, h, weight, bias, target, label_smoothing, cdtype, grad_enabled):
         N, D = h.shape
         C = weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad stays True under torch.no_grad (evaluation): then nothing is kept
+        need_h, need_w, need_b = (n and grad_enabled for n in ctx.needs_input_grad[:3])
         store = need_h or need_w or need_b
         dev = h.device
         h_c = h.detach().to(cdtype).contiguous()  # (N, D) in the matmul dtype
@@ -136,6 +138,7 @@ class CodebookCE(torch.autograd.Function):
         return loss.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         dz, w_c, h_c, bsum = ctx.saved_tensors  # dz (N, C)
         hdtype, wdtype, bdtype, cdtype = ctx.dtypes
@@ -157,7 +160,7 @@ class CodebookCE(torch.autograd.Function):
                 gw = (torch.mm(dz.t(), h_c).float() * g).to(wdtype)  # (C, D)
             if need_b:
                 gb = (bsum.sum(0) * g).to(bdtype)  # (C,)
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
@@ -171,4 +174,5 @@ def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
         cdtype = torch.get_autocast_dtype(device_type)  # what the reference's F.linear runs in
     else:
         cdtype = torch.promote_types(h.dtype, weight.dtype)
-    return CodebookCE.apply(h, weight, bias, target, label_smoothing, cdtype)
+    return CodebookCE.apply(h, weight, bias, target, label_smoothing, cdtype,
+                            torch.is_grad_enabled())

@@ -33,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from echoes.model import gather_embed as gather_embed_reference
 from echoes.model import pad_decoder as pad_decoder_reference
@@ -160,6 +161,7 @@ class GatherEmbed(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         ids, keep = ctx.saved_tensors
         (wshape, wdtype, pshape, pdtype, mdtype) = ctx.shapes
@@ -316,6 +318,7 @@ class PadDecoder(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         keep, unk = ctx.saved_tensors
         xdtype, K, edtype, pdtype, mdtype = ctx.meta

@@ -66,12 +66,55 @@ def check_ce(atol, rtol, device="cpu", autocast=False, eps=0.1, **shape):
         torch.testing.assert_close(got, exp, atol=atol * scale, rtol=rtol)
 
 
+def check_evaluation_keeps_no_gradient():
+    """Under torch.no_grad (evaluation) with parameters that require grad: the reference's loss,
+    and the kernel is told not to form the gradient; with grad enabled it is."""
+    import kernels.codebook_ce as ce
+    h, weight, bias, target, _ = make_inputs(N=21, C=30, D=16, device="cpu",
+                                             grads=("h", "weight", "bias"))
+    kernel, store_flags = ce._ce_rows_kernel, []
+
+    class Spy:  # records each launch's STORE_GRAD and runs the kernel
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                store_flags.append(kwargs["STORE_GRAD"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    ce._ce_rows_kernel = Spy()
+    try:
+        with torch.no_grad():
+            loss = ce.codebook_ce(h, weight, bias, target, 0.1)
+        ce.codebook_ce(h, weight, bias, target, 0.1)
+    finally:
+        ce._ce_rows_kernel = kernel
+    torch.testing.assert_close(loss, codebook_ce_reference(h, weight, bias, target, 0.1),
+                               atol=1e-5, rtol=1e-5)
+    assert store_flags == [False, True]
+
+
+def check_second_derivative_refused():
+    """The backward is made of kernels and matmuls on detached tensors: differentiating it again
+    raises instead of leaving out h's part."""
+    from kernels.codebook_ce import codebook_ce
+    h, weight, bias, target, _ = make_inputs(N=5, C=7, D=4, device="cpu")
+    dy = torch.ones((), requires_grad=True)  # an upstream gradient with a graph of its own
+    (grad_h,) = torch.autograd.grad(codebook_ce(h, weight, bias, target, 0.1), h, dy,
+                                    create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_h.sum().backward()
+
+
+OTHER_CHECKS = {"evaluation_keeps_no_gradient": check_evaluation_keeps_no_gradient,
+                "second_derivative_refused": check_second_derivative_refused}
+
+
 def interpreter_checks():
-    return {name: functools.partial(check_ce, atol, rtol, **shape)
-            for name, shape, atol, rtol in INTERPRETER_CASES}
+    return {**{name: functools.partial(check_ce, atol, rtol, **shape)
+               for name, shape, atol, rtol in INTERPRETER_CASES}, **OTHER_CHECKS}
 
 
-@pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES])
+@pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES] + list(OTHER_CHECKS))
 def test_interpreter_matches_reference(name, interpreter_results):
     assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
     assert interpreter_results[name] is None, interpreter_results[name]

@@ -120,15 +120,34 @@ def check_pad(atol, rtol, device="cpu", x_dtype=torch.float32, param_dtype=torch
         torch.testing.assert_close(got.float(), exp.to(got.dtype).float(), atol=atol, rtol=rtol)
 
 
+def check_second_derivatives_refused():
+    """Both backwards are kernels: differentiating them again raises instead of leaving out the
+    inputs' parts."""
+    from kernels.gather_pad import gather_embed, pad_decoder
+    ids, keep, p, dy = make_gather_inputs(B=2, L=9, K=5, C=6, D=8, device="cpu")
+    dy.requires_grad_()  # an upstream gradient with a graph of its own
+    out = gather_embed(ids, keep, p["weight"], p["pos"], p["mod"])
+    (grad_w,) = torch.autograd.grad(out, p["weight"], dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_w.sum().backward()
+    x, keep, unknown, p, dy = make_pad_inputs(B=2, L=9, K=5, D=8, device="cpu")
+    dy.requires_grad_()
+    out = pad_decoder(x, keep, unknown, p["mask_emb"], p["pos"], p["mod"])
+    (grad_x,) = torch.autograd.grad(out, x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
 CHECKS = {"gather": check_gather, "pad": check_pad}
+OTHER_CHECKS = {"second_derivatives_refused": check_second_derivatives_refused}
 
 
 def interpreter_checks():
-    return {name: functools.partial(CHECKS[op], atol, rtol, **shape)
-            for name, op, shape, atol, rtol in INTERPRETER_CASES}
+    return {**{name: functools.partial(CHECKS[op], atol, rtol, **shape)
+               for name, op, shape, atol, rtol in INTERPRETER_CASES}, **OTHER_CHECKS}
 
 
-@pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES])
+@pytest.mark.parametrize("name", [c[0] for c in INTERPRETER_CASES] + list(OTHER_CHECKS))
 def test_interpreter_matches_reference(name, interpreter_results):
     assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
     assert interpreter_results[name] is None, interpreter_results[name]
