@@ -337,19 +337,21 @@ def busy_us(fn, grads, calls=5):
 
 def host_us(fn, grads, calls=20, spin_cycles=int(4e8)):
     """Host time to issue one call (us): Python, autograd, allocations and launches, measured
-    while a spin kernel (~0.2 s) holds the GPU so that nothing waits on it. None where the queue
-    ran dry during the calls: the call waited for the GPU (a synchronising op)."""
+    while a spin kernel (~0.2 s) holds the GPU so that nothing waits on it. None where the spin
+    ended before the calls were issued: a call waited for the GPU (a synchronising op)."""
     torch.cuda.synchronize()
     torch.cuda._sleep(spin_cycles)
+    spun = torch.cuda.Event()
+    spun.record()  # done when the spin is
     start = time.perf_counter()
     for _ in range(calls):
         for t in grads:
             t.grad = None
         fn()
     us = (time.perf_counter() - start) / calls * 1e6
-    drained = torch.cuda.current_stream().query()
+    waited = spun.query()
     torch.cuda.synchronize()
-    return None if drained else us
+    return None if waited else us
 
 
 def peak_mb(fn, device):
@@ -479,6 +481,11 @@ def make_case(op, s, device, act):
         raise UserError(f"{op}: out of memory at these shapes; try --small") from e
 
 
+def add_note(row, text):
+    """Append to the row's note (a row can collect several)."""
+    row["note"] = " ".join(filter(None, [row.get("note", ""), text]))
+
+
 def op_rows(op, case, variants, s, timer, device, ceiling):
     """The table rows of one op: every mode of every variant ({name: (fn, why not)}, eager
     first), each with its time and speed-up against eager and its difference from eager."""
@@ -505,7 +512,7 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
             if isinstance(errors.get(variant), float):
                 row["err"] = errors[variant]
             elif variant in errors:
-                row["note"] = " ".join(filter(None, [row["note"], errors[variant]]))
+                add_note(row, errors[variant])
             eager = next(r for r in rows[::-1] if r["mode"] == mode
                          and r["variant"] == "eager") if variant != "eager" else {}
             if "us" in row and "us" in eager:
@@ -530,12 +537,12 @@ def add_busy(rows, case, variants):
             run()
             busy = busy_us(run, grads)
             if not 0 < busy <= 1.2 * row["us"]:  # one stream: busy cannot exceed the wall time
-                row["note"] = f"profiler busy time {busy:.1f} us in a {row['us']:.1f} us call: " \
-                              "not shown"
+                add_note(row, f"profiler busy time {busy:.1f} us in a {row['us']:.1f} us call: "
+                         "not shown")
             else:
                 row["busy"] = busy
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
-            row["note"] = f"no busy time ({e.__class__.__name__})"
+            add_note(row, f"no busy time ({e.__class__.__name__})")
         finally:
             for t in case.grads:
                 t.grad = None

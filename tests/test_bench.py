@@ -96,12 +96,14 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     rows = bench.op_rows("remask", case, variants, s, bench.time_cpu, device,
                          bench.ceilings(device, s))
     rows[0]["us"], rows[1]["us"] = 1e6, 1.0  # "other" looks far faster than its busy time
+    rows[1]["note"] = "no host time (RuntimeError)"  # an earlier note stays
     calls = iter([40.0, 20.0])  # eager's busy time, then other's
     monkeypatch.setattr(bench, "busy_us", lambda run, grads: next(calls))
     bench.add_busy(rows, case, variants)
     eager, other, missing = rows
     assert eager["busy"] == 40.0 and "busy_speedup" not in eager
     assert "busy" not in other and "not shown" in other["note"]  # 20 us busy in a 1 us call
+    assert other["note"].startswith("no host time (RuntimeError) profiler busy time")
     assert "busy" not in missing and missing["note"] == ""
     other["us"], other["note"] = 1e6, ""
     calls = iter([40.0, 20.0])
