@@ -7,12 +7,14 @@
 #   pip download --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 #       -d .wheels soundfile cffi pycparser
-# To judge a kernel change, time it against the old version in the same run (GPU timings drift
-# between runs by more than most changes): CANDIDATE="FILE [FILE ...]" bash bench/gpu.sh adds
-# each FILE's ops to the kernel table as a variant named after the file, e.g. FILE from
-# `git show REV:kernels/gather_pad.py > gather_pad_old.py`. Each candidate gives the kernels
-# stage 25 s more; past 9.6 minutes in all, the last stage (training) is what a 10-minute limit
-# cuts, and every stage's log keeps the rows it printed.
+# A kernel change is judged against main's version in the same run (GPU timings drift between
+# runs by more than most changes): every patch in bench/candidates/ (a one-file diff of kernels/
+# waiting for a GPU, described at its top) is timed as a variant of the kernel table named after
+# the patch. CANDIDATE="FILE [FILE ...]" times those files (kernel files, e.g. from
+# `git show REV:kernels/gather_pad.py > gather_pad_old.py`, or patches) instead; CANDIDATE=""
+# times none. Each candidate gives the kernels stage 25 s more; past 9.6 minutes in all, the
+# last stage (training) is what a 10-minute limit cuts, and every stage's log keeps the rows it
+# printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/out}}
@@ -34,7 +36,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run one stage, keep its log, never stop 
 step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_gather_pad.py tests/test_codebook_ce.py tests/test_sampling_kernels.py \
   tests/test_sampler.py -k "gpu or cuda"
-n_candidates=$(echo ${CANDIDATE:-} | wc -w)
+[ -n "${CANDIDATE+set}" ] || CANDIDATE=$(ls bench/candidates/*.patch 2>/dev/null)
+n_candidates=$(echo $CANDIDATE | wc -w)
 step kernels $((150 + 25 * n_candidates)) python3 bench/kernels.py --out "$out/kernels.md" \
   ${CANDIDATE:+--candidate $CANDIDATE}
 step sample 140 python3 bench/sample.py --out "$out/sample.md"

@@ -9,8 +9,10 @@ passes), three implementations:
 - eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
 - compile: torch.compile of that same reference;
 - candidates (with `--candidate FILE [FILE ...]`): the same-named op of other kernel files, e.g.
-  a changed kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`, each
-  a variant named after its file. Kernel timings on a GPU drift between runs by more than most
+  a changed kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`, or
+  of the kernel file a patch makes (a FILE ending in .patch: a one-file `git diff` of kernels/,
+  applied to this checkout, as in bench/candidates/), each a variant named after its file.
+  Kernel timings on a GPU drift between runs by more than most
   kernel changes (an eager backward measured 486, 762 and 1135 us on three H200 runs), so a change
   is judged against its old version in one run.
 and up to three modes: forward, backward (from one forward kept alive) and full (both). Before
@@ -23,7 +25,8 @@ while the GPU runs the fill, so the host's work (Python, autograd, launches) sho
 only where it is longer than that fill plus the call's GPU work. "GPU busy" is the sum of the
 durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
 second pass after all the timing, L2 not cleared): what the op costs inside a training step,
-where the host runs ahead of the GPU. "host" is the CPU time to issue one call (Python,
+where the host runs ahead of the GPU; a second table splits it by kernel (which of an op's
+kernels to work on: the matmul or the Triton kernel after it, say). "host" is the CPU time to issue one call (Python,
 autograd, allocations, launches), measured after the row's timing while a spin kernel holds the
 GPU; where time is far above busy and host is not, the op is bound by reading its inputs from
 HBM rather than L2.
@@ -45,6 +48,7 @@ seconds.
     python bench/kernels.py --small          # quick, CPU or GPU
     python bench/kernels.py --ops remask draw_tokens --out results.md
     python bench/kernels.py --ops pad_decoder --candidate /tmp/gather_pad_old.py
+    python bench/kernels.py --candidate bench/candidates/*.patch
 """
 
 import dataclasses
@@ -52,8 +56,10 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +69,8 @@ import torch._functorch.config as functorch_config
 
 # run as `python bench/kernels.py`, this file's folder comes first on sys.path and its own name
 # would shadow the `kernels` package: put the repository root first
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from echoes import model as model_ref
 from echoes import sampler as sampler_ref
@@ -95,8 +102,9 @@ class Settings:
     warmup: int = setting(25, "do_bench warmup in ms (GPU)")
     rep: int = setting(100, "do_bench measuring time in ms (GPU); CPU: time budget per row")
     seed: int = setting(0, "seed of the random inputs")
-    candidate: list[str] = setting([], "kernel files whose same-named ops are also timed, each "
-                                   "as a variant named after its file (GPU only)")
+    candidate: list[str] = setting([], "kernel files (or one-file patches of kernels/) whose "
+                                   "same-named ops are also timed, each as a variant named "
+                                   "after its file (GPU only)")
     busy: bool = setting(True, "also measure each row's GPU busy time with the profiler (GPU)")
     out: str = setting("", "also write the table as markdown to this file")
 
@@ -256,9 +264,56 @@ def triton_op(name):
         return None, f"import error ({e.__class__.__name__}: {str(e)[:60]})"
 
 
+HUNK = re.compile(r"@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@")
+
+
+def patched_source(patch, root=ROOT):
+    """(the file a one-file unified diff changes, that file's text under `root` with the diff
+    applied). The patch is `git diff` output; text before the diff describes the change. Raises
+    ValueError where it does not apply (the file has changed since)."""
+    lines = patch.splitlines(keepends=True)
+    targets = [line[6:].strip() for line in lines if line.startswith("+++ b/")]
+    if len(targets) != 1:
+        raise ValueError(f"a candidate patch changes exactly one file, not {len(targets)}")
+    source = (Path(root) / targets[0]).read_text().splitlines(keepends=True)
+    out, i = [], 0  # i: the next line of source to copy
+    body = lines[next(n for n, line in enumerate(lines) if line.startswith("+++ b/")) + 1:]
+    for n, line in enumerate(body):
+        if not line.startswith("@@"):
+            continue
+        start, count = HUNK.match(line).groups()
+        start = int(start) - (count != "0")  # a pure insertion names the line before it
+        if start < i:
+            raise ValueError(f"hunks out of order at line {start + 1} of {targets[0]}")
+        out += source[i:start]
+        i = start
+        for line in body[n + 1:]:
+            if line.startswith(("@@", "diff ")):
+                break
+            if line.startswith(("-", " ")):  # a line the patch expects here
+                if i >= len(source) or source[i].rstrip("\n") != line[1:].rstrip("\n"):
+                    raise ValueError(f"{targets[0]} has changed at line {i + 1}: rebase the patch")
+                if line[0] == " ":
+                    out.append(source[i])
+                i += 1
+            elif line.startswith("+"):
+                out.append(line[1:])
+    return targets[0], "".join(out + source[i:])
+
+
 @functools.lru_cache(maxsize=None)
 def load_candidate(path):
-    """The module of the kernel file at `path` (imported once), or (None, why)."""
+    """The module of the kernel file at `path`, or of the kernel file a patch at `path` makes
+    (imported once), or (None, why)."""
+    if path.endswith(".patch"):
+        try:
+            _, text = patched_source(Path(path).read_text())
+        except (ValueError, OSError) as e:
+            return None, f"candidate patch does not apply ({str(e)[:60]})"
+        folder = Path(tempfile.gettempdir()) / f"echoes_candidates_{os.getpid()}"
+        folder.mkdir(exist_ok=True)
+        path = str(folder / (Path(path).stem + ".py"))  # Triton reads kernels' source from it
+        Path(path).write_text(text)
     spec = importlib.util.spec_from_file_location("candidate_" + Path(path).stem, path)
     try:
         module = importlib.util.module_from_spec(spec)
@@ -313,10 +368,16 @@ def time_cpu(fn, grads, s):
     return statistics.median(times) * 1e6  # us
 
 
+def kernel_name(name, width=44):
+    """A profiler event's name, short: no return type, template or argument list."""
+    name = name.removeprefix("void ").split("(")[0].split("<")[0]
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
 def busy_us(fn, grads, calls=5):
     """Mean GPU busy time of one call (us): the summed durations of the kernels, copies and
     fills it runs, from the profiler; the host's launch overhead and the gaps it leaves are not
-    in it."""
+    in it. Also each kernel's share: [(short name, us per call)], longest first."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -332,7 +393,12 @@ def busy_us(fn, grads, calls=5):
                 t.grad = None
             fn()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if on_gpu(e)) / calls
+    parts = {}
+    for e in prof.events():
+        if on_gpu(e):
+            name = kernel_name(e.name)
+            parts[name] = parts.get(name, 0.0) + e.time_range.elapsed_us() / calls
+    return sum(parts.values()), sorted(parts.items(), key=lambda kv: -kv[1])
 
 
 def host_us(fn, grads, calls=20, spin_cycles=int(4e8)):
@@ -527,7 +593,7 @@ def add_busy(rows, case, variants):
     all the timing: the profiler can leave the driver slower to launch for the rest of the
     process, which would bias the rows timed after it."""
     for row in rows:
-        for key in ("busy", "busy_speedup"):
+        for key in ("busy", "busy_speedup", "kernels"):
             row.pop(key, None)
         fn = variants[row["variant"]][0]
         if fn is None or "us" not in row:
@@ -535,12 +601,12 @@ def add_busy(rows, case, variants):
         try:
             run, grads = mode_fn(case, fn, row["mode"])
             run()
-            busy = busy_us(run, grads)
+            busy, kernels = busy_us(run, grads)
             if not 0 < busy <= 1.2 * row["us"]:  # one stream: busy cannot exceed the wall time
                 add_note(row, f"profiler busy time {busy:.1f} us in a {row['us']:.1f} us call: "
                          "not shown")
             else:
-                row["busy"] = busy
+                row["busy"], row["kernels"] = busy, kernels
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             add_note(row, f"no busy time ({e.__class__.__name__})")
         finally:
@@ -658,7 +724,19 @@ def markdown(header, rows, seconds):
               "share that differ); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws (s = 3 "
               "amplifies rounding) differ in ~10% of the ids, about as far as eager's own bf16 "
               "draws are from an fp64 draw of the same inputs."]
+    with_kernels = [r for r in rows if r.get("kernels")]
+    if with_kernels:
+        lines += ["", "GPU busy time by kernel (us per call, longest first):", "",
+                  "| op | mode | variant | kernels |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['mode']} | {r['variant']} | {kernel_cell(r['kernels'])} |"
+                  for r in with_kernels]
     return "\n".join(lines)
+
+
+def kernel_cell(kernels, shown=5):
+    cell = ", ".join(f"{name} {us:.1f}" for name, us in kernels[:shown])
+    rest = sum(us for _, us in kernels[shown:])
+    return cell + (f", {len(kernels) - shown} more {rest:.1f}" if len(kernels) > shown else "")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
                          bench.ceilings(device, s))
     rows[0]["us"], rows[1]["us"] = 1e6, 1.0  # "other" looks far faster than its busy time
     rows[1]["note"] = "no host time (RuntimeError)"  # an earlier note stays
-    calls = iter([40.0, 20.0])  # eager's busy time, then other's
+    # eager's busy time and kernels, then other's
+    calls = iter([(40.0, [("a", 30.0), ("b", 10.0)]), (20.0, [("c", 20.0)])])
     monkeypatch.setattr(bench, "busy_us", lambda run, grads: next(calls))
     bench.add_busy(rows, case, variants)
     eager, other, missing = rows
@@ -106,12 +107,27 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     assert other["note"].startswith("no host time (RuntimeError) profiler busy time")
     assert "busy" not in missing and missing["note"] == ""
     other["us"], other["note"] = 1e6, ""
-    calls = iter([40.0, 20.0])
+    calls = iter([(40.0, [("a", 30.0), ("b", 10.0)]), (20.0, [("c", 20.0)])])
     bench.add_busy(rows, case, variants)
     assert other["busy"] == 20.0 and other["busy_speedup"] == 2.0
-    calls = iter([0.0, 20.0])  # no GPU events seen for eager: no busy time, no ratio
+    table = bench.markdown("header", rows, 1.0)
+    assert "| remask | forward | eager | a 30.0, b 10.0 |" in table
+    assert "| remask | forward | other | c 20.0 |" in table
+    calls = iter([(0.0, []), (20.0, [("c", 20.0)])])  # no GPU events for eager: no busy time
     bench.add_busy(rows, case, variants)
     assert "not shown" in eager["note"] and "busy_speedup" not in other
+    assert "| remask | forward | eager | a" not in bench.markdown("header", rows, 1.0)
+
+
+def test_kernel_names_are_short():
+    assert bench.kernel_name("void at::native::vectorized_elementwise_kernel<4, "
+                             "at::native::FillFunctor<float>>(int, float)") == \
+        "at::native::vectorized_elementwise_kernel"
+    assert bench.kernel_name("_ce_rows_kernel") == "_ce_rows_kernel"
+    assert len(bench.kernel_name("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_"
+                                 "warpgroupsize1x1_execute_segment_k_off_kernel__5x_cublas")) == 44
+    cell = bench.kernel_cell([(f"k{i}", 10.0 - i) for i in range(7)])
+    assert cell == "k0 10.0, k1 9.0, k2 8.0, k3 7.0, k4 6.0, 2 more 9.0"
 
 
 def test_the_corruption_keeps_every_known_position():
@@ -167,3 +183,25 @@ def test_main_writes_the_eager_table_on_the_cpu(tmp_path):
         assert f"| {mode} | eager |" in table
     assert "| codebook_ce | N" in table
     assert "| remask | B4 L265 | forward | eager |" in table
+
+
+def test_a_candidate_patch_applies_to_this_checkout_or_says_why(tmp_path):
+    import difflib
+    old = [f"line {i}\n" for i in range(40)]
+    new = ["first\n"] + old[:9] + ["changed 9\n"] + old[10:25] + old[27:] + ["last\n"]
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "k.py").write_text("".join(old))
+    diff = "".join(difflib.unified_diff(old, new, "a/kernels/k.py", "b/kernels/k.py", n=2))
+    patch = "What it changes, and why.\n\n+++ looks like a header but is text\n" + diff
+    assert diff.count("@@ -") == 4  # insertion at the top, change, deletion, append
+    assert bench.patched_source(patch, tmp_path) == ("kernels/k.py", "".join(new))
+    (tmp_path / "kernels" / "k.py").write_text("".join(old).replace("line 24", "line 24!"))
+    with pytest.raises(ValueError, match="has changed at line 25: rebase the patch"):
+        bench.patched_source(patch, tmp_path)
+    two = diff + diff.replace("kernels/k.py", "kernels/j.py")
+    with pytest.raises(ValueError, match="exactly one file, not 2"):
+        bench.patched_source(two, tmp_path)
+    stale = tmp_path / "stale.patch"  # against this checkout's kernels/ it does not apply
+    stale.write_text(diff.replace("kernels/k.py", "kernels/gather_pad.py"))
+    fn, why = bench.candidate_op(str(stale), "pad_decoder")
+    assert fn is None and why.startswith("candidate patch does not apply (kernels/gather_pad.py")
