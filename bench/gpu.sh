@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
 # Usage: bash bench/gpu.sh [OUT_DIR]
-# At most 9.4 minutes on an H100/H200 (3.5-4 on an H200 on 2026-11-27, with two to four
-# candidates; each candidate adds about 25 s). Needs torch + triton with CUDA. On a machine
-# without network, soundfile is installed from ./.wheels (ignored by git), fetched beforehand
-# for the GPU machine's Python, e.g. for 3.12:
+# The stages' time limits add up to 9.4 minutes plus 25 s per candidate (below); the runs took
+# 3.5-4 minutes on an H200 on 2026-11-27 with two to four candidates, each adding about 25 s.
+# Needs torch + triton with CUDA. On a machine without network, soundfile is installed from
+# ./.wheels (ignored by git), fetched beforehand for the GPU machine's Python, e.g. for 3.12:
 #   pip download --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
 #       -d .wheels soundfile cffi pycparser

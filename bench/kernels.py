@@ -264,41 +264,68 @@ def triton_op(name):
         return None, f"import error ({e.__class__.__name__}: {str(e)[:60]})"
 
 
-HUNK = re.compile(r"@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@")
+HUNK = re.compile(r"@@ -(\d+)(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def split_lines(text):
+    """Lines with their ends, split at "\n" only (as git does; str.splitlines also splits at
+    form feeds and other separators)."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
 def patched_source(patch, root=ROOT):
     """(the file a one-file unified diff changes, that file's text under `root` with the diff
     applied). The patch is `git diff` output; text before the diff describes the change. Raises
-    ValueError where it does not apply (the file has changed since)."""
-    lines = patch.splitlines(keepends=True)
-    targets = [line[6:].strip() for line in lines if line.startswith("+++ b/")]
-    if len(targets) != 1:
-        raise ValueError(f"a candidate patch changes exactly one file, not {len(targets)}")
-    source = (Path(root) / targets[0]).read_text().splitlines(keepends=True)
-    out, i = [], 0  # i: the next line of source to copy
-    body = lines[next(n for n, line in enumerate(lines) if line.startswith("+++ b/")) + 1:]
-    for n, line in enumerate(body):
-        if not line.startswith("@@"):
+    ValueError where it does not apply (the file has changed since) or is malformed."""
+    lines = split_lines(patch)
+    heads = [n for n, line in enumerate(lines) if line.startswith("+++ b/")]
+    if len(heads) != 1:
+        raise ValueError(f"a candidate patch changes exactly one file, not {len(heads)}")
+    target = lines[heads[0]][6:].strip()
+    source = split_lines((Path(root) / target).read_text())
+    body = lines[heads[0] + 1:]
+    out, i, j = [], 0, 0  # i: the next line of source to copy, j: of body to read
+    while j < len(body):
+        hunk = HUNK.match(body[j]) if body[j].startswith("@@") else None
+        j += 1
+        if hunk is None:
+            if body[j - 1].startswith("@@"):
+                raise ValueError(f"not a hunk header: {body[j - 1].strip()[:40]}")
             continue
-        start, count = HUNK.match(line).groups()
-        start = int(start) - (count != "0")  # a pure insertion names the line before it
+        start, old, new = (int(x) if x is not None else 1 for x in hunk.groups())
+        start -= old > 0  # a pure insertion names the line before it
         if start < i:
-            raise ValueError(f"hunks out of order at line {start + 1} of {targets[0]}")
+            raise ValueError(f"hunks out of order at line {start + 1} of {target}")
         out += source[i:start]
         i = start
-        for line in body[n + 1:]:
-            if line.startswith(("@@", "diff ")):
-                break
-            if line.startswith(("-", " ")):  # a line the patch expects here
-                if i >= len(source) or source[i].rstrip("\n") != line[1:].rstrip("\n"):
-                    raise ValueError(f"{targets[0]} has changed at line {i + 1}: rebase the patch")
-                if line[0] == " ":
+        while old > 0 or new > 0:
+            if j == len(body) or body[j].startswith("@@"):
+                raise ValueError(f"a hunk of {target} ends early: the patch is cut short")
+            line = body[j]
+            j += 1
+            if line.startswith("\\"):  # "\ No newline at end of file", after a - or context line
+                continue
+            # a blank context line may have lost its leading space to an editor
+            kind, text = (" ", "\n") if line == "\n" else (line[0], line[1:])
+            if kind in " -":  # a line the patch expects here
+                if i >= len(source) or source[i].rstrip("\n") != text.rstrip("\n"):
+                    raise ValueError(f"{target} has changed at line {i + 1}: rebase the patch")
+                if kind == " ":
                     out.append(source[i])
+                    new -= 1
+                old -= 1
                 i += 1
-            elif line.startswith("+"):
-                out.append(line[1:])
-    return targets[0], "".join(out + source[i:])
+            elif kind == "+":
+                out.append(text)
+                new -= 1
+                if j < len(body) and body[j].startswith("\\"):  # the added last line has no end
+                    out[-1] = out[-1].removesuffix("\n")
+            else:
+                raise ValueError(f"not a line of a hunk: {line.strip()[:40]}")
+            if old < 0 or new < 0:
+                raise ValueError(f"a hunk of {target} is longer than its header says")
+    return target, "".join(out + source[i:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,7 +397,8 @@ def time_cpu(fn, grads, s):
 
 def kernel_name(name, width=44):
     """A profiler event's name, short: no return type, template or argument list."""
-    name = name.removeprefix("void ").split("(")[0].split("<")[0]
+    name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    name = name.split("(")[0].split("<")[0]
     return name if len(name) <= width else name[:width - 3] + "..."
 
 

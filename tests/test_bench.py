@@ -124,6 +124,9 @@ def test_kernel_names_are_short():
                              "at::native::FillFunctor<float>>(int, float)") == \
         "at::native::vectorized_elementwise_kernel"
     assert bench.kernel_name("_ce_rows_kernel") == "_ce_rows_kernel"
+    assert bench.kernel_name("void at::native::(anonymous namespace)::CatArrayBatchedCopy<"
+                             "at::native::(anonymous namespace)::OpaqueType<4u>>(int)") == \
+        "at::native::CatArrayBatchedCopy"
     assert len(bench.kernel_name("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_"
                                  "warpgroupsize1x1_execute_segment_k_off_kernel__5x_cublas")) == 44
     cell = bench.kernel_cell([(f"k{i}", 10.0 - i) for i in range(7)])
@@ -198,6 +201,12 @@ def test_a_candidate_patch_applies_to_this_checkout_or_says_why(tmp_path):
     (tmp_path / "kernels" / "k.py").write_text("".join(old).replace("line 24", "line 24!"))
     with pytest.raises(ValueError, match="has changed at line 25: rebase the patch"):
         bench.patched_source(patch, tmp_path)
+    (tmp_path / "kernels" / "k.py").write_text("".join(old))
+    cut = diff[:diff.rindex("+last")]  # the last hunk loses its last line
+    with pytest.raises(ValueError, match="ends early"):
+        bench.patched_source(cut, tmp_path)
+    with pytest.raises(ValueError, match="not a hunk header"):
+        bench.patched_source(diff.replace("@@ -1,2", "@@@ -1,2"), tmp_path)
     two = diff + diff.replace("kernels/k.py", "kernels/j.py")
     with pytest.raises(ValueError, match="exactly one file, not 2"):
         bench.patched_source(two, tmp_path)
@@ -205,3 +214,28 @@ def test_a_candidate_patch_applies_to_this_checkout_or_says_why(tmp_path):
     stale.write_text(diff.replace("kernels/k.py", "kernels/gather_pad.py"))
     fn, why = bench.candidate_op(str(stale), "pad_decoder")
     assert fn is None and why.startswith("candidate patch does not apply (kernels/gather_pad.py")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("a\nb\nc", "a\nb\nC\n"),  # the old file has no final newline
+    ("a\nb\nc\n", "a\nB\nc"),  # the new one has none
+    ("a\n\nb\nc\nd\n", "a\n\nb\nc\nD\n"),  # a blank context line
+    ("x = 1\ny = '\x0c'\n", "x = 2\ny = '\x0c'\n"),  # a form feed is not a line end
+])
+def test_candidate_patches_apply_as_git_applies_them(tmp_path, old, new):
+    import shutil
+    import subprocess
+    if shutil.which("git") is None:
+        pytest.skip("needs git to make the diffs")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "k.py").write_text(old)
+    (tmp_path / "b" / "k.py").write_text(new)
+    diff = subprocess.run(["git", "diff", "--no-index", "--no-prefix", "a/k.py", "b/k.py"],
+                          cwd=tmp_path, capture_output=True, text=True).stdout
+    diff = diff.replace("+++ b/k.py", "+++ b/kernels/k.py")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "k.py").write_text(old)
+    assert bench.patched_source(diff, tmp_path) == ("kernels/k.py", new)
+    if "\n \n" in diff:  # an editor that strips trailing blanks leaves an empty context line
+        assert bench.patched_source(diff.replace("\n \n", "\n\n"), tmp_path)[1] == new

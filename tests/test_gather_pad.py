@@ -138,8 +138,26 @@ def check_second_derivatives_refused():
         grad_x.sum().backward()
 
 
+def check_no_grad_matches_reference():
+    """Under torch.no_grad (the sampler) with parameters that require grad, the forwards alone."""
+    from kernels.gather_pad import gather_embed, pad_decoder
+    ids, keep, p, _ = make_gather_inputs(B=3, L=21, K=21, C=9, D=40, device="cpu", inference=True)
+    args = (ids, keep, p["weight"], p["pos"], p["mod"])
+    with torch.no_grad():
+        out = gather_embed(*args)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, gather_embed_reference(*args), atol=1e-5, rtol=1e-5)
+    x, keep, unknown, p, _ = make_pad_inputs(B=3, L=37, K=19, D=72, device="cpu")
+    args = (x, keep, unknown, p["mask_emb"], p["pos"], p["mod"])
+    with torch.no_grad():
+        out = pad_decoder(*args)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, pad_decoder_reference(*args), atol=1e-5, rtol=1e-5)
+
+
 CHECKS = {"gather": check_gather, "pad": check_pad}
-OTHER_CHECKS = {"second_derivatives_refused": check_second_derivatives_refused}
+OTHER_CHECKS = {"second_derivatives_refused": check_second_derivatives_refused,
+                "no_grad_matches_reference": check_no_grad_matches_reference}
 
 
 def interpreter_checks():

@@ -138,6 +138,8 @@ def _run_ops():
                                                      inference=inference)
             gather_pad.pad_decoder(x, keep, unknown, p["mask_emb"], p["pos"],
                                    p["mod"]).sum().backward()
+            with torch.no_grad():  # the sampler's call: parameters that want grads, none formed
+                gather_pad.pad_decoder(x, keep, unknown, p["mask_emb"], p["pos"], p["mod"])
     for dtype in (torch.bfloat16, torch.float32):  # cross-entropy: bf16 (autocast) or fp32
         N = 300
         h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
