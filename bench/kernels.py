@@ -11,10 +11,11 @@ passes), three implementations:
 - candidates (with `--candidate FILE [FILE ...]`): the same-named op of other kernel files, e.g.
   a changed kernel or main's version saved with `git show REV:kernels/gather_pad.py > FILE`, or
   of the kernel file a patch makes (a FILE ending in .patch: a one-file `git diff` of kernels/,
-  applied to this checkout, as in bench/candidates/), each a variant named after its file.
-  Kernel timings on a GPU drift between runs by more than most
-  kernel changes (an eager backward measured 486, 762 and 1135 us on three H200 runs), so a change
-  is judged against its old version in one run.
+  applied to this checkout, as in bench/candidates/), each a variant named after its file,
+  timed for the ops its file has (a patch: those on its "Ops:" line, where it has one). Kernel
+  timings on a GPU drift between runs by more than most kernel changes (an eager backward
+  measured 486, 762 and 1135 us on three H200 runs), so a change is judged against its old
+  version in one run.
 and up to three modes: forward, backward (from one forward kept alive) and full (both). Before
 timing, each version's outputs and gradients are compared with eager's ("err vs eager"), so a
 candidate is judged on its results as well as its speed.
@@ -353,7 +354,16 @@ def load_candidate(path):
 
 
 def candidate_op(path, name):
-    """The op `name` of the kernel file at `path`, or (None, why)."""
+    """The op `name` of the kernel file at `path`, or (None, why). A patch whose description has
+    a line "Ops: NAME ..." offers only those ops (the others are main's, already timed)."""
+    if path.endswith(".patch"):
+        try:
+            about = Path(path).read_text().split("\ndiff --git")[0]
+        except (OSError, ValueError):
+            about = ""  # load_candidate says why
+        ops = re.search(r"^Ops:(.*)$", about, re.MULTILINE)
+        if ops and name not in ops.group(1).split():
+            return None, f"not changed by {Path(path).name}"
     module, why = load_candidate(path)
     if module is None:
         return None, why
@@ -647,6 +657,22 @@ def add_busy(rows, case, variants):
             row["busy_speedup"] = eager["busy"] / row["busy"]
 
 
+def variants_of(op, case, s, gpu):
+    """{variant: (fn, why not)} of one op: eager first (the others' speed-up is against it), and
+    on a GPU triton, compile and each candidate that has the op (one that fails to import or to
+    apply stays, to say so)."""
+    variants = {"eager": (case.reference, "")}
+    if gpu:
+        variants["triton"] = triton_op(op)
+        variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
+                               else (None, "skipped (--no-compile)"))
+        for variant, path in zip(candidate_names(s.candidate), s.candidate):
+            fn, why = candidate_op(path, op)
+            if fn is not None or not why.startswith("not "):
+                variants[variant] = (fn, why)
+    return variants
+
+
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
     for path in s.candidate:
@@ -687,13 +713,7 @@ def main(argv=None):
 
     for op in s.ops:
         case = make_case(op, s, device, act)
-        variants = {"eager": (case.reference, "")}  # first: the others' speed-up is against it
-        if gpu:
-            variants["triton"] = triton_op(op)
-            variants["compile"] = ((torch.compile(case.reference, dynamic=False), "") if s.compile
-                                   else (None, "skipped (--no-compile)"))
-            for variant, path in zip(candidate_names(s.candidate), s.candidate):
-                variants[variant] = candidate_op(path, op)
+        variants = variants_of(op, case, s, gpu)
         rows += op_rows(op, case, variants, s, timer, device, ceiling)
         op_variants[op] = variants
         del case

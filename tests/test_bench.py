@@ -210,6 +210,11 @@ def test_a_candidate_patch_applies_to_this_checkout_or_says_why(tmp_path):
     two = diff + diff.replace("kernels/k.py", "kernels/j.py")
     with pytest.raises(ValueError, match="exactly one file, not 2"):
         bench.patched_source(two, tmp_path)
+    only = tmp_path / "only_pad.patch"  # an "Ops:" line limits what is timed
+    only.write_text("Pad change.\n\nOps: pad_decoder\n\n" + diff.replace(
+        "kernels/k.py", "kernels/gather_pad.py"))
+    assert bench.candidate_op(str(only), "gather_embed") == (None,
+                                                             "not changed by only_pad.patch")
     stale = tmp_path / "stale.patch"  # against this checkout's kernels/ it does not apply
     stale.write_text(diff.replace("kernels/k.py", "kernels/gather_pad.py"))
     fn, why = bench.candidate_op(str(stale), "pad_decoder")
@@ -239,3 +244,32 @@ def test_candidate_patches_apply_as_git_applies_them(tmp_path, old, new):
     assert bench.patched_source(diff, tmp_path) == ("kernels/k.py", new)
     if "\n \n" in diff:  # an editor that strips trailing blanks leaves an empty context line
         assert bench.patched_source(diff.replace("\n \n", "\n\n"), tmp_path)[1] == new
+
+
+def test_variants_time_each_candidate_for_the_ops_it_has(tmp_path):
+    import dataclasses
+
+    import torch
+    copy = tmp_path / "gather_pad_copy.py"
+    copy.write_text((ROOT / "kernels" / "gather_pad.py").read_text())
+    ce = tmp_path / "ce_copy.py"
+    ce.write_text((ROOT / "kernels" / "codebook_ce.py").read_text())
+    pad_only = tmp_path / "pad_only.patch"
+    diffs = [p.read_text() for p in sorted((ROOT / "bench" / "candidates").glob("*.patch"))]
+    gather_pad_diff = next(d[d.index("diff --git"):] for d in diffs
+                           if "+++ b/kernels/gather_pad.py" in d)
+    pad_only.write_text("Ops: pad_decoder\n\n" + gather_pad_diff)
+    broken = tmp_path / "broken.patch"
+    broken.write_text("diff --git a/kernels/x.py b/kernels/x.py\n--- a/kernels/x.py\n"
+                      "+++ b/kernels/x.py\n@@ -1 +1 @@\n-a\n+b\n")
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, compile=False,
+                            candidate=[str(copy), str(ce), str(pad_only), str(broken)])
+    case = bench.make_case("gather_embed", s, torch.device("cpu"), torch.float32)
+    assert list(bench.variants_of("gather_embed", case, s, gpu=False)) == ["eager"]
+    got = bench.variants_of("gather_embed", case, s, gpu=True)
+    assert list(got) == ["eager", "triton", "compile", "gather_pad_copy", "broken"]
+    assert got["compile"] == (None, "skipped (--no-compile)")
+    assert callable(got["gather_pad_copy"][0])
+    assert got["broken"][0] is None and got["broken"][1].startswith("candidate patch does not")
+    case = bench.make_case("pad_decoder", s, torch.device("cpu"), torch.float32)
+    assert "pad_only" in bench.variants_of("pad_decoder", case, s, gpu=True)
