@@ -255,10 +255,11 @@ def test_variants_time_each_candidate_for_the_ops_it_has(tmp_path):
     ce = tmp_path / "ce_copy.py"
     ce.write_text((ROOT / "kernels" / "codebook_ce.py").read_text())
     pad_only = tmp_path / "pad_only.patch"
-    diffs = [p.read_text() for p in sorted((ROOT / "bench" / "candidates").glob("*.patch"))]
-    gather_pad_diff = next(d[d.index("diff --git"):] for d in diffs
-                           if "+++ b/kernels/gather_pad.py" in d)
-    pad_only.write_text("Ops: pad_decoder\n\n" + gather_pad_diff)
+    import difflib
+    lines = (ROOT / "kernels" / "gather_pad.py").read_text().splitlines(keepends=True)
+    changed = lines[:1] + ["# a changed comment\n"] + lines[1:]
+    pad_only.write_text("Ops: pad_decoder\n\n" + "".join(difflib.unified_diff(
+        lines, changed, "a/kernels/gather_pad.py", "b/kernels/gather_pad.py")))
     broken = tmp_path / "broken.patch"
     broken.write_text("diff --git a/kernels/x.py b/kernels/x.py\n--- a/kernels/x.py\n"
                       "+++ b/kernels/x.py\n@@ -1 +1 @@\n-a\n+b\n")
