@@ -778,7 +778,38 @@ def markdown(header, rows, seconds):
                   "| op | mode | variant | kernels |", "|---|---|---|---|"]
         lines += [f"| {r['op']} | {r['mode']} | {r['variant']} | {kernel_cell(r['kernels'])} |"
                   for r in with_kernels]
+    lines += against_main(rows)
     return "\n".join(lines)
+
+
+def against_main(rows):
+    """Markdown lines of a table that sets each candidate's row beside main's (the triton row of
+    the same op and mode) and torch.compile's: GPU busy and time, and main / candidate (above 1:
+    the candidate is faster). Empty without candidate rows."""
+    by = {(r["op"], r["mode"], r["variant"]): r for r in rows}
+    pairs = [(r, by.get((r["op"], r["mode"], "triton"), {}),
+              by.get((r["op"], r["mode"], "compile"), {})) for r in rows
+             if r["variant"] not in ("eager", "triton", "compile")]
+    if not pairs:
+        return []
+
+    def us(row, key):
+        return f"{row[key]:.1f}" if key in row else "-"
+
+    def ratio(row, ref, key):
+        return f"{ref[key] / row[key]:.2f}x" if key in row and key in ref else "-"
+
+    lines = ["", "Candidates against main (the triton rows) and torch.compile: ratios are their "
+             "time over the candidate's, above 1 is faster:", "",
+             "| op | mode | candidate | GPU busy (us) | main's busy | busy: main / cand. | "
+             "busy: compile / cand. | time (us) | time: main / cand. | err vs eager |",
+             "|" + "---|" * 10]
+    for row, main, compiled in pairs:
+        cells = [row["op"], row["mode"], row["variant"], us(row, "busy"), us(main, "busy"),
+                 ratio(row, main, "busy"), ratio(row, compiled, "busy"), us(row, "us"),
+                 ratio(row, main, "us"), f"{row['err']:.1e}" if "err" in row else row["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def kernel_cell(kernels, shown=5):

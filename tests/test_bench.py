@@ -274,3 +274,19 @@ def test_variants_time_each_candidate_for_the_ops_it_has(tmp_path):
     assert got["broken"][0] is None and got["broken"][1].startswith("candidate patch does not")
     case = bench.make_case("pad_decoder", s, torch.device("cpu"), torch.float32)
     assert "pad_only" in bench.variants_of("pad_decoder", case, s, gpu=True)
+
+
+def test_candidates_are_set_beside_main_and_compile():
+    rows = [dict(op="pad_decoder", mode="backward", variant="eager", us=600.0, busy=400.0),
+            dict(op="pad_decoder", mode="backward", variant="triton", us=500.0, busy=150.0),
+            dict(op="pad_decoder", mode="backward", variant="compile", us=700.0, busy=130.0),
+            dict(op="pad_decoder", mode="backward", variant="slot", us=400.0, busy=100.0,
+                 err=1e-3, note=""),
+            dict(op="pad_decoder", mode="full", variant="slot", note="error: boom")]
+    assert bench.against_main(rows[:3]) == []
+    table = bench.against_main(rows)
+    assert "| pad_decoder | backward | slot | 100.0 | 150.0 | 1.50x | 1.30x | 400.0 | 1.25x | " \
+           "1.0e-03 |" in table
+    assert "| pad_decoder | full | slot | - | - | - | - | - | - | error: boom |" in table
+    full_rows = [dict(shape="B64", note="") | r for r in rows]
+    assert table[2] in bench.markdown("header", full_rows, 1.0)
