@@ -34,8 +34,10 @@ free suffix -2, -3, ... (the written paths are printed). Problems a user can fix
 and exit with code 2.
 """
 
+import itertools
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
 from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
-from echoes.tokenizers import save_mel_png, save_wav
+from echoes.tokenizers import save_mel_png, save_png, save_wav
 
 
 @dataclass
@@ -161,11 +163,16 @@ def pick_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device name: use auto, cpu, cuda or cuda:N") \
-            from e
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device this runs on: use auto, cpu, cuda "
+                        "or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        "GPU(s); use cuda:0 or cuda")
     return device
 
 
@@ -182,28 +189,15 @@ def sampling_settings(s, ckpt, source="the checkpoint"):
 # the run
 
 
-def output_stems(s):
-    """One output stem per sample j (input j // K, sample j % K): the input's name (joint:
-    joint_000, ...), with _k for K > 1; when a file of that name is already in --out, the
-    first free -2, -3, ... is added, so a run never overwrites earlier outputs or its inputs."""
+def output_names(s):
+    """One output name per sample j (input j // K, sample j % K): the input's name (joint:
+    joint_000, ...), with _k for K > 1. The files get the first free stem of name, name-2,
+    name-3, ... when they are written (`write_sample`)."""
     K = s.num_samples
     if s.mode == "joint":
-        names = [f"joint_{j:03d}" for j in range(K)]
-    else:
-        inputs = s.image if s.mode == "i2a" else s.audio
-        names = [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
-    endings = {"a2i": (".png",), "joint": (".png", ".wav", "_mel.png")}.get(
-        s.mode, (".wav", "_mel.png"))
-    taken = lambda stem: any((Path(s.out) / f"{stem}{e}").exists()  # noqa: E731
-                             for e in endings)
-    stems = []
-    for name in names:
-        stem, n = name, 1
-        while taken(stem) or stem in stems:
-            n += 1
-            stem = f"{name}-{n}"
-        stems.append(stem)
-    return stems
+        return [f"joint_{j:03d}" for j in range(K)]
+    inputs = s.image if s.mode == "i2a" else s.audio
+    return [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
 
 
 def encode_inputs(s, image_tok, audio_tok, device):
@@ -231,25 +225,63 @@ def audio_keep(s, audio_tok):
         raise UserError(f"--start/--end: {e}") from e
 
 
-def write_outputs(s, stems, audio_ids, image_ids, generators, image_tok, audio_tok):
-    """Decode one batch and write its files; returns the written paths."""
-    out, written = Path(s.out), []
-    if s.mode != "a2i":
-        mels = audio_tok.decode_to_mel(audio_ids)  # (B, 80, T)
-        for stem, mel, g in zip(stems, mels, generators):
-            # Griffin-Lim's random phases come from the sample's own stream, so the waveform too
-            # is independent of the batching
+def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_tok):
+    """Decode one batch and write its files; returns the written paths. Each sample is decoded
+    on its own, so its files do not depend on the batching."""
+    written = []
+    for j, (name, g) in enumerate(zip(names, generators)):
+        files = {}  # ending -> write(path), never over an existing file
+        if s.mode != "a2i":
+            mel = audio_tok.decode_to_mel(audio_ids[j:j + 1])  # (1, 80, T)
+            # Griffin-Lim's random phases come from the sample's own stream
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
             phase_gen = torch.Generator(mel.device).manual_seed(seed)
-            wav = audio_tok.mel_to_wav(mel[None], generator=phase_gen)[0]  # (T,)
-            save_wav(wav, out / f"{stem}.wav", audio_tok.sample_rate)
-            save_mel_png(mel, out / f"{stem}_mel.png")
-            written += [out / f"{stem}.wav", out / f"{stem}_mel.png"]
-    if s.mode in ("a2i", "joint"):
-        for stem, image in zip(stems, image_tok.decode_to_images(image_ids)):
-            image.save(out / f"{stem}.png")
-            written.append(out / f"{stem}.png")
+            wav = audio_tok.mel_to_wav(mel, generator=phase_gen)[0]  # (T,)
+            files[".wav"] = lambda path, wav=wav: save_wav(wav, path, audio_tok.sample_rate,
+                                                           replace=False)
+            files["_mel.png"] = lambda path, mel=mel: save_mel_png(mel, path, replace=False)
+        if s.mode in ("a2i", "joint"):
+            image = image_tok.decode_to_images(image_ids[j:j + 1])[0]
+            files[".png"] = lambda path, image=image: save_png(image, path, replace=False)
+        written += write_sample(Path(s.out), name, files)
     return written
+
+
+def write_sample(out, name, files):
+    """Write one sample's files ({ending: write(path)}) under the first stem of name, name-2,
+    name-3, ... for which no file in `out` exists: a run never overwrites its inputs, earlier
+    outputs, or the files of another run writing to the same folder at the same time (its first
+    file claims the stem). Returns the paths."""
+    for n in itertools.count(1):
+        stem = name if n == 1 else f"{name}-{n}"
+        paths = [out / f"{stem}{ending}" for ending in files]
+        if any(p.exists() for p in paths):
+            continue
+        try:
+            for path, write in zip(paths, files.values()):
+                try:
+                    write(path)
+                except FileExistsError:
+                    if path != paths[0]:  # the stem was ours: someone else made this very file
+                        raise UserError(f"{path} appeared while this run wrote "
+                                        f"{paths[0].name}; write to another --out") from None
+                    raise
+        except FileExistsError:  # another run took the stem first
+            continue
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or "
+                            "choose another --out") from e
+        return paths
+
+
+def check_writable(out):
+    """Make the output folder and check that files can be written there, before sampling."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another "
+                        "folder") from e
 
 
 def main(argv=None):
@@ -272,14 +304,11 @@ def main(argv=None):
     check_fit(model, image_tok, audio_tok, source)
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
-    stems = output_stems(s)
+    names = output_names(s)
     images, audios = encode_inputs(s, image_tok, audio_tok, device)
-    try:
-        Path(s.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {s.out}: cannot create the folder ({e.strerror})") from e
+    check_writable(s.out)
 
-    K, n = s.num_samples, len(stems)
+    K, n = s.num_samples, len(names)
     generators = sampler.sample_generators(s.seed, n)
     pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
                                 else ids[torch.arange(lo, hi, device=device) // K])
@@ -292,7 +321,7 @@ def main(argv=None):
                 cuda_graphs=s.cuda_graphs, **opts)
         except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
             raise UserError(str(e)) from e
-        for path in write_outputs(s, stems[lo:hi], audio_ids, image_ids, generators[lo:hi],
+        for path in write_outputs(s, names[lo:hi], audio_ids, image_ids, generators[lo:hi],
                                   image_tok, audio_tok):
             print(path, flush=True)
 

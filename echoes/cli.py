@@ -69,14 +69,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text.lower() else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (it prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_settings(cls, argv=None, description=None, overrides=None):
     """Build `cls` (a dataclass of `setting()` fields) from the command line.
 
     Field `global_batch` becomes `--global-batch`; bools become `--flag / --no-flag`; `list[...]`
     fields take several values. `overrides` (a dict) replaces defaults before parsing, for
     checkpoint-stored defaults. Errors exit with code 2 (argparse's convention)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
     overrides = overrides or {}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -129,10 +135,12 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
 
 
-def write_atomic(path, write):
+def write_atomic(path, write, replace=True):
     """Call `write(f)` on a temp file in `path`'s folder, fsync, then rename it over `path`:
     readers see the old file or the complete new one, never a torn write; the temp file is
-    removed when anything fails."""
+    removed when anything fails. With `replace=False` an existing `path` is never replaced:
+    the file is published with a hard link, which fails with FileExistsError when `path`
+    exists (also when another process creates it in the meantime)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -142,11 +150,32 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets open's mode
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
+def _publish_new(tmp, path):
+    """Give the finished file `tmp` the name `path` only if no file has it (FileExistsError
+    otherwise); `tmp` stays for the caller to remove."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:  # a file system without hard links: claim the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
 
 
 def save_atomic(obj, path):

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from echoes.cli import UserError, load_checkpoint
+from echoes.cli import UserError, load_checkpoint, write_atomic
 
 SAMPLE_RATE = 22050  # SpecVQGAN's VGGSound features
 N_FFT, HOP, N_MELS, FMIN, FMAX = 1024, 256, 80, 125.0, 7600.0
@@ -698,13 +698,19 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     except (RuntimeError, TypeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
         raise UserError(f"cannot read audio {path} ({str(e).splitlines()[0][:100]}); "
                         "convert it to WAV or FLAC, e.g. with ffmpeg") from e
+    if data.shape[0] == 0:
+        raise UserError(f"audio {path} holds no samples; give a recording")
+    if not np.isfinite(data).all():
+        raise UserError(f"audio {path} holds NaN or infinite samples; re-export it")
     return resample(torch.from_numpy(data.mean(axis=1)), sr, sample_rate)
 
 
-def save_wav(wav, path, sample_rate=SAMPLE_RATE):
-    """(T,) waveform -> 16-bit PCM WAV."""
-    soundfile.write(os.fspath(path), wav.detach().float().clamp(-1, 1).cpu().numpy().reshape(-1),
-                    sample_rate, subtype="PCM_16")
+def save_wav(wav, path, sample_rate=SAMPLE_RATE, replace=True):
+    """(T,) waveform -> 16-bit PCM WAV, written atomically (`replace=False`: never over an
+    existing file, FileExistsError instead)."""
+    data = wav.detach().float().clamp(-1, 1).cpu().numpy().reshape(-1)
+    write_atomic(path, lambda f: soundfile.write(f, data, sample_rate, subtype="PCM_16",
+                                                 format="WAV"), replace)
 
 
 def load_image(path_or_image, resolution):
@@ -721,6 +727,9 @@ def load_image(path_or_image, resolution):
         try:
             with Image.open(path) as f:
                 image = ImageOps.exif_transpose(f).convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise UserError(f"image {path} is too large to open safely ({e}); scale it "
+                            "down first") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); "
                             "use a PNG or JPEG file") from e
@@ -747,16 +756,21 @@ _VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], 
                      [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], np.float64)
 
 
-def save_mel_png(mel01, path, scale=2):
+def save_mel_png(mel01, path, scale=2, replace=True):
     """(F, T) or (1, F, T) mel in [0, 1] -> a PNG with low frequencies at the bottom, in a
-    viridis-like colour map, each cell `scale` x `scale` pixels."""
+    viridis-like colour map, each cell `scale` x `scale` pixels; written as `save_wav` writes."""
     m = mel01.detach().float().cpu().reshape(mel01.shape[-2:]).clamp(0, 1).numpy()[::-1]  # (F, T)
     pos = m * (len(_VIRIDIS) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_VIRIDIS) - 2)
     t = (pos - lo)[..., None]
     rgb = (_VIRIDIS[lo] * (1 - t) + _VIRIDIS[lo + 1] * t).round().astype(np.uint8)  # (F, T, 3)
     rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(rgb).save(os.fspath(path))
+    save_png(Image.fromarray(rgb), path, replace)
+
+
+def save_png(image, path, replace=True):
+    """A PIL image -> PNG, written as `save_wav` writes."""
+    write_atomic(path, lambda f: image.save(f, format="PNG"), replace)
 
 
 # -----------------------------------------------------------------------------

@@ -90,6 +90,13 @@ def files(tmp_path_factory):
     out["garbage_wav"].write_bytes(b"RIFF but not really a wave file")
     out["garbage_ckpt"] = d / "garbage.pt"
     out["garbage_ckpt"].write_bytes(b"not a checkpoint")
+    out["empty_wav"] = d / "empty.wav"
+    soundfile.write(out["empty_wav"], np.zeros(0, dtype=np.float32), 16000)
+    out["nan_wav"] = d / "nan.wav"
+    soundfile.write(out["nan_wav"], np.full(1000, np.nan, dtype=np.float32), 16000,
+                    subtype="FLOAT")
+    out["a_file"] = d / "a_file.txt"
+    out["a_file"].write_text("not a folder")
     return out
 
 
@@ -226,6 +233,7 @@ def test_sampling_defaults_come_from_the_checkpoint(files):
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "i2a", "--image", "missing.png"], "not found"),
     (["--mode", "x2y"], "unknown --mode"),
+    (["--mode", "i2a", "--steps", "3.5"], "argument --steps: invalid int value: '3.5'"),
 ])
 def test_errors_subprocess(files, tmp_path, argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv, *args(files)],
@@ -260,9 +268,12 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a", "--image", "cat"], "carries no image VQGAN: pass --image-vqgan",
      dict(tokenizers=False)),
     (["--mode", "i2a", "--image", "cat", "--device", "cuda:0"], "no CUDA GPU", {}),
+    (["--mode", "i2a", "--image", "cat", "--device", "meta"], "not a device this runs on", {}),
+    (["--mode", "a2i", "--audio", "empty_wav"], "holds no samples", {}),
+    (["--mode", "a2i", "--audio", "nan_wav"], "NaN or infinite samples", {}),
 ])
 def test_errors_in_process(files, tmp_path, capsys, monkeypatch, argv, message, kw):
-    if "--device" in argv and torch.cuda.is_available():
+    if "cuda:0" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     monkeypatch.setattr(cli, "DEMO_BUNDLE", tmp_path / "no_demo_here.pt")
     monkeypatch.setattr(cli, "DEMO_EXAMPLES", tmp_path / "no_examples_here")
@@ -288,3 +299,52 @@ def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
         assert out == [str(tmp_path / f"clip-{run + 1}.wav"),
                        str(tmp_path / f"clip-{run + 1}_mel.png")]
     assert wav.read_bytes() == before
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(files, capsys):
+    code, out, err = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out",
+                                     files["a_file"] / "sub", *args(files)], capsys)
+    assert code == 2 and out == [] and len(err) == 1 and "cannot write there" in err[0], err
+
+
+def test_too_large_an_image_is_one_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # cat.png, 480 pixels, is a "bomb" now
+    code, out, err = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path,
+                                     *args(files)], capsys)
+    assert code == 2 and len(err) == 1 and "too large to open safely" in err[0], err
+
+
+def test_files_do_not_depend_on_the_batch_size(files, tmp_path, capsys):
+    for b in (1, 2):
+        code, _, _ = run_in_process(["--mode", "joint", "--num-samples", "2", "--batch-size",
+                                     str(b), "--out", tmp_path / str(b), *args(files)], capsys)
+        assert code == 0
+    for name in ("joint_000.wav", "joint_001.wav", "joint_001_mel.png", "joint_001.png"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
+
+
+def test_a_run_writing_to_the_same_folder_keeps_its_files(tmp_path):
+    def other_run_first(path):  # another run claims the stem between the check and the write
+        (tmp_path / "cat.wav").write_bytes(b"theirs")
+        cli.save_wav(torch.zeros(100), path, replace=False)
+
+    writes = {".wav": other_run_first,
+              "_mel.png": lambda path: cli.save_mel_png(torch.zeros(80, 4), path,
+                                                        replace=False)}
+    paths = cli.write_sample(tmp_path, "cat", writes)
+    assert paths == [tmp_path / "cat-2.wav", tmp_path / "cat-2_mel.png"]
+    assert (tmp_path / "cat.wav").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-2.wav", "cat-2_mel.png",
+                                                           "cat.wav"]  # no temp file left
+
+
+def test_a_failed_write_leaves_no_file_and_is_one_line(tmp_path, monkeypatch):
+    def full_disk(file, *a, **kw):
+        file.write(b"RIFF partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.save_wav.__globals__["soundfile"], "write", full_disk)
+    with pytest.raises(cli.UserError, match="cannot write .*cat.wav \\(No space left on device"):
+        cli.write_sample(tmp_path, "cat", {".wav": lambda p: cli.save_wav(torch.zeros(10), p,
+                                                                           replace=False)})
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,50 @@
+"""echoes/cli.py: atomic writes and one-line argument errors, shared by every script."""
+
+import dataclasses
+import os
+import stat
+
+import pytest
+
+from echoes.cli import parse_settings, setting, write_atomic
+
+
+def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "f.bin"
+    write_atomic(path, lambda f: f.write(b"one"))
+    write_atomic(path, lambda f: f.write(b"two"))
+    assert path.read_bytes() == b"two"
+    with pytest.raises(FileExistsError):
+        write_atomic(path, lambda f: f.write(b"three"), replace=False)
+    write_atomic(tmp_path / "g.bin", lambda f: f.write(b"new"), replace=False)
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "h.bin", broken)
+    assert path.read_bytes() == b"two" and (tmp_path / "g.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
+
+
+def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "shared.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "shared.bin").st_mode) == 0o644
+
+
+@dataclasses.dataclass
+class Settings:
+    steps: int = setting(3, "steps")
+
+
+def test_a_bad_option_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_settings(Settings, ["--steps", "3.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "argument --steps: invalid int value: '3.5'" in err[0] and "--help" in err[0]
