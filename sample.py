@@ -108,14 +108,14 @@ def check_options(s):
         value = getattr(s, name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("temperature", "guidance", "token_temperature", "start", "end"):
+    for name in ("temperature", "guidance", "token_temperature"):
+        value, (ok, what) = getattr(s, name), sampler.SAMPLING_RULES[name]
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    for name in ("start", "end"):
         value = getattr(s, name)
         if value is not None and not math.isfinite(value):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if s.temperature is not None and s.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {s.temperature}")
-    if s.token_temperature is not None and s.token_temperature <= 0:
-        raise UserError(f"--token-temperature must be > 0, got {s.token_temperature}")
+            raise UserError(f"--{name} must be a finite number, got {value}")
 
 
 def model_source(s):

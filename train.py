@@ -33,6 +33,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from echoes import data
-from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting
+from echoes.cli import (UserError, load_checkpoint, parse_settings, remove_temps, run_cli,
+                        save_atomic, setting)
 from echoes.model import Echoes, EchoesConfig
 from echoes.sampler import check_sampling_defaults
 
@@ -310,7 +312,10 @@ def resolve_config(s):
         if not ok and not (want is float and isinstance(value, int) and
                            not isinstance(value, bool)):
             raise UserError(f"--model-overrides: {key} must be {want.__name__}, got {value!r}")
-    return EchoesConfig.preset(s.preset, **overrides)
+    try:
+        return EchoesConfig.preset(s.preset, **overrides)
+    except ValueError as e:
+        raise UserError(f"--model-overrides: {e}") from e
 
 
 def check_settings(s, world):
@@ -330,20 +335,43 @@ def check_settings(s, world):
                         f"{config.image_len}; pick the matching --preset or --model-overrides")
     for kind, size in (("audio", config.audio_codebook), ("image", config.image_codebook)):
         book = (index.get("tokenizers") or {}).get(kind, {}).get("codebook")
-        if book is not None and book > size:
+        if book is not None and book != size:  # sample.py needs them equal
             raise UserError(f"the {kind} tokenizer has {book} codes, the model's codebook "
-                            f"{size}; set {kind}_codebook in --model-overrides")
+                            f"{size}; set {kind}_codebook to {book} in --model-overrides")
     micro = s.micro_batch or s.global_batch // world
     if s.global_batch < 1 or micro < 1 or s.global_batch % (micro * world):
         raise UserError(f"impossible batch split: --global-batch {s.global_batch} is not a "
                         f"multiple of --micro-batch {micro} x {world} processes")
-    for name in ("log_every", "save_every"):
-        if getattr(s, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = {"log_every": (1, None), "save_every": (1, None), "eval_every": (0, None),
+              "eval_samples": (0, None), "max_steps": (0, None), "run_steps": (0, None),
+              "warmup_steps": (-1, None), "lr": (0, None), "weight_decay": (0, None),
+              "grad_clip": (0, None), "min_lr_ratio": (0, 1)}
+    for name, (lo, hi) in limits.items():
+        value = getattr(s, name)
+        if not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
+            where = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise UserError(f"--{name.replace('_', '-')} must be {where}, got {value}")
+    for name in ("base_lr", "epochs"):
+        if not getattr(s, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be above 0, got {getattr(s, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(s, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(s, name)}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {s.device!r}: use auto, cpu or cuda (under torchrun each "
+                        "process takes cuda:LOCAL_RANK)")
+    if os.path.exists(s.out) and not os.path.isdir(s.out):
+        raise UserError(f"--out {s.out} is a file; give a folder")
     try:
         kernels.resolve(s.kernels)
     except (RuntimeError, ValueError) as e:
         raise UserError(str(e)) from e
+    try:  # last: a run refused for another reason leaves no folder behind
+        os.makedirs(s.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=s.out).close()
+    except OSError as e:
+        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
+                        "folder") from e
     if s.sampling:
         try:
             check_sampling_defaults(json.loads(s.sampling))
@@ -366,17 +394,23 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         raise UserError(f"{path} was trained with another model configuration ("
                         + ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
                         + "); pass the same --preset and --model-overrides or another --out")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loader.load_state_dict(ckpt["data"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["data"])
+        rng = ckpt["rng"]
+        ranks = rng["ranks"][d.rank] if rng["world_size"] == d.world_size else None
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path} does not fit this run ({type(e).__name__}: {first}); resume it "
+                        "with the code and settings that wrote it, or use another --out") from e
     old = ckpt.get("settings", {})
     for key in ("seed", "global_batch", "data"):
         if key in old and old[key] != getattr(s, key):
             print0(f"warning: --{key.replace('_', '-')} was {old[key]!r} in the checkpoint, "
                    f"now {getattr(s, key)!r}: the run continues but not as it would have")
-    rng = ckpt["rng"]
-    if rng["world_size"] == d.world_size:
-        set_rng_state(rng["ranks"][d.rank], generator, d.device)
+    if ranks is not None:
+        set_rng_state(ranks, generator, d.device)
     else:  # fresh streams: the data position still holds, the random draws differ
         print0(f"note: the checkpoint ran on {rng['world_size']} process(es), this run on "
                f"{d.world_size}: random streams are re-seeded, so the resume is not exact")
@@ -408,10 +442,11 @@ def train(s, d, config, micro, accum, ckpt_path):
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of a bf16 run
         torch.backends.cudnn.allow_tf32 = True
-    train_set = data.TokenShards(s.data, s.train_split, train=True, seed=s.seed)
+    books = (config.audio_codebook, config.image_codebook)  # ids past them: a one-line error
+    train_set = data.TokenShards(s.data, s.train_split, train=True, seed=s.seed, codebooks=books)
     eval_set = None
     if data.split_sizes(data.read_index(s.data)).get(s.eval_split):
-        eval_set = data.TokenShards(s.data, s.eval_split, train=False)
+        eval_set = data.TokenShards(s.data, s.eval_split, train=False, codebooks=books)
     loader = data.ShardLoader(train_set, micro, d.rank, d.world_size, s.seed,
                               repair_within_class=s.repair_within_class)
     max_steps = s.max_steps or math.ceil(
@@ -439,6 +474,13 @@ def train(s, d, config, micro, accum, ckpt_path):
         del ckpt
     elif s.resume:
         print0(f"no checkpoint in {s.out} yet: starting from step 0")
+    if d.world_size > 1:  # every process must have read the same checkpoint
+        steps = torch.tensor([step, -step], device=d.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise UserError(f"the processes found checkpoints of different steps in {s.out} "
+                            f"({-int(steps[1])} to {int(steps[0])}): --out must be one folder "
+                            "that every node shares")
     if train_set.tokenizers:
         extra["tokenizers"] = train_set.tokenizers
     if s.sampling:
@@ -466,6 +508,7 @@ def train(s, d, config, micro, accum, ckpt_path):
     log_path = os.path.join(s.out, "log.jsonl")
     if d.master:
         os.makedirs(s.out, exist_ok=True)
+        remove_temps(s.out)  # a save killed part-way leaves its temp file
         _trim_log(log_path, step)
     log = open(log_path, "a") if d.master else None
     stop = {"signal": False}

@@ -23,6 +23,7 @@ DEMO_BUNDLE = ASSETS / "demo.pt"  # the embedded demo: model + tokenizers + tune
 DEMO_EXAMPLES = ASSETS / "examples"  # its example inputs, for runs that name none
 
 # paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
+RECIPE_KEYS = ("resolution", "n_samples", "n_frames", "keep_frames", "sample_rate")
 PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
                   "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
 
@@ -39,8 +40,12 @@ def load_model(ckpt, source):
     if unknown:
         raise UserError(f"{source}: its config has fields this version of EchoesConfig does not "
                         f"know ({', '.join(unknown[:4])}); use the echoes version that wrote it")
-    model = Echoes(EchoesConfig(**ckpt["config"]))
-    return load_state_strict(model, ckpt["model"], "model checkpoint", source).eval()
+    try:
+        config = EchoesConfig(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: its model config is not valid ({e}); re-create the "
+                        "checkpoint with train.py") from e
+    return load_state_strict(Echoes(config), ckpt["model"], "model checkpoint", source).eval()
 
 
 def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", vocoder="",
@@ -50,7 +55,15 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
     the recipe from the checkpoint's "tokenizers" entry, else the paper's; the vocoder a MelGAN
     file, else Griffin-Lim."""
     info = ckpt.get("tokenizers") or {}
-    image_info, audio_info = info.get("image") or {}, info.get("audio") or {}
+    image_info, audio_info = (info.get(m) or {} if isinstance(info, dict) else None
+                              for m in ("image", "audio"))
+    recipe = {k: v for part in (image_info, audio_info) if isinstance(part, dict)
+              for k, v in part.items() if k in RECIPE_KEYS}
+    if not (isinstance(image_info, dict) and isinstance(audio_info, dict)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in recipe.values()):
+        raise UserError(f"{source}: its 'tokenizers' entry is not {{image: {{resolution}}, "
+                        "audio: {n_samples, n_frames, keep_frames, sample_rate}} of positive "
+                        "integers; re-create the checkpoint")
 
     def vqgan(flag, path, entry, preset, what):
         if path:

@@ -160,6 +160,14 @@ def write_atomic(path, write, replace=True):
             os.remove(tmp)
 
 
+def remove_temps(folder):
+    """Delete the temp files `write_atomic` leaves in `folder` when its process is killed
+    mid-write. Call it only where no other writer can be at work in that folder."""
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+
+
 def _umask():
     mask = os.umask(0)  # reading the umask means setting it
     os.umask(mask)

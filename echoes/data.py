@@ -35,6 +35,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import UserError, parse_settings, run_cli, setting, write_atomic
+from echoes.cli import UserError, parse_settings, remove_temps, run_cli, setting, write_atomic
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -142,6 +143,19 @@ def write_shards(out_dir, split, image_ids, audio_ids, ids, labels, shard_size=N
     return names
 
 
+def _read_sidecar(base):
+    """The {"ids", "labels", ...} sidecar of the shard at `base` (path without suffix)."""
+    try:
+        with open(base + ".json") as f:
+            side = json.load(f)
+        if not (isinstance(side.get("ids"), list) and isinstance(side.get("labels"), list)):
+            raise ValueError("no ids or labels list")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"shard {base} is unreadable ({type(e).__name__}: {e}); delete the "
+                        "folder and prepare it again") from e
+    return side
+
+
 # -----------------------------------------------------------------------------
 # reading shards
 
@@ -153,10 +167,12 @@ class TokenShards:
     evaluation the middle frame F // 2.
 
     `ids`, `labels` and `classes` (an int per clip: labels numbered in sorted order, -1 for an
-    empty label) are per clip, in index order."""
+    empty label) are per clip, in index order. With `codebooks` (audio, image), a fetched id
+    at or above its codebook size is a `UserError`."""
 
-    def __init__(self, root, split, train=True, seed=0):
+    def __init__(self, root, split, train=True, seed=0, codebooks=None):
         self.root, self.split, self.train = os.fspath(root), split, train
+        self.codebooks = codebooks  # (audio, image) code counts the ids must stay below
         index = read_index(self.root)
         self.frames, self.image_len = index["frames"], index["image_len"]
         self.audio_len = index["audio_len"]
@@ -168,11 +184,10 @@ class TokenShards:
             try:
                 image = np.load(base + ".images.npy", mmap_mode="r")  # (n, F, Lv)
                 audio = np.load(base + ".audio.npy", mmap_mode="r")  # (n, La)
-                with open(base + ".json") as f:
-                    side = json.load(f)
             except (OSError, ValueError) as e:
                 raise UserError(f"shard {base} is unreadable ({type(e).__name__}: {e}); "
                                 "delete the folder and prepare it again") from e
+            side = _read_sidecar(base)
             n = s["n"]
             if (image.shape != (n, self.frames, self.image_len)
                     or audio.shape != (n, self.audio_len) or len(side["ids"]) != n):
@@ -213,6 +228,11 @@ class TokenShards:
             audio[sel] = self.audio[k][idx[sel] - self.offsets[k]]
         for k, sel in self._by_shard(img_idx):
             image[sel] = self.images[k][img_idx[sel] - self.offsets[k], frames[sel]]
+        for kind, ids, book in zip(("audio", "image"), (audio, image), self.codebooks or ()):
+            if ids.size and ids.max() >= book:  # on a GPU: a device-side assert, far from here
+                raise UserError(f"the {self.split} shards of {self.root} hold {kind} id "
+                                f"{ids.max()}, the model's codebook has {book} codes: prepare "
+                                "them with the model's tokenizers, or fix the codebook size")
         return (torch.from_numpy(audio.astype(np.int64)),   # (B, La)
                 torch.from_numpy(image.astype(np.int64)))   # (B, Lv)
 
@@ -426,7 +446,7 @@ class PrepareSettings:
 
 
 def _find_videos(folder):
-    """{stem: path} and the sorted paths of every video file under `folder`."""
+    """{stem: [paths]} and the sorted paths of every video file under `folder`."""
     stems, paths = {}, []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -434,9 +454,17 @@ def _find_videos(folder):
             stem, ext = os.path.splitext(name)
             if ext.lower() in VIDEO_EXTS:
                 path = os.path.join(dirpath, name)
-                stems.setdefault(stem, path)
+                stems.setdefault(stem, []).append(path)
                 paths.append(path)
     return stems, paths
+
+
+def _one_file(stems, name):
+    """The video file named `name` (no extension), None when there is none; two are an error."""
+    found = stems.get(name, [])
+    if len(found) > 1:
+        raise UserError(f"{found[0]} and {found[1]} are both clip {name}: keep one")
+    return found[0] if found else None
 
 
 def _hash_split(clip_id, test_fraction):
@@ -457,9 +485,14 @@ def list_clips(s):
     stems, paths = _find_videos(s.videos)
     clips, seen = [], set()
     if not s.csv:
+        first = {}  # clip id -> its file
         for path in paths:
             rel = os.path.relpath(path, s.videos)
             clip_id = os.path.splitext(rel)[0].replace(os.sep, "/")
+            if clip_id in first:
+                raise UserError(f"{first[clip_id]} and {path} are both clip {clip_id} (ids are "
+                                "paths without the extension): keep one")
+            first[clip_id] = path
             parent = os.path.dirname(rel)
             label = os.path.basename(parent) if parent else ""
             clips.append(Clip(clip_id, label, _hash_split(clip_id, s.test_fraction), path))
@@ -482,11 +515,11 @@ def list_clips(s):
                 continue
             seen.add(clip_id)
             cut = (clip_id, f"{yt}_{start}", f"{yt}_{start * 1000}_{(start + 10) * 1000}")
-            path = next((stems[n] for n in cut if n in stems), None)
+            path = next((_one_file(stems, n) for n in cut if n in stems), None)
             if path is not None:
                 clips.append(Clip(clip_id, label, split, path))
             else:  # the whole video, if that is what was downloaded: seek to the clip
-                clips.append(Clip(clip_id, label, split, stems.get(yt), float(start)))
+                clips.append(Clip(clip_id, label, split, _one_file(stems, yt), float(start)))
     return clips
 
 
@@ -538,6 +571,14 @@ def prepare(s):
         raise UserError("give --out, the folder for the shards")
     if s.frames < 1 or s.image_size < 1 or s.shard_size < 1 or s.batch_size < 1:
         raise UserError("--frames, --image-size, --shard-size and --batch-size must be positive")
+    if s.workers < 0 or s.limit < 0:
+        raise UserError("--workers and --limit must be 0 or more (0: one per core / all clips)")
+    try:
+        os.makedirs(s.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=s.out).close()
+    except OSError as e:
+        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
+                        "folder") from e
     device = "cuda" if s.device == "auto" and torch.cuda.is_available() else s.device
     if device == "auto":
         device = "cpu"
@@ -551,11 +592,8 @@ def prepare(s):
                         f"({index['tokenizers']}); use another --out")
     done = set()
     for entry in (index or {"shards": []})["shards"]:
-        with open(os.path.join(s.out, entry["name"] + ".json")) as f:
-            done.update(json.load(f)["ids"])
-    for name in os.listdir(s.out):  # temp files of a killed run: never part of a shard
-        if name.startswith(".tmp-"):
-            os.remove(os.path.join(s.out, name))
+        done.update(_read_sidecar(os.path.join(s.out, entry["name"]))["ids"])
+    remove_temps(s.out)  # temp files of a killed run: never part of a shard
 
     clips = list_clips(s)
     skipped = [(c.id, "no video file", "") for c in clips if c.path is None and c.id not in done]

@@ -16,6 +16,7 @@ The three data-movement and codebook ops of the forward pass (`gather_embed`, `p
 `default_ops`); without it this file runs anywhere on its own.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -92,6 +93,34 @@ class EchoesConfig:
         if name not in ("paper", "demo"):
             raise ValueError(f"unknown preset {name!r}: use 'paper' or 'demo'")
         return getattr(cls, name)(**overrides)
+
+    def __post_init__(self):
+        """A configuration the model cannot be built from (or would train nonsense with) is a
+        ValueError naming the field."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (kind, int)):
+                raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+        for name in ("audio_len", "image_len", "audio_codebook", "image_codebook", "enc_dim",
+                     "enc_depth", "enc_heads", "dec_dim", "dec_depth", "dec_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for dim, heads in (("enc_dim", "enc_heads"), ("dec_dim", "dec_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"{dim} {getattr(self, dim)} is not divisible by {heads} "
+                                 f"{getattr(self, heads)}")
+        checks = [(("dropout", "drop_ratio", "label_smoothing"), lambda v: 0 <= v < 1,
+                   "in [0, 1)"),
+                  (("mask_ratio_min", "mask_ratio_max", "mask_ratio_mean", "full_mask_prob"),
+                   lambda v: 0 <= v <= 1, "in [0, 1]"),
+                  (("mlp_ratio", "mask_ratio_std"), lambda v: 0 < v < math.inf, "above 0")]
+        for names, ok, where in checks:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"{name} must be {where}, got {getattr(self, name)!r}")
+        if self.mask_ratio_min > self.mask_ratio_max:
+            raise ValueError(f"mask_ratio_min {self.mask_ratio_min} is above mask_ratio_max "
+                             f"{self.mask_ratio_max}")
 
 
 # -----------------------------------------------------------------------------

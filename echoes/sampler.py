@@ -301,6 +301,15 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
 # sampling defaults stored in checkpoints
 
 SAMPLING_KEYS = ("steps", "temperature", "guidance", "token_temperature")
+# what each sampling setting may be: (test, in words). The bounds keep every product in fp32
+# range; past them the draws are the argmax anyway (NaN fails every test)
+SAMPLING_RULES = {
+    "steps": (lambda v: _is_count(v), "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and 0 <= v <= 1e6, "a number in [0, 1e6]"),
+    "guidance": (lambda v: _is_number(v) and abs(v) <= 1e6, "a number in [-1e6, 1e6]"),
+    "token_temperature": (lambda v: _is_number(v) and 1e-6 <= v <= 1e6,
+                          "a number in [1e-6, 1e6]"),
+}
 
 
 def check_sampling_defaults(defaults):
@@ -316,11 +325,10 @@ def check_sampling_defaults(defaults):
     for name, value in defaults.items():
         per_mode = value if isinstance(value, dict) else {"all modes": value}
         bad_modes = sorted(set(per_mode) - set(MODES) - {"all modes"})
-        all_numbers = all(isinstance(v, numbers.Real) and not isinstance(v, bool)
-                      for v in per_mode.values())
-        if bad_modes or not all_numbers:
-            raise ValueError(f"sampling setting {name!r} must be a number or an object of "
-                             f"{{mode: number}} with modes {', '.join(MODES)}; got {value!r}")
+        ok, what = SAMPLING_RULES[name]
+        if bad_modes or not all(ok(v) for v in per_mode.values()):
+            raise ValueError(f"sampling setting {name!r} must be {what}, or an object of "
+                             f"{{mode: value}} with modes {', '.join(MODES)}; got {value!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -342,15 +350,17 @@ def _is_count(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
 
 
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_numbers(steps, temperature, guidance, token_temperature, batch_size):
-    if not _is_count(steps):
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be finite, got {guidance!r}")
-    if not (math.isfinite(token_temperature) and token_temperature > 0):
-        raise ValueError(f"token_temperature must be finite and > 0, got {token_temperature!r}")
+    given = dict(steps=steps, temperature=temperature, guidance=guidance,
+                 token_temperature=token_temperature)
+    for name, value in given.items():
+        ok, what = SAMPLING_RULES[name]
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
     if not _is_count(batch_size):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 

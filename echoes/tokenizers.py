@@ -359,13 +359,17 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
         if unknown:
             raise UserError(f"{source}: its VQGAN config has unknown fields "
                             f"({', '.join(unknown[:4])}); use the echoes version that wrote it")
-        config, kwargs = VQGANConfig(**obj["config"]), {}
+        config, kwargs = obj["config"], {}
     sd = obj
     if isinstance(obj, dict):
         sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
         sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
-    model = VQGAN(config, **kwargs)
+    try:
+        model = VQGAN(VQGANConfig(**config) if isinstance(config, dict) else config, **kwargs)
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
+        raise UserError(f"{source}: its VQGAN config builds no model ({type(e).__name__}: "
+                        f"{str(e)[:100]}); re-create the file") from e
     return load_state_strict(model, sd, "VQGAN checkpoint", source).eval()
 
 

@@ -263,3 +263,49 @@ def test_a_corrupt_index_is_one_user_error(tmp_path):
     (tmp_path / data.INDEX).write_text('{"format": ')  # a torn write from another tool
     with pytest.raises(UserError, match="corrupt"):
         data.read_index(tmp_path)
+
+
+def test_two_files_of_one_clip_are_one_line_errors(tmp_path):
+    from echoes.cli import UserError
+    videos = tmp_path / "videos"
+    (videos / "dogs").mkdir(parents=True)
+    for name in ("a.mp4", "a.mkv", "b.mp4"):  # list_clips only lists: empty files do
+        (videos / "dogs" / name).write_bytes(b"")
+    s = data.PrepareSettings(videos=str(videos))
+    with pytest.raises(UserError, match="a.mkv and .*a.mp4 are both clip dogs/a"):
+        data.list_clips(s)
+    (videos / "dogs" / "a.mkv").unlink()
+    assert [c.id for c in data.list_clips(s)] == ["dogs/a", "dogs/b"]
+    (videos / "cats").mkdir()
+    (videos / "cats" / "xyz_000030.mp4").write_bytes(b"")
+    (videos / "dogs" / "xyz_000030.mp4").write_bytes(b"")
+    csv_file = tmp_path / "clips.csv"
+    csv_file.write_text("b,0,dog,train\n")
+    assert [c.path for c in data.list_clips(dataclasses.replace(s, csv=str(csv_file)))] == \
+        [str(videos / "dogs" / "b.mp4")]  # a clash the CSV does not ask for is no matter
+    csv_file.write_text("xyz,30,dog,train\n")
+    with pytest.raises(UserError, match="are both clip xyz_000030: keep one"):
+        data.list_clips(dataclasses.replace(s, csv=str(csv_file)))
+
+
+def test_a_shard_sidecar_without_ids_is_one_user_error(tmp_path):
+    from echoes.cli import UserError
+    make_shards(tmp_path, n=3)
+    (tmp_path / "train-00000.json").write_text('{"split": "train"}')
+    with pytest.raises(UserError, match="train-00000 is unreadable .*no ids or labels"):
+        data.TokenShards(tmp_path, "train")
+    (tmp_path / "train-00000.json").unlink()
+    with pytest.raises(UserError, match="train-00000 is unreadable \\(FileNotFoundError"):
+        data.TokenShards(tmp_path, "train")
+
+
+def test_ids_past_the_codebook_are_one_user_error(tmp_path):
+    from echoes.cli import UserError
+    make_shards(tmp_path, n=3)
+    ds = data.TokenShards(tmp_path, "train", codebooks=(1000, 1000))
+    ds.fetch([0, 1, 2])
+    audio_max = int(max(a.max() for a in ds.audio))
+    ds.codebooks = (audio_max, 1000)
+    with pytest.raises(UserError, match=f"hold audio id {audio_max}, the model's codebook has "
+                                        f"{audio_max} codes"):
+        ds.fetch([0, 1, 2])

@@ -1,6 +1,7 @@
 """The transformer and its training objective (paper Sec. 3.3 / Eq. 1)."""
 
 import math
+import re
 import types
 
 import pytest
@@ -277,3 +278,19 @@ def test_compiled_blocks_keep_state_dict_keys_loss_and_gradients():
     for (name, p), q in zip(plain.named_parameters(), compiled.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(enc_heads=7), "enc_dim 1024 is not divisible by enc_heads 7"),
+    (dict(dec_depth=0), "dec_depth must be at least 1, got 0"),
+    (dict(enc_depth="2"), "enc_depth must be int, got '2'"),
+    (dict(enc_dim=True), "enc_dim must be int, got True"),
+    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (dict(mlp_ratio=0), "mlp_ratio must be above 0, got 0"),
+    (dict(mask_ratio_std=float("nan")), "mask_ratio_std must be above 0, got nan"),
+    (dict(mask_ratio_min=0.9, mask_ratio_max=0.5), "mask_ratio_min 0.9 is above mask_ratio_max"),
+])
+def test_a_config_the_model_cannot_use_is_a_value_error(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EchoesConfig.paper(**overrides)
+    EchoesConfig.paper(dropout=0, full_mask_prob=1.0, mlp_ratio=2)  # ints for floats, bounds

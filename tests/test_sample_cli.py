@@ -95,6 +95,18 @@ def files(tmp_path_factory):
     out["nan_wav"] = d / "nan.wav"
     soundfile.write(out["nan_wav"], np.full(1000, np.nan, dtype=np.float32), 16000,
                     subtype="FLOAT")
+    bad = tiny_checkpoint()
+    bad["config"]["enc_heads"] = 3  # width 32
+    out["bad_config"] = d / "bad_config.pt"
+    torch.save(bad, out["bad_config"])
+    bad = tiny_checkpoint()
+    bad["tokenizers"] = {**RECIPE, "audio": {**RECIPE["audio"], "sample_rate": 0}}
+    out["bad_recipe"] = d / "bad_recipe.pt"
+    torch.save(bad, out["bad_recipe"])
+    bad = tiny_checkpoint()
+    bad["sampling"] = {"steps": 8.0}
+    out["bad_sampling"] = d / "bad_sampling.pt"
+    torch.save(bad, out["bad_sampling"])
     out["a_file"] = d / "a_file.txt"
     out["a_file"].write_text("not a folder")
     return out
@@ -271,6 +283,16 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a", "--image", "cat", "--device", "meta"], "not a device this runs on", {}),
     (["--mode", "a2i", "--audio", "empty_wav"], "holds no samples", {}),
     (["--mode", "a2i", "--audio", "nan_wav"], "NaN or infinite samples", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "bad_config"],
+     "its model config is not valid (enc_dim 32 is not divisible by enc_heads 3)", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "bad_recipe"],
+     "its 'tokenizers' entry is not", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "bad_sampling"],
+     "sampling setting 'steps' must be an integer >= 1", {}),
+    (["--mode", "i2a", "--image", "cat", "--guidance", "1e300"],
+     "--guidance must be a number in [-1e6, 1e6]", {}),
+    (["--mode", "i2a", "--image", "cat", "--token-temperature", "1e-300"],
+     "--token-temperature must be a number in [1e-6, 1e6]", {}),
 ])
 def test_errors_in_process(files, tmp_path, capsys, monkeypatch, argv, message, kw):
     if "cuda:0" in argv and torch.cuda.is_available():

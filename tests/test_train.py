@@ -179,13 +179,32 @@ def test_sigterm_saves_and_exits(shards, tmp_path):
     ("unknown override", "unknown field"),
     ("existing run", "pass --resume"),
     ("other model", "another model configuration"),
+    ("bigger codebook", "set image_codebook to 32 in --model-overrides"),
+    ("impossible override", "--model-overrides: enc_dim 32 is not divisible by enc_heads 3"),
+    ("negative lr", "--lr must be at least 0, got -1.0"),
+    ("beta", "--beta1 must be in [0, 1), got 1.5"),
+    ("floor above peak", "--min-lr-ratio must be in [0, 1], got 5.0"),
+    ("device", "--device 'tpu': use auto, cpu or cuda"),
+    ("out is a file", "is a file; give a folder"),
+    ("checkpoint that does not fit", "does not fit this run (RuntimeError"),
+    ("ids past the codebook", "hold image id 40, the model's codebook has 32 codes"),
 ])
 def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, case, message, one_thread):
     out = tmp_path / "run"
     argv = args(shards, out, "--max-steps", "1", "--eval-every", "0")
-    if case in ("existing run", "other model"):
+    if case in ("existing run", "other model", "checkpoint that does not fit"):
         assert trainer.main(argv) == 0
         capsys.readouterr()
+    if case == "checkpoint that does not fit":
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        ckpt["model"].pop("mask_emb")
+        torch.save(ckpt, out / "ckpt.pt")
+    if case == "out is a file":
+        out.write_text("not a folder")
+    if case == "ids past the codebook":  # shards without tokenizer records, ids up to 40
+        rng = np.random.default_rng(0)
+        data.write_shards(tmp_path / "wide", "train", np.full((8, 3, 16), 40),
+                          rng.integers(0, 32, (8, 12)), [str(i) for i in range(8)], [""] * 8)
     argv = {
         "no data": argv + ["--data", str(tmp_path / "missing")],
         "empty data": argv + ["--data", str(tmp_path)],
@@ -195,8 +214,47 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, case, message,
         "existing run": argv,
         "other model": argv + ["--resume", "--model-overrides",
                                TINY.replace('"enc_depth": 1', '"enc_depth": 2')],
+        "bigger codebook": argv + ["--model-overrides",
+                                   TINY.replace('"image_codebook": 32', '"image_codebook": 64')],
+        "impossible override": argv + ["--model-overrides",
+                                       TINY.replace('"enc_heads": 2', '"enc_heads": 3')],
+        "negative lr": argv + ["--lr", "-1"],
+        "beta": argv + ["--beta1", "1.5"],
+        "floor above peak": argv + ["--min-lr-ratio", "5"],
+        "device": argv + ["--device", "tpu"],
+        "out is a file": argv,
+        "checkpoint that does not fit": argv + ["--resume", "--max-steps", "2"],
+        "ids past the codebook": argv + ["--data", str(tmp_path / "wide")],
     }[case]
     with pytest.raises(SystemExit) as e:
         trainer.run_cli(trainer.main, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_resumed_run_removes_the_temp_file_of_a_killed_save(shards, tmp_path, one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    (out / ".tmp-abc123").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-save leaves
+    assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
+                             "--resume")) == 0
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_ranks_that_read_different_checkpoints_stop(shards, tmp_path):
+    """Two ranks, each with its own --out (what a folder not shared between nodes looks like):
+    one finds a checkpoint, the other none."""
+    script = tmp_path / "own_out.py"
+    script.write_text(
+        "import os, runpy, sys\n"
+        "sys.argv[sys.argv.index('--out') + 1] += os.environ['RANK']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    common = args(shards, tmp_path / "run", "--micro-batch", "2", "--eval-every", "0",
+                  "--device", "cpu", "--resume")
+    assert trainer.main(args(shards, tmp_path / "run0", "--micro-batch", "4", "--max-steps",
+                             "1", "--eval-every", "0", "--device", "cpu")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *common, "--max-steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env1())
+    assert proc.returncode != 0
+    assert "the processes found checkpoints of different steps" in proc.stderr
