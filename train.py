@@ -366,12 +366,6 @@ def check_settings(s, world):
         kernels.resolve(s.kernels)
     except (RuntimeError, ValueError) as e:
         raise UserError(str(e)) from e
-    try:  # last: a run refused for another reason leaves no folder behind
-        os.makedirs(s.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=s.out).close()
-    except OSError as e:
-        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
-                        "folder") from e
     if s.sampling:
         try:
             check_sampling_defaults(json.loads(s.sampling))
@@ -379,6 +373,12 @@ def check_settings(s, world):
             raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": 3.0}'") from e
         except ValueError as e:
             raise UserError(f"--sampling: {e}") from e
+    try:  # last: a run refused for another reason leaves no folder behind
+        os.makedirs(s.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=s.out).close()
+    except OSError as e:
+        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
+                        "folder") from e
     return config, micro, s.global_batch // (micro * world)
 
 
@@ -467,6 +467,8 @@ def train(s, d, config, micro, accum, ckpt_path):
     generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919)
 
     step, extra = 0, {}
+    if d.master:
+        remove_temps(s.out)  # a save killed part-way leaves its temp file
     ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
     if ckpt is not None:
         step = resume(ckpt, ckpt_path, s, d, config, model, optimizer, loader, generator)
@@ -495,7 +497,7 @@ def train(s, d, config, micro, accum, ckpt_path):
            + (f", {len(eval_set)} {s.eval_split}" if eval_set else ", no eval split")
            + f"; {d.world_size} process(es) x micro-batch {micro} x {accum} accumulation = "
            f"global batch {s.global_batch}; {max_steps} steps "
-           f"({loader.steps_per_epoch() / accum:.0f} per epoch), peak lr {peak_lr:.3g}, "
+           f"({loader.steps_per_epoch() / accum:.3g} per epoch), peak lr {peak_lr:.3g}, "
            f"warmup {warmup}")
     if step >= max_steps:
         print0(f"{ckpt_path} is at step {step}, --max-steps is {max_steps}: nothing to do")
@@ -508,7 +510,6 @@ def train(s, d, config, micro, accum, ckpt_path):
     log_path = os.path.join(s.out, "log.jsonl")
     if d.master:
         os.makedirs(s.out, exist_ok=True)
-        remove_temps(s.out)  # a save killed part-way leaves its temp file
         _trim_log(log_path, step)
     log = open(log_path, "a") if d.master else None
     stop = {"signal": False}

@@ -59,11 +59,13 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
                               for m in ("image", "audio"))
     recipe = {k: v for part in (image_info, audio_info) if isinstance(part, dict)
               for k, v in part.items() if k in RECIPE_KEYS}
+    least = {"keep_frames": 0}  # 0: keep every frame; the others count something
     if not (isinstance(image_info, dict) and isinstance(audio_info, dict)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in recipe.values()):
+            isinstance(v, int) and not isinstance(v, bool) and v >= least.get(k, 1)
+            for k, v in recipe.items()):
         raise UserError(f"{source}: its 'tokenizers' entry is not {{image: {{resolution}}, "
                         "audio: {n_samples, n_frames, keep_frames, sample_rate}} of positive "
-                        "integers; re-create the checkpoint")
+                        "integers (keep_frames 0: all); re-create the checkpoint")
 
     def vqgan(flag, path, entry, preset, what):
         if path:

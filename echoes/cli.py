@@ -76,13 +76,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def parse_settings(cls, argv=None, description=None, overrides=None):
+def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
     """Build `cls` (a dataclass of `setting()` fields) from the command line.
 
     Field `global_batch` becomes `--global-batch`; bools become `--flag / --no-flag`; `list[...]`
     fields take several values. `overrides` (a dict) replaces defaults before parsing, for
-    checkpoint-stored defaults. Errors exit with code 2 (argparse's convention)."""
-    parser = _Parser(description=description, formatter_class=_HelpFormatter)
+    checkpoint-stored defaults. `prog` names the command in usage and errors (default: the
+    script's file name). Errors exit with code 2 (argparse's convention)."""
+    parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
     overrides = overrides or {}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -150,7 +151,10 @@ def write_atomic(path, write, replace=True):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets open's mode
+        try:  # mkstemp makes it 0600; give it the mode open() would
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError:  # a file system without modes (FAT, some network mounts)
+            pass
         if replace:
             os.replace(tmp, path)
         else:
@@ -168,10 +172,13 @@ def remove_temps(folder):
             os.remove(os.path.join(folder, name))
 
 
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it
+def _read_umask():
+    mask = os.umask(0)  # reading the umask means setting it: done once, at import
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _publish_new(tmp, path):
@@ -183,7 +190,11 @@ def _publish_new(tmp, path):
         raise
     except OSError:  # a file system without hard links: claim the name, then fill it
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.remove(path)  # our empty claim: never leave it to block the name
+            raise
 
 
 def save_atomic(obj, path):

@@ -459,11 +459,12 @@ def _find_videos(folder):
     return stems, paths
 
 
-def _one_file(stems, name):
-    """The video file named `name` (no extension), None when there is none; two are an error."""
+def _one_file(stems, name, clip_id, done):
+    """The video file named `name` (no extension), None when there is none; two are an error
+    unless the clip is already in the shards."""
     found = stems.get(name, [])
-    if len(found) > 1:
-        raise UserError(f"{found[0]} and {found[1]} are both clip {name}: keep one")
+    if len(found) > 1 and clip_id not in done:
+        raise UserError(f"{found[0]} and {found[1]} are both clip {clip_id}: keep one")
     return found[0] if found else None
 
 
@@ -480,8 +481,9 @@ class Clip(NamedTuple):
     start: float = 0.0  # where the clip starts in the file (a whole video named ID.mp4)
 
 
-def list_clips(s):
-    """[Clip] from the CSV or the folder."""
+def list_clips(s, done=frozenset()):
+    """[Clip] from the CSV or the folder. Two video files for one clip are an error, unless the
+    clip is in `done` (already in the shards)."""
     stems, paths = _find_videos(s.videos)
     clips, seen = [], set()
     if not s.csv:
@@ -489,7 +491,7 @@ def list_clips(s):
         for path in paths:
             rel = os.path.relpath(path, s.videos)
             clip_id = os.path.splitext(rel)[0].replace(os.sep, "/")
-            if clip_id in first:
+            if clip_id in first and clip_id not in done:
                 raise UserError(f"{first[clip_id]} and {path} are both clip {clip_id} (ids are "
                                 "paths without the extension): keep one")
             first[clip_id] = path
@@ -515,11 +517,12 @@ def list_clips(s):
                 continue
             seen.add(clip_id)
             cut = (clip_id, f"{yt}_{start}", f"{yt}_{start * 1000}_{(start + 10) * 1000}")
-            path = next((_one_file(stems, n) for n in cut if n in stems), None)
+            path = next((_one_file(stems, n, clip_id, done) for n in cut if n in stems), None)
             if path is not None:
                 clips.append(Clip(clip_id, label, split, path))
             else:  # the whole video, if that is what was downloaded: seek to the clip
-                clips.append(Clip(clip_id, label, split, _one_file(stems, yt), float(start)))
+                clips.append(Clip(clip_id, label, split, _one_file(stems, yt, clip_id, done),
+                                  float(start)))
     return clips
 
 
@@ -595,7 +598,7 @@ def prepare(s):
         done.update(_read_sidecar(os.path.join(s.out, entry["name"]))["ids"])
     remove_temps(s.out)  # temp files of a killed run: never part of a shard
 
-    clips = list_clips(s)
+    clips = list_clips(s, done)
     skipped = [(c.id, "no video file", "") for c in clips if c.path is None and c.id not in done]
     todo = [c for c in clips if c.path is not None and c.id not in done]
     if s.limit > 0:
@@ -691,7 +694,8 @@ def main(argv=None):
         return
     if argv[0] == "prepare":
         prepare(parse_settings(PrepareSettings, argv[1:],
-                               description="Videos -> token shards (paper Sec. 3.1, 4.1)."))
+                               description="Videos -> token shards (paper Sec. 3.1, 4.1).",
+                               prog="python -m echoes.data prepare"))
     elif argv[0] == "info" and len(argv) == 2:
         info(argv[1])
     else:

@@ -896,7 +896,8 @@ class TokenizerSettings:
 
 
 def tokenizer_main(argv):
-    t = parse_settings(TokenizerSettings, argv, description="Train one demo tokenizer.")
+    t = parse_settings(TokenizerSettings, argv, description="Train one demo tokenizer.",
+                       prog="python -m echoes.demo tokenizer")
     if not _paths(t.work)["data"].exists():
         raise UserError(f"{t.work} has no data.npz: run `python -m echoes.demo build` "
                         "(its data stage comes first)")
@@ -917,7 +918,8 @@ def main(argv=None):
         print(USAGE)
         return
     if argv[0] == "build":
-        build(parse_settings(BuildSettings, argv[1:], description="Rebuild the embedded demo."))
+        build(parse_settings(BuildSettings, argv[1:], description="Rebuild the embedded demo.",
+                             prog="python -m echoes.demo build"))
     elif argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
     else:

@@ -473,7 +473,8 @@ class Settings:
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description="Write example pairs of the 'shapes and tones' "
-                       "demo data set: PNG images, WAV clips and labels.csv.")
+                       "demo data set: PNG images, WAV clips and labels.csv.",
+                       prog="python -m echoes.shapes")
     if s.n < 1 or s.start < 0:
         raise UserError(f"--n must be at least 1 and --start at least 0 (got {s.n}, {s.start})")
     if os.path.exists(s.out) and not os.path.isdir(s.out):

@@ -48,3 +48,37 @@ def test_a_bad_option_value_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "argument --steps: invalid int value: '3.5'" in err[0] and "--help" in err[0]
+
+
+def test_without_hard_links_a_new_file_still_never_replaces_one(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # FAT, some network mounts
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_atomic(tmp_path / "a.bin", lambda f: f.write(b"first"), replace=False)
+    with pytest.raises(FileExistsError):
+        write_atomic(tmp_path / "a.bin", lambda f: f.write(b"second"), replace=False)
+    assert (tmp_path / "a.bin").read_bytes() == b"first"
+
+    def no_rename(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="Input/output"):
+        write_atomic(tmp_path / "b.bin", lambda f: f.write(b"x"), replace=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no empty claim left
+
+
+def test_a_file_system_without_modes_still_gets_the_file(tmp_path, monkeypatch):
+    def no_modes(path, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", no_modes)
+    write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    assert (tmp_path / "a.bin").read_bytes() == b"x"
+
+
+def test_errors_name_the_command_as_it_is_typed(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(Settings, ["--steps", "x"], prog="python -m echoes.data prepare")
+    assert "(see python -m echoes.data prepare --help)" in capsys.readouterr().err

@@ -286,6 +286,8 @@ def test_two_files_of_one_clip_are_one_line_errors(tmp_path):
     csv_file.write_text("xyz,30,dog,train\n")
     with pytest.raises(UserError, match="are both clip xyz_000030: keep one"):
         data.list_clips(dataclasses.replace(s, csv=str(csv_file)))
+    # a clip already in the shards is not prepared again: its files do not matter
+    assert data.list_clips(dataclasses.replace(s, csv=str(csv_file)), done={"xyz_000030"})
 
 
 def test_a_shard_sidecar_without_ids_is_one_user_error(tmp_path):

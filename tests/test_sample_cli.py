@@ -370,3 +370,11 @@ def test_a_failed_write_leaves_no_file_and_is_one_line(tmp_path, monkeypatch):
         cli.write_sample(tmp_path, "cat", {".wav": lambda p: cli.save_wav(torch.zeros(10), p,
                                                                            replace=False)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_that_keeps_every_mel_frame_loads(files):
+    from echoes.checkpoint import load_tokenizers
+    ckpt = {"tokenizers": {**RECIPE, "audio": {**RECIPE["audio"], "keep_frames": 0}}}
+    _, audio_tok = load_tokenizers(ckpt, "test", "cpu", files["image_vqgan"],
+                                   files["audio_vqgan"])
+    assert audio_tok.grid == (5, 2)
