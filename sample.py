@@ -37,7 +37,6 @@ and exit with code 2.
 import itertools
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,8 @@ import kernels
 from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
-from echoes.cli import UserError, load_checkpoint, parse_settings, run_cli, setting
+from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, run_cli,
+                        setting)
 from echoes.tokenizers import save_mel_png, save_png, save_wav
 
 
@@ -272,16 +272,6 @@ def write_sample(out, name, files):
             raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or "
                             "choose another --out") from e
         return paths
-
-
-def check_writable(out):
-    """Make the output folder and check that files can be written there, before sampling."""
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another "
-                        "folder") from e
 
 
 def main(argv=None):

@@ -33,7 +33,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from echoes import data
-from echoes.cli import (UserError, load_checkpoint, parse_settings, remove_temps, run_cli,
-                        save_atomic, setting)
+from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings,
+                        remove_temps, run_cli, save_atomic, setting)
 from echoes.model import Echoes, EchoesConfig
 from echoes.sampler import check_sampling_defaults
 
@@ -373,12 +372,7 @@ def check_settings(s, world):
             raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": 3.0}'") from e
         except ValueError as e:
             raise UserError(f"--sampling: {e}") from e
-    try:  # last: a run refused for another reason leaves no folder behind
-        os.makedirs(s.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=s.out).close()
-    except OSError as e:
-        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
-                        "folder") from e
+    check_writable(s.out)  # last: a run refused for another reason leaves no folder behind
     return config, micro, s.global_batch // (micro * world)
 
 

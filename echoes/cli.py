@@ -164,6 +164,17 @@ def write_atomic(path, write, replace=True):
             os.remove(tmp)
 
 
+def check_writable(folder, flag="--out"):
+    """Make `folder` and check that files can be written there, or a `UserError` naming `flag`:
+    before the work whose results would go there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose another "
+                        "folder") from e
+
+
 def remove_temps(folder):
     """Delete the temp files `write_atomic` leaves in `folder` when its process is killed
     mid-write. Call it only where no other writer can be at work in that folder."""

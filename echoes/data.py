@@ -35,7 +35,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections import deque
 from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import UserError, parse_settings, remove_temps, run_cli, setting, write_atomic
+from echoes.cli import (UserError, check_writable, parse_settings, remove_temps, run_cli, setting,
+                        write_atomic)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -576,12 +576,7 @@ def prepare(s):
         raise UserError("--frames, --image-size, --shard-size and --batch-size must be positive")
     if s.workers < 0 or s.limit < 0:
         raise UserError("--workers and --limit must be 0 or more (0: one per core / all clips)")
-    try:
-        os.makedirs(s.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=s.out).close()
-    except OSError as e:
-        raise UserError(f"--out {s.out}: cannot write there ({e.strerror or e}); choose another "
-                        "folder") from e
+    check_writable(s.out)
     device = "cuda" if s.device == "auto" and torch.cuda.is_available() else s.device
     if device == "auto":
         device = "cpu"
