@@ -359,8 +359,6 @@ def check_settings(s, world):
     if s.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {s.device!r}: use auto, cpu or cuda (under torchrun each "
                         "process takes cuda:LOCAL_RANK)")
-    if os.path.exists(s.out) and not os.path.isdir(s.out):
-        raise UserError(f"--out {s.out} is a file; give a folder")
     try:
         kernels.resolve(s.kernels)
     except (RuntimeError, ValueError) as e:

@@ -75,7 +75,8 @@ sys.path.insert(0, str(ROOT))
 
 from echoes import model as model_ref
 from echoes import sampler as sampler_ref
-from echoes.cli import UserError, parse_settings, run_cli, setting
+from echoes.cli import (UserError, check_at_least, check_out_file, parse_settings, run_cli, setting,
+                        write_text)
 
 OPS = ["gather_embed", "pad_decoder", "codebook_ce", "draw_tokens", "remask"]
 
@@ -675,6 +676,14 @@ def variants_of(op, case, s, gpu):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    check_at_least(s, {"batch": 1, "audio_len": 1, "image_len": 1, "audio_kept": 1,
+                       "image_kept": 1, "dim": 1, "codebook": 2, "warmup": 1, "rep": 1,
+                       "masked_ratio": 0, "tau": 0})
+    if s.audio_kept > s.audio_len or s.image_kept > s.image_len or s.masked_ratio > 1:
+        raise UserError("the encoder keeps at most every position (--audio-kept <= --audio-len, "
+                        "--image-kept <= --image-len) and --masked-ratio is at most 1")
+    if s.out:
+        check_out_file(s.out)
     for path in s.candidate:
         if not os.path.isfile(path):
             raise UserError(f"--candidate {path}: no such file; give a kernel file such as "
@@ -708,8 +717,7 @@ def main(argv=None):
 
     def save():  # after every op, so a run stopped part-way still leaves its table
         if s.out:
-            with open(s.out, "w") as f:
-                f.write(markdown(header, rows, time.perf_counter() - start) + "\n")
+            write_text(s.out, markdown(header, rows, time.perf_counter() - start) + "\n")
 
     for op in s.ops:
         case = make_case(op, s, device, act)

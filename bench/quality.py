@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from echoes import checkpoint, demo, sampler  # noqa: E402
-from echoes.cli import UserError, parse_settings, run_cli, setting  # noqa: E402
+from echoes.cli import (check_at_least, check_out_file, parse_settings, run_cli,  # noqa: E402
+                        setting, write_text)
 
 
 @dataclasses.dataclass
@@ -112,8 +113,9 @@ def table(rows, header):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
-    if min(s.n, s.n_ablation, s.n_joint) < 12:
-        raise UserError("--n, --n-ablation and --n-joint must be at least 12 (one per class)")
+    check_at_least(s, {"n": 12, "n_ablation": 12, "n_joint": 12, "threads": 0})  # 12 classes
+    if s.out:
+        check_out_file(s.out)
     if s.threads:
         torch.set_num_threads(s.threads)
     device = demo._device(s.device)
@@ -212,7 +214,8 @@ def main(argv=None):
     print()
     print(text)
     if s.out:
-        Path(s.out).write_text(text)
+        write_text(s.out, text)
+        print(f"wrote {s.out}")
 
 
 if __name__ == "__main__":

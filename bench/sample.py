@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
-from echoes.cli import parse_settings, run_cli, setting  # noqa: E402
+from echoes.cli import (check_at_least, check_out_file, parse_settings, run_cli,  # noqa: E402
+                        setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 from echoes.sampler import generate  # noqa: E402
 
@@ -124,6 +125,10 @@ def bench_preset(preset, device, autocast_dtype, s, table):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    check_at_least(s, {"steps": 1, "latency_batch": 1, "throughput_batch": 1, "repeats": 0,
+                       "threads": 0, "temperature": 0})
+    if s.out:
+        check_out_file(s.out)
     if s.threads:
         torch.set_num_threads(s.threads)
     table = []
@@ -140,8 +145,7 @@ def main(argv=None):
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     print("\n" + "\n".join(lines))
     if s.out:
-        with open(s.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text(s.out, "\n".join(lines) + "\n")
         print(f"wrote {s.out}")
 
 

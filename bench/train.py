@@ -33,7 +33,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from echoes.cli import UserError, parse_settings, run_cli, setting  # noqa: E402
+from echoes.cli import (UserError, check_at_least, check_out_file, parse_settings,  # noqa: E402
+                        run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 
 # train.py is a script at the repository root; loaded by path, as this file is bench/train.py
@@ -177,8 +178,9 @@ def table(results):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
-    if s.steps < 1 or s.warmup < 0:
-        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    check_at_least(s, {"steps": 1, "warmup": 0, "batch": 0, "max_batch": 1, "threads": 0})
+    if s.out:
+        check_out_file(s.out)
     if s.threads:
         torch.set_num_threads(s.threads)
     results, notes = [], []
@@ -197,7 +199,8 @@ def main(argv=None):
              " T; MFU against train.py's PEAK_TFLOPS (dense bf16)\n")
     print(text)
     if s.out:
-        Path(s.out).write_text(text)
+        write_text(s.out, text)
+        print(f"wrote {s.out}")
 
 
 def flops_per_sample(preset):

@@ -49,11 +49,12 @@ def load_model(ckpt, source):
 
 
 def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", vocoder="",
-                    trusted=False):
+                    trusted=False, flags=True):
     """(ImageTokenizer, AudioTokenizer): VQGAN weights from the given files (released taming /
     SpecVQGAN checkpoints, or files echoes wrote), else the ones embedded in the checkpoint;
     the recipe from the checkpoint's "tokenizers" entry, else the paper's; the vocoder a MelGAN
-    file, else Griffin-Lim."""
+    file, else Griffin-Lim. `flags`: the caller takes --image-vqgan / --audio-vqgan (named in
+    the error when the checkpoint carries no VQGAN)."""
     info = ckpt.get("tokenizers") or {}
     image_info, audio_info = (info.get(m) or {} if isinstance(info, dict) else None
                               for m in ("image", "audio"))
@@ -72,7 +73,9 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
             return load_vqgan(path, trusted, preset)
         if isinstance(entry.get("state_dict"), dict):
             return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
-        raise UserError(f"{source} carries no {what}: pass --{flag} PATH")
+        fix = (f"pass --{flag} PATH" if flags else
+               "give a bundle with its tokenizers inside, as `python -m echoes.demo build` makes")
+        raise UserError(f"{source} carries no {what}: {fix}")
 
     image_vq = vqgan("image-vqgan", image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(),
                      "image VQGAN")
@@ -135,6 +138,6 @@ def load_for_sampling(path=DEMO_BUNDLE, device="cpu", trusted=False, what="check
         raise UserError(f"{path} not found{hint}")
     ckpt = load_checkpoint(path, trusted=trusted, what=what)
     model = load_model(ckpt, str(path)).to(device)
-    image_tok, audio_tok = load_tokenizers(ckpt, str(path), device)
+    image_tok, audio_tok = load_tokenizers(ckpt, str(path), device, flags=False)
     check_fit(model, image_tok, audio_tok, str(path))
     return model, image_tok, audio_tok, ckpt

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 
@@ -102,6 +103,15 @@ def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def check_at_least(s, minimums):
+    """A `UserError` for the first setting of `s` below its minimum ({field: minimum}; NaN is
+    below every minimum)."""
+    for name, low in minimums.items():
+        value = getattr(s, name)
+        if not value >= low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
 # -----------------------------------------------------------------------------
 # checkpoint files
 
@@ -167,6 +177,8 @@ def write_atomic(path, write, replace=True):
 def check_writable(folder, flag="--out"):
     """Make `folder` and check that files can be written there, or a `UserError` naming `flag`:
     before the work whose results would go there."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is not a folder; give a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -175,12 +187,28 @@ def check_writable(folder, flag="--out"):
                         "folder") from e
 
 
+def check_out_file(path, flag="--out"):
+    """Check up front that a results file can be written at `path` (its folder is made)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def write_text(path, text):
+    """`text` to the file `path`, atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
 def remove_temps(folder):
     """Delete the temp files `write_atomic` leaves in `folder` when its process is killed
     mid-write. Call it only where no other writer can be at work in that folder."""
     for name in os.listdir(folder):
+        path = os.path.join(folder, name)
         if name.startswith(".tmp-"):
-            os.remove(os.path.join(folder, name))
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 def _read_umask():

@@ -39,6 +39,7 @@ step in 0.75-1.35 s at different hours, so the total moves by up to 10 min.
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +60,8 @@ from tqdm import tqdm
 
 from echoes import sampler, shapes
 from echoes.checkpoint import DEMO_BUNDLE, DEMO_EXAMPLES, load_model
-from echoes.cli import (UserError, load_checkpoint, parse_settings, run_cli, save_atomic, setting,
-                        write_atomic)
+from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint, parse_settings,
+                        remove_temps, run_cli, save_atomic, setting, write_atomic)
 from echoes.data import write_shards
 from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
                                mel_spectrogram, n_params, vqgan_from_checkpoint)
@@ -339,7 +341,9 @@ STAGES = ("data", "tokenizers", "shards", "model", "decoder", "tune", "bundle")
 def _device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(name)
 
@@ -359,8 +363,13 @@ def _save_npz(path, **arrays):
 
 def load_data(work):
     """The data stage's arrays: {train,val}_{labels,images,mels}."""
-    with np.load(_paths(work)["data"]) as z:
-        return {k: z[k] for k in z.files}
+    path = _paths(work)["data"]
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); redo the data stage: "
+                        "build --stages data --force") from e
 
 
 def stage_data(s, p):
@@ -752,7 +761,8 @@ def stage_tune(s, p, device):
                                                           "token_temperature")}
     for k in sampling:  # inpainting and continuation generate audio given an image, as i2a
         sampling[k].update({"inpaint": best["i2a"][k], "continue": best["i2a"][k]})
-    p["tune"].write_text(json.dumps({"sampling": sampling, "table": table}, indent=1))
+    text = json.dumps({"sampling": sampling, "table": table}, indent=1)
+    write_atomic(p["tune"], lambda f: f.write(text.encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -802,12 +812,14 @@ def stage_bundle(s, p):
                        "train_settings": {k: v for k, v in ckpt.get("settings", {}).items()
                                           if k not in ("data", "out")},  # no local paths
                        "train_metrics": ckpt.get("metrics", {}), "tune": tuned["table"]}}
-    save_atomic(bundle, p["bundle"])
-    os.chmod(p["bundle"], 0o644)  # a package file: readable by everyone
-    size = p["bundle"].stat().st_size
-    if size > MAX_BUNDLE_BYTES:
-        raise UserError(f"{p['bundle']} is {size / 2**20:.1f} MiB, over the 10 MB budget: "
+    data = io.BytesIO()
+    torch.save(bundle, data)
+    size = data.getbuffer().nbytes
+    if size > MAX_BUNDLE_BYTES:  # checked before the shipped bundle is replaced
+        raise UserError(f"the bundle would be {size / 2**20:.1f} MiB, over the 10 MB budget: "
                         "shrink the demo preset or the tokenizers")
+    write_atomic(p["bundle"], lambda f: f.write(data.getbuffer()))
+    os.chmod(p["bundle"], 0o644)  # a package file: readable by everyone
     write_examples(p["examples"])
     print(f"bundle: {p['bundle']} ({size / 2**20:.2f} MiB), examples in {p['examples']}")
 
@@ -815,7 +827,7 @@ def stage_bundle(s, p):
 STAGE_FILES = {  # stage: (its outputs, its inputs)
     "data": (["data"], []),
     "tokenizers": (["image_vqgan", "audio_vqgan"], ["data"]),
-    "shards": (["shards"], ["image_vqgan", "audio_vqgan"]),
+    "shards": (["shards"], ["data", "image_vqgan", "audio_vqgan"]),
     "model": (["ckpt"], ["shards"]),
     "decoder": (["image_decoder"], ["ckpt", "image_vqgan"]),
     "tune": (["tune"], ["ckpt", "image_decoder"]),
@@ -823,14 +835,26 @@ STAGE_FILES = {  # stage: (its outputs, its inputs)
 }
 
 
-def stage_done(stage, s, p):
-    """Whether a stage's outputs exist and are newer than its inputs (the build then skips it
-    unless --force); the model stage also needs --model-steps reached."""
+STAGE_RUNS = {"data": stage_data, "tokenizers": stage_tokenizers, "shards": stage_shards,
+              "model": stage_model, "decoder": stage_decoder, "tune": stage_tune,
+              "bundle": stage_bundle}
+
+
+def stale(stage, p):
+    """Whether a stage's outputs all exist but one of its inputs is newer: they were made from
+    inputs that have changed since, so the stage is redone from scratch."""
     outputs, inputs = STAGE_FILES[stage]
     if not all(p[k].exists() for k in outputs):
         return False
     oldest = min(p[k].stat().st_mtime for k in outputs)
-    if any(p[k].exists() and p[k].stat().st_mtime > oldest for k in inputs):
+    return any(p[k].exists() and p[k].stat().st_mtime > oldest for k in inputs)
+
+
+def stage_done(stage, s, p):
+    """Whether a stage's outputs exist and are newer than its inputs (the build then skips it
+    unless --force); the model stage also needs --model-steps reached."""
+    outputs, _ = STAGE_FILES[stage]
+    if not all(p[k].exists() for k in outputs) or stale(stage, p):
         return False
     if stage == "model":
         return load_checkpoint(p["ckpt"], what="demo model checkpoint")["step"] >= s.model_steps
@@ -843,11 +867,17 @@ def build(s):
     unknown = [x for x in s.stages if x not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    check_at_least(s, {"threads": 0, "n_train": 1, "n_val": 1, "image_tokenizer_steps": 1,
+                       "audio_tokenizer_steps": 1, "tokenizer_batch": 1, "tokenizer_lr": 0,
+                       "image_patch_mean": 0, "model_steps": 1, "model_batch": 1, "model_lr": 0,
+                       "decoder_steps": 0, "decoder_batch": 1, "decoder_sampled_fills": 0,
+                       "n_tune": 1})
     device = _device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
     p = _paths(s.work)
-    Path(s.work).mkdir(parents=True, exist_ok=True)
+    check_writable(s.work, "--work")
+    remove_temps(s.work)  # what a build killed mid-save left
     t_all = time.time()
     for stage in STAGES:
         if stage not in s.stages:
@@ -855,22 +885,17 @@ def build(s):
         if not s.force and stage_done(stage, s, p):
             print(f"== {stage}: done already (its output exists; --force redoes it)")
             continue
-        print(f"== {stage}", flush=True)
-        t0 = time.time()
-        if stage == "data":
-            stage_data(s, p)
-        elif stage == "tokenizers":
-            stage_tokenizers(s, p, device)
-        elif stage == "shards":
-            stage_shards(s, p, device)
-        elif stage == "model":
-            stage_model(s, p, device)
-        elif stage == "decoder":
-            stage_decoder(s, p, device)
-        elif stage == "tune":
-            stage_tune(s, p, device)
+        if stale(stage, p):  # outputs of old inputs: a resume would keep them
+            print(f"== {stage} (its inputs changed: redone)", flush=True)
+            s_stage = dataclasses.replace(s, force=True)
         else:
-            stage_bundle(s, p)
+            print(f"== {stage}", flush=True)
+            s_stage = s
+        t0 = time.time()
+        if stage in ("data", "bundle"):
+            STAGE_RUNS[stage](s_stage, p)
+        else:
+            STAGE_RUNS[stage](s_stage, p, device)
         print(f"== {stage}: {(time.time() - t0) / 60:.1f} min", flush=True)
     print(f"build finished in {(time.time() - t_all) / 60:.1f} min")
 
@@ -898,6 +923,7 @@ class TokenizerSettings:
 def tokenizer_main(argv):
     t = parse_settings(TokenizerSettings, argv, description="Train one demo tokenizer.",
                        prog="python -m echoes.demo tokenizer")
+    check_at_least(t, {"steps": 1, "batch_size": 1, "lr": 0, "patch_mean": 0})
     if not _paths(t.work)["data"].exists():
         raise UserError(f"{t.work} has no data.npz: run `python -m echoes.demo build` "
                         "(its data stage comes first)")

@@ -35,7 +35,7 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
-from echoes.cli import UserError, parse_settings, run_cli, setting
+from echoes.cli import UserError, check_at_least, check_writable, parse_settings, run_cli, setting
 
 # -----------------------------------------------------------------------------
 # the classes
@@ -475,10 +475,10 @@ def main(argv=None):
     s = parse_settings(Settings, argv, description="Write example pairs of the 'shapes and tones' "
                        "demo data set: PNG images, WAV clips and labels.csv.",
                        prog="python -m echoes.shapes")
-    if s.n < 1 or s.start < 0:
-        raise UserError(f"--n must be at least 1 and --start at least 0 (got {s.n}, {s.start})")
-    if os.path.exists(s.out) and not os.path.isdir(s.out):
-        raise UserError(f"--out {s.out} exists and is not a folder; pick another path")
+    check_at_least(s, {"n": 1, "start": 0, "seed": 0})
+    if not s.out:
+        raise UserError("--out is empty; give a folder")
+    check_writable(s.out)
     path = write_files(s.out, s.n, s.seed, s.start, progress=s.n >= 100)
     print(f"wrote {s.n} pairs and {path}")
 

@@ -4,6 +4,9 @@ covered by tests/test_shapes.py. CPU only, well under a minute."""
 
 import dataclasses
 import importlib.util
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +273,42 @@ def test_tune_candidates_and_the_pick():
     a, b, c = (dict(steps=n, temperature=2.0, token_temperature=0.5) for n in (12, 8, 20))
     assert demo.best_setting([(0.75, 0.75, a), (0.75, 0.80, c), (0.70, 0.9, b)]) is c
     assert demo.best_setting([(0.75, 0.75, a), (0.75, 0.75, b), (0.75, 0.75, c)]) is b
+
+
+def test_a_stage_whose_inputs_changed_is_redone_from_scratch(tmp_path, monkeypatch, capsys):
+    p = demo._paths(tmp_path)
+    for key in ("data", "image_vqgan", "audio_vqgan"):
+        p[key].write_bytes(b"x")
+    os.utime(p["data"], (time.time() + 10, time.time() + 10))  # the data changed afterwards
+    calls = []
+    monkeypatch.setattr(demo, "STAGE_RUNS", {**demo.STAGE_RUNS, "tokenizers": lambda s, p, d:
+                                             calls.append(s.force)})
+    demo.build(demo.BuildSettings(work=str(tmp_path), stages=["tokenizers"], device="cpu"))
+    assert calls == [True] and "its inputs changed: redone" in capsys.readouterr().out
+    assert demo.stale("shards", p) is False  # no shards yet: not stale, just not made
+    p["shards"].mkdir()
+    os.utime(p["shards"], (0, 0))
+    assert demo.stale("shards", p)  # older than the data it was made from
+
+
+def test_an_over_budget_bundle_leaves_the_old_one(tmp_path, monkeypatch):
+    p = {**demo._paths(tmp_path), "bundle": tmp_path / "demo.pt"}  # never the package's
+    p["bundle"].write_bytes(b"the shipped bundle")
+    monkeypatch.setattr(demo, "MAX_BUNDLE_BYTES", 10)
+    ckpt = {"model": {"w": torch.zeros(4)}, "config": {}, "step": 1}
+    monkeypatch.setattr(demo, "load_checkpoint",
+                        lambda path, what="": ckpt if "model" in what else
+                        {"config": {}, "state_dict": {"w": torch.zeros(4)}})
+    p["tune"].write_text(json.dumps({"sampling": {}, "table": []}))
+    with pytest.raises(demo.UserError, match="over the 10 MB budget"):
+        demo.stage_bundle(demo.BuildSettings(work=str(tmp_path)), p)
+    assert p["bundle"].read_bytes() == b"the shipped bundle"
+
+
+def test_build_options_are_checked_first(tmp_path):
+    with pytest.raises(demo.UserError, match="--n-train must be at least 1, got 0"):
+        demo.build(demo.BuildSettings(work=str(tmp_path / "w"), n_train=0))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(demo.UserError, match="--work .*file is not a folder"):
+        demo.build(demo.BuildSettings(work=str(tmp_path / "file")))
+    assert not (tmp_path / "w").exists()

@@ -185,7 +185,7 @@ def test_sigterm_saves_and_exits(shards, tmp_path):
     ("beta", "--beta1 must be in [0, 1), got 1.5"),
     ("floor above peak", "--min-lr-ratio must be in [0, 1], got 5.0"),
     ("device", "--device 'tpu': use auto, cpu or cuda"),
-    ("out is a file", "is a file; give a folder"),
+    ("out is a file", "is not a folder; give a folder"),
     ("checkpoint that does not fit", "does not fit this run (RuntimeError"),
     ("ids past the codebook", "hold image id 40, the model's codebook has 32 codes"),
 ])
