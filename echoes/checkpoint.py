@@ -15,8 +15,8 @@ from pathlib import Path
 from echoes import sampler
 from echoes.cli import UserError, load_checkpoint
 from echoes.model import Echoes, EchoesConfig
-from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, load_melgan,
-                               load_state_strict, load_vqgan, vqgan_from_checkpoint)
+from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
+                               load_melgan, load_state_strict, load_vqgan, vqgan_from_checkpoint)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUNDLE = ASSETS / "demo.pt"  # the embedded demo: model + tokenizers + tuned settings
@@ -81,6 +81,8 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
                      "image VQGAN")
     audio_vq = vqgan("audio-vqgan", audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
                      "audio VQGAN")
+    check_modality(image_vq, "image", image_vqgan or f"the image VQGAN in {source}")
+    check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}")
     melgan = load_melgan(vocoder, trusted=trusted).to(device) if vocoder else None
     image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
     recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")

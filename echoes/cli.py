@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -116,15 +117,50 @@ def check_at_least(s, minimums):
 # checkpoint files
 
 
+# training libraries whose bookkeeping objects ride along in released checkpoints (Lightning's
+# "callbacks" dict is keyed by its callback classes; hyper-parameters may be OmegaConf objects):
+# they are loaded as inert stand-ins, so neither the library nor full unpickling is needed
+BOOKKEEPING = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
+
+
+class Bookkeeping:
+    """An inert stand-in for a class of a training library's bookkeeping (see BOOKKEEPING): it
+    keeps whatever the pickle gives it and runs no code."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _load_weights_only(path):
+    """torch.load(weights_only=True), with stand-ins for the bookkeeping classes it meets."""
+    stand_ins = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            name = found.group(1) if found else ""
+            if name.split(".")[0] not in BOOKKEEPING or len(stand_ins) >= 64:
+                raise
+            module, _, cls = name.rpartition(".")  # the name the pickle looks it up by
+            stand_ins.append(type(cls, (Bookkeeping,), {"__module__": module,
+                                                         "__qualname__": cls}))
+
+
 def load_checkpoint(path, trusted=False, what="checkpoint"):
-    """torch.load with safe defaults: `weights_only=True`, and a one-line `UserError` for a file
+    """torch.load with safe defaults: `weights_only=True` (training libraries' bookkeeping
+    objects come back as inert `Bookkeeping` stand-ins), and a one-line `UserError` for a file
     that is missing, corrupt, or needs full unpickling (allowed only with `trusted=True`, which
     the scripts expose as `--trust-checkpoints`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path} (check the path)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_weights_only(path)
     except pickle.UnpicklingError as e:
         # torch's safe unpickler names the class it refuses ("Unsupported global"); any other
         # unpickling error ("Unsupported operand", "invalid load key") means the bytes are no

@@ -527,7 +527,8 @@ def list_clips(s, done=frozenset()):
 
 
 def _make_tokenizers(s, device):
-    from echoes.tokenizers import AudioTokenizer, ImageTokenizer, VQGANConfig, load_vqgan
+    from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
+                                   load_vqgan)
     for flag, path in (("--image-vqgan", s.image_vqgan), ("--audio-vqgan", s.audio_vqgan)):
         if not path:
             raise UserError(f"give {flag} (see --help for the released checkpoints)")
@@ -535,6 +536,8 @@ def _make_tokenizers(s, device):
                           VQGANConfig.imagenet_f16_1024()).to(device)
     audio_vq = load_vqgan(s.audio_vqgan, s.trust_checkpoints,
                           VQGANConfig.vggsound_codebook()).to(device)
+    check_modality(image_vq, "image", s.image_vqgan)
+    check_modality(audio_vq, "audio", s.audio_vqgan)
     n_samples = round(s.clip_seconds * s.sample_rate)
     try:
         audio_tok = AudioTokenizer(audio_vq, n_samples=n_samples, n_frames=s.mel_frames,

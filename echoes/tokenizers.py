@@ -356,6 +356,9 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         names = {f.name for f in dataclasses.fields(VQGANConfig)}
         unknown = sorted(set(obj["config"]) - names)
+        if "audio_len" in unknown and "model" in obj:
+            raise UserError(f"{source} is an echoes model checkpoint, not a VQGAN: pass it as "
+                            "--ckpt")
         if unknown:
             raise UserError(f"{source}: its VQGAN config has unknown fields "
                             f"({', '.join(unknown[:4])}); use the echoes version that wrote it")
@@ -692,13 +695,24 @@ def resample(wav, orig_sr, new_sr, zeros=64, rolloff=0.95, beta=8.6):
     return y.to(wav.dtype).reshape(*shape, n_out)
 
 
-def load_audio(path, sample_rate=SAMPLE_RATE):
-    """Any file soundfile reads -> (T,) float32 mono at `sample_rate` (channels averaged)."""
+MIN_SAMPLE_RATE = 1000  # below it a file holds no sound worth the name (and resampling explodes)
+
+
+def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
+    """Any file soundfile reads -> (T,) float32 mono at `sample_rate` (channels averaged); with
+    `seconds`, only that much of the file's start (and 0.1 s more, so that resampling the cut
+    end matches resampling the whole file there) is read."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"audio file not found: {path}")
     try:
-        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # (T, channels)
+        with soundfile.SoundFile(path) as f:
+            sr = f.samplerate
+            if sr < MIN_SAMPLE_RATE:
+                raise UserError(f"audio {path} claims a sample rate of {sr} Hz; re-export it "
+                                f"at {sample_rate} Hz")
+            frames = -1 if seconds is None else math.ceil((seconds + 0.1) * sr)
+            data = f.read(frames, dtype="float32", always_2d=True)  # (T, channels)
     except (RuntimeError, TypeError, ValueError) as e:  # soundfile's errors are RuntimeErrors
         raise UserError(f"cannot read audio {path} ({str(e).splitlines()[0][:100]}); "
                         "convert it to WAV or FLAC, e.g. with ffmpeg") from e
@@ -730,15 +744,22 @@ def load_image(path_or_image, resolution):
             raise UserError(f"image file not found: {path}")
         try:
             with Image.open(path) as f:
-                image = ImageOps.exif_transpose(f).convert("RGB")
+                try:
+                    image = ImageOps.exif_transpose(f)
+                except Exception:  # a broken EXIF block: keep the pixels as stored
+                    image = f.copy()
+                image = to_8bit(image).convert("RGB")
         except Image.DecompressionBombError as e:
             raise UserError(f"image {path} is too large to open safely ({e}); scale it "
                             "down first") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {path} ({type(e).__name__}); "
                             "use a PNG or JPEG file") from e
-    image = image.convert("RGB")
+    image = to_8bit(image).convert("RGB")
     w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one
+        name = os.fspath(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else ""
+        raise UserError(f"image {name} is {w} x {h}, wider than {MAX_ASPECT}:1; crop it first")
     s = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))),
                          Image.BICUBIC)
@@ -747,6 +768,22 @@ def load_image(path_or_image, resolution):
     image = image.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())  # (R, R, 3)
     return x.permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
+
+
+MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a square anyway)
+
+
+def to_8bit(image):
+    """A PIL image of 16-bit or float grey levels (modes I;16*, I, F) -> mode L, scaled rather
+    than clipped as convert() would: 16-bit to 0..255, floats of [0, 1] too. Others as they are."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    x = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and x.max() > 255):
+        x = x / 257  # 65535 -> 255
+    elif image.mode == "F" and x.max() <= 1:
+        x = x * 255
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8), "L")
 
 
 def to_pil(x):
@@ -783,6 +820,17 @@ def save_png(image, path, replace=True):
 
 def _device(module):
     return next(module.parameters()).device
+
+
+def check_modality(vqgan, modality, source):
+    """A `UserError` when a VQGAN is of the other modality: 3 input channels for images (RGB),
+    1 for audio (a mel spectrogram); e.g. the two --...-vqgan files swapped."""
+    want = 3 if modality == "image" else 1
+    if vqgan.config.in_channels != want:
+        other = "audio" if modality == "image" else "image"
+        raise UserError(f"{source} takes {vqgan.config.in_channels}-channel input, an {modality} "
+                        f"VQGAN takes {want}: it looks like the {other} VQGAN (swap --image-vqgan "
+                        "and --audio-vqgan?)")
 
 
 class ImageTokenizer:
@@ -860,7 +908,8 @@ class AudioTokenizer:
 
     def encode_files(self, paths):
         """Audio files (any rate and channel count soundfile reads) -> (B, h*w) ids."""
-        return self.encode_waveforms([load_audio(p, self.sample_rate) for p in paths])
+        seconds = self.n_samples / self.sample_rate  # the clip length: the rest is cut anyway
+        return self.encode_waveforms([load_audio(p, self.sample_rate, seconds) for p in paths])
 
     @torch.no_grad()
     def decode_to_mel(self, ids):

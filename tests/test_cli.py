@@ -82,3 +82,43 @@ def test_errors_name_the_command_as_it_is_typed(capsys):
     with pytest.raises(SystemExit):
         parse_settings(Settings, ["--steps", "x"], prog="python -m echoes.data prepare")
     assert "(see python -m echoes.data prepare --help)" in capsys.readouterr().err
+
+
+def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
+    """A released Lightning checkpoint keys its "callbacks" by callback classes: it loads, safely,
+    with no pytorch_lightning installed (the classes come back as inert stand-ins)."""
+    import sys
+    import types
+
+    import torch
+
+    from echoes.cli import Bookkeeping, UserError, load_checkpoint
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor = "val/rec_loss"
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else
+                            types.ModuleType(name))
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3, "hparams": ModelCheckpoint(),
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}}}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
+
+    ckpt = load_checkpoint(path)
+    assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2)) and ckpt["epoch"] == 3
+    (key,) = ckpt["callbacks"]
+    assert issubclass(key, Bookkeeping) and key.__name__ == "ModelCheckpoint"
+    assert ckpt["hparams"].state == {"monitor": "val/rec_loss"}
+    other = tmp_path / "other.ckpt"  # any other class still needs --trust-checkpoints
+    monkeypatch.setitem(sys.modules, "my_lab", module)
+    ModelCheckpoint.__module__ = "my_lab"
+    torch.save({"obj": ModelCheckpoint()}, other)
+    with pytest.raises(UserError, match="pass --trust-checkpoints"):
+        load_checkpoint(other)

@@ -378,3 +378,15 @@ def test_a_recipe_that_keeps_every_mel_frame_loads(files):
     _, audio_tok = load_tokenizers(ckpt, "test", "cpu", files["image_vqgan"],
                                    files["audio_vqgan"])
     assert audio_tok.grid == (5, 2)
+
+
+@pytest.mark.parametrize("image_vqgan, audio_vqgan, message", [
+    ("audio_vqgan", "image_vqgan", "swap --image-vqgan and --audio-vqgan"),
+    ("ckpt", "audio_vqgan", "is an echoes model checkpoint, not a VQGAN: pass it as --ckpt"),
+])
+def test_tokenizer_files_of_the_wrong_kind_are_one_line(files, tmp_path, capsys, image_vqgan,
+                                                        audio_vqgan, message):
+    code, out, err = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path,
+                                     "--ckpt", files["ckpt"], "--image-vqgan", files[image_vqgan],
+                                     "--audio-vqgan", files[audio_vqgan]], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err

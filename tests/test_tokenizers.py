@@ -410,3 +410,41 @@ def test_unreadable_files_fail_with_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_image(tmp_path / "absent.png", 16)
     assert "not found" in one_line(e)
+
+
+def test_images_of_16_bit_and_float_grey_levels_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((20, 20), 0.5, np.float32), "F").save(tmp_path / "grey.tiff")
+    for name in ("grey16.png", "grey.tiff"):
+        x = load_image(tmp_path / name, 16)
+        assert abs(float(x.mean())) < 0.01, name  # mid-grey, not white or black
+
+
+def test_unusable_images_and_audio_are_one_line(tmp_path, monkeypatch):
+    from PIL import Image, ImageOps
+
+    from echoes.cli import UserError
+    Image.new("RGB", (2000, 1)).save(tmp_path / "thin.png")
+    with pytest.raises(UserError, match="thin.png is 2000 x 1, wider than 20:1"):
+        load_image(tmp_path / "thin.png", 16)
+    soundfile.write(tmp_path / "slow.wav", np.zeros(100, np.float32), 8)
+    with pytest.raises(UserError, match="sample rate of 8 Hz"):
+        load_audio(tmp_path / "slow.wav")
+
+    def broken_exif(image):
+        raise TypeError("bad operand type for abs()")  # what a corrupt EXIF block gives
+
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "red.jpg")
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken_exif)
+    assert load_image(tmp_path / "red.jpg", 16)[0].mean() > 0.9  # the pixels as stored
+
+
+def test_reading_only_the_clip_gives_the_clip_of_the_whole_file(tmp_path):
+    t = np.arange(44100 * 3) / 44100
+    soundfile.write(tmp_path / "long.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+                    44100)
+    whole = load_audio(tmp_path / "long.wav", 22050)
+    start = load_audio(tmp_path / "long.wav", 22050, seconds=1.0)
+    assert len(start) < len(whole)
+    torch.testing.assert_close(start[:22050], whole[:22050], atol=0, rtol=0)
