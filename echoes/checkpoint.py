@@ -81,8 +81,8 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
                      "image VQGAN")
     audio_vq = vqgan("audio-vqgan", audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
                      "audio VQGAN")
-    check_modality(image_vq, "image", image_vqgan or f"the image VQGAN in {source}")
-    check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}")
+    check_modality(image_vq, "image", image_vqgan or f"the image VQGAN in {source}", flags)
+    check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}", flags)
     melgan = load_melgan(vocoder, trusted=trusted).to(device) if vocoder else None
     image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
     recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")

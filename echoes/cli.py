@@ -15,7 +15,6 @@ import dataclasses
 import os
 import pickle
 import re
-import shutil
 import sys
 import tempfile
 
@@ -118,9 +117,11 @@ def check_at_least(s, minimums):
 
 
 # training libraries whose bookkeeping objects ride along in released checkpoints (Lightning's
-# "callbacks" dict is keyed by its callback classes; hyper-parameters may be OmegaConf objects):
-# they are loaded as inert stand-ins, so neither the library nor full unpickling is needed
+# "callbacks" dict is keyed by its callback classes; hyper-parameters may be OmegaConf objects,
+# which also name typing and builtins types): they are loaded as inert stand-ins, so neither the
+# library nor full unpickling is needed
 BOOKKEEPING = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf")
+BOOKKEEPING_TYPES = ("typing", "builtins")  # stood in for only beside a BOOKKEEPING name
 
 
 class Bookkeeping:
@@ -134,21 +135,40 @@ class Bookkeeping:
         self.state = state
 
 
+def _all_bookkeeping(names):
+    """Whether the globals a checkpoint needs beyond torch's safe ones are all bookkeeping."""
+    roots = {name.split(".")[0] for name in names}
+    return bool(roots & set(BOOKKEEPING)) and roots <= set(BOOKKEEPING + BOOKKEEPING_TYPES)
+
+
+def _stand_in(name):
+    module, _, cls = name.rpartition(".")  # the name the pickle looks it up by
+    return type(cls, (Bookkeeping,), {"__module__": module, "__qualname__": cls})
+
+
 def _load_weights_only(path):
-    """torch.load(weights_only=True), with stand-ins for the bookkeeping classes it meets."""
-    stand_ins = []
+    """torch.load(weights_only=True), with stand-ins for the globals it needs when they are all
+    bookkeeping (found at once where torch can list them, else one refusal at a time)."""
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # torch < 2.5, or not a zip checkpoint
+        names = set()
     while True:
+        stand_ins = [_stand_in(n) for n in sorted(names)] if _all_bookkeeping(names) else []
         try:
-            with torch.serialization.safe_globals(stand_ins):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            if hasattr(torch.serialization, "safe_globals"):
+                with torch.serialization.safe_globals(stand_ins):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            torch.serialization.add_safe_globals(stand_ins)  # torch 2.4: process-wide
+            return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             name = found.group(1) if found else ""
-            if name.split(".")[0] not in BOOKKEEPING or len(stand_ins) >= 64:
+            if not name or name in names or len(names) >= 64:
                 raise
-            module, _, cls = name.rpartition(".")  # the name the pickle looks it up by
-            stand_ins.append(type(cls, (Bookkeeping,), {"__module__": module,
-                                                         "__qualname__": cls}))
+            names.add(name)
+            if not _all_bookkeeping(names):
+                raise
 
 
 def load_checkpoint(path, trusted=False, what="checkpoint"):
@@ -240,11 +260,8 @@ def remove_temps(folder):
     mid-write. Call it only where no other writer can be at work in that folder."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-"):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
 
 
 def _read_umask():

@@ -43,6 +43,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,9 +342,9 @@ STAGES = ("data", "tokenizers", "shards", "model", "decoder", "tune", "bundle")
 def _device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device(name)
 
@@ -841,13 +842,12 @@ STAGE_RUNS = {"data": stage_data, "tokenizers": stage_tokenizers, "shards": stag
 
 
 def stale(stage, p):
-    """Whether a stage's outputs all exist but one of its inputs is newer: they were made from
-    inputs that have changed since, so the stage is redone from scratch."""
+    """Whether one of a stage's outputs is older than one of its inputs: it was made from inputs
+    that have changed since, so the stage is redone from scratch (all of its outputs)."""
     outputs, inputs = STAGE_FILES[stage]
-    if not all(p[k].exists() for k in outputs):
-        return False
-    oldest = min(p[k].stat().st_mtime for k in outputs)
-    return any(p[k].exists() and p[k].stat().st_mtime > oldest for k in inputs)
+    made = [p[k].stat().st_mtime for k in outputs if p[k].exists()]
+    return bool(made) and any(p[k].exists() and p[k].stat().st_mtime > min(made)
+                              for k in inputs)
 
 
 def stage_done(stage, s, p):

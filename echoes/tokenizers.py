@@ -758,8 +758,9 @@ def load_image(path_or_image, resolution):
     image = to_8bit(image).convert("RGB")
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one
-        name = os.fspath(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else ""
-        raise UserError(f"image {name} is {w} x {h}, wider than {MAX_ASPECT}:1; crop it first")
+        name = (f"image {os.fspath(path_or_image)}" if isinstance(path_or_image, (str, os.PathLike))
+                else "the image")
+        raise UserError(f"{name} is {w} x {h}, wider than {MAX_ASPECT}:1; crop it first")
     s = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))),
                          Image.BICUBIC)
@@ -775,11 +776,12 @@ MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a 
 
 def to_8bit(image):
     """A PIL image of 16-bit or float grey levels (modes I;16*, I, F) -> mode L, scaled rather
-    than clipped as convert() would: 16-bit to 0..255, floats of [0, 1] too. Others as they are."""
+    than clipped as convert() would: levels above 255 as 16-bit ones, floats of [0, 1] to
+    0..255. Other modes as they are."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     x = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and x.max() > 255):
+    if image.mode.startswith("I") and x.max() > 255:  # 16-bit levels (8-bit ones stay as they are)
         x = x / 257  # 65535 -> 255
     elif image.mode == "F" and x.max() <= 1:
         x = x * 255
@@ -822,15 +824,16 @@ def _device(module):
     return next(module.parameters()).device
 
 
-def check_modality(vqgan, modality, source):
+def check_modality(vqgan, modality, source, flags=True):
     """A `UserError` when a VQGAN is of the other modality: 3 input channels for images (RGB),
-    1 for audio (a mel spectrogram); e.g. the two --...-vqgan files swapped."""
+    1 for audio (a mel spectrogram); e.g. the two --...-vqgan files swapped (`flags`: the caller
+    takes those options)."""
     want = 3 if modality == "image" else 1
     if vqgan.config.in_channels != want:
         other = "audio" if modality == "image" else "image"
+        hint = " (swap --image-vqgan and --audio-vqgan?)" if flags else ""
         raise UserError(f"{source} takes {vqgan.config.in_channels}-channel input, an {modality} "
-                        f"VQGAN takes {want}: it looks like the {other} VQGAN (swap --image-vqgan "
-                        "and --audio-vqgan?)")
+                        f"VQGAN takes {want}: it looks like the {other} VQGAN{hint}")
 
 
 class ImageTokenizer:

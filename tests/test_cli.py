@@ -89,6 +89,7 @@ def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
     with no pytorch_lightning installed (the classes come back as inert stand-ins)."""
     import sys
     import types
+    import typing
 
     import torch
 
@@ -116,6 +117,25 @@ def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
     (key,) = ckpt["callbacks"]
     assert issubclass(key, Bookkeeping) and key.__name__ == "ModelCheckpoint"
     assert ckpt["hparams"].state == {"monitor": "val/rec_loss"}
+    omega = types.ModuleType("omegaconf.dictconfig")  # hyper-parameters as OmegaConf keeps them
+
+    class DictConfig:
+        def __init__(self):
+            self.content, self.key_type, self.element_type = {"embed_dim": 256}, typing.Any, dict
+
+    DictConfig.__module__, DictConfig.__qualname__ = omega.__name__, "DictConfig"
+    omega.DictConfig = DictConfig
+    for name in ("omegaconf", omega.__name__):
+        monkeypatch.setitem(sys.modules, name, omega if name == omega.__name__ else
+                            types.ModuleType(name))
+    torch.save({"state_dict": {}, "hyper_parameters": DictConfig()}, tmp_path / "omega.ckpt")
+    for name in ("omegaconf", omega.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    state = load_checkpoint(tmp_path / "omega.ckpt")["hyper_parameters"].state
+    assert state["content"] == {"embed_dim": 256} and issubclass(state["key_type"], Bookkeeping)
+    for attr in ("safe_globals", "get_unsafe_globals_in_checkpoint"):  # as torch 2.4 has it
+        monkeypatch.delattr(torch.serialization, attr)
+    assert load_checkpoint(path)["epoch"] == 3
     other = tmp_path / "other.ckpt"  # any other class still needs --trust-checkpoints
     monkeypatch.setitem(sys.modules, "my_lab", module)
     ModelCheckpoint.__module__ = "my_lab"

@@ -285,6 +285,8 @@ def test_a_stage_whose_inputs_changed_is_redone_from_scratch(tmp_path, monkeypat
                                              calls.append(s.force)})
     demo.build(demo.BuildSettings(work=str(tmp_path), stages=["tokenizers"], device="cpu"))
     assert calls == [True] and "its inputs changed: redone" in capsys.readouterr().out
+    p["audio_vqgan"].unlink()  # half-finished: the image tokenizer left is still out of date
+    assert demo.stale("tokenizers", p)
     assert demo.stale("shards", p) is False  # no shards yet: not stale, just not made
     p["shards"].mkdir()
     os.utime(p["shards"], (0, 0))
@@ -312,3 +314,8 @@ def test_build_options_are_checked_first(tmp_path):
     with pytest.raises(demo.UserError, match="--work .*file is not a folder"):
         demo.build(demo.BuildSettings(work=str(tmp_path / "file")))
     assert not (tmp_path / "w").exists()
+    with pytest.raises(demo.UserError, match="use auto, cpu, cuda or cuda:N"):
+        demo._device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(demo.UserError, match="no CUDA GPU is visible"):
+            demo._device("cuda:1")  # a GPU's index is a device name
