@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from echoes import data
-from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings,
-                        remove_temps, run_cli, save_atomic, setting)
+from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint,
+                        parse_settings, remove_temps, run_cli, save_atomic, setting)
 from echoes.model import Echoes, EchoesConfig
 from echoes.sampler import check_sampling_defaults
 
@@ -341,15 +341,11 @@ def check_settings(s, world):
     if s.global_batch < 1 or micro < 1 or s.global_batch % (micro * world):
         raise UserError(f"impossible batch split: --global-batch {s.global_batch} is not a "
                         f"multiple of --micro-batch {micro} x {world} processes")
-    limits = {"log_every": (1, None), "save_every": (1, None), "eval_every": (0, None),
-              "eval_samples": (0, None), "max_steps": (0, None), "run_steps": (0, None),
-              "warmup_steps": (-1, None), "lr": (0, None), "weight_decay": (0, None),
-              "grad_clip": (0, None), "min_lr_ratio": (0, 1)}
-    for name, (lo, hi) in limits.items():
-        value = getattr(s, name)
-        if not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
-            where = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise UserError(f"--{name.replace('_', '-')} must be {where}, got {value}")
+    check_at_least(s, {"log_every": 1, "save_every": 1, "eval_every": 0, "eval_samples": 0,
+                       "max_steps": 0, "run_steps": 0, "warmup_steps": -1, "lr": 0,
+                       "weight_decay": 0, "grad_clip": 0})
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise UserError(f"--min-lr-ratio must be in [0, 1], got {s.min_lr_ratio}")
     for name in ("base_lr", "epochs"):
         if not getattr(s, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be above 0, got {getattr(s, name)}")

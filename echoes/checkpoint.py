@@ -22,8 +22,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUNDLE = ASSETS / "demo.pt"  # the embedded demo: model + tokenizers + tuned settings
 DEMO_EXAMPLES = ASSETS / "examples"  # its example inputs, for runs that name none
 
+AUDIO_RECIPE_KEYS = ("n_samples", "n_frames", "keep_frames", "sample_rate")
 # paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
-RECIPE_KEYS = ("resolution", "n_samples", "n_frames", "keep_frames", "sample_rate")
 PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
                   "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
 
@@ -58,12 +58,12 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
     info = ckpt.get("tokenizers") or {}
     image_info, audio_info = (info.get(m) or {} if isinstance(info, dict) else None
                               for m in ("image", "audio"))
-    recipe = {k: v for part in (image_info, audio_info) if isinstance(part, dict)
-              for k, v in part.items() if k in RECIPE_KEYS}
+    given = {k: v for part in (image_info, audio_info) if isinstance(part, dict)
+             for k, v in part.items() if k in ("resolution",) + AUDIO_RECIPE_KEYS}
     least = {"keep_frames": 0}  # 0: keep every frame; the others count something
     if not (isinstance(image_info, dict) and isinstance(audio_info, dict)) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= least.get(k, 1)
-            for k, v in recipe.items()):
+            for k, v in given.items()):
         raise UserError(f"{source}: its 'tokenizers' entry is not {{image: {{resolution}}, "
                         "audio: {n_samples, n_frames, keep_frames, sample_rate}} of positive "
                         "integers (keep_frames 0: all); re-create the checkpoint")
@@ -85,8 +85,7 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
     check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}", flags)
     melgan = load_melgan(vocoder, trusted=trusted).to(device) if vocoder else None
     image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
-    recipe = {k: audio_info[k] for k in ("n_samples", "n_frames", "keep_frames", "sample_rate")
-              if k in audio_info}
+    recipe = {k: audio_info[k] for k in AUDIO_RECIPE_KEYS if k in audio_info}
     try:
         audio_tok = AudioTokenizer(audio_vq.to(device), melgan, **recipe)
     except ValueError as e:

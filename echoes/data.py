@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from echoes.cli import (UserError, check_writable, parse_settings, remove_temps, run_cli, setting,
-                        write_atomic)
+                        write_atomic, write_text)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -54,7 +54,7 @@ VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", "
 
 
 def _write_json(path, obj):
-    write_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
+    write_text(path, json.dumps(obj))
 
 
 def read_index(root, required=True):
@@ -606,7 +606,7 @@ def prepare(s):
 
     def write_skipped():
         text = "".join(f"{c}\t{why}\t{p}\n" for c, why, p in skipped)
-        write_atomic(os.path.join(s.out, SKIPPED), lambda f: f.write(text.encode()))
+        write_text(os.path.join(s.out, SKIPPED), text)
 
     buffers = {}  # split -> [image ids (F, Lv), audio ids (La,), clip id, label]
     written = 0

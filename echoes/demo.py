@@ -62,7 +62,7 @@ from tqdm import tqdm
 from echoes import sampler, shapes
 from echoes.checkpoint import DEMO_BUNDLE, DEMO_EXAMPLES, load_model
 from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint, parse_settings,
-                        remove_temps, run_cli, save_atomic, setting, write_atomic)
+                        remove_temps, run_cli, save_atomic, setting, write_atomic, write_text)
 from echoes.data import write_shards
 from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
                                mel_spectrogram, n_params, vqgan_from_checkpoint)
@@ -763,7 +763,7 @@ def stage_tune(s, p, device):
     for k in sampling:  # inpainting and continuation generate audio given an image, as i2a
         sampling[k].update({"inpaint": best["i2a"][k], "continue": best["i2a"][k]})
     text = json.dumps({"sampling": sampling, "table": table}, indent=1)
-    write_atomic(p["tune"], lambda f: f.write(text.encode()))
+    write_text(p["tune"], text)
 
 
 # -----------------------------------------------------------------------------
