@@ -152,6 +152,8 @@ def draw_uniforms(generators, sizes, device):
     sample and step (whatever is still unknown) keeps each stream independent of everything else."""
     u = torch.stack([torch.rand(sum(sizes), generator=g, device=g.device).cpu()
                      for g in generators])  # (B, sum(sizes))
+    if torch.device(device).type == "cuda":  # from pinned memory the copy does not wait for
+        u = u.pin_memory().to(device, non_blocking=True)  # the GPU to finish earlier steps
     return u.to(device).split(list(sizes), dim=1)
 
 
@@ -253,15 +255,17 @@ def unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond=None
         h_cond, h_uncond = h[m]
         u_draw, u_gumbel = uniforms[m]
         weight, bias = model.head_weights(m)
-        # the head and the draw run only on the unknown rows, N of them across the batch
-        tok, logp_rows = draw(h_cond[unknown], None if h_uncond is None else h_uncond[unknown],
-                              weight, bias, guidance, token_temperature, u_draw[unknown])  # (N,)
-        drawn = cur.masked_scatter(unknown, tok)  # (B, L), row-major like the boolean gather
+        # the head and the draw run on every position and the known ones' draws are thrown
+        # away: boolean indexing (h[unknown]) would have the host wait for the GPU each step to
+        # learn the row count. Row (b, l) draws with its own uniform either way
+        tok, logp = draw(h_cond.flatten(0, 1),
+                         None if h_uncond is None else h_uncond.flatten(0, 1), weight, bias,
+                         guidance, token_temperature, u_draw.flatten())  # (B L,)
+        drawn = torch.where(unknown, tok.view(cur.shape), cur)  # (B, L)
         if step == steps - 1:  # the last step keeps every draw
             out[m] = drawn
             continue
-        logp = torch.zeros(cur.shape, dtype=torch.float32, device=cur.device)
-        logp = logp.masked_scatter(unknown, logp_rows.float())  # (B, L)
+        logp = torch.where(unknown, logp.view(cur.shape).float(), 0.0)  # (B, L)
         mask_len = mask_lengths(initial[m], unknown.sum(1), step, steps)  # (B,)
         back = choose(logp, gumbel_noise(u_gumbel), unknown, mask_len,
                       choice_temperature(temperature, step, steps))  # (B, L)
@@ -276,8 +280,9 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
     """The whole loop over `steps` on ids that already hold the mask id at every position to
     generate. `generators`: one per sample. `callback(step, ids)`, if given, sees the ids after
     each step. `cuda_graphs` (ids on a GPU only) replays the transformer's forward from CUDA
-    graphs (`GraphedFeatures`): the same ids, fewer kernel launches. Returns (audio_ids,
-    image_ids)."""
+    graphs (`GraphedFeatures`): the same ids, fewer kernel launches. No op of a step reads a value
+    back from the GPU, so on a GPU the host queues step t+1 while step t runs. Returns
+    (audio_ids, image_ids)."""
     ids = {"audio": audio_ids, "image": image_ids}
     graphed = cuda_graphs and audio_ids.is_cuda
     features = GraphedFeatures(model) if graphed else None
@@ -287,11 +292,20 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
     if progress:  # imported here so that the loop itself runs where tqdm is not installed
         from tqdm import tqdm
         bar = tqdm(bar, desc="sampling", unit="step", leave=False)
+    done = None  # on a GPU: the event of the previous step's end
     for step in bar:
         u = draw_uniforms(generators, sizes, audio_ids.device)
         uniforms = {m: (u[2 * i], u[2 * i + 1]) for i, m in enumerate(targets)}
         ids = unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond,
                           temperature, guidance, token_temperature, features)
+        if audio_ids.is_cuda:
+            # nothing in a step waits for the GPU, so the host would queue all the steps at
+            # once and the bar would run ahead of the work; waiting for the previous step instead
+            # keeps one step queued behind the running one (no gap) and the bar one step behind
+            if done is not None:
+                done.synchronize()
+            done = torch.cuda.Event()
+            done.record()
         if callback is not None:
             callback(step, ids)
     return ids["audio"], ids["image"]

@@ -372,3 +372,76 @@ def test_cuda_graph_replay_gives_the_same_ids(mode, autocast, backend):
             out[graphs] = generate(model, mode, steps=6, guidance=2.0, cuda_graphs=graphs,
                                    generator=sample_generators(5, 3), **given)
     assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
+
+
+# -----------------------------------------------------------------------------
+# a step never waits for the GPU
+
+
+# ops whose result size or value the host must read back from the device before it can go on
+SYNCING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "masked_scatter",
+               "is_nonzero", "item", "unique", "_unique2", "repeat_interleave"}
+
+
+class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op run under it, as (name, whether a bool tensor indexes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index":  # x[bool mask] needs the mask's count on the host
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                name = "index by a bool mask"
+        self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["i2a", "joint", "inpaint"])
+def test_a_step_reads_nothing_back_from_the_device(mode, monkeypatch):
+    """Shapes inside a step never depend on the ids (the draw runs on every position), so on a GPU
+    the host queues a step without waiting for the one before it."""
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    given = {"i2a": dict(image_ids=image), "joint": dict(batch_size=2),
+             "inpaint": dict(audio_ids=audio, image_ids=image,
+                             audio_keep=audio_keep_outside(0.35, 0.6, AUDIO_GRID, 1.0))}[mode]
+    recorder, step = OpRecorder(), sampler.unmask_step
+
+    def recorded_step(*args, **kwargs):
+        with recorder:
+            return step(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "unmask_step", recorded_step)
+    generate(model, mode, steps=4, guidance=2.0, generator=sample_generators(1, 2), **given)
+    assert {"searchsorted", "sort"} <= set(recorder.ops)  # it saw the draw and the re-mask
+    syncing = sorted({op for op in recorder.ops
+                      if op in SYNCING_OPS or op == "index by a bool mask"})
+    assert not syncing, f"a sampling step reads back from the device: {syncing}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_step_after_the_first_synchronizes_the_gpu(backend, graphs, monkeypatch):
+    import kernels
+    model = tiny_model().cuda()
+    model.ops = kernels.select(backend)
+    _, image = (x.cuda() for x in random_ids(model, 2))
+    step = sampler.unmask_step
+
+    def checked_step(model, ids, targets, initial, i, *args, **kwargs):
+        # the first step compiles, autotunes and captures the graph; those may synchronize
+        torch.cuda.set_sync_debug_mode("error" if i > 0 else "default")
+        try:
+            return step(model, ids, targets, initial, i, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(sampler, "unmask_step", checked_step)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate(model, "i2a", image_ids=image, steps=5, cuda_graphs=graphs,
+                 generator=sample_generators(2, 2))
