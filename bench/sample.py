@@ -4,7 +4,9 @@ N = 30 steps and CFG s = 3 (Sec. 4.1), whose two passes run as one batch of 2B p
 Rows: the `demo` preset on the CPU, always; the `paper` preset (random weights, bf16 autocast) on
 the GPU when there is one. The GPU rows run the plain PyTorch path (`kernels.select("torch")`,
 eager: the baseline), the same with the transformer's forward replayed from CUDA graphs, and,
-where Triton is usable, the fused kernels without and with CUDA graphs. Every row times whole
+where Triton is usable, the fused kernels without and with CUDA graphs. Two more latency rows
+wait for the GPU after every step, as the sampler did before its steps stopped reading back from
+the GPU: how much queueing the next step during the current one gains. Every row times whole
 `generate` calls (features, CFG mix, draw, re-mask, random numbers) after one short warm-up run,
 and reports the median of the repeats and the speed-up over the eager PyTorch row.
 
@@ -60,28 +62,33 @@ def cpu_name():
 
 
 def backends(device):
-    """(name, op set or None, CUDA graphs on, why not): the plain path and, on a GPU, the plain
-    path with CUDA graphs and the Triton path without and with them."""
+    """(name, op set or None, CUDA graphs on, wait after each step, why not): the plain path and,
+    on a GPU, the plain path with CUDA graphs, the Triton path without and with them, and both
+    graphed paths waiting for the GPU after every step."""
     if device.type != "cuda":
-        return [("torch", kernels.select("torch"), False, "")]
-    rows = [("torch", kernels.select("torch"), False, ""),
-            ("torch + graphs", kernels.select("torch"), True, "")]
+        return [("torch", kernels.select("torch"), False, False, "")]
+    plain = kernels.select("torch")
     try:
-        triton_ops, why = kernels.select("triton"), ""
+        fused, why = kernels.select("triton"), ""
     except (ImportError, RuntimeError) as e:
-        triton_ops, why = None, f"{type(e).__name__}: {e}"
-    return rows + [("triton", triton_ops, False, why), ("triton + graphs", triton_ops, True, why)]
+        fused, why = None, f"{type(e).__name__}: {e}"
+    return [("torch", plain, False, False, ""), ("torch + graphs", plain, True, False, ""),
+            ("triton", fused, False, False, why), ("triton + graphs", fused, True, False, why),
+            ("torch + graphs, wait each step", plain, True, True, ""),
+            ("triton + graphs, wait each step", fused, True, True, why)]
 
 
-def time_generate(model, image_ids, s, repeats, autocast_dtype, graphs):
-    """Median wall time of one `generate` call in i2a mode, and all the times."""
+def time_generate(model, image_ids, s, repeats, autocast_dtype, graphs, wait=False):
+    """Median wall time of one `generate` call in i2a mode, and all the times. `wait`: the host
+    waits for the GPU after every step."""
     device = image_ids.device
+    callback = (lambda step, ids: torch.cuda.synchronize()) if wait else None
 
     def run(steps):
         g = torch.Generator().manual_seed(s.seed)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             generate(model, "i2a", image_ids=image_ids, steps=steps, temperature=s.temperature,
-                     guidance=s.guidance, generator=g, cuda_graphs=graphs)
+                     guidance=s.guidance, generator=g, cuda_graphs=graphs, callback=callback)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -106,16 +113,19 @@ def bench_preset(preset, device, autocast_dtype, s, table):
     print(f"{preset}: {n_params:.1f} M parameters on {name} ({dtype})", flush=True)
     g = torch.Generator().manual_seed(s.seed)
     baseline = {}  # kind -> the eager PyTorch row's median
-    for backend, ops, graphs, why in backends(device):
+    for backend, ops, graphs, wait, why in backends(device):
         if ops is None:
             print(f"  {backend}: skipped ({why})", flush=True)
             continue
         model.ops = ops
         for kind, B in (("latency", s.latency_batch), ("throughput", s.throughput_batch)):
+            if wait and kind == "throughput":  # bound by the matrix products: nothing to see
+                continue
             repeats = s.repeats or (1 if device.type == "cpu" and kind == "throughput" else 3)
             image_ids = torch.randint(0, config.image_codebook, (B, config.image_len),
                                       generator=g).to(device)
-            median, times = time_generate(model, image_ids, s, repeats, autocast_dtype, graphs)
+            median, times = time_generate(model, image_ids, s, repeats, autocast_dtype, graphs,
+                                          wait)
             baseline.setdefault(kind, median)
             table.append((preset, name, dtype, backend, kind, B, median, B / median,
                           1e3 * median / s.steps, baseline[kind] / median, len(times)))

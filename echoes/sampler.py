@@ -381,7 +381,7 @@ def _check_numbers(steps, temperature, guidance, token_temperature, batch_size):
 
 def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps=30,
              temperature=9.0, guidance=3.0, token_temperature=1.0, batch_size=1, generator=None,
-             progress=False, cuda_graphs=True):
+             progress=False, cuda_graphs=True, callback=None):
     """Generate token ids with `model` (an `Echoes`) by iterative unmasking (paper Sec. 3.4).
 
     Modes and the arguments they take (ids are (B, L) integer tensors with values in [0, C)):
@@ -406,6 +406,8 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     n)`), or None (torch's default generator).
     `cuda_graphs`: on a GPU, replay the transformer's forward from CUDA graphs captured on the
     first step (`GraphedFeatures`; ignored on a CPU). The ids are the same either way.
+    `callback(step, ids)`, if given, sees {modality: (B, L) ids} after each step (a preview, or a
+    wait for the GPU: a step itself never waits).
     Returns (audio_ids (B, La), image_ids (B, Lv)) long, on the model's device."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -458,7 +460,7 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     try:
         with torch.inference_mode():
             return unmask(model, audio, image, targets, generators, uncond, steps, temperature,
-                          guidance, token_temperature, progress, cuda_graphs=cuda_graphs)
+                          guidance, token_temperature, progress, callback, cuda_graphs)
     finally:
         model.train(was_training)
 

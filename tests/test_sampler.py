@@ -164,6 +164,18 @@ def test_joint_each_modality_has_its_own_schedule():
             assert after == [expected_unknown(L, b, t, steps) for b in before]
 
 
+def test_callback_sees_every_step():
+    model = tiny_model()
+    _, image = random_ids(model, 2)
+    seen = []
+    a, v = generate(model, "i2a", image_ids=image, steps=5, generator=seeded(0),
+                    callback=lambda step, ids: seen.append((step, ids["audio"].clone())))
+    assert [step for step, _ in seen] == [0, 1, 2, 3, 4]
+    unknown = [int((ids == model.audio_mask_id).sum()) for _, ids in seen]
+    assert unknown == sorted(unknown, reverse=True) and unknown[-1] == 0
+    assert torch.equal(seen[-1][1], a)
+
+
 def test_mask_lengths_clamp():
     initial = torch.tensor([100, 100, 100, 5])
     unknown = torch.tensor([100, 3, 1, 5])
