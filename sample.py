@@ -46,8 +46,8 @@ import kernels
 from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
-from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, run_cli,
-                        setting)
+from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, remove_temps,
+                        run_cli, setting)
 from echoes.tokenizers import save_mel_png, save_png, save_wav
 
 
@@ -297,6 +297,7 @@ def main(argv=None):
     names = output_names(s)
     images, audios = encode_inputs(s, image_tok, audio_tok, device)
     check_writable(s.out)
+    remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
 
     K, n = s.num_samples, len(names)
     generators = sampler.sample_generators(s.seed, n)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import pickle
 import re
+import socket
 import sys
 import tempfile
 
@@ -211,7 +212,7 @@ def write_atomic(path, write, replace=True):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix())
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -255,13 +256,39 @@ def write_text(path, text):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def remove_temps(folder):
+def _temp_prefix(pid=None):
+    """The start of `write_atomic`'s temp file names: ".tmp-PID@HOST-", so that a later run can
+    tell the temp files of dead processes from those of live writers."""
+    return f".tmp-{os.getpid() if pid is None else pid}@{socket.gethostname()}-"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's process
+        pass
+    return True
+
+
+def remove_temps(folder, dead_only=False):
     """Delete the temp files `write_atomic` leaves in `folder` when its process is killed
-    mid-write. Call it only where no other writer can be at work in that folder."""
+    mid-write. Call it only where no other writer can be at work in that folder, or with
+    `dead_only`: then only the temp files of processes of this host that no longer run go (on
+    POSIX systems; elsewhere nothing is removed)."""
+    if dead_only and os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return
+    host = f"@{socket.gethostname()}-"
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and os.path.isfile(path) and not os.path.islink(path):
-            os.remove(path)
+        if not name.startswith(".tmp-") or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        if dead_only:
+            pid, at, rest = name[len(".tmp-"):].partition("@")
+            if not (at and pid.isdigit() and ("@" + rest).startswith(host)) or _alive(int(pid)):
+                continue
+        os.remove(path)
 
 
 def _read_umask():

@@ -3,10 +3,13 @@
 import dataclasses
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from echoes.cli import parse_settings, setting, write_atomic
+from echoes import cli
+from echoes.cli import parse_settings, remove_temps, setting, write_atomic
 
 
 def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
@@ -26,6 +29,23 @@ def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
         write_atomic(tmp_path / "h.bin", broken)
     assert path.read_bytes() == b"two" and (tmp_path / "g.bin").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="dead_only asks the OS for process ids (POSIX)")
+def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
+    """What a run killed mid-write left goes; a live writer's temp file and other files stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    names = {"dead": cli._temp_prefix(int(dead)) + "a1", "live": cli._temp_prefix() + "b2",
+             "other host": f".tmp-{dead}@another-host-c3", "older": ".tmp-d4",
+             "kept": "cat.wav"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    remove_temps(tmp_path, dead_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        name for key, name in names.items() if key != "dead")
+    remove_temps(tmp_path)  # no other writer: every temp file goes
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.wav"]
 
 
 def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):

@@ -8,6 +8,7 @@ point) and in-process through `run_cli` for the rest, to stay fast.
 
 import dataclasses
 import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -315,12 +316,15 @@ def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
     before = wav.read_bytes()
     argv = ["--mode", "continue", "--audio", wav, "--start", "0.1", "--out", tmp_path,
             *args(files), "--steps", "2"]
+    killed = tmp_path / ".tmp-999999999@{}-x".format(socket.gethostname())  # no such process
+    killed.write_bytes(b"half a wav")
     for run in (1, 2):
         code, out, _ = run_in_process(argv, capsys)
         assert code == 0
         assert out == [str(tmp_path / f"clip-{run + 1}.wav"),
                        str(tmp_path / f"clip-{run + 1}_mel.png")]
     assert wav.read_bytes() == before
+    assert not killed.exists()  # what a killed run left behind
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(files, capsys):
