@@ -6,7 +6,11 @@ every transformer block compiled (`Echoes.compile_blocks`, train.py --compile).
   the batch until CUDA runs out of memory (nanoGPT's `bench.py` times a step the same way);
 - CPU: the `demo` preset, fp32 and bf16 autocast (the CPU path of a demo training run).
 
-Each row is the median over --steps timed steps after --warmup untimed ones. Inputs are random
+Each row is the median over --steps timed steps after --warmup untimed ones. After the last GPU
+row's timing (the profiler can slow the launches of whatever runs after it), one more of its steps
+runs under the profiler: its GPU busy time (summed kernel durations) against the step time says
+how long the GPU waits for the host, and the kernels that take the most time are listed under
+the table. Inputs are random
 token ids: the step, not the data loader, is what is measured (train.py reads memory-mapped
 shards, whose cost is negligible next to a step). The optimizer, autocast and FLOP count are
 train.py's own (`configure_optimizer`, `autocast`, `peak_tflops`, `model.flops_per_sample`).
@@ -37,10 +41,19 @@ from echoes.cli import (UserError, check_at_least, check_out_file, parse_setting
                         run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 
-# train.py is a script at the repository root; loaded by path, as this file is bench/train.py
-_spec = importlib.util.spec_from_file_location("echoes_train", ROOT / "train.py")
-trainer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trainer)
+
+
+def load_by_path(name, path):
+    """A script as a module: train.py (at the root) and bench/kernels.py (whose file name is the
+    `kernels` package's)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trainer = load_by_path("echoes_train", ROOT / "train.py")
+kernel_bench = load_by_path("echoes_bench_kernels", ROOT / "bench" / "kernels.py")
 
 
 @dataclasses.dataclass
@@ -98,9 +111,10 @@ def fits(model, optimizer, config, B, device, amp, generator):
         return False
 
 
-def bench_row(preset, device, backend, amp, s, batch=0):
+def bench_row(preset, device, backend, amp, s, batch=0, profile=False):
     """Build the model on `device` with `backend` ops ("+compile": blocks compiled), pick the
-    batch (`batch`, else --batch, else the largest that fits), time the steps."""
+    batch (`batch`, else --batch, else the largest that fits), time the steps; with `profile`,
+    then one step's GPU busy time and kernels."""
     config = EchoesConfig.preset(preset)
     torch.manual_seed(0)
     with device:  # built in place: initialising 400 M parameters on the CPU takes seconds
@@ -125,6 +139,13 @@ def bench_row(preset, device, backend, amp, s, batch=0):
         sync(device)
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[s.warmup:])
+    busy, parts = None, []
+    if profile:
+        try:
+            busy, parts = kernel_bench.busy_us(
+                lambda: one_step(model, optimizer, batch, device, amp, generator), [], calls=1)
+        except Exception as e:  # the profiler is a diagnostic: never lose the row for it
+            print(f"  profiler failed: {type(e).__name__}: {e}", flush=True)
     flops = model.flops_per_sample(train=True) * B / dt
     peak = trainer.peak_tflops(device)
     del model, optimizer
@@ -132,7 +153,8 @@ def bench_row(preset, device, backend, amp, s, batch=0):
         torch.cuda.empty_cache()
     return {"preset": preset, "device": device_name(device), "kernels": backend, "amp": amp,
             "batch": B, "step_ms": 1000 * dt, "samples_s": B / dt, "tflops": flops / 1e12,
-            "mfu": flops / (peak * 1e12) if peak else None}
+            "mfu": flops / (peak * 1e12) if peak else None,
+            "busy_ms": None if busy is None else busy / 1e3, "kernels_us": parts}
 
 
 def device_name(device):
@@ -167,13 +189,24 @@ def plan(s, notes):
 
 
 def table(results):
-    head = ("| preset | device | kernels | amp | batch | step ms | samples/s | TFLOP/s | MFU |\n"
-            "|---|---|---|---|---:|---:|---:|---:|---:|\n")
-    lines = [f"| {r['preset']} | {r['device']} | {r['kernels']} | {r['amp']} | {r['batch']} | "
-             f"{r['step_ms']:.1f} | {r['samples_s']:.1f} | {r['tflops']:.3f} | "
-             + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "- |")
-             for r in results]
-    return head + "\n".join(lines) + "\n"
+    head = ("| preset | device | kernels | amp | batch | step ms | samples/s | TFLOP/s | MFU "
+            "| GPU busy ms | busy % |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in results:
+        busy = r["busy_ms"]
+        lines.append(f"| {r['preset']} | {r['device']} | {r['kernels']} | {r['amp']} | "
+                     f"{r['batch']} | {r['step_ms']:.1f} | {r['samples_s']:.1f} | "
+                     f"{r['tflops']:.3f} | "
+                     + (f"{100 * r['mfu']:.1f}% | " if r["mfu"] is not None else "- | ")
+                     + (f"{busy:.1f} | {100 * busy / r['step_ms']:.0f}% |" if busy is not None
+                        else "- | - |"))
+    text = head + "\n".join(lines) + "\n"
+    for r in results:
+        if r["kernels_us"]:
+            ms = [(name, us / 1e3) for name, us in r["kernels_us"]]
+            text += (f"\nThe longest kernels of one {r['kernels']} step (ms, profiler): "
+                     f"{kernel_bench.kernel_cell(ms, shown=8)}\n")
+    return text
 
 
 def main(argv=None):
@@ -185,10 +218,13 @@ def main(argv=None):
         torch.set_num_threads(s.threads)
     results, notes = [], []
     batch = {}  # device type -> the batch of its first row: every row of a device uses it
-    for preset, device, backend, amp in plan(s, notes):
+    rows = plan(s, notes)
+    last_gpu = max((i for i, row in enumerate(rows) if row[1].type == "cuda"), default=None)
+    for i, (preset, device, backend, amp) in enumerate(rows):
         print(f"{preset} on {device_name(device)}, {backend} ops, {amp} ...", flush=True)
         try:
-            results.append(bench_row(preset, device, backend, amp, s, batch.get(device.type, 0)))
+            results.append(bench_row(preset, device, backend, amp, s, batch.get(device.type, 0),
+                                     profile=i == last_gpu))
             batch.setdefault(device.type, results[-1]["batch"])
         except (ImportError, RuntimeError) as e:  # a kernel backend that cannot run here
             notes.append(f"{preset} {device} {backend}: not measured ({type(e).__name__}: "

@@ -290,3 +290,45 @@ def test_candidates_are_set_beside_main_and_compile():
     assert "| pad_decoder | full | slot | - | - | - | - | - | - | error: boom |" in table
     full_rows = [dict(shape="B64", note="") | r for r in rows]
     assert table[2] in bench.markdown("header", full_rows, 1.0)
+
+
+# -----------------------------------------------------------------------------
+# bench/train.py
+
+_spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+train_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_bench)
+
+
+def test_train_bench_profiles_the_last_gpu_row_only(monkeypatch, capsys):
+    import torch
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(train_bench, "plan", lambda s, notes: [
+        ("paper", gpu, "torch", "bf16"), ("paper", gpu, "triton+compile", "bf16"),
+        ("demo", cpu, "torch", "fp32")])
+    monkeypatch.setattr(train_bench, "device_name", lambda device: device.type)
+    profiled = []
+
+    def fake_row(preset, device, backend, amp, s, batch=0, profile=False):
+        profiled.append(profile)
+        kernels = [(f"k{i}", 1000.0 * (10 - i)) for i in range(10)] if profile else []
+        return {"preset": preset, "device": device.type, "kernels": backend, "amp": amp,
+                "batch": 256, "step_ms": 640.0, "samples_s": 400.0, "tflops": 300.0, "mfu": 0.3,
+                "busy_ms": 608.0 if profile else None, "kernels_us": kernels}
+
+    monkeypatch.setattr(train_bench, "bench_row", fake_row)
+    train_bench.main([])
+    out = capsys.readouterr().out
+    assert profiled == [False, True, False]
+    assert "| 640.0 | 400.0 | 300.000 | 30.0% | 608.0 | 95% |" in out
+    assert out.count("| - | - |") == 2
+    assert ("longest kernels of one triton+compile step (ms, profiler): k0 10.0, k1 9.0" in out
+            and "k7 3.0, 2 more 3.0" in out)
+
+
+def test_train_bench_runs_a_cpu_step(tmp_path):
+    out = tmp_path / "train.md"
+    train_bench.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--cpu-amp", "fp32",
+                      "--out", str(out)])
+    row = out.read_text().splitlines()[2]
+    assert row.startswith("| demo | CPU") and row.endswith("| - | - | - |")
