@@ -367,14 +367,20 @@ def test_cuda_graphs_are_ignored_on_a_cpu():
     assert all(torch.equal(a, b) for a, b in zip(with_graphs, without))
 
 
+def cuda_model(backend):
+    """`tiny_model` on the GPU with the "torch" or "triton" op set."""
+    import kernels
+    model = tiny_model().cuda()
+    model.ops = kernels.select(backend)
+    return model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("mode", ["i2a", "a2i", "joint"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_replay_gives_the_same_ids(mode, autocast, backend):
-    import kernels
-    model = tiny_model().cuda()
-    model.ops = kernels.select(backend)
+    model = cuda_model(backend)
     audio, image = (x.cuda() for x in random_ids(model, 3))
     given = {"i2a": dict(image_ids=image), "a2i": dict(audio_ids=audio),
              "joint": dict(batch_size=3)}[mode]
@@ -439,9 +445,7 @@ def test_a_step_reads_nothing_back_from_the_device(mode, monkeypatch):
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_step_after_the_first_synchronizes_the_gpu(backend, graphs, monkeypatch):
-    import kernels
-    model = tiny_model().cuda()
-    model.ops = kernels.select(backend)
+    model = cuda_model(backend)
     _, image = (x.cuda() for x in random_ids(model, 2))
     step = sampler.unmask_step
 
