@@ -305,7 +305,7 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
             if done is not None:
                 done.synchronize()
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(audio_ids.device))
         if callback is not None:
             callback(step, ids)
     return ids["audio"], ids["image"]
