@@ -14,8 +14,8 @@ a GPU (unless TRITON_INTERPRET=1, which runs the kernels on the CPU for tests).
 - `remask(logp, gumbel, unknown, mask_len, tau)`: per row, the mask_len-th smallest confidence by
   a 4-way bisection on the float bits (no sort), and the new mask, in one launch.
 
-The two stay separate launches, where DESIGN.md sec. 5 fuses the re-mask with the draw: the draw
-is parallel over rows (b, l) and the codebook, the re-mask needs all of a sample's L confidences
+The two stay separate launches rather than one draw-and-re-mask kernel: the draw is parallel
+over rows (b, l) and the codebook, the re-mask needs all of a sample's L confidences
 at once, so one kernel would either wait on a grid-wide barrier or run a sample's L draws in one
 program (1 program for the whole step at batch 1). The draw's (N,) log-probabilities, the only
 thing passed between them, are 4 bytes a row.
