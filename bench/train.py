@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -143,7 +144,8 @@ def bench_row(preset, device, backend, amp, s, batch=0, profile=False):
     if profile:
         try:
             busy, parts = kernel_bench.busy_us(
-                lambda: one_step(model, optimizer, batch, device, amp, generator), [], calls=1)
+                functools.partial(one_step, model, optimizer, batch, device, amp, generator), [],
+                calls=1)
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             print(f"  profiler failed: {type(e).__name__}: {e}", flush=True)
     flops = model.flops_per_sample(train=True) * B / dt

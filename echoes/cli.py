@@ -15,9 +15,14 @@ import dataclasses
 import os
 import pickle
 import re
-import socket
 import sys
 import tempfile
+import time
+
+try:
+    import fcntl  # POSIX: a writer's lock tells its temp file from a dead run's
+except ImportError:
+    fcntl = None
 
 import torch
 
@@ -212,8 +217,9 @@ def write_atomic(path, write, replace=True):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix())
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        _lock(fd)  # held while writing: `remove_temps(dead_only=True)` leaves the file alone
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -256,39 +262,51 @@ def write_text(path, text):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def _temp_prefix(pid=None):
-    """The start of `write_atomic`'s temp file names: ".tmp-PID@HOST-", so that a later run can
-    tell the temp files of dead processes from those of live writers."""
-    return f".tmp-{os.getpid() if pid is None else pid}@{socket.gethostname()}-"
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+def _lock(fd):
+    """Take an exclusive lock on an open file without waiting; False when another process holds
+    one, or where locks are unsupported (no fcntl, some network file systems)."""
+    if fcntl is None:
         return False
-    except OSError:  # PermissionError: it exists, as another user's process
-        pass
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+TEMP_MIN_AGE_S = 10  # a temp file this new may be one whose writer has not locked it yet
 
 
 def remove_temps(folder, dead_only=False):
     """Delete the temp files `write_atomic` leaves in `folder` when its process is killed
     mid-write. Call it only where no other writer can be at work in that folder, or with
-    `dead_only`: then only the temp files of processes of this host that no longer run go (on
-    POSIX systems; elsewhere nothing is removed)."""
-    if dead_only and os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
-        return
-    host = f"@{socket.gethostname()}-"
+    `dead_only`: then a temp file goes only when nobody holds its lock (the kernel drops a
+    killed writer's lock, on any host of a shared file system that supports locks) and it is
+    older than TEMP_MIN_AGE_S; where locks are unsupported nothing goes."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if not name.startswith(".tmp-") or not os.path.isfile(path) or os.path.islink(path):
             continue
         if dead_only:
-            pid, at, rest = name[len(".tmp-"):].partition("@")
-            if not (at and pid.isdigit() and ("@" + rest).startswith(host)) or _alive(int(pid)):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:  # gone, or not ours to open
                 continue
+            try:
+                if time.time() - os.fstat(fd).st_mtime < TEMP_MIN_AGE_S or not _lock(fd):
+                    continue
+                _remove(path)
+            finally:
+                os.close(fd)
+        else:
+            _remove(path)
+
+
+def _remove(path):
+    try:
         os.remove(path)
+    except FileNotFoundError:  # another run removed it first
+        pass
 
 
 def _read_umask():

@@ -300,14 +300,17 @@ def unmask(model, audio_ids, image_ids, targets, generators, uncond=None, steps=
                           temperature, guidance, token_temperature, features)
         if audio_ids.is_cuda:
             # nothing in a step waits for the GPU, so the host would queue all the steps at
-            # once and the bar would run ahead of the work; waiting for the previous step instead
-            # keeps one step queued behind the running one (no gap) and the bar one step behind
+            # once and the bar would run far ahead of the work; waiting for the previous step
+            # instead keeps one step queued behind the running one (no gap on the GPU) and the
+            # bar at most one step ahead
             if done is not None:
                 done.synchronize()
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(audio_ids.device))
         if callback is not None:
             callback(step, ids)
+    if done is not None:  # the last replay may read autocast's cached weights and the graphs'
+        done.synchronize()  # memory, both freed when this returns: let it finish first
     return ids["audio"], ids["image"]
 
 

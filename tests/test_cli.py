@@ -3,8 +3,7 @@
 import dataclasses
 import os
 import stat
-import subprocess
-import sys
+import time
 
 import pytest
 
@@ -31,21 +30,38 @@ def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
 
 
-@pytest.mark.skipif(os.name != "posix", reason="dead_only asks the OS for process ids (POSIX)")
+@pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
 def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
-    """What a run killed mid-write left goes; a live writer's temp file and other files stay."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    names = {"dead": cli._temp_prefix(int(dead)) + "a1", "live": cli._temp_prefix() + "b2",
-             "other host": f".tmp-{dead}@another-host-c3", "older": ".tmp-d4",
-             "kept": "cat.wav"}
-    for name in names.values():
+    """What a run killed mid-write left goes; a live writer's (locked) temp file, one too new to
+    tell, and other files stay."""
+    names = {"dead": ".tmp-a1", "live": ".tmp-b2", "new": ".tmp-c3", "kept": "cat.wav"}
+    for key, name in names.items():
         (tmp_path / name).write_bytes(b"x")
-    remove_temps(tmp_path, dead_only=True)
+        if key != "new":
+            os.utime(tmp_path / name, (time.time() - 60, time.time() - 60))
+    writer = os.open(tmp_path / names["live"], os.O_RDWR)  # a writer still at work
+    try:
+        assert cli._lock(writer)
+        remove_temps(tmp_path, dead_only=True)
+    finally:
+        os.close(writer)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         name for key, name in names.items() if key != "dead")
     remove_temps(tmp_path)  # no other writer: every temp file goes
     assert [p.name for p in tmp_path.iterdir()] == ["cat.wav"]
+
+
+@pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
+def test_a_write_in_progress_keeps_its_temp_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "TEMP_MIN_AGE_S", 0)  # only the writer's lock protects it
+
+    def write(f):
+        f.write(b"first half, ")
+        remove_temps(tmp_path, dead_only=True)  # another run starting meanwhile
+        f.write(b"second half")
+
+    write_atomic(tmp_path / "a.bin", write)
+    assert (tmp_path / "a.bin").read_bytes() == b"first half, second half"
 
 
 def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):

@@ -8,9 +8,10 @@ point) and in-process through `run_cli` for the rest, to stay fast.
 
 import dataclasses
 import importlib.util
-import socket
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,8 +317,9 @@ def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
     before = wav.read_bytes()
     argv = ["--mode", "continue", "--audio", wav, "--start", "0.1", "--out", tmp_path,
             *args(files), "--steps", "2"]
-    killed = tmp_path / ".tmp-999999999@{}-x".format(socket.gethostname())  # no such process
+    killed = tmp_path / ".tmp-x1"  # what a run killed a minute ago left (unlocked)
     killed.write_bytes(b"half a wav")
+    os.utime(killed, (time.time() - 60, time.time() - 60))
     for run in (1, 2):
         code, out, _ = run_in_process(argv, capsys)
         assert code == 0

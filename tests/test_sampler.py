@@ -444,20 +444,39 @@ def test_a_step_reads_nothing_back_from_the_device(mode, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_step_after_the_first_synchronizes_the_gpu(backend, graphs, monkeypatch):
+def test_steps_after_the_first_never_wait_for_the_gpu(backend, graphs, monkeypatch):
+    """Steps 1.. and their random numbers run with torch's sync debug mode set to "error" (the
+    first step compiles, autotunes and captures, which may synchronize), and step 1 is queued
+    behind a ~0.5 s spin kernel without waiting for it."""
     model = cuda_model(backend)
     _, image = (x.cuda() for x in random_ids(model, 2))
-    step = sampler.unmask_step
+    step, uniforms, done = sampler.unmask_step, sampler.draw_uniforms, []
+
+    def checked(fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error" if done else "default")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
 
     def checked_step(model, ids, targets, initial, i, *args, **kwargs):
-        # the first step compiles, autotunes and captures the graph; those may synchronize
-        torch.cuda.set_sync_debug_mode("error" if i > 0 else "default")
-        try:
-            return step(model, ids, targets, initial, i, *args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        if i != 1:
+            out = checked(step)(model, ids, targets, initial, i, *args, **kwargs)
+            done.append(i)
+            return out
+        torch.cuda._sleep(10 ** 9)  # ~0.5 s of GPU time at ~2 GHz
+        asleep = torch.cuda.Event()
+        asleep.record()
+        out = checked(step)(model, ids, targets, initial, i, *args, **kwargs)
+        assert not asleep.query(), "step 1 waited for the GPU"
+        done.append(i)
+        return out
 
     monkeypatch.setattr(sampler, "unmask_step", checked_step)
+    monkeypatch.setattr(sampler, "draw_uniforms", checked(uniforms))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         generate(model, "i2a", image_ids=image, steps=5, cuda_graphs=graphs,
                  generator=sample_generators(2, 2))
+    assert done == [0, 1, 2, 3, 4]
