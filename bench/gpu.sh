@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
 # Usage: bash bench/gpu.sh [OUT_DIR]
-# The stages' time limits add up to 9.4 minutes plus 25 s per candidate (below); the runs took
-# 3.5-4 minutes on an H200 on 2026-11-27 with two to four candidates, each adding about 25 s.
+# The whole script ends within GPU_SH_BUDGET seconds (default 570: under 10 minutes): each stage
+# runs under its own time limit, cut to what the budget has left, and a stage is skipped when
+# nothing is left; every stage's log keeps the rows it printed. The runs took 3.5-4 minutes on an
+# H200 on 2026-11-27 with two to four candidates, each adding about 25 s (below).
 # Needs torch + triton with CUDA. On a machine without network, soundfile is installed from
 # ./.wheels (ignored by git), fetched beforehand for the GPU machine's Python, e.g. for 3.12:
 #   pip download --only-binary=:all: --python-version 3.12 \
@@ -13,9 +15,7 @@
 # waiting for a GPU, described at its top) is timed as a variant of the kernel table named after
 # the patch. CANDIDATE="FILE [FILE ...]" times those files (kernel files, e.g. from
 # `git show REV:kernels/gather_pad.py > gather_pad_old.py`, or patches) instead; CANDIDATE=""
-# times none. Each candidate gives the kernels stage 25 s more; past 9.6 minutes in all, the
-# last stage (training) is what a 10-minute limit cuts, and every stage's log keeps the rows it
-# printed.
+# times none. Each candidate gives the kernels stage 25 s more.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/out}}
@@ -28,9 +28,16 @@ python3 - <<'PY' | tee "$out/env.txt"
 import torch, triton
 print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
 PY
+budget=${GPU_SH_BUDGET:-570}
 step() {  # step NAME TIMEOUT_S CMD...: run one stage, keep its log, never stop the script
   local name=$1 limit=$2; shift 2
-  echo "=== $name"
+  local left=$((budget - SECONDS - 10))  # 10 s kept for the summary
+  (( left < limit )) && limit=$left
+  if (( limit <= 0 )); then
+    echo "=== $name: skipped (the ${budget} s budget is spent)"
+    return
+  fi
+  echo "=== $name (at most $limit s)"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -n 60
   echo "=== $name: exit ${PIPESTATUS[0]}"
 }
