@@ -32,6 +32,7 @@ Shape letters: B samples, L tokens of a modality, C codebook size, D head width,
 import math
 import numbers
 import warnings
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,9 @@ def per_sample_generators(generator, n):
         if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(f"generator: expected one torch.Generator per sample ({n}), "
                              f"got a list of {len(generator)}")
+        if len({id(g) for g in generator}) != n:  # a shared one would tie samples together
+            raise ValueError("generator: the list holds the same torch.Generator more than "
+                             "once; give each sample its own (see sample_generators)")
         return list(generator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, a list of them or None, "
@@ -358,9 +362,10 @@ def _check_ids(name, ids, length, codebook):
         raise ValueError(f"{name}: expected a (B, {length}) tensor of token ids, got {got}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"{name}: expected integer token ids, got {ids.dtype}")
-    if ids.numel() and (ids.min() < 0 or ids.max() >= codebook):
-        raise ValueError(f"{name}: ids must lie in [0, {codebook}), got "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    wide = ids.long()  # min / max are missing for some integer dtypes (uint16 ...)
+    lo, hi = (int(wide.min()), int(wide.max())) if ids.numel() else (0, 0)
+    if lo < 0 or hi >= codebook:
+        raise ValueError(f"{name}: ids must lie in [0, {codebook}), got [{lo}, {hi}]")
 
 
 def _is_count(x):
@@ -411,7 +416,9 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     first step (`GraphedFeatures`; ignored on a CPU). The ids are the same either way.
     `callback(step, ids)`, if given, sees {modality: (B, L) ids} after each step (a preview, or a
     wait for the GPU: a step itself never waits).
-    Returns (audio_ids (B, La), image_ids (B, Lv)) long, on the model's device."""
+    Returns (audio_ids (B, La), image_ids (B, Lv)) long, on the model's device, new tensors (a
+    given condition is copied). In "continue" mode without `image_ids` nothing generates the
+    image: image_ids come back as the image mask id (`model.image_mask_id`) everywhere."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     _check_numbers(steps, temperature, guidance, token_temperature, batch_size)
@@ -448,8 +455,8 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     image = image_ids.to(device, torch.long) if image_ids is not None else full("image")
     if audio_keep is not None:
         keep = torch.as_tensor(audio_keep, device=device)
-        if keep.dtype != torch.bool or keep.shape[-1] != c.audio_len or keep.dim() > 2 or (
-                keep.dim() == 2 and keep.shape[0] != B):
+        if keep.dtype != torch.bool or keep.dim() not in (1, 2) or keep.shape[-1] != c.audio_len \
+                or keep.dim() == 2 and keep.shape[0] not in (1, B):
             raise ValueError(f"audio_keep: expected a bool tensor of shape ({c.audio_len},) or "
                              f"({B}, {c.audio_len}), got {keep.dtype} {tuple(keep.shape)}")
         audio = audio.masked_fill(~keep.expand(B, -1), model.audio_mask_id)  # (B, La)
@@ -458,14 +465,17 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     uncond = {"i2a": "image", "a2i": "audio", "inpaint": "image",
               "continue": "image" if image_ids is not None else None}.get(mode)
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored as they were, one by one
     model.eval()  # dropout off: the generators are the only source of randomness
     try:
         with torch.inference_mode():
-            return unmask(model, audio, image, targets, generators, uncond, steps, temperature,
-                          guidance, token_temperature, progress, callback, cuda_graphs)
+            ids = unmask(model, audio, image, targets, generators, uncond, steps, temperature,
+                         guidance, token_temperature, progress, callback, cuda_graphs)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
+    # new tensors the caller may change in place: neither inference tensors nor the inputs
+    return tuple(x.clone() for x in ids)
 
 
 # -----------------------------------------------------------------------------
@@ -482,9 +492,10 @@ def time_range_columns(start, end, cols, duration):
     if not 0 <= start < end <= duration:
         raise ValueError(f"time range {start:g}..{end:g} s is outside the clip (0..{duration:g} s) "
                          "or empty")
-    width = duration / cols
-    j = torch.arange(cols, dtype=torch.float64)
-    return (j * width < end) & ((j + 1) * width > start)
+    # in exact fractions of the decimals as written (0.6 is 3/5): a start on a column boundary
+    # must not take in the column before it through float rounding
+    s, e, d = (Fraction(repr(float(x))) for x in (start, end, duration))
+    return torch.tensor([j * d < e * cols and (j + 1) * d > s * cols for j in range(cols)])
 
 
 def audio_keep_outside(start, end, grid, duration):

@@ -288,6 +288,9 @@ def test_time_range_columns():
     assert time_range_columns(0.5, 1.0, 4, 2.0).tolist() == [False, True, False, False]
     assert time_range_columns(0.4, 1.01, 4, 2.0).tolist() == [True, True, True, False]
     assert time_range_columns(0.0, 2.0, 4, 2.0).all()
+    # boundaries that floats miss: 3 * (1.0 / 5) > 0.6 and 3 * 0.1 > 0.3
+    assert time_range_columns(0.6, 1.0, 5, 1.0).tolist() == [False] * 3 + [True] * 2
+    assert time_range_columns(0.3, 0.7, 10, 1.0).tolist() == [False] * 3 + [True] * 4 + [False] * 3
     for start, end in ((-0.1, 1.0), (1.0, 2.5), (1.5, 1.0), (1.0, 1.0), (3.0, 4.0)):
         with pytest.raises(ValueError, match="outside the clip"):
             time_range_columns(start, end, 4, 2.0)
@@ -315,6 +318,9 @@ def test_time_range_columns():
     (dict(mode="i2a", image_ids=torch.full((2, 16), 20)), "must lie in"),
     (dict(mode="i2a", image_ids=torch.zeros(2, 16)), "integer"),
     (dict(mode="i2a", image=True, generator=[seeded(0)]), "one torch.Generator per sample"),
+    (dict(mode="i2a", image=True, generator=[seeded(0)] * 2), "more than once"),
+    (dict(mode="inpaint", image=True, audio=True, audio_keep=torch.tensor(True)), "audio_keep"),
+    (dict(mode="i2a", image_ids=torch.full((2, 16), 20, dtype=torch.uint16)), "must lie in"),
 ])
 def test_impossible_arguments_raise(kwargs, message):
     model = tiny_model()
@@ -330,9 +336,32 @@ def test_impossible_arguments_raise(kwargs, message):
 
 def test_model_is_left_in_its_training_mode():
     model = tiny_model().train()
+    model.audio_head.eval()  # a part the caller froze stays frozen
     _, image = random_ids(model, 1)
     generate(model, "i2a", image_ids=image, steps=2, generator=seeded(0))
-    assert model.training
+    assert model.training and model.encoder[0].training and not model.audio_head.training
+
+
+def test_outputs_are_new_tensors_the_caller_may_change():
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    given = image.clone()
+    a, v = generate(model, "i2a", image_ids=image, steps=2, generator=seeded(0))
+    assert torch.equal(v, image)
+    a[0, 0] = 1  # not inference tensors, and not the input
+    v[0, 0] = (image[0, 0] + 1) % model.config.image_codebook
+    assert torch.equal(image, given)
+
+
+def test_one_audio_keep_row_serves_the_whole_batch():
+    model = tiny_model()
+    audio, image = random_ids(model, 3)
+    keep = audio_keep_outside(0.35, 0.6, AUDIO_GRID, 1.0)
+    rows = generate(model, "inpaint", audio_ids=audio, image_ids=image, audio_keep=keep[None],
+                    steps=3, generator=sample_generators(4, 3))
+    flat = generate(model, "inpaint", audio_ids=audio, image_ids=image, audio_keep=keep,
+                    steps=3, generator=sample_generators(4, 3))
+    assert all(torch.equal(x, y) for x, y in zip(rows, flat))
 
 
 def test_sampling_defaults_are_checked():
