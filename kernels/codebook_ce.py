@@ -119,7 +119,7 @@ class CodebookCE(torch.autograd.Function):
         w_c = weight.detach().to(cdtype).contiguous()  # (C, D)
         target = target.contiguous()
         with torch.autocast(device_type=dev.type, enabled=False):  # the reference's F.linear
-            dz = F.linear(h_c, w_c, bias.detach().to(cdtype))  # (N, C) logits, then d loss / d z
+            dz = F.linear(h_c, w_c, None if bias is None else bias.detach().to(cdtype))  # (N, C)
         loss = torch.empty(N, device=dev, dtype=torch.float32)  # (N,) per-row losses
         n_prog = max(1, min(triton.cdiv(N, BLOCK_R), _max_programs(dev)))
         # (n_prog, C) per-program column sums of dz: every program writes its row
@@ -134,7 +134,7 @@ class CodebookCE(torch.autograd.Function):
                                                                       else 8))
         ctx.save_for_backward(dz if store else None, w_c if need_h else None,
                               h_c if need_w else None, bsum if need_b else None)
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype, cdtype)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype, cdtype)
         return loss.sum()
 
     @staticmethod
@@ -165,13 +165,14 @@ class CodebookCE(torch.autograd.Function):
 
 def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
     """Summed cross-entropy of logits = h @ weight^T + bias against target, computed in fp32.
-    h (N, D), weight (C, D), bias (C,), target (N,) long -> scalar. Fused Triton version of
-    `echoes.model.codebook_ce` (same arguments)."""
+    h (N, D), weight (C, D), bias (C,) or None, target (N,) long -> scalar. Fused Triton version
+    of `echoes.model.codebook_ce` (same arguments)."""
     if not _use_triton(h) or weight.shape[0] > MAX_C:
         return codebook_ce_reference(h, weight, bias, target, label_smoothing)
     device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        cdtype = torch.get_autocast_dtype(device_type)  # what the reference's F.linear runs in
+    if torch.is_autocast_enabled(device_type) and h.dtype != torch.float64:
+        # what the reference's F.linear runs in (autocast leaves fp64 alone)
+        cdtype = torch.get_autocast_dtype(device_type)
     else:
         cdtype = torch.promote_types(h.dtype, weight.dtype)
     return CodebookCE.apply(h, weight, bias, target, label_smoothing, cdtype,

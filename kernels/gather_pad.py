@@ -98,7 +98,7 @@ def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
              y.to(out.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["hot"])  # a codebook of one code makes hot 1, a constant
 def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D, hot,
                        s_ib, s_il, s_kb, s_kk,
                        W_GRAD: tl.constexpr, P_GRAD: tl.constexpr, M_GRAD: tl.constexpr,
@@ -149,14 +149,14 @@ class GatherEmbed(torch.autograd.Function):
         dtype = torch.promote_types(torch.promote_types(weight.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, K, D, device=weight.device, dtype=dtype)  # (B, K, D)
         N = B * K
-        if N > 0:
+        if N > 0 and D > 0:
             cfg = dict(GATHER_FWD)
             cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
             _gather_fwd_kernel[grid](ids, keep, weight, pos, mod, out, N, K, D,
                                      ids.stride(0), ids.stride(1), keep.stride(0),
                                      keep.stride(1), weight.stride(0), pos.stride(0), **cfg)
-        ctx.save_for_backward(ids, keep)
+        ctx.save_for_backward(ids.clone(), keep)  # the caller may reuse ids (the reference may)
         ctx.shapes = (weight.shape, weight.dtype, pos.shape, pos.dtype, mod.dtype)
         return out
 
@@ -173,7 +173,7 @@ class GatherEmbed(torch.autograd.Function):
         # one zeroed fp32 buffer for the three sums: rows [0, C+1) weight, then L pos, then mod
         C1, L = wshape[0], pshape[0]
         acc = torch.zeros(C1 + L + 1, D, device=dev, dtype=torch.float32)
-        if N > 0 and (need_w or need_p or need_m):
+        if N > 0 and D > 0 and (need_w or need_p or need_m):
             cfg = dict(GATHER_BWD)
             cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
@@ -190,7 +190,9 @@ def gather_embed(ids, keep, weight, pos, mod):
     """Encoder input at the kept positions: out[b, k] = weight[ids[b, i]] + pos[i] + mod with
     i = keep[b, k]. ids (B, L) long, keep (B, K) long, weight (C+1, D), pos (L, D), mod (D,)
     -> (B, K, D). Fused Triton version of `echoes.model.gather_embed` (same arguments)."""
-    if not _use_triton(weight):
+    D = weight.shape[-1]
+    documented = weight.dim() == 2 and pos.shape == (ids.shape[-1], D) and mod.shape == (D,)
+    if not _use_triton(weight) or not documented:  # other shapes: the reference broadcasts them
         return gather_embed_reference(ids, keep, weight, pos, mod)
     return GatherEmbed.apply(ids, keep, weight, pos, mod)
 
@@ -302,7 +304,7 @@ class PadDecoder(torch.autograd.Function):
         if x.stride(2) != 1:
             x = x.contiguous()
         mask_emb, pos, mod = mask_emb.contiguous(), pos.contiguous(), mod.contiguous()
-        unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
+        unk = unknown.to(torch.bool).to(torch.uint8).contiguous()  # (B, L) 0 / 1, a copy
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
         if B * L > 0 and D > 0:
@@ -349,6 +351,9 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
     l is known, else the shared mask embedding; plus pos[l] + mod.
     x (B, K, D), keep (B, K) long, unknown (B, L) bool, mask_emb (D,), pos (L, D), mod (D,)
     -> (B, L, D). Fused Triton version of `echoes.model.pad_decoder` (same arguments)."""
-    if not _use_triton(x):
+    D = x.shape[-1]
+    documented = (x.dim() == 3 and pos.shape == (unknown.shape[-1], D)
+                  and mask_emb.shape == mod.shape == (D,))
+    if not _use_triton(x) or not documented:  # other shapes: the reference broadcasts them
         return pad_decoder_reference(x, keep, unknown, mask_emb, pos, mod)
     return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)

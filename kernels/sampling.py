@@ -141,7 +141,10 @@ _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=fp32) available (torch >= 2.8,
 
 
 def _compute_dtype(h):
-    """The matmul input dtype the reference's F.linear would use: autocast's when it is on."""
+    """The matmul input dtype the reference's F.linear would use: autocast's when it is on
+    (autocast leaves fp64 alone)."""
+    if h.dtype == torch.float64:
+        return h.dtype
     try:
         if torch.is_autocast_enabled(h.device.type):
             return torch.get_autocast_dtype(h.device.type)

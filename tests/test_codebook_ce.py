@@ -47,7 +47,7 @@ def make_inputs(N, C, D, device, h_dtype=torch.float32, param_dtype=torch.float3
 
 def loss_and_grads(fn, h, weight, bias, target, eps, dy):
     loss = fn(h, weight, bias, target, eps)
-    wanted = [t for t in (h, weight, bias) if t.requires_grad]
+    wanted = [t for t in (h, weight, bias) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(loss, wanted, dy) if wanted else []
     return loss.detach(), list(grads)
 
@@ -105,8 +105,26 @@ def check_second_derivative_refused():
         grad_h.sum().backward()
 
 
+def check_no_bias_and_fp64_under_autocast():
+    """What the reference also takes: no bias (F.linear's None), and fp64 inputs under autocast,
+    which autocast leaves in fp64."""
+    from kernels.codebook_ce import codebook_ce
+    h, weight, _, target, dy = make_inputs(N=13, C=21, D=8, device="cpu", grads=("h", "weight"))
+    for got, exp in zip(loss_and_grads(codebook_ce, h, weight, None, target, 0.1, dy),
+                        loss_and_grads(codebook_ce_reference, h, weight, None, target, 0.1, dy)):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    h, weight, bias, target, dy = make_inputs(N=13, C=21, D=8, device="cpu",
+                                              h_dtype=torch.float64, param_dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(codebook_ce, h, weight, bias, target, 0.1, dy)
+        exp = loss_and_grads(codebook_ce_reference, h, weight, bias, target, 0.1, dy)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # bf16 would be ~1e-3 off
+
+
 OTHER_CHECKS = {"evaluation_keeps_no_gradient": check_evaluation_keeps_no_gradient,
-                "second_derivative_refused": check_second_derivative_refused}
+                "second_derivative_refused": check_second_derivative_refused,
+                "no_bias_and_fp64_under_autocast": check_no_bias_and_fp64_under_autocast}
 
 
 def interpreter_checks():

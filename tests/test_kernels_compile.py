@@ -108,12 +108,13 @@ def _launch(module, name, kernel, args, kwargs):
         signature, constexprs, attrs = {}, {}, {}
         for i, arg in enumerate(fn.arg_names):
             value = bound[arg]
-            if i in fn.constexprs or (type(value) is int and value == 1):
+            plain = fn.params[i].do_not_specialize  # neither "== 1" nor "% 16" specialised
+            if i in fn.constexprs or (type(value) is int and value == 1 and not plain):
                 signature[arg] = "constexpr"  # Triton's launcher also specialises ints equal to 1
                 constexprs[(i,)] = value
             else:
                 signature[arg], aligned = _spec(value)
-                if aligned:
+                if aligned and not plain:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         label = ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
         if config is not None:
@@ -132,6 +133,8 @@ def _run_ops():
         for inference in (False, True):  # training, and the sampler's stride-0 keep
             ids, keep, p, _ = make_gather_inputs(B, 265, 133, C, D, "cpu", pdtype, inference)
             gather_pad.gather_embed(ids, keep, p["weight"], p["pos"], p["mod"]).sum().backward()
+    ids, keep, p, _ = make_gather_inputs(2, 9, 5, 1, D, "cpu")  # one code: the mask id is 1
+    gather_pad.gather_embed(ids, keep, p["weight"], p["pos"], p["mod"]).sum().backward()
     for xdtype in (torch.bfloat16, torch.float32):  # pad: bf16 (autocast) or fp32 activations
         for inference in (False, True):
             x, keep, unknown, p, _ = make_pad_inputs(B, 256, 128, D, "cpu", xdtype,

@@ -208,6 +208,18 @@ def remask_ties_and_extremes():
 
 
 @check
+def draw_fp64_stays_fp64_under_autocast():
+    """Autocast leaves fp64 alone, so the reference draws from fp64 logits; so must the kernel."""
+    from kernels import sampling
+    hc, hu, W, b, u = (t.double() for t in draw_inputs(64, 16, 40, seed=5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, logp = sampling.draw_tokens(hc, hu, W, b, 3.0, 1.0, u.float())
+        ref_ids, ref_logp = ref.draw_tokens(hc, hu, W, b, 3.0, 1.0, u.float())
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(logp, ref_logp.float(), rtol=1e-5, atol=1e-5)
+
+
+@check
 def empty_inputs():
     from kernels import sampling
     hc, hu, W, b, u = draw_inputs(0, 8, 10, seed=0)
