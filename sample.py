@@ -70,7 +70,9 @@ class Settings:
                                       "(only for files you trust)")
     steps: int | None = setting(None, "unmasking steps N (default: checkpoint's, else 30)")
     temperature: float | None = setting(None, "Gumbel choice temperature T, annealed "
-                                        "(default: checkpoint's, else 9)")
+                                        "(default: checkpoint's, else 9; with 0, positions of "
+                                        "equal confidence at the cut all go back, as in the "
+                                        "paper's Code 1, which can stall the schedule)")
     guidance: float | None = setting(None, "CFG scale s, 1 = none (default: checkpoint's, else "
                                      "3 for audio generation, 1 for a2i)")
     token_temperature: float | None = setting(None, "temperature of the categorical draw "

@@ -67,7 +67,9 @@ def remask(logp, gumbel, unknown, mask_len, tau):
     """Code 1's `mask_by_random_topk`: which positions go back to the mask id.
 
     confidence = logp + tau * gumbel at unknown positions and +inf at known ones; a position is
-    re-masked when its confidence is at most the mask_len-th smallest of its row.
+    re-masked when its confidence is at most the mask_len-th smallest of its row. Ties at that
+    cut all go back, as in Code 1 (`confidence <= cut_off`): more than mask_len positions, which
+    Gumbel noise makes a measure-zero event, but with tau = 0 a confident model ties often.
     logp, gumbel (B, L) fp32, unknown (B, L) bool, mask_len (B,) long in [1, unknown count - 1],
     tau float -> (B, L) bool."""
     confidence = torch.where(unknown, logp + tau * gumbel, torch.full_like(logp, float("inf")))
