@@ -156,7 +156,7 @@ class GatherEmbed(torch.autograd.Function):
             _gather_fwd_kernel[grid](ids, keep, weight, pos, mod, out, N, K, D,
                                      ids.stride(0), ids.stride(1), keep.stride(0),
                                      keep.stride(1), weight.stride(0), pos.stride(0), **cfg)
-        ctx.save_for_backward(ids.clone(), keep)  # the caller may reuse ids (the reference may)
+        ctx.save_for_backward(ids, keep)
         ctx.shapes = (weight.shape, weight.dtype, pos.shape, pos.dtype, mod.dtype)
         return out
 
@@ -304,7 +304,7 @@ class PadDecoder(torch.autograd.Function):
         if x.stride(2) != 1:
             x = x.contiguous()
         mask_emb, pos, mod = mask_emb.contiguous(), pos.contiguous(), mod.contiguous()
-        unk = unknown.to(torch.bool).to(torch.uint8).contiguous()  # (B, L) 0 / 1, a copy
+        unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
         if B * L > 0 and D > 0:
