@@ -467,14 +467,14 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     uncond = {"i2a": "image", "a2i": "audio", "inpaint": "image",
               "continue": "image" if image_ids is not None else None}.get(mode)
 
-    modes = [(m, m.training) for m in model.modules()]  # restored as they were, one by one
+    flags = [(m, m.training) for m in model.modules()]  # restored as they were, one by one
     model.eval()  # dropout off: the generators are the only source of randomness
     try:
         with torch.inference_mode():
             ids = unmask(model, audio, image, targets, generators, uncond, steps, temperature,
                          guidance, token_temperature, progress, callback, cuda_graphs)
     finally:
-        for m, training in modes:
+        for m, training in flags:
             m.training = training
     # new tensors the caller may change in place: neither inference tensors nor the inputs
     return tuple(x.clone() for x in ids)
