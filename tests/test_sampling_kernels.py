@@ -330,7 +330,12 @@ def test_gpu_paper_shape_draw_under_autocast():
     torch.testing.assert_close(logp[same], ref_logp[same], rtol=0, atol=0.1)
 
 
+def interpreter_checks():
+    """The checks of the interpreter run, by name (tests/test_candidates.py runs them too)."""
+    return dict(CHECKS)
+
+
 if __name__ == "__main__":  # the interpreter subprocess of the `interpreter_results` fixture
     from conftest import interpreter_main
     torch.manual_seed(0)
-    interpreter_main(CHECKS)
+    interpreter_main(interpreter_checks())
