@@ -10,9 +10,8 @@ Each row is the median over --steps timed steps after --warmup untimed ones. Aft
 row's timing (the profiler can slow the launches of whatever runs after it), one more of its steps
 runs under the profiler: its GPU busy time (summed kernel durations) against the step time says
 how long the GPU waits for the host, and the kernels that take the most time are listed under
-the table. Inputs are random
-token ids: the step, not the data loader, is what is measured (train.py reads memory-mapped
-shards, whose cost is negligible next to a step). The optimizer, autocast and FLOP count are
+the table. Inputs are random token ids: the step, not the data loader, is what is measured
+(train.py reads memory-mapped shards, whose cost is negligible next to a step). The optimizer, autocast and FLOP count are
 train.py's own (`configure_optimizer`, `autocast`, `peak_tflops`, `model.flops_per_sample`).
 
     python bench/train.py                   # whatever this machine has; about a minute on 2 cores
@@ -41,7 +40,6 @@ import kernels  # noqa: E402
 from echoes.cli import (UserError, check_at_least, check_out_file, parse_settings,  # noqa: E402
                         run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
-
 
 
 def load_by_path(name, path):
