@@ -431,7 +431,7 @@ SYNCING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "masked_scatte
 
 
 class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every aten op run under it, as (name, whether a bool tensor indexes)."""
+    """The names of the aten ops run under it; an index by a bool mask gets a name of its own."""
 
     def __init__(self):
         super().__init__()
@@ -440,7 +440,7 @@ class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name == "index":  # x[bool mask] needs the mask's count on the host
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
+            indices = args[1] if len(args) > 1 else (kwargs or {}).get("indices", [])
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 name = "index by a bool mask"
         self.ops.append(name)
