@@ -156,7 +156,8 @@ def setup_distributed(device="auto"):
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu",
+                        node_wide=True)
     if cuda and local >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise UserError(f"process {local} of this node needs GPU {local}, but the node shows "
@@ -410,10 +411,15 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
-    config, micro, accum = check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        config, micro, accum = check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
+    except UserError as e:
+        e.node_wide = True  # every process checks the same settings and files
+        raise
     ckpt_path = os.path.join(s.out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not s.resume:
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or pick another --out")
+        raise UserError(f"{ckpt_path} exists; pass --resume to continue it or pick another --out",
+                        node_wide=True)
     d = setup_distributed(s.device)
     try:
         code = train(s, d, config, micro, accum, ckpt_path)
@@ -457,9 +463,14 @@ def train(s, d, config, micro, accum, ckpt_path):
     step, extra = 0, {}
     if d.master:
         remove_temps(s.out)  # a save killed part-way leaves its temp file
-    ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
+    try:
+        ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
+        if ckpt is not None:
+            step = resume(ckpt, ckpt_path, s, d, config, model, optimizer, loader, generator)
+    except UserError as e:
+        e.node_wide = True  # every process of a node reads the same checkpoint
+        raise
     if ckpt is not None:
-        step = resume(ckpt, ckpt_path, s, d, config, model, optimizer, loader, generator)
         extra = {k: ckpt[k] for k in ("sampling", "metrics") if k in ckpt}
         del ckpt
     elif s.resume:
@@ -470,7 +481,7 @@ def train(s, d, config, micro, accum, ckpt_path):
         if steps[0] != -steps[1]:
             raise UserError(f"the processes found checkpoints of different steps in {s.out} "
                             f"({-int(steps[1])} to {int(steps[0])}): --out must be one folder "
-                            "that every node shares")
+                            "that every node shares", node_wide=True)
     if train_set.tokenizers:
         extra["tokenizers"] = train_set.tokenizers
     if s.sampling:

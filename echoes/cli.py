@@ -28,7 +28,19 @@ import torch
 
 
 class UserError(Exception):
-    """A problem the user can fix. Its message is one line: what is wrong and what to do."""
+    """A problem the user can fix. Its message is one line: what is wrong and what to do.
+    `node_wide` marks one that every process of a torchrun node finds alike (its settings, its
+    files): the node's first process says it, the others only exit."""
+
+    def __init__(self, message, node_wide=False):
+        super().__init__(message)
+        self.node_wide = node_wide
+
+
+def follower():
+    """Whether this is a torchrun process other than its node's first (LOCAL_RANK > 0): it
+    keeps quiet about what the first process of its node says anyway."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0
 
 
 def run_cli(main, argv=None):
@@ -36,7 +48,8 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not (e.node_wide and follower()):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -81,6 +94,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def _print_message(self, message, file=None):
+        if not follower():  # errors and --help: once per node under torchrun, not once per GPU
+            super()._print_message(message, file)
 
 
 def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):

@@ -189,7 +189,8 @@ def test_sigterm_saves_and_exits(shards, tmp_path):
     ("checkpoint that does not fit", "does not fit this run (RuntimeError"),
     ("ids past the codebook", "hold image id 40, the model's codebook has 32 codes"),
 ])
-def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, case, message, one_thread):
+def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, case, message,
+                                        one_thread):
     out = tmp_path / "run"
     argv = args(shards, out, "--max-steps", "1", "--eval-every", "0")
     if case in ("existing run", "other model", "checkpoint that does not fit"):
@@ -230,6 +231,31 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, case, message,
         trainer.run_cli(trainer.main, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    if case in ("no data", "existing run", "other model", "checkpoint that does not fit"):
+        # under torchrun the other processes of the node find the same problem and keep quiet
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with pytest.raises(SystemExit) as e:
+            trainer.run_cli(trainer.main, argv)
+        assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_only_the_first_process_of_a_node_prints_node_wide_errors(monkeypatch, capsys):
+    def fails(node_wide):
+        def main(argv):
+            raise trainer.UserError("a problem", node_wide=node_wide)
+        return main
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for node_wide, printed in ((True, ""), (False, "error: a problem\n")):
+        with pytest.raises(SystemExit) as e:
+            trainer.run_cli(fails(node_wide))
+        assert e.value.code == 2 and capsys.readouterr().err == printed
+    with pytest.raises(SystemExit) as e:  # argparse's errors and --help alike
+        trainer.main(["--no-such-flag"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        trainer.main(["--no-such-flag"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_a_resumed_run_removes_the_temp_file_of_a_killed_save(shards, tmp_path, one_thread):
