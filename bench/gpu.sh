@@ -2,9 +2,10 @@
 # One prepared GPU session: the GPU tests, then every benchmark, then a short summary.
 # Usage: bash bench/gpu.sh [OUT_DIR]
 # The whole script ends within GPU_SH_BUDGET seconds (default 570: under 10 minutes): each stage
-# runs under its own time limit, cut to what the budget has left, and a stage is skipped when
-# nothing is left; every stage's log keeps the rows it printed. The runs took 3.5-4 minutes on an
-# H200 on 2026-11-27 with two to four candidates, each adding about 25 s (below).
+# runs under its own time limit, cut to what the budget has left (the kernels stage leaves 200 s
+# for the two after it), and a stage is skipped when nothing is left; every stage's log and
+# table keep the rows it measured. The runs took 3.5-4 minutes on an H200 on 2026-11-27 with two
+# to four candidates, each adding about 25 s (below).
 # Needs torch + triton with CUDA. On a machine without network, soundfile is installed from
 # ./.wheels (ignored by git), fetched beforehand for the GPU machine's Python, e.g. for 3.12:
 #   pip download --only-binary=:all: --python-version 3.12 \
@@ -46,7 +47,10 @@ step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_sampler.py -k "gpu or cuda"
 [ -n "${CANDIDATE+set}" ] || CANDIDATE=$(ls bench/candidates/*.patch 2>/dev/null)
 n_candidates=$(echo $CANDIDATE | wc -w)
-step kernels $((150 + 25 * n_candidates)) python3 bench/kernels.py --out "$out/kernels.md" \
+limit=$((150 + 25 * n_candidates))
+keep=$((budget - SECONDS - 10 - 200))  # 200 s stay for the sample and train stages
+(( keep < limit )) && limit=$keep
+step kernels $limit python3 bench/kernels.py --out "$out/kernels.md" \
   ${CANDIDATE:+--candidate $CANDIDATE}
 step sample 140 python3 bench/sample.py --out "$out/sample.md"
 step train 150 python3 bench/train.py --out "$out/train.md"

@@ -440,10 +440,12 @@ def busy_us(fn, grads, calls=5):
     return sum(parts.values()), sorted(parts.items(), key=lambda kv: -kv[1])
 
 
-def host_us(fn, grads, calls=20, spin_cycles=int(4e8)):
+def host_us(fn, grads, calls=5, spin_cycles=int(4e8)):
     """Host time to issue one call (us): Python, autograd, allocations and launches, measured
     while a spin kernel (~0.2 s) holds the GPU so that nothing waits on it. None where the spin
-    ended before the calls were issued: a call waited for the GPU (a synchronising op)."""
+    ended before the calls were issued: a call waited for the GPU (a synchronising op). Few
+    calls: the launch queue holds about a thousand kernels, and an eager backward with its
+    sort-based index_put launches fifty; past a full queue the host waits without a sync."""
     torch.cuda.synchronize()
     torch.cuda._sleep(spin_cycles)
     spun = torch.cuda.Event()

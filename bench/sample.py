@@ -101,7 +101,9 @@ def time_generate(model, image_ids, s, repeats, autocast_dtype, graphs, wait=Fal
     return statistics.median(times), times
 
 
-def bench_preset(preset, device, autocast_dtype, s, table):
+def bench_preset(preset, device, autocast_dtype, s, table, save):
+    """Time every kernel path on `preset`, appending a row to `table` and calling `save()`
+    after each."""
     torch.manual_seed(s.seed)
     config = EchoesConfig.preset(preset, dropout=0.0)
     with device:  # initialise the weights where they will live (424 M of them for `paper`)
@@ -131,6 +133,7 @@ def bench_preset(preset, device, autocast_dtype, s, table):
                           1e3 * median / s.steps, baseline[kind] / median, len(times)))
             print(f"  {backend} {kind} B={B}: {median:.3f} s "
                   f"({', '.join(f'{t:.2f}' for t in times)})", flush=True)
+            save()
 
 
 def main(argv=None):
@@ -142,9 +145,20 @@ def main(argv=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     table = []
-    bench_preset("demo", torch.device("cpu"), None, s, table)
+
+    def save():  # after every row: a run cut short keeps the rows it measured
+        if s.out:
+            write_text(s.out, markdown(table, s))
+
+    bench_preset("demo", torch.device("cpu"), None, s, table, save)
     if s.gpu and torch.cuda.is_available():
-        bench_preset("paper", torch.device("cuda"), torch.bfloat16, s, table)
+        bench_preset("paper", torch.device("cuda"), torch.bfloat16, s, table, save)
+    print("\n" + markdown(table, s), end="")
+    if s.out:
+        print(f"wrote {s.out}")
+
+
+def markdown(table, s):
     title = (f"i2a, N = {s.steps}, CFG s = {s.guidance} (one forward of 2B per step), "
              f"T = {s.temperature}; median of the repeats")
     head = ("preset", "device", "dtype", "ops", "row", "batch", "s / call", "samples/s",
@@ -153,10 +167,7 @@ def main(argv=None):
             for p, d, dt, b, k, B, m, sps, ms, x, n in table]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    print("\n" + "\n".join(lines))
-    if s.out:
-        write_text(s.out, "\n".join(lines) + "\n")
-        print(f"wrote {s.out}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ def bench_row(preset, device, backend, amp, s, batch=0, profile=False):
                 calls=1)
         except Exception as e:  # the profiler is a diagnostic: never lose the row for it
             print(f"  profiler failed: {type(e).__name__}: {e}", flush=True)
+        if busy is not None and not 0 < busy <= 1.2e6 * dt:  # an empty or broken trace
+            print(f"  profiler: no usable trace (busy {busy:.0f} us)", flush=True)
+            busy, parts = None, []
     flops = model.flops_per_sample(train=True) * B / dt
     peak = trainer.peak_tflops(device)
     del model, optimizer
@@ -219,6 +222,10 @@ def main(argv=None):
     results, notes = [], []
     batch = {}  # device type -> the batch of its first row: every row of a device uses it
     rows = plan(s, notes)
+    footer = (f"\nFLOPs per training sample (model.flops_per_sample): demo "
+              f"{flops_per_sample('demo') / 1e9:.2f} G, paper "
+              f"{flops_per_sample('paper') / 1e12:.3f} T; MFU against train.py's PEAK_TFLOPS "
+              "(dense bf16)\n")
     last_gpu = max((i for i, row in enumerate(rows) if row[1].type == "cuda"), default=None)
     for i, (preset, device, backend, amp) in enumerate(rows):
         print(f"{preset} on {device_name(device)}, {backend} ops, {amp} ...", flush=True)
@@ -229,13 +236,11 @@ def main(argv=None):
         except (ImportError, RuntimeError) as e:  # a kernel backend that cannot run here
             notes.append(f"{preset} {device} {backend}: not measured ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})")
-    text = table(results) + "".join(f"\n{n}" for n in notes)
-    text += (f"\nFLOPs per training sample (model.flops_per_sample): demo "
-             f"{flops_per_sample('demo') / 1e9:.2f} G, paper {flops_per_sample('paper') / 1e12:.3f}"
-             " T; MFU against train.py's PEAK_TFLOPS (dense bf16)\n")
+        if s.out:  # after every row: a run cut short keeps the rows it measured
+            write_text(s.out, table(results) + "".join(f"\n{n}" for n in notes) + footer)
+    text = table(results) + "".join(f"\n{n}" for n in notes) + footer
     print(text)
     if s.out:
-        write_text(s.out, text)
         print(f"wrote {s.out}")
 
 

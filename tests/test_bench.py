@@ -332,3 +332,58 @@ def test_train_bench_runs_a_cpu_step(tmp_path):
                       "--out", str(out)])
     row = out.read_text().splitlines()[2]
     assert row.startswith("| demo | CPU") and row.endswith("| - | - | - |")
+
+
+def test_train_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):
+    import torch
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_bench, "plan", lambda s, notes: [
+        ("demo", cpu, "torch", "fp32"), ("demo", cpu, "torch", "bf16")])
+
+    def fake_row(preset, device, backend, amp, s, batch=0, profile=False):
+        if amp == "bf16":
+            raise KeyboardInterrupt  # what a stage's time limit does to the second row
+        return {"preset": preset, "device": "cpu", "kernels": backend, "amp": amp, "batch": 16,
+                "step_ms": 70.0, "samples_s": 228.6, "tflops": 0.4, "mfu": None,
+                "busy_ms": None, "kernels_us": []}
+
+    monkeypatch.setattr(train_bench, "bench_row", fake_row)
+    out = tmp_path / "train.md"
+    with pytest.raises(KeyboardInterrupt):
+        train_bench.main(["--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| demo")]
+    assert rows == ["| demo | cpu | torch | fp32 | 16 | 70.0 | 228.6 | 0.400 | - | - | - |"]
+
+
+def test_train_bench_drops_an_empty_profile(monkeypatch):
+    import dataclasses
+    import torch
+    monkeypatch.setattr(train_bench.kernel_bench, "busy_us", lambda fn, grads, calls: (0.0, []))
+    s = dataclasses.replace(train_bench.Settings(), steps=1, warmup=0)
+    row = train_bench.bench_row("demo", torch.device("cpu"), "torch", "fp32", s, batch=2,
+                                profile=True)
+    assert row["busy_ms"] is None and row["kernels_us"] == []
+
+
+# bench/sample.py
+
+_spec = importlib.util.spec_from_file_location("bench_sample", ROOT / "bench" / "sample.py")
+sample_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_bench)
+
+
+def test_sample_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_time(model, image_ids, s, repeats, autocast_dtype, graphs, wait):
+        calls.append(image_ids.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a stage's time limit does to the second row
+        return 0.25, [0.25]
+
+    monkeypatch.setattr(sample_bench, "time_generate", fake_time)
+    out = tmp_path / "sample.md"
+    with pytest.raises(KeyboardInterrupt):
+        sample_bench.main(["--out", str(out), "--no-gpu"])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| demo")]
+    assert len(rows) == 1 and "| torch | latency | 1 | 0.250 | 4.00 |" in rows[0]
