@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections import deque
@@ -67,12 +68,21 @@ def read_index(root, required=True):
                             "`python -m echoes.data prepare`")
         return None
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); prepare the shards again") from e
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
+        raise UserError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                        "prepare the shards again") from e
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{path} is not an echoes shard index; prepare the shards again")
+    shards = index.get("shards")
+    if not (all(isinstance(index.get(k), int) for k in ("frames", "image_len", "audio_len"))
+            and isinstance(shards, list)
+            and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                    and isinstance(s.get("split"), str) and isinstance(s.get("n"), int)
+                    for s in shards)):
+        raise UserError(f"{path} is corrupt (frames, image_len, audio_len or a shard's name, "
+                        "split or n is missing or of the wrong type); prepare the shards again")
     return index
 
 
@@ -146,7 +156,7 @@ def write_shards(out_dir, split, image_ids, audio_ids, ids, labels, shard_size=N
 def _read_sidecar(base):
     """The {"ids", "labels", ...} sidecar of the shard at `base` (path without suffix)."""
     try:
-        with open(base + ".json") as f:
+        with open(base + ".json", encoding="utf-8") as f:
             side = json.load(f)
         if not (isinstance(side.get("ids"), list) and isinstance(side.get("labels"), list)):
             raise ValueError("no ids or labels list")
@@ -499,31 +509,69 @@ def list_clips(s, done=frozenset()):
             label = os.path.basename(parent) if parent else ""
             clips.append(Clip(clip_id, label, _hash_split(clip_id, s.test_fraction), path))
         return clips
-    if not os.path.isfile(s.csv):
-        raise UserError(f"--csv {s.csv} not found")
-    with open(s.csv, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or len(row) < 4:
-                continue
-            yt, start, label, split = (x.strip() for x in row[:4])
-            try:
-                start = int(float(start))
-            except ValueError:
-                if i == 0:
-                    continue  # a header row
-                raise UserError(f"{s.csv} row {i + 1}: start_seconds {start!r} is not a number")
-            clip_id = f"{yt}_{start:06d}"
-            if clip_id in seen:
-                continue
-            seen.add(clip_id)
-            cut = (clip_id, f"{yt}_{start}", f"{yt}_{start * 1000}_{(start + 10) * 1000}")
-            path = next((_one_file(stems, n, clip_id, done) for n in cut if n in stems), None)
-            if path is not None:
-                clips.append(Clip(clip_id, label, split, path))
-            else:  # the whole video, if that is what was downloaded: seek to the clip
-                clips.append(Clip(clip_id, label, split, _one_file(stems, yt, clip_id, done),
-                                  float(start)))
+    for yt, start, label, split in read_csv(s.csv):
+        clip_id = f"{yt}_{start:06d}"
+        if clip_id in seen:
+            continue
+        seen.add(clip_id)
+        cut = (clip_id, f"{yt}_{start}", f"{yt}_{start * 1000}_{(start + 10) * 1000}")
+        path = next((_one_file(stems, n, clip_id, done) for n in cut if n in stems), None)
+        if path is not None:
+            clips.append(Clip(clip_id, label, split, path))
+        else:  # the whole video, if that is what was downloaded: seek to the clip
+            clips.append(Clip(clip_id, label, split, _one_file(stems, yt, clip_id, done),
+                              float(start)))
     return clips
+
+
+CSV_EXPECTED = ("expected a UTF-8 CSV with rows youtube_id,start,label,split as VGGSound's "
+                "vggsound.csv (a label that holds a comma in quotes)")
+
+
+def read_csv(path):
+    """[(youtube_id, start in whole seconds, label, split)] of a VGGSound-style CSV; blank lines
+    and a first row that names the columns (its start is a word) are passed over.
+
+    A malformed row is a `UserError` naming its line rather than a clip in skipped.txt: it is a
+    typo or the wrong file (a label's unquoted comma shifts the split into the label), fixed in a
+    minute, where a dropped row would quietly change the data set, and it has no clip id."""
+    if not os.path.isfile(path):
+        raise UserError(f"--csv {path} not found")
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drops a BOM (Excel)
+            reader = csv.reader(f)
+            for row in reader:
+                if not "".join(row).strip():
+                    continue
+                line = reader.line_num
+                if len(row) != 4:
+                    raise UserError(f"--csv {path} line {line} has {len(row)} columns; "
+                                    f"{CSV_EXPECTED}")
+                yt, start, label, split = (x.strip() for x in row)
+                try:
+                    seconds = float(start)
+                except ValueError:
+                    if line == 1 and re.fullmatch(r"[A-Za-z_ ]+", start):
+                        continue  # a header row: start_seconds, start, ...
+                    seconds = math.nan
+                if not math.isfinite(seconds) or seconds < 0:
+                    raise UserError(f"--csv {path} line {line}: start {start!r} is not a number "
+                                    f"of seconds; {CSV_EXPECTED}")
+                if not yt or not split:
+                    raise UserError(f"--csv {path} line {line}: an empty youtube_id or split; "
+                                    f"{CSV_EXPECTED}")
+                rows.append((yt, int(seconds), label, split))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--csv {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                        f"{CSV_EXPECTED}") from e
+    except csv.Error as e:
+        raise UserError(f"--csv {path} is not a CSV file ({e}); {CSV_EXPECTED}") from e
+    except OSError as e:
+        raise UserError(f"--csv {path} cannot be read ({e.strerror or e})") from e
+    if not rows:
+        raise UserError(f"--csv {path} lists no clips; {CSV_EXPECTED}")
+    return rows
 
 
 def _make_tokenizers(s, device):
@@ -580,6 +628,8 @@ def prepare(s):
     if s.workers < 0 or s.limit < 0:
         raise UserError("--workers and --limit must be 0 or more (0: one per core / all clips)")
     check_writable(s.out)
+    if s.csv:
+        read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load
     device = "cuda" if s.device == "auto" and torch.cuda.is_available() else s.device
     if device == "auto":
         device = "cpu"
@@ -597,6 +647,8 @@ def prepare(s):
     remove_temps(s.out)  # temp files of a killed run: never part of a shard
 
     clips = list_clips(s, done)
+    if not clips and not done:
+        raise UserError(f"--videos {s.videos} holds no video files ({', '.join(VIDEO_EXTS)})")
     skipped = [(c.id, "no video file", "") for c in clips if c.path is None and c.id not in done]
     todo = [c for c in clips if c.path is not None and c.id not in done]
     if s.limit > 0:
@@ -658,6 +710,11 @@ def prepare(s):
     for split in list(buffers):
         flush(split, final=True)
     write_skipped()
+    if written == 0 and not done:  # an empty --out would fail later, in `info` or train.py
+        raise UserError(f"no clip was usable: all {len(skipped)} skipped, reasons in "
+                        f"{os.path.join(s.out, SKIPPED)} (short: lower --clip-seconds or "
+                        "--min-fraction; silent: --silence-db; no video file: check --videos "
+                        "against the CSV's ids)")
     print(f"wrote {written} clips to {s.out}; skipped {len(skipped)} "
           f"(reasons in {os.path.join(s.out, SKIPPED)})")
     return written, len(skipped)
@@ -673,6 +730,10 @@ commands:
   prepare   videos (+ an optional VGGSound CSV) -> token shards; see `prepare --help`
   info DIR  what a shard folder holds"""
 
+INFO_USAGE = """usage: python -m echoes.data info DIR
+
+Print what the shard folder DIR holds: clip shapes, clips per split, tokenizer settings."""
+
 
 def info(root):
     index = read_index(root)
@@ -685,19 +746,37 @@ def info(root):
         print(f"  tokenizers: {json.dumps(index['tokenizers'])}")
 
 
+def info_main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(INFO_USAGE)
+        return
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        raise UserError(f"info takes no option {options[0]}; usage: python -m echoes.data info DIR")
+    if not argv:
+        raise UserError("info needs the shard folder: python -m echoes.data info DIR")
+    if len(argv) > 1:
+        raise UserError(f"info takes one shard folder, got {len(argv)} ({' '.join(argv)}): "
+                        "python -m echoes.data info DIR")
+    info(argv[0])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a missing command, as argparse treats a missing argument: usage, exit 2
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     if argv[0] == "prepare":
         prepare(parse_settings(PrepareSettings, argv[1:],
                                description="Videos -> token shards (paper Sec. 3.1, 4.1).",
                                prog="python -m echoes.data prepare"))
-    elif argv[0] == "info" and len(argv) == 2:
-        info(argv[1])
+    elif argv[0] == "info":
+        info_main(argv[1:])
     else:
-        raise UserError(f"unknown command {' '.join(argv)!r}; see `python -m echoes.data --help`")
+        raise UserError(f"unknown command {argv[0]!r}; see `python -m echoes.data --help`")
 
 
 if __name__ == "__main__":

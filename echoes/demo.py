@@ -940,7 +940,10 @@ commands:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a missing command, as argparse treats a missing argument: usage, exit 2
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     if argv[0] == "build":

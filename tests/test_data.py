@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from echoes import data
+from echoes.cli import run_cli
 
 
 def make_shards(root, n=23, frames=5, Lv=6, La=4, split="train", shard_size=7, seed=0,
@@ -311,3 +313,106 @@ def test_ids_past_the_codebook_are_one_user_error(tmp_path):
     with pytest.raises(UserError, match=f"hold audio id {audio_max}, the model's codebook has "
                                         f"{audio_max} codes"):
         ds.fetch([0, 1, 2])
+
+
+# -----------------------------------------------------------------------------
+# the command line: bad input is one line on stderr and exit code 2
+
+
+def run_main(argv, capsys):
+    """(exit code, stdout, stderr) of `python -m echoes.data ARGV`, without a subprocess."""
+    try:
+        run_cli(data.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
+    code, out, err = run_main([], capsys)
+    assert code == 2 and not out and err.startswith("usage: python -m echoes.data COMMAND")
+    for flag in ("-h", "--help"):
+        code, out, err = run_main([flag], capsys)
+        assert code == 0 and out.startswith("usage: python -m echoes.data COMMAND") and not err
+
+
+def test_info_takes_help_or_one_folder(tmp_path, capsys):
+    for flag in ("-h", "--help"):
+        code, out, err = run_main(["info", flag], capsys)
+        assert code == 0 and out.startswith("usage: python -m echoes.data info DIR") and not err
+    for argv, want in ((["info"], "error: info needs the shard folder"),
+                       (["info", "a", "b"], "error: info takes one shard folder, got 2 (a b)"),
+                       (["info", "--all", str(tmp_path)], "error: info takes no option --all")):
+        code, out, err = run_main(argv, capsys)
+        assert code == 2 and not out and err.startswith(want) and err.count("\n") == 1, argv
+    make_shards(tmp_path, n=3)
+    code, out, _ = run_main(["info", str(tmp_path)], capsys)
+    assert code == 0 and "train: 3 clips" in out
+
+
+@pytest.mark.parametrize("text, want", [
+    (b"\xff\xfe\x00\x01binary", "index.json is corrupt or unreadable \\(UnicodeDecodeError"),
+    (b"[1, 2]", "is not an echoes shard index"),
+    (b'{"format": "echoes-token-shards", "version": 1}', "index.json is corrupt \\(frames"),
+    (b'{"format": "echoes-token-shards", "frames": 1, "image_len": 4, "audio_len": 2, '
+     b'"shards": [{"name": "train-00000"}]}', "index.json is corrupt \\(frames"),
+])
+def test_a_broken_index_is_one_line_from_info(tmp_path, capsys, text, want):
+    (tmp_path / data.INDEX).write_bytes(text)
+    code, out, err = run_main(["info", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert re.match(f"error: .*{want}", err), err
+
+
+@pytest.mark.parametrize("text, want", [
+    (b"abc,30,dog,train\n\xff\xd8\xff\xe0 a jpeg", "is not UTF-8 text \\(byte 0xff\\)"),
+    (b"abc,30,dog,train\nxyz,20,cat\n", "line 2 has 3 columns"),
+    (b"abc,30,dog barking, loud,train\n", "line 1 has 5 columns"),  # an unquoted comma
+    (b"abc,30,dog,train\nxyz,thirty,cat,train\n", "line 2: start 'thirty' is not a number"),
+    (b"abc,3O,dog,train\n", "line 1: start '3O' is not a number"),  # a typo, not a header
+    (b"abc,inf,dog,train\n", "line 1: start 'inf' is not a number"),
+    (b"abc,30,dog,\n", "line 1: an empty youtube_id or split"),
+    (b"youtube_id,start_seconds,label,split\n\n", "lists no clips"),  # a header alone
+    (b"", "lists no clips"),
+])
+def test_a_malformed_csv_is_one_user_error_naming_the_line(tmp_path, text, want):
+    (tmp_path / "clips.csv").write_bytes(text)
+    s = data.PrepareSettings(videos=str(tmp_path), csv=str(tmp_path / "clips.csv"))
+    with pytest.raises(data.UserError, match=f"{want}.*youtube_id,start,label,split as "
+                                             "VGGSound's vggsound.csv"):
+        data.list_clips(s)
+
+
+def test_a_csv_header_blank_lines_and_a_bom_are_passed_over(tmp_path):
+    (tmp_path / "clips.csv").write_bytes(
+        b'\xef\xbb\xbfyoutube_id,start_seconds,label,split\nabc,30,"dog, loud",train\n\n'
+        b'xyz,20.5,cat,test\n')
+    assert data.read_csv(str(tmp_path / "clips.csv")) == [
+        ("abc", 30, "dog, loud", "train"), ("xyz", 20, "cat", "test")]
+
+
+@needs_ffmpeg
+def test_prepare_that_writes_no_clip_is_one_user_error(tmp_path, capsys):
+    videos, out = tmp_path / "videos", tmp_path / "shards"
+    videos.mkdir()
+    args = ["prepare", "--videos", str(videos), "--out", str(out), *tiny_tokenizers(tmp_path)]
+    code, _, err = run_main(args, capsys)
+    assert code == 2 and err.startswith("error: --videos") and "holds no video files" in err
+    assert err.count("\n") == 1
+    make_video(videos / "short.mp4", seconds=0.3)  # under half of --clip-seconds 1
+    code, _, err = run_main(args, capsys)
+    err = err.splitlines()[-1]  # after the progress bar and the skipped clip's line
+    assert code == 2 and err.startswith("error: no clip was usable")
+    assert f"no clip was usable: all 1 skipped, reasons in {out / 'skipped.txt'}" in err
+    assert "--clip-seconds" in err and not (out / data.INDEX).exists()
+    assert (out / "skipped.txt").read_text().startswith("short\tshort (0.3")
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe")  # found before the tokenizers load
+    code, _, err = run_main([*args, "--csv", str(tmp_path / "bad.csv")], capsys)
+    assert code == 2 and "bad.csv is not UTF-8 text" in err
+    # one usable clip: written; a rerun that adds nothing to it is a success
+    make_video(videos / "long.mp4")
+    assert run_main(args, capsys)[0] == 0 and len(data.TokenShards(out, "train")) == 1
+    code, out_text, _ = run_main(args, capsys)
+    assert code == 0 and "wrote 0 clips" in out_text

@@ -319,3 +319,14 @@ def test_build_options_are_checked_first(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(demo.UserError, match="no CUDA GPU is visible"):
             demo._device("cuda:1")  # a GPU's index is a device name
+
+
+def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(demo.main, [])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and not out and err.startswith("usage: python -m echoes.demo COMMAND")
+    for flag in ("-h", "--help"):
+        assert run_cli(demo.main, [flag]) is None
+        out, err = capsys.readouterr()
+        assert out.startswith("usage: python -m echoes.demo COMMAND") and not err
