@@ -37,9 +37,11 @@ and exit with code 2.
 import itertools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import soundfile
 import torch
 
 import kernels
@@ -80,7 +82,8 @@ class Settings:
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
     batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
                               "in one forward)")
-    num_samples: int = setting(1, "samples per input (joint: number of pairs)")
+    num_samples: int = setting(1, "samples per input (joint: number of pairs); with several, "
+                               "NAME_1, NAME_2, ... (joint: joint_000, joint_001, ...)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     cuda_graphs: bool = setting(True, "on a GPU, replay the transformer's forward from CUDA "
                                 "graphs (the same ids, fewer kernel launches)")
@@ -118,6 +121,9 @@ def check_options(s):
         value = getattr(s, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
+    if s.start is not None and s.end is not None and s.start >= s.end:
+        raise UserError(f"--start {s.start:g} is not before --end {s.end:g}: the stretch to "
+                        "regenerate would be empty")
 
 
 def model_source(s):
@@ -144,13 +150,17 @@ def check_inputs(s):
     """One-line errors for missing inputs, unpaired inputs and outputs that would collide."""
     needs = {"i2a": ["image"], "a2i": ["audio"], "joint": [],
              "inpaint": ["image", "audio", "start"], "continue": ["audio", "start"]}[s.mode]
-    for name in needs:
-        if getattr(s, name) in (None, []):
-            raise UserError(f"--mode {s.mode} needs --{name}")
+    missing = [f"--{name}" for name in needs if getattr(s, name) in (None, [])]
+    if missing:
+        listed = ", ".join(missing[:-1]) + " and " * (len(missing) > 1) + missing[-1]
+        raise UserError(f"--mode {s.mode} needs {listed}")
     if s.mode in ("inpaint", "continue") and s.image and len(s.image) not in (1, len(s.audio)):
-        raise UserError(f"--mode {s.mode} pairs each --audio with an --image: give one image or "
-                        f"{len(s.audio)}, not {len(s.image)}")
+        each = f" or {len(s.audio)}, one per --audio" if len(s.audio) > 1 else ""
+        raise UserError(f"--mode {s.mode} pairs each --audio with an --image: give one --image "
+                        f"(for every clip){each}, not {len(s.image)}")
     for path in s.image + s.audio:
+        if os.path.isdir(path):
+            raise UserError(f"input {path} is a folder; give its files, e.g. {path}/*")
         if not os.path.isfile(path):
             raise UserError(f"input file not found: {path}")
     stems = [Path(p).stem for p in (s.image if s.mode == "i2a" else s.audio)]
@@ -213,6 +223,16 @@ def encode_inputs(s, image_tok, audio_tok, device):
     if images is not None and s.mode in ("inpaint", "continue") and len(s.image) == 1:
         images = images.expand(len(s.audio), -1)  # one picture for every clip
     return images, encode(audio_tok, s.audio)
+
+
+def note_short_audio(paths, audio_tok):
+    """A note for each input shorter than the model's clips: the rest is taken as silence."""
+    clip = audio_tok.n_samples / audio_tok.sample_rate
+    for path in paths:
+        seconds = soundfile.info(path).duration
+        if seconds < clip - 0.05:
+            print(f"note: {path} is {seconds:.2f} s long, the model's clips {clip:.2f} s: the "
+                  "rest is taken as silence", file=sys.stderr, flush=True)
 
 
 def audio_keep(s, audio_tok):
@@ -298,6 +318,7 @@ def main(argv=None):
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     names = output_names(s)
     images, audios = encode_inputs(s, image_tok, audio_tok, device)
+    note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
 

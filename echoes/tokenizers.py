@@ -19,6 +19,7 @@ D code dimension, F mel bands, T frames (or samples for waveforms), K bins or ta
 
 import dataclasses
 import functools
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -719,7 +720,10 @@ def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
     end matches resampling the whole file there) is read."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"audio file not found: {path}")
+        raise UserError(f"{path} is a folder, not an audio file" if os.path.isdir(path)
+                        else f"audio file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"audio {path} is empty (0 bytes); give a recording")
     try:
         with soundfile.SoundFile(path) as f:
             sr = f.samplerate
@@ -742,8 +746,11 @@ def save_wav(wav, path, sample_rate=SAMPLE_RATE, replace=True):
     """(T,) waveform -> 16-bit PCM WAV, written atomically (`replace=False`: never over an
     existing file, FileExistsError instead)."""
     data = wav.detach().float().clamp(-1, 1).cpu().numpy().reshape(-1)
-    write_atomic(path, lambda f: soundfile.write(f, data, sample_rate, subtype="PCM_16",
-                                                 format="WAV"), replace)
+    # encoded in memory first: soundfile writes a file object from C callbacks, where an OSError
+    # (a full disk) is printed as a traceback rather than raised
+    buffer = io.BytesIO()
+    soundfile.write(buffer, data, sample_rate, subtype="PCM_16", format="WAV")
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()), replace)
 
 
 def load_image(path_or_image, resolution):
@@ -756,7 +763,10 @@ def load_image(path_or_image, resolution):
     elif not isinstance(image, Image.Image):
         path = os.fspath(image)
         if not os.path.isfile(path):
-            raise UserError(f"image file not found: {path}")
+            raise UserError(f"{path} is a folder, not an image file" if os.path.isdir(path)
+                            else f"image file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"image {path} is empty (0 bytes); give a PNG or JPEG file")
         try:
             with Image.open(path) as f:
                 try:
@@ -767,9 +777,13 @@ def load_image(path_or_image, resolution):
         except Image.DecompressionBombError as e:
             raise UserError(f"image {path} is too large to open safely ({e}); scale it "
                             "down first") from e
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}); "
-                            "use a PNG or JPEG file") from e
+        except UnidentifiedImageError as e:
+            raise UserError(f"{path} is not an image file this reads; use a PNG or JPEG "
+                            "file") from e
+        except (OSError, ValueError) as e:  # a damaged file of a known format
+            raise UserError(f"cannot read image {path}, the file is damaged ("
+                            f"{str(e).splitlines()[0][:80] or type(e).__name__}); re-export "
+                            "it") from e
     image = to_8bit(image).convert("RGB")
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one

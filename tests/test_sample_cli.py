@@ -7,6 +7,7 @@ point) and in-process through `run_cli` for the rest, to stay fast.
 """
 
 import dataclasses
+import io
 import importlib.util
 import os
 import subprocess
@@ -86,6 +87,12 @@ def files(tmp_path_factory):
     t = np.arange(int(0.3 * 16000)) / 16000  # 0.3 s at 16 kHz: resampled and zero-padded
     out["bark"] = d / "bark.wav"
     soundfile.write(out["bark"], 0.5 * np.sin(2 * np.pi * 440 * t), 16000)
+    out["folder"] = d / "folder"
+    out["folder"].mkdir()
+    out["zero_bytes"] = d / "zero_bytes.png"
+    out["zero_bytes"].write_bytes(b"")
+    out["cut_png"] = d / "cut.png"
+    out["cut_png"].write_bytes(out["cat"].read_bytes()[:100])  # a PNG cut short
     out["garbage"] = d / "garbage.png"
     out["garbage"].write_bytes(b"not an image at all")
     out["garbage_wav"] = d / "garbage.wav"
@@ -258,7 +265,7 @@ def test_errors_subprocess(files, tmp_path, argv, message):
 
 
 @pytest.mark.parametrize("argv, message, kw", [
-    (["--mode", "i2a", "--image", "garbage"], "cannot read image", {}),
+    (["--mode", "i2a", "--image", "garbage"], "is not an image file this reads", {}),
     (["--mode", "a2i", "--audio", "garbage_wav"], "cannot read audio", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "garbage_ckpt"], "garbage.pt", {}),
     (["--mode", "i2a", "--image", "cat", "--audio", "bark"], "--audio makes no sense", {}),
@@ -269,7 +276,16 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a"], "needs --image", {}),
     (["--mode", "inpaint", "--audio", "bark", "--image", "cat"], "needs --start", {}),
     (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "cat", "dog", "--start", "0.1"],
-     "give one image", {}),
+     "give one --image (for every clip), not 3", {}),
+    (["--mode", "inpaint", "--audio", "bark", "bark", "--image", "cat", "cat", "dog", "--start",
+      "0.1"], "give one --image (for every clip) or 2, one per --audio, not 3", {}),
+    (["--mode", "inpaint"], "--mode inpaint needs --image, --audio and --start", {}),
+    (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "--start", "1", "--end", "0.5"],
+     "--start 1 is not before --end 0.5", {}),
+    (["--mode", "a2i", "--audio", "folder"], "is a folder; give its files", {}),
+    (["--mode", "i2a", "--image", "zero_bytes"], "is empty (0 bytes)", {}),
+    (["--mode", "a2i", "--audio", "zero_bytes"], "is empty (0 bytes)", {}),
+    (["--mode", "i2a", "--image", "cut_png"], "the file is damaged (", {}),
     (["--mode", "i2a", "--image", "cat", "--num-samples", "0"], "at least 1", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "mismatched"], "expects 25 image tokens", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "broken"], "missing 1 keys (mask_emb)", {}),
@@ -376,6 +392,32 @@ def test_a_failed_write_leaves_no_file_and_is_one_line(tmp_path, monkeypatch):
         cli.write_sample(tmp_path, "cat", {".wav": lambda p: cli.save_wav(torch.zeros(10), p,
                                                                            replace=False)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_shorter_than_a_clip_gets_a_note(files, tmp_path, capsys):
+    argv = ["--mode", "a2i", "--audio", files["bark"], "--out", tmp_path, *args(files),
+            "--steps", "2"]
+    run_cli(cli.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    clip = N_SAMPLES / 22050
+    assert (f"note: {files['bark']} is 0.30 s long, the model's clips {clip:.2f} s: the rest is "
+            "taken as silence") in captured.err.splitlines()
+    assert captured.out.splitlines() == [str(tmp_path / "bark.png")]
+
+
+def test_a_full_disk_is_an_error_not_a_printed_traceback(tmp_path, monkeypatch, capfd):
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(cli.save_wav.__globals__, "write_atomic",
+                        lambda path, write, replace: write(FullDisk()))
+    with pytest.raises(OSError, match="No space left"):
+        cli.save_wav(torch.zeros(1000), tmp_path / "x.wav")
+    assert "Exception ignored" not in capfd.readouterr().err  # soundfile's C callbacks print
 
 
 def test_a_recipe_that_keeps_every_mel_frame_loads(files):
