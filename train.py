@@ -14,7 +14,8 @@ all-reduce, checkpoints from the unwrapped model with everything needed to resum
         train.py --data shards --out runs/vgg                              # 2 nodes
     python train.py --data shards --out runs/vgg --resume                  # continue a run
 
-Checkpoint `OUT/ckpt.pt` (written atomically every --save-every steps, at the end and on SIGTERM):
+Checkpoint `OUT/ckpt.pt` (written atomically every --save-every steps, at the end, on SIGTERM
+and on the first Ctrl-C):
     model       state dict of the unwrapped model      config     dataclasses.asdict(EchoesConfig)
     optimizer   AdamW state dict                       settings   the resolved settings below
     step        optimizer steps done                   data       loader position {epoch, index}
@@ -235,8 +236,10 @@ def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
     dist.all_reduce(totals)
     model.train()
     sa, na, sv, nv = totals.tolist()
-    return {"eval_loss": (sa + sv) / max(na + nv, 1), "eval_loss_audio": sa / max(na, 1),
-            "eval_loss_image": sv / max(nv, 1)}
+    # a modality without masked tokens (a tiny split where every clip hides the other) has no
+    # loss: None, not a perfect 0
+    return {"eval_loss": (sa + sv) / max(na + nv, 1), "eval_loss_audio": sa / na if na else None,
+            "eval_loss_image": sv / nv if nv else None}
 
 
 # -----------------------------------------------------------------------------
@@ -338,8 +341,12 @@ def check_settings(s, world):
         if book is not None and book != size:  # sample.py needs them equal
             raise UserError(f"the {kind} tokenizer has {book} codes, the model's codebook "
                             f"{size}; set {kind}_codebook to {book} in --model-overrides")
+    check_at_least(s, {"global_batch": 1, "micro_batch": 0})
     micro = s.micro_batch or s.global_batch // world
-    if s.global_batch < 1 or micro < 1 or s.global_batch % (micro * world):
+    if micro < 1:
+        raise UserError(f"--global-batch {s.global_batch} is smaller than the {world} processes; "
+                        "give every process at least one sample")
+    if s.global_batch % (micro * world):
         raise UserError(f"impossible batch split: --global-batch {s.global_batch} is not a "
                         f"multiple of --micro-batch {micro} x {world} processes")
     check_at_least(s, {"log_every": 1, "save_every": 1, "eval_every": 0, "eval_samples": 0,
@@ -493,7 +500,9 @@ def train(s, d, config, micro, accum, ckpt_path):
            + f"); kernels {model.ops.name if hasattr(model.ops, 'name') else 'torch'}; {amp}"
            + ("; compiled blocks" if compiled else ""))
     print0(f"data: {len(train_set)} {s.train_split} clips"
-           + (f", {len(eval_set)} {s.eval_split}" if eval_set else ", no eval split")
+           + (f", {len(eval_set)} {s.eval_split}" if eval_set else
+              f", no {s.eval_split!r} split to evaluate on (the shards hold: "
+              f"{', '.join(data.split_sizes(data.read_index(s.data)))})")
            + f"; {d.world_size} process(es) x micro-batch {micro} x {accum} accumulation = "
            f"global batch {s.global_batch}; {max_steps} steps "
            f"({loader.steps_per_epoch() / accum:.3g} per epoch), peak lr {peak_lr:.3g}, "
@@ -511,16 +520,26 @@ def train(s, d, config, micro, accum, ckpt_path):
         os.makedirs(s.out, exist_ok=True)
         _trim_log(log_path, step)
     log = open(log_path, "a") if d.master else None
-    stop = {"signal": False}
+    stop = {"signal": False, "name": "a signal to another process", "at": 0.0}
     saved = step if os.path.exists(ckpt_path) else None  # the step the checkpoint on disk holds
 
-    def on_sigterm(signum, frame):
-        stop["signal"] = True
+    def on_signal(signum, frame):
+        """SIGTERM and the first Ctrl-C: save at the end of this step and stop. A later Ctrl-C
+        stops at once; one within a second of the first is the same keypress, which torchrun
+        forwards to its processes after the terminal has sent it to them."""
+        if signum == signal.SIGINT and stop["signal"] and time.monotonic() - stop["at"] > 1:
+            raise KeyboardInterrupt
+        if not stop["signal"] and signum == signal.SIGINT and d.master:
+            tqdm.write("Ctrl-C: a checkpoint is saved at the end of this step (Ctrl-C again "
+                       "stops at once, without saving)", file=sys.stderr)
+        if not stop["signal"]:
+            stop.update({"signal": True, "name": signal.Signals(signum).name,
+                         "at": time.monotonic()})
 
     # handlers can only be set from the main thread (a test may call main() from another)
-    previous = (signal.signal(signal.SIGTERM, on_sigterm)
-                if threading.current_thread() is threading.main_thread() else None)
     from tqdm import tqdm
+    previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                if threading.current_thread() is threading.main_thread() else {})
     bar = tqdm(total=max_steps, initial=step, disable=not (d.master and s.progress),
                dynamic_ncols=True, unit="step")
     try:
@@ -582,8 +601,9 @@ def train(s, d, config, micro, accum, ckpt_path):
                 ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
                 extra["metrics"]["eval_loss"] = ev["eval_loss"]
                 if d.master:
-                    tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
-                               f"{ev['eval_loss_audio']:.4f}, image {ev['eval_loss_image']:.4f})",
+                    part = {k: "n/a" if ev[k] is None else f"{ev[k]:.4f}" for k in ev}
+                    tqdm.write(f"step {step} | eval loss {part['eval_loss']} (audio "
+                               f"{part['eval_loss_audio']}, image {part['eval_loss_image']})",
                                file=sys.stdout)
                     log.write(json.dumps({"step": step, **ev}) + "\n")
                     log.flush()
@@ -592,8 +612,8 @@ def train(s, d, config, micro, accum, ckpt_path):
                                 generator, extra)
                 saved = step
             if stopping:
-                print0(f"stopped by SIGTERM at step {step}; {ckpt_path} saved, continue with "
-                       "--resume")
+                print0(f"stopped by {stop['name']} at step {step}; {ckpt_path} saved, continue "
+                       "with --resume")
                 return 0
         print0(f"done: {step} of {max_steps} steps, checkpoint {ckpt_path}")
         return 0
@@ -601,8 +621,8 @@ def train(s, d, config, micro, accum, ckpt_path):
         bar.close()
         if log is not None:
             log.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

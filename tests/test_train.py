@@ -152,7 +152,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(shards, tmp_path,
     assert f"keeps step {step}" in err[0]
 
 
-def test_sigterm_saves_and_exits(shards, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])  # SIGINT: Ctrl-C
+def test_sigterm_and_ctrl_c_save_and_exit(shards, tmp_path, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                              *args(shards, out, "--max-steps", "100000", "--save-every", "100000",
@@ -163,16 +164,18 @@ def test_sigterm_saves_and_exits(shards, tmp_path):
     while not (out / "log.jsonl").exists() or not losses(out):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stdout
+    assert f"stopped by {sig}" in stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == len(losses(out)) >= 1
 
 
 @pytest.mark.parametrize("case, message", [
     ("no data", "is not a folder"),
+    ("zero batch", "--global-batch must be at least 1, got 0"),
+    ("negative micro batch", "--micro-batch must be at least 0, got -2"),
     ("empty data", "no token shards"),
     ("batch split", "impossible batch split"),
     ("wrong preset", "pick the matching --preset"),
@@ -210,6 +213,8 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, c
         "no data": argv + ["--data", str(tmp_path / "missing")],
         "empty data": argv + ["--data", str(tmp_path)],
         "batch split": argv + ["--global-batch", "10"],
+        "zero batch": argv + ["--global-batch", "0"],
+        "negative micro batch": argv + ["--micro-batch", "-2"],
         "wrong preset": [a for a in argv if a != TINY and a != "--model-overrides"],
         "unknown override": argv + ["--model-overrides", '{"depth": 3}'],
         "existing run": argv,
@@ -256,6 +261,28 @@ def test_only_the_first_process_of_a_node_prints_node_wide_errors(monkeypatch, c
     with pytest.raises(SystemExit) as e:
         trainer.main(["--no-such-flag"])
     assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
+    s = trainer.parse_settings(trainer.Settings, args(shards, tmp_path / "run", "--global-batch",
+                                                      "4", "--micro-batch", "0"))
+    with pytest.raises(trainer.UserError, match="--global-batch 4 is smaller than the 8 "
+                                                "processes; give every process at least one"):
+        trainer.check_settings(s, 8)
+
+
+def test_an_eval_split_without_masked_tokens_of_a_modality_says_n_a(monkeypatch):
+    class NoImageMasked(torch.nn.Module):
+        def training_loss(self, audio, image, generator):
+            return None, {"loss_audio": torch.tensor(2.0), "masked_audio": torch.tensor(3),
+                          "loss_image": torch.tensor(0.0), "masked_image": torch.tensor(0)}
+
+    monkeypatch.setattr(trainer.data, "eval_batches", lambda *a: [(0, torch.zeros(1, 4),
+                                                                   torch.zeros(1, 2))])
+    monkeypatch.setattr(trainer.dist, "all_reduce", lambda t: t)
+    d = trainer.Dist(0, 0, 1, torch.device("cpu"), True)
+    ev = trainer.evaluate(NoImageMasked(), None, 1, d, "fp32", 0)
+    assert ev == {"eval_loss": 2.0, "eval_loss_audio": 2.0, "eval_loss_image": None}
 
 
 def test_a_resumed_run_removes_the_temp_file_of_a_killed_save(shards, tmp_path, one_thread):
