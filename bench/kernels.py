@@ -709,7 +709,7 @@ def main(argv=None):
     else:
         name, versions = "CPU (no CUDA GPU)", f"torch {torch.__version__}"
         print("no CUDA GPU: timing the eager PyTorch references on the CPU "
-              "(median of time.perf_counter); no Triton or torch.compile rows")
+              "(median of time.perf_counter); no Triton, torch.compile or --candidate rows")
     bw, peak, launch, peak_kind = ceiling = ceilings(device, s)
     header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, "
               f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch {launch * 1e6:.1f} us")

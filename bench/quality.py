@@ -112,7 +112,7 @@ def table(rows, header):
 
 
 def main(argv=None):
-    s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
+    s = parse_settings(Settings, argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     check_at_least(s, {"n": 12, "n_ablation": 12, "n_joint": 12, "threads": 0})  # 12 classes
     if s.out:
         check_out_file(s.out)

@@ -43,7 +43,7 @@ class Settings:
     latency_batch: int = setting(1, "batch of the latency rows")
     throughput_batch: int = setting(32, "batch of the throughput rows")
     repeats: int = setting(0, "timed runs per row, median reported; 0: 3, except 1 for the CPU "
-                              "throughput row (a minute or more each on 2 cores)")
+                              "throughput row (the slowest)")
     threads: int = setting(0, "CPU threads for torch (0: its default)")
     gpu: bool = setting(True, "also bench the paper preset on the GPU when one is present")
     seed: int = setting(0, "seed of the random weights, inputs and sampling")

@@ -213,7 +213,7 @@ def table(results):
 
 
 def main(argv=None):
-    s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
+    s = parse_settings(Settings, argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     check_at_least(s, {"steps": 1, "warmup": 0, "batch": 0, "max_batch": 1, "threads": 0})
     if s.out:
         check_out_file(s.out)
