@@ -38,9 +38,9 @@ class UserError(Exception):
 
 
 def follower():
-    """Whether this is a torchrun process other than its node's first (LOCAL_RANK > 0): it
-    keeps quiet about what the first process of its node says anyway."""
-    return int(os.environ.get("LOCAL_RANK", 0)) > 0
+    """Whether this is a torchrun process other than its node's first (LOCAL_RANK > 0 of
+    WORLD_SIZE > 1): it keeps quiet about what the first process of its node says anyway."""
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
 def run_cli(main, argv=None):

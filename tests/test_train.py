@@ -239,6 +239,7 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, c
     if case in ("no data", "existing run", "other model", "checkpoint that does not fit"):
         # under torchrun the other processes of the node find the same problem and keep quiet
         monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
         with pytest.raises(SystemExit) as e:
             trainer.run_cli(trainer.main, argv)
         assert e.value.code == 2 and capsys.readouterr().err == ""
@@ -250,6 +251,7 @@ def test_only_the_first_process_of_a_node_prints_node_wide_errors(monkeypatch, c
             raise trainer.UserError("a problem", node_wide=node_wide)
         return main
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
     for node_wide, printed in ((True, ""), (False, "error: a problem\n")):
         with pytest.raises(SystemExit) as e:
             trainer.run_cli(fails(node_wide))
@@ -257,10 +259,13 @@ def test_only_the_first_process_of_a_node_prints_node_wide_errors(monkeypatch, c
     with pytest.raises(SystemExit) as e:  # argparse's errors and --help alike
         trainer.main(["--no-such-flag"])
     assert e.value.code == 2 and capsys.readouterr().err == ""
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit) as e:
-        trainer.main(["--no-such-flag"])
-    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    for local, world in (("0", "8"), ("3", "1")):  # the first process; LOCAL_RANK alone
+        monkeypatch.setenv("LOCAL_RANK", local)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit) as e:
+            trainer.main(["--no-such-flag"])
+        assert e.value.code == 2
+        assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
