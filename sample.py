@@ -79,6 +79,11 @@ class Settings:
                                      "3 for audio generation, 1 for a2i)")
     token_temperature: float | None = setting(None, "temperature of the categorical draw "
                                               "(default: checkpoint's, else 1)")
+    hide_region: bool = setting(True, "inpaint / continue: silence the regenerated stretch in "
+                                "the mel before encoding, as the paper does (Sec. 5), so none "
+                                "of it reaches the kept tokens; --no-hide-region encodes the "
+                                "whole clip (the kept tokens then sound as in the original, "
+                                "and those near the stretch carry some of what it held)")
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
     batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
                               "in one forward)")
@@ -105,6 +110,8 @@ def check_options(s):
     for name, value in given.items():
         if value not in (None, []) and name not in takes:
             raise UserError(f"--{name} makes no sense for --mode {s.mode}")
+    if not s.hide_region and s.mode not in ("inpaint", "continue"):
+        raise UserError(f"--no-hide-region makes no sense for --mode {s.mode}")
     if s.guidance is not None and (s.mode == "joint" or (s.mode == "continue" and not s.image)):
         without = "without --image " if s.mode == "continue" else ""
         raise UserError(f"--guidance makes no sense for --mode {s.mode} {without}"
@@ -212,17 +219,20 @@ def output_names(s):
     return [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
 
 
-def encode_inputs(s, image_tok, audio_tok, device):
-    """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None)."""
-    def encode(tok, paths):
+def encode_inputs(s, image_tok, audio_tok, device, keep=None):
+    """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None).
+    With `keep` (inpaint / continue), the audio's mel is silenced under the regenerated token
+    columns before it is encoded, as the paper does (Sec. 5)."""
+    def encode(tok, paths, **kw):
         if not paths:
             return None
-        return torch.cat([tok.encode_files(paths[i:i + s.batch_size])
+        return torch.cat([tok.encode_files(paths[i:i + s.batch_size], **kw)
                           for i in range(0, len(paths), s.batch_size)]).to(device)
     images = encode(image_tok, s.image)
     if images is not None and s.mode in ("inpaint", "continue") and len(s.image) == 1:
         images = images.expand(len(s.audio), -1)  # one picture for every clip
-    return images, encode(audio_tok, s.audio)
+    hidden = None if keep is None else ~keep.reshape(audio_tok.grid)[0]  # (w,) columns
+    return images, encode(audio_tok, s.audio, hidden=hidden)
 
 
 def note_short_audio(paths, audio_tok):
@@ -317,7 +327,8 @@ def main(argv=None):
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     names = output_names(s)
-    images, audios = encode_inputs(s, image_tok, audio_tok, device)
+    images, audios = encode_inputs(s, image_tok, audio_tok, device,
+                                   keep if s.hide_region else None)
     note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's

@@ -10,8 +10,10 @@ Rows of the one table:
   with the paper's s = 3: colour, shape and both right;
 - a2i: images from the test clips (colour, shape, both);
 - joint: pairs from nothing; consistency = the image's class equals the audio's;
-- inpaint: 0.5-1.0 s of each test clip regenerated given its image and the rest of the clip;
-  consistency = the clip's class after inpainting is the image's;
+- inpaint: 0.5-1.0 s of each test clip regenerated given its image and the rest of the clip,
+  with the stretch silenced in the mel before encoding (the paper's way, sample.py's default)
+  and with the whole clip encoded (--no-hide-region); consistency = the clip's class after
+  inpainting is the image's;
 - FD: Frechet distance between Gaussians fitted to per-clip log-mel statistics (the mean and
   the standard deviation over time of each of the 80 bands of the [0, 1] SpecVQGAN mel, which is
   a log scale: 160 numbers per clip) of generated and real test audio; the row "tokenizer
@@ -178,12 +180,17 @@ def main(argv=None):
     duration = audio_tok.n_samples / audio_tok.sample_rate
     keep = sampler.audio_keep_outside(0.5, 1.0, audio_tok.grid, duration)
     inp = checkpoint.stored_sampling(bundle, "inpaint")
-    audio_in, _ = demo.generate_ids(model, "inpaint", dict(inp), s.seed,
-                                    audio_ids=audio_ids[:n], image_ids=image_ids[:n],
-                                    audio_keep=keep)
-    acc, _ = demo.score("audio", demo.decode_items("audio", audio_tok, audio_in), labels[:n])
-    log(row("inpaint consistency (0.5-1.0 s)", inp, acc, None, n,
-            f"{int((~keep).sum())} of {keep.numel()} audio tokens regenerated"))
+    # the stretch silenced in the mel before encoding (paper Sec. 5, sample.py's default), and
+    # the whole clip encoded (sample.py --no-hide-region)
+    hidden = ~keep.reshape(audio_tok.grid)[0]  # (w,) token columns
+    shown = audio_tok.silence_columns(torch.as_tensor(mels[:n]), hidden).numpy()
+    for name, ids in (("stretch silenced", demo.encode_items("audio", audio_tok, shown)),
+                      ("whole clip encoded", audio_ids[:n])):
+        audio_in, _ = demo.generate_ids(model, "inpaint", dict(inp), s.seed, audio_ids=ids,
+                                        image_ids=image_ids[:n], audio_keep=keep)
+        acc, _ = demo.score("audio", demo.decode_items("audio", audio_tok, audio_in), labels[:n])
+        log(row(f"inpaint consistency (0.5-1.0 s, {name})", inp, acc, None, n,
+                f"{int((~keep).sum())} of {keep.numel()} audio tokens regenerated"))
 
     # ablation, the shape of the paper's Table 2: N, T, CFG at inference (s = 3)
     abl = []

@@ -935,13 +935,28 @@ class AudioTokenizer:
         """(B, 80, n_frames) in [0, 1] -> (B, h*w) ids; the model sees 2 S - 1."""
         return self.vqgan.encode((2 * mel01 - 1).unsqueeze(1).to(_device(self.vqgan)))
 
-    def encode_waveforms(self, wavs):
-        return self.encode_mels(self.wav_to_mel(wavs))
+    def silence_columns(self, mel01, hidden):
+        """(B, 80, n_frames) mel in [0, 1] with the frames under the token columns `hidden`
+        ((w,) bool, True = hidden) set to 0, the mel's floor (silence): what inpainting hides
+        before encoding (paper Sec. 5: "we mask the input audio mel spectrogram and the audio
+        tokens of corresponding area"), so that no kept token carries what the region held
+        (the encoder's receptive field spans columns). Frame f is under column f * w // n_frames."""
+        n, w = mel01.shape[-1], self.grid[1]
+        column = torch.arange(n, device=hidden.device) * w // n  # (n_frames,)
+        return mel01.masked_fill(hidden.bool()[column].to(mel01.device), 0.0)
 
-    def encode_files(self, paths):
-        """Audio files (any rate and channel count soundfile reads) -> (B, h*w) ids."""
+    def encode_waveforms(self, wavs, hidden=None):
+        """Waveforms (as `wav_to_mel` takes them) -> (B, h*w) ids; with `hidden` ((w,) bool),
+        the mel under those token columns is silenced first (`silence_columns`)."""
+        mel = self.wav_to_mel(wavs)
+        return self.encode_mels(mel if hidden is None else self.silence_columns(mel, hidden))
+
+    def encode_files(self, paths, hidden=None):
+        """Audio files (any rate and channel count soundfile reads) -> (B, h*w) ids; `hidden`
+        as in `encode_waveforms`."""
         seconds = self.n_samples / self.sample_rate  # the clip length: the rest is cut anyway
-        return self.encode_waveforms([load_audio(p, self.sample_rate, seconds) for p in paths])
+        return self.encode_waveforms([load_audio(p, self.sample_rate, seconds) for p in paths],
+                                     hidden)
 
     @torch.no_grad()
     def decode_to_mel(self, ids):

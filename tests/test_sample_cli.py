@@ -283,6 +283,8 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "--start", "1", "--end", "0.5"],
      "--start 1 is not before --end 0.5", {}),
     (["--mode", "a2i", "--audio", "folder"], "is a folder; give its files", {}),
+    (["--mode", "i2a", "--image", "cat", "--no-hide-region"],
+     "--no-hide-region makes no sense for --mode i2a", {}),
     (["--mode", "i2a", "--image", "zero_bytes"], "is empty (0 bytes)", {}),
     (["--mode", "a2i", "--audio", "zero_bytes"], "is empty (0 bytes)", {}),
     (["--mode", "i2a", "--image", "cut_png"], "the file is damaged (", {}),
@@ -418,6 +420,45 @@ def test_a_full_disk_is_an_error_not_a_printed_traceback(tmp_path, monkeypatch, 
     with pytest.raises(OSError, match="No space left"):
         cli.save_wav(torch.zeros(1000), tmp_path / "x.wav")
     assert "Exception ignored" not in capfd.readouterr().err  # soundfile's C callbacks print
+
+
+def test_continuation_hides_the_regenerated_stretch_from_the_encoder(files, tmp_path):
+    from echoes.checkpoint import load_tokenizers
+    image_tok, audio_tok = load_tokenizers(torch.load(files["ckpt"], weights_only=True), "test",
+                                           "cpu", files["image_vqgan"], files["audio_vqgan"])
+    wav, sr = soundfile.read(files["bark"])
+    changed = wav.copy()
+    changed[int(0.27 * sr):] = 0.9 * np.sign(np.sin(np.arange(len(wav) - int(0.27 * sr))))
+    soundfile.write(tmp_path / "changed.wav", changed, sr)
+    s = cli.Settings(mode="continue", audio=[str(files["bark"]), str(tmp_path / "changed.wav")],
+                     start=0.2)
+    keep = cli.audio_keep(s, audio_tok)  # grid (5, 2): the second column is regenerated
+    assert keep.reshape(5, 2)[:, 1].logical_not().all() and keep.reshape(5, 2)[:, 0].all()
+    _, shown = cli.encode_inputs(s, image_tok, audio_tok, "cpu")
+    _, hidden = cli.encode_inputs(s, image_tok, audio_tok, "cpu", keep)
+    mels = audio_tok.wav_to_mel([torch.from_numpy(w).float() for w in (wav, changed)])
+    assert not torch.equal(mels[0], mels[1])
+    assert not torch.equal(shown[0], shown[1])  # the region's content reached the ids
+    assert torch.equal(hidden[0], hidden[1])
+
+
+@pytest.mark.parametrize("flag, hidden", [([], True), (["--no-hide-region"], False)])
+def test_inpainting_hides_the_stretch_unless_told_not_to(files, tmp_path, capsys, monkeypatch,
+                                                        flag, hidden):
+    seen, encode = [], cli.encode_inputs
+
+    def spy(s, image_tok, audio_tok, device, keep=None):
+        seen.append(keep)
+        return encode(s, image_tok, audio_tok, device, keep)
+
+    monkeypatch.setattr(cli, "encode_inputs", spy)
+    code, _, err = run_in_process(["--mode", "inpaint", "--audio", files["bark"], "--image",
+                                   files["cat"], "--start", "0.2", "--out", tmp_path,
+                                   *args(files), "--steps", "2", *flag], capsys)
+    assert code == 0, err
+    assert (seen[0] is not None) == hidden
+    if hidden:
+        assert seen[0].reshape(5, 2).tolist() == [[True, False]] * 5
 
 
 def test_a_recipe_that_keeps_every_mel_frame_loads(files):

@@ -383,6 +383,23 @@ def test_load_image_resizes_short_side_and_centre_crops():
     assert x[:, :, 2:8].mean() > 0.95
 
 
+def test_inpainting_silences_the_mel_under_the_hidden_columns():
+    vq = tiny_vqgan(in_channels=1, resolution=32)
+    tok = AudioTokenizer(vq, n_samples=256 * 31, n_frames=32)  # grid (40, 16): 2 frames a column
+    hidden = torch.zeros(16, dtype=torch.bool)
+    hidden[6:11] = True  # frames 12 .. 21
+    mel = torch.rand(2, 80, 32) + 0.01
+    out = tok.silence_columns(mel, hidden)
+    assert (out[..., 12:22] == 0).all()
+    assert torch.equal(out[..., :12], mel[..., :12]) and torch.equal(out[..., 22:], mel[..., 22:])
+    # two clips that differ only well inside the hidden stretch encode alike
+    a = tone(440.0, 256 * 31 / 22050, 22050).float()
+    b = a.clone()
+    b[16 * 256:18 * 256] += 0.5 * torch.randn(512, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(tok.wav_to_mel(a), tok.wav_to_mel(b))
+    assert torch.equal(tok.encode_waveforms(a, hidden), tok.encode_waveforms(b, hidden))
+
+
 def test_audio_tokenizer_roundtrip(tmp_path):
     sr = 44100
     left, right = tone(440.0, 0.4, sr), 0.3 * torch.randn(int(0.4 * sr), dtype=torch.float64)
