@@ -385,7 +385,9 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         if key not in ckpt:
             raise UserError(f"{path} is not a train.py checkpoint (no {key!r} key)")
     want = dataclasses.asdict(config)
-    diff = {k: (ckpt["config"].get(k), v) for k, v in want.items() if ckpt["config"].get(k) != v}
+    # a field newer than the checkpoint was at its default there (off, for the research fields)
+    stored = {**{f.name: f.default for f in dataclasses.fields(EchoesConfig)}, **ckpt["config"]}
+    diff = {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
     if diff:
         raise UserError(f"{path} was trained with another model configuration ("
                         + ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())

@@ -54,6 +54,11 @@ class EchoesConfig:
     # one modality (chosen at random) fully masked and the other fully visible, the situation that
     # conditional inference starts from and the truncated normal almost never produces
     full_mask_prob: float = 0.0
+    # the paper's Table 2 ablation "CFG Training", off in both presets (the paper's point is that
+    # CFG works without it): this fraction of samples has one modality (chosen at random) fully
+    # masked, the null condition of CFG's unconditional pass, while the other keeps its drawn
+    # ratio: the "remove the condition during training of a low ratio" of diffusion models
+    null_condition_prob: float = 0.0
     # research trick, off in both presets (it helped the demo until the demo preset stopped
     # dropping, drop_ratio 0, which helped more): the dropped positions are taken from the masked
     # ones first, so the encoder sees every visible token whenever at most K are visible. With
@@ -111,7 +116,8 @@ class EchoesConfig:
                                  f"{getattr(self, heads)}")
         checks = [(("dropout", "drop_ratio", "label_smoothing"), lambda v: 0 <= v < 1,
                    "in [0, 1)"),
-                  (("mask_ratio_min", "mask_ratio_max", "mask_ratio_mean", "full_mask_prob"),
+                  (("mask_ratio_min", "mask_ratio_max", "mask_ratio_mean", "full_mask_prob",
+                    "null_condition_prob"),
                    lambda v: 0 <= v <= 1, "in [0, 1]"),
                   (("mlp_ratio", "mask_ratio_std"), lambda v: 0 < v < math.inf, "above 0")]
         for names, ok, where in checks:
@@ -385,6 +391,10 @@ class Echoes(nn.Module):
             which = torch.rand(B, generator=generator, device=gdev) < 0.5  # True: audio masked
             forced = torch.stack([which.float(), (~which).float()], dim=1)  # (B, 2)
             ratio = torch.where(full[:, None], forced, ratio)
+        if c.null_condition_prob > 0:
+            null = torch.rand(B, generator=generator, device=gdev) < c.null_condition_prob  # (B,)
+            image = torch.rand(B, generator=generator, device=gdev) < 0.5  # True: image nulled
+            ratio = ratio.masked_fill(torch.stack([null & ~image, null & image], dim=1), 1.0)
         out = []
         for m, L in enumerate((c.audio_len, c.image_len)):
             n_masked = torch.ceil(ratio[:, m] * L).long()  # (B,), MAGE rounds up

@@ -95,6 +95,21 @@ def test_full_mask_fraction_masks_one_modality_and_shows_the_other():
     assert 10 < a_full.sum() < 54
 
 
+def test_null_condition_fraction_masks_one_modality_and_draws_the_other():
+    model = Echoes(tiny_config(null_condition_prob=1.0), ops=TorchOps)
+    audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu", torch.Generator().manual_seed(1))
+    a_full, v_full = audio_mask.all(1), image_mask.all(1)
+    assert (a_full | v_full).all() and 10 < a_full.sum() < 54
+    # the other modality keeps its truncated-normal ratio (in [0.2, 1]): partly masked, mostly
+    other = torch.where(a_full, image_mask.float().mean(1), audio_mask.float().mean(1))
+    assert other.min() >= 0.2 and (other < 1).float().mean() > 0.5
+    plain = Echoes(tiny_config(), ops=TorchOps)  # off: the same draws as without the field
+    for a, b in zip(plain.draw_corruption(8, "cpu", torch.Generator().manual_seed(2)),
+                    Echoes(tiny_config(null_condition_prob=0.0), ops=TorchOps).draw_corruption(
+                        8, "cpu", torch.Generator().manual_seed(2))):
+        assert torch.equal(a, b)
+
+
 def test_drop_masked_first_keeps_every_visible_position_that_fits():
     plain = Echoes(tiny_config(), ops=TorchOps)
     model = Echoes(tiny_config(drop_masked_first=True), ops=TorchOps)

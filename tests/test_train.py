@@ -268,6 +268,16 @@ def test_only_the_first_process_of_a_node_prints_node_wide_errors(monkeypatch, c
         assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_new_config_field_resumes(shards, tmp_path, one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["null_condition_prob"]  # what an older version wrote
+    torch.save(ckpt, out / "ckpt.pt")
+    assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
+                             "--resume")) == 0
+
+
 def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
     s = trainer.parse_settings(trainer.Settings, args(shards, tmp_path / "run", "--global-batch",
                                                       "4", "--micro-batch", "0"))
