@@ -12,6 +12,7 @@
 
 import argparse
 import dataclasses
+import functools
 import os
 import pickle
 import re
@@ -242,7 +243,7 @@ def write_atomic(path, write, replace=True):
             f.flush()
             os.fsync(f.fileno())
         try:  # mkstemp makes it 0600; give it the mode open() would
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, 0o666 & ~_umask())
         except OSError:  # a file system without modes (FAT, some network mounts)
             pass
         if replace:
@@ -326,13 +327,17 @@ def _remove(path):
         pass
 
 
-def _read_umask():
-    mask = os.umask(0)  # reading the umask means setting it: done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
+@functools.lru_cache(maxsize=None)
+def _umask():
+    """The process's umask, read once, at the first atomic write rather than at import: Linux
+    shows it in /proc; elsewhere reading it means setting it for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def _publish_new(tmp, path):

@@ -18,6 +18,7 @@ The three data-movement and codebook ops of the forward pass (`gather_embed`, `p
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,10 @@ def default_ops():
     try:
         import kernels
     except ImportError:
+        return TorchOps
+    if not hasattr(kernels, "select"):  # another project's `kernels` (there is one on PyPI)
+        warnings.warn(f"the `kernels` module at {getattr(kernels, '__file__', '?')} is not "
+                      "echoes's: using the plain PyTorch ops")
         return TorchOps
     return kernels.select()
 

@@ -56,7 +56,7 @@ MAX_C = 16384
 
 
 def _use_triton(t):
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.is_cuda or INTERPRET  # read at import, as triton.jit reads it
 
 
 @functools.lru_cache(maxsize=None)

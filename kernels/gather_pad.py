@@ -59,7 +59,7 @@ else:
 
 
 def _use_triton(t):
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.is_cuda or INTERPRET  # read at import, as triton.jit reads it
 
 
 def _block_d(D, cap):

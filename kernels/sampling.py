@@ -37,13 +37,13 @@ import triton.language as tl
 from echoes import sampler as reference
 
 
+# read once, as triton.jit reads it: set after import, the kernels would still be compiled ones
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _use_triton(t):
     """Kernels for GPU tensors, or for any tensor under the interpreter; else the reference."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return t.is_cuda or INTERPRET
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
         h_uncond = _rows(h_uncond)
         s = float(guidance)
         h = torch.empty((N, D), dtype=dtype, device=device)  # (N, D) the guided features
-        cfg = dict(_INTERPRET_MIX if _interpreting() else _MIX)
+        cfg = dict(_INTERPRET_MIX if INTERPRET else _MIX)
         cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(D)))
         grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
         _mix_kernel[grid](h_cond, h_uncond, h, N, D, h_cond.stride(0), h_uncond.stride(0),
@@ -226,7 +226,7 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
     has_bias = bias is not None
     bias = bias.to(dtype).contiguous() if has_bias else logits  # any pointer when there is none
     uniform = uniform.contiguous()
-    if _interpreting():
+    if INTERPRET:
         block_r, block_c, warps = _INTERPRET_TILES["BLOCK_M"], _INTERPRET_BLOCK_C, 1
     else:
         block_r, block_c = 4, 2048

@@ -309,3 +309,13 @@ def test_a_config_the_model_cannot_use_is_a_value_error(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         EchoesConfig.paper(**overrides)
     EchoesConfig.paper(dropout=0, full_mask_prob=1.0, mlp_ratio=2)  # ints for floats, bounds
+
+
+def test_another_projects_kernels_module_falls_back_to_the_plain_ops(monkeypatch):
+    import sys
+    import types
+
+    import echoes.model as model
+    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))  # no select()
+    with pytest.warns(UserWarning, match="is not echoes's: using the plain PyTorch ops"):
+        assert model.default_ops() is model.TorchOps

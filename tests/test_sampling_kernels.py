@@ -13,8 +13,6 @@ boundary, and otherwise allows a mismatch only at a floating-point tie (u within
 boundary between the two ids).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -236,14 +234,11 @@ def cpu_tensors_use_the_reference_without_the_interpreter():
     from kernels import sampling
     hc, hu, W, b, u = draw_inputs(5, 8, 10, seed=0)
     logp, gumbel, unknown, mask_len = remask_inputs(2, 6, seed=0)
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with mock.patch.object(sampling.reference, "draw_tokens", return_value="ref-draw"), \
-                mock.patch.object(sampling.reference, "remask", return_value="ref-remask"):
-            assert sampling.draw_tokens(hc, hu, W, b, 3.0, 1.0, u) == "ref-draw"
-            assert sampling.remask(logp, gumbel, unknown, mask_len, 1.0) == "ref-remask"
-    finally:
-        os.environ["TRITON_INTERPRET"] = "1"
+    with mock.patch.object(sampling, "INTERPRET", False), \
+            mock.patch.object(sampling.reference, "draw_tokens", return_value="ref-draw"), \
+            mock.patch.object(sampling.reference, "remask", return_value="ref-remask"):
+        assert sampling.draw_tokens(hc, hu, W, b, 3.0, 1.0, u) == "ref-draw"
+        assert sampling.remask(logp, gumbel, unknown, mask_len, 1.0) == "ref-remask"
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
