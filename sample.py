@@ -16,8 +16,7 @@ What a run needs and where it comes from:
   optional "tokenizers": {"image": {...}, "audio": {...}}, training state that is ignored}.
   Without `--ckpt` the embedded demo bundle `echoes/assets/demo.pt` is used: the same layout, whose
   "tokenizers" entries also carry the VQGAN weights ("state_dict", "config"), so it needs nothing
-  else, and i2a / a2i runs that name no input take its example files from `echoes/assets/examples`
-  (until a release ships the demo, a run without --ckpt stops with a one-line message);
+  else, and i2a / a2i runs that name no input take its example files from `echoes/assets/examples`;
 - the tokenizers: `--image-vqgan` / `--audio-vqgan` (released taming / SpecVQGAN checkpoints use
   the presets of `echoes/tokenizers.py`; a file echoes wrote may carry a "config" entry), else the
   weights embedded in the checkpoint; the recipe (image resolution, clip length) comes from the
@@ -64,9 +63,11 @@ class Settings:
     end: float | None = setting(None, "seconds: where inpainting ends (default: end of clip)")
     ckpt: str = setting("", "model checkpoint from train.py (default: the embedded demo)")
     image_vqgan: str = setting("", "image VQGAN checkpoint (taming layout or echoes's own); "
-                               "default: the one embedded in the checkpoint")
+                               "default: the one embedded in the checkpoint (the demo bundle "
+                               "has one, train.py's checkpoints do not)")
     audio_vqgan: str = setting("", "audio VQGAN checkpoint (SpecVQGAN codebook layout or "
-                               "echoes's own); default: the one embedded in the checkpoint")
+                               "echoes's own); default: the one embedded in the checkpoint (as "
+                               "for --image-vqgan)")
     vocoder: str = setting("", "MelGAN vocoder (SpecVQGAN best_netG.pt); default: Griffin-Lim")
     trust_checkpoints: bool = setting(False, "allow full unpickling of checkpoint files "
                                       "(only for files you trust)")

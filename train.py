@@ -325,6 +325,10 @@ def check_settings(s, world):
     """Everything a user can get wrong, checked before any process group exists, on every rank.
     Returns (config, micro batch, accumulation steps)."""
     config = resolve_config(s)
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     if not s.data or not os.path.isdir(s.data):
         raise UserError(f"--data {s.data!r} is not a folder; make shards with "
                         "`python -m echoes.data prepare` and pass their folder")
@@ -550,7 +554,8 @@ def train(s, d, config, micro, accum, ckpt_path):
             lr = lr_at(step, peak_lr, warmup, max_steps, s.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = torch.zeros(3, device=d.device)  # loss, loss_audio, loss_image
+            # loss; per modality the summed loss and masked count (a micro-batch may mask none)
+            sums = torch.zeros(5, device=d.device)
             for micro_step in range(accum):
                 audio, image = (x.to(d.device, non_blocking=True) for x in loader.next())
                 last = micro_step == accum - 1
@@ -559,13 +564,17 @@ def train(s, d, config, micro, accum, ckpt_path):
                     with autocast(d.device, amp):
                         loss, st = ddp(audio, image, generator)
                     (loss / accum).backward()
-                sums += torch.stack([loss.detach(), st["loss_audio"], st["loss_image"]]).float()
+                sums += torch.stack([loss.detach() / accum,
+                                     st["loss_audio"] * st["masked_audio"], st["masked_audio"],
+                                     st["loss_image"] * st["masked_image"], st["masked_image"]
+                                     ]).float()
             # one small all-reduce: world-mean losses (for the log) and the stop request
-            flags = torch.cat([sums / accum, torch.tensor([float(stop["signal"])],
-                                                          device=d.device)])
+            flags = torch.cat([sums, torch.tensor([float(stop["signal"])], device=d.device)])
             dist.all_reduce(flags)
-            loss_v, loss_a, loss_i = (flags[:3] / d.world_size).tolist()
-            stopping = flags[3].item() > 0
+            loss_v, sa, na, sv, nv, stop_votes = flags.tolist()
+            loss_v /= d.world_size
+            loss_a, loss_i = (sa / na if na else None), (sv / nv if nv else None)
+            stopping = stop_votes > 0
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf")).item()
             if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
@@ -589,8 +598,9 @@ def train(s, d, config, micro, accum, ckpt_path):
             extra.setdefault("metrics", {})["loss"] = loss_v
             if d.master and (step % s.log_every == 0 or step == end):
                 mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
-                tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio {loss_a:.4f}, "
-                           f"image {loss_i:.4f}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                part = ["n/a" if x is None else f"{x:.4f}" for x in (loss_a, loss_i)]
+                tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio {part[0]}, "
+                           f"image {part[1]}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                            f"{1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
                            file=sys.stdout)
                 log.write(json.dumps(record) + "\n")

@@ -358,8 +358,8 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
         names = {f.name for f in dataclasses.fields(VQGANConfig)}
         unknown = sorted(set(obj["config"]) - names)
         if "audio_len" in unknown and "model" in obj:
-            raise UserError(f"{source} is an echoes model checkpoint, not a VQGAN: pass it as "
-                            "--ckpt")
+            raise UserError(f"{source} is an echoes model checkpoint, not a VQGAN (sample.py "
+                            "takes it as --ckpt)")
         if unknown:
             raise UserError(f"{source}: its VQGAN config has unknown fields "
                             f"({', '.join(unknown[:4])}); use the echoes version that wrote it")

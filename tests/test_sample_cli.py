@@ -471,7 +471,7 @@ def test_a_recipe_that_keeps_every_mel_frame_loads(files):
 
 @pytest.mark.parametrize("image_vqgan, audio_vqgan, message", [
     ("audio_vqgan", "image_vqgan", "swap --image-vqgan and --audio-vqgan"),
-    ("ckpt", "audio_vqgan", "is an echoes model checkpoint, not a VQGAN: pass it as --ckpt"),
+    ("ckpt", "audio_vqgan", "is an echoes model checkpoint, not a VQGAN (sample.py takes it as --ckpt)"),
 ])
 def test_tokenizer_files_of_the_wrong_kind_are_one_line(files, tmp_path, capsys, image_vqgan,
                                                         audio_vqgan, message):

@@ -175,6 +175,7 @@ def test_sigterm_and_ctrl_c_save_and_exit(shards, tmp_path, sig):
 @pytest.mark.parametrize("case, message", [
     ("no data", "is not a folder"),
     ("zero batch", "--global-batch must be at least 1, got 0"),
+    ("infinite epochs", "--epochs must be a finite number, got inf"),
     ("negative micro batch", "--micro-batch must be at least 0, got -2"),
     ("empty data", "no token shards"),
     ("batch split", "impossible batch split"),
@@ -214,6 +215,7 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, c
         "empty data": argv + ["--data", str(tmp_path)],
         "batch split": argv + ["--global-batch", "10"],
         "zero batch": argv + ["--global-batch", "0"],
+        "infinite epochs": argv + ["--epochs", "inf", "--max-steps", "0"],
         "negative micro batch": argv + ["--micro-batch", "-2"],
         "wrong preset": [a for a in argv if a != TINY and a != "--model-overrides"],
         "unknown override": argv + ["--model-overrides", '{"depth": 3}'],
@@ -276,6 +278,20 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes(shards, tmp_path, o
     torch.save(ckpt, out / "ckpt.pt")
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
+
+
+def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
+    """Every sample masks one modality fully and shows the other (full_mask_prob 1), so each
+    micro-batch of one masks a single modality: the log's per-modality losses must not average
+    in the micro-batches that masked none of it."""
+    out = tmp_path / "run"
+    overrides = TINY.replace('"dropout": 0.1', '"dropout": 0.1, "full_mask_prob": 1.0')
+    argv = [a if a != TINY else overrides for a in args(shards, out, "--max-steps", "1",
+                                                         "--eval-every", "0")]
+    assert trainer.main([*argv, "--micro-batch", "1"]) == 0
+    record = json.loads(open(out / "log.jsonl").readline())
+    # at initialisation every loss is near ln(32) = 3.47 (half of it, averaging in zeros)
+    assert 3.0 < record["loss_audio"] < 4.0 and 3.0 < record["loss_image"] < 4.0
 
 
 def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
