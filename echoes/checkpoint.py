@@ -68,19 +68,23 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
                         "audio: {n_samples, n_frames, keep_frames, sample_rate}} of positive "
                         "integers (keep_frames 0: all); re-create the checkpoint")
 
-    def vqgan(flag, path, entry, preset, what):
+    missing = [(flag, what) for flag, path, entry, what in (
+        ("image-vqgan", image_vqgan, image_info, "image VQGAN"),
+        ("audio-vqgan", audio_vqgan, audio_info, "audio VQGAN"))
+        if not path and not isinstance(entry.get("state_dict"), dict)]
+    if missing:  # both named at once
+        fix = (" and ".join(f"--{flag} PATH" for flag, _ in missing) if flags else
+               "give a bundle with its tokenizers inside, as `python -m echoes.demo build` makes")
+        raise UserError(f"{source} carries no {' and no '.join(w for _, w in missing)}: "
+                        + (f"pass {fix}" if flags else fix))
+
+    def vqgan(path, entry, preset, what):
         if path:
             return load_vqgan(path, trusted, preset)
-        if isinstance(entry.get("state_dict"), dict):
-            return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
-        fix = (f"pass --{flag} PATH" if flags else
-               "give a bundle with its tokenizers inside, as `python -m echoes.demo build` makes")
-        raise UserError(f"{source} carries no {what}: {fix}")
+        return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
 
-    image_vq = vqgan("image-vqgan", image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(),
-                     "image VQGAN")
-    audio_vq = vqgan("audio-vqgan", audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(),
-                     "audio VQGAN")
+    image_vq = vqgan(image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(), "image VQGAN")
+    audio_vq = vqgan(audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(), "audio VQGAN")
     check_modality(image_vq, "image", image_vqgan or f"the image VQGAN in {source}", flags)
     check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}", flags)
     melgan = load_melgan(vocoder, trusted=trusted).to(device) if vocoder else None

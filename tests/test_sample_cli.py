@@ -297,8 +297,10 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "continue", "--audio", "bark", "--start", "-1"], "outside the clip", {}),
     (["--mode", "i2a", "--image", "cat"], "no embedded demo", dict(ckpt=False)),
     (["--mode", "i2a"], "no embedded demo", dict(ckpt=False, tokenizers=False)),
-    (["--mode", "i2a", "--image", "cat"], "carries no image VQGAN: pass --image-vqgan",
-     dict(tokenizers=False)),
+    (["--mode", "i2a", "--image", "cat"], "carries no image VQGAN and no audio VQGAN: pass "
+     "--image-vqgan PATH and --audio-vqgan PATH", dict(tokenizers=False)),
+    (["--mode", "i2a", "--image", "cat", "--image-vqgan", "image_vqgan"],
+     "carries no audio VQGAN: pass --audio-vqgan PATH", dict(tokenizers=False)),
     (["--mode", "i2a", "--image", "cat", "--device", "cuda:0"], "no CUDA GPU", {}),
     (["--mode", "i2a", "--image", "cat", "--device", "meta"], "not a device this runs on", {}),
     (["--mode", "a2i", "--audio", "empty_wav"], "holds no samples", {}),
