@@ -43,8 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import (UserError, check_writable, parse_settings, remove_temps, run_cli, setting,
-                        write_atomic, write_text)
+from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, remove_temps,
+                        run_cli, setting, write_atomic, write_text)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -435,6 +435,11 @@ class PrepareSettings:
                                "last.ckpt, or a file with a 'config' key written by echoes")
     audio_vqgan: str = setting("", "audio VQGAN checkpoint: SpecVQGAN's vggsound codebook "
                                "epoch_39.ckpt, or a file with a 'config' key written by echoes")
+    tokenizers: str = setting("", "instead of --image-vqgan / --audio-vqgan: a bundle with its "
+                              "tokenizers inside (e.g. the demo's, echoes/assets/demo.pt), whose "
+                              "recipe (frame size, clip length, mel frames, sample rate) is then "
+                              "used too: shards for a model of that size (train.py --preset "
+                              "demo)")
     trust_checkpoints: bool = setting(False, "allow tokenizer files that need full unpickling "
                                       "(only for files you trust)")
     frames: int = setting(10, "frames per clip, uniformly over it (training draws one)")
@@ -574,18 +579,54 @@ def read_csv(path):
     return rows
 
 
+# the recipe settings a --tokenizers bundle fixes: {setting: (modality, the bundle's key)}
+BUNDLE_RECIPE = {"image_size": ("image", "resolution"), "sample_rate": ("audio", "sample_rate"),
+                 "mel_frames": ("audio", "n_frames"), "keep_frames": ("audio", "keep_frames")}
+
+
+def with_bundle_recipe(s):
+    """With --tokenizers: the settings with the bundle's recipe (a recipe flag given otherwise is
+    an error); without, `s` as it is."""
+    if not s.tokenizers:
+        return s
+    if s.image_vqgan or s.audio_vqgan:
+        raise UserError("give --tokenizers or --image-vqgan / --audio-vqgan, not both")
+    entries = (load_checkpoint(s.tokenizers, trusted=s.trust_checkpoints,
+                               what="tokenizer bundle") or {})
+    entries = entries.get("tokenizers") if isinstance(entries, dict) else None
+    if not (isinstance(entries, dict) and all(
+            isinstance(entries.get(m), dict) and isinstance(entries[m].get("state_dict"), dict)
+            for m in ("image", "audio"))):
+        raise UserError(f"--tokenizers {s.tokenizers} carries no tokenizer weights; give a bundle "
+                        "as `python -m echoes.demo build` makes (echoes/assets/demo.pt)")
+    audio = entries["audio"]
+    recipe = {name: entries[m].get(key) for name, (m, key) in BUNDLE_RECIPE.items()}
+    if not all(isinstance(v, int) for v in [*recipe.values(), audio.get("n_samples")]):
+        raise UserError(f"--tokenizers {s.tokenizers}: its recipe is incomplete; rebuild it")
+    recipe["clip_seconds"] = audio["n_samples"] / audio["sample_rate"]
+    defaults = PrepareSettings()
+    for name, value in recipe.items():
+        given = getattr(s, name)
+        if given != getattr(defaults, name) and not math.isclose(given, value, rel_tol=1e-4):
+            raise UserError(f"--{name.replace('_', '-')} {given} differs from the "
+                            f"{value:g} of --tokenizers {s.tokenizers}; leave it out")
+    return dataclasses.replace(s, **recipe)
+
+
 def _make_tokenizers(s, device):
     from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
                                    load_vqgan)
-    for flag, path in (("--image-vqgan", s.image_vqgan), ("--audio-vqgan", s.audio_vqgan)):
+    image_path, audio_path = s.image_vqgan or s.tokenizers, s.audio_vqgan or s.tokenizers
+    for flag, path in (("--image-vqgan", image_path), ("--audio-vqgan", audio_path)):
         if not path:
-            raise UserError(f"give {flag} (see --help for the released checkpoints)")
-    image_vq = load_vqgan(s.image_vqgan, s.trust_checkpoints,
+            raise UserError(f"give {flag} (see --help for the released checkpoints) or "
+                            "--tokenizers")
+    image_vq = load_vqgan(image_path, s.trust_checkpoints,
                           VQGANConfig.imagenet_f16_1024()).to(device)
-    audio_vq = load_vqgan(s.audio_vqgan, s.trust_checkpoints,
+    audio_vq = load_vqgan(audio_path, s.trust_checkpoints,
                           VQGANConfig.vggsound_codebook()).to(device)
-    check_modality(image_vq, "image", s.image_vqgan)
-    check_modality(audio_vq, "audio", s.audio_vqgan)
+    check_modality(image_vq, "image", image_path)
+    check_modality(audio_vq, "audio", audio_path)
     n_samples = round(s.clip_seconds * s.sample_rate)
     try:
         audio_tok = AudioTokenizer(audio_vq, n_samples=n_samples, n_frames=s.mel_frames,
@@ -627,6 +668,7 @@ def prepare(s):
         raise UserError("--frames, --image-size, --shard-size and --batch-size must be positive")
     if s.workers < 0 or s.limit < 0:
         raise UserError("--workers and --limit must be 0 or more (0: one per core / all clips)")
+    s = with_bundle_recipe(s)
     check_writable(s.out)
     if s.csv:
         read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load

@@ -353,13 +353,21 @@ def load_vqgan(path, trusted=False, config=None, **kwargs):
 
 
 def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
-    """`load_vqgan` on an object already loaded (a file's contents, or an entry of a bundle)."""
+    """`load_vqgan` on an object already loaded (a file's contents, or an entry of a bundle).
+    A bundle (an echoes model checkpoint with its tokenizers inside, as the demo's) gives the
+    tokenizer of the modality `config` is for (3 input channels: image, else audio)."""
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         names = {f.name for f in dataclasses.fields(VQGANConfig)}
         unknown = sorted(set(obj["config"]) - names)
         if "audio_len" in unknown and "model" in obj:
-            raise UserError(f"{source} is an echoes model checkpoint, not a VQGAN (sample.py "
-                            "takes it as --ckpt)")
+            modality = None if config is None else (
+                "image" if getattr(config, "in_channels", 3) == 3 else "audio")
+            entry = (obj.get("tokenizers") or {}).get(modality) if modality else None
+            if isinstance(entry, dict) and isinstance(entry.get("state_dict"), dict):
+                return vqgan_from_checkpoint(entry, config, f"the {modality} VQGAN in {source}",
+                                             **kwargs)
+            raise UserError(f"{source} is an echoes model checkpoint without tokenizers inside, "
+                            "not a VQGAN (sample.py takes it as --ckpt)")
         if unknown:
             raise UserError(f"{source}: its VQGAN config has unknown fields "
                             f"({', '.join(unknown[:4])}); use the echoes version that wrote it")

@@ -203,6 +203,57 @@ def tiny_tokenizers(folder):
             "--batch-size", "2", "--device", "cpu"]
 
 
+def tiny_bundle(folder):
+    """A model checkpoint with `tiny_tokenizers`' VQGANs and a recipe inside, as the demo's."""
+    flags = tiny_tokenizers(folder)
+    entries = {m: torch.load(flags[flags.index(f"--{m}-vqgan") + 1], weights_only=True)
+               for m in ("image", "audio")}
+    entries["image"]["resolution"] = 32
+    entries["audio"].update(n_samples=22050, n_frames=64, keep_frames=80, sample_rate=22050)
+    path = folder / "bundle.pt"
+    torch.save({"model": {}, "config": {"audio_len": 20, "image_len": 64},
+                "tokenizers": entries}, path)
+    return path
+
+
+@needs_ffmpeg
+def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, capsys):
+    from echoes.tokenizers import VQGANConfig, load_vqgan
+    videos = tmp_path / "videos"
+    (videos / "dogs").mkdir(parents=True)
+    make_video(videos / "dogs" / "a.mp4")
+    make_video(videos / "dogs" / "b.mp4", audio="sine=frequency=660")
+    bundle = tiny_bundle(tmp_path)
+    common = ["prepare", "--videos", str(videos), "--frames", "2", "--device", "cpu",
+              "--workers", "1", "--test-fraction", "0", "--tokenizers", str(bundle)]
+    data.main([*common, "--out", str(tmp_path / "shards"), "--image-size", "32"])
+    index = data.read_index(tmp_path / "shards")
+    assert (index["image_len"], index["audio_len"]) == (64, 20)
+    recipe = index["tokenizers"]
+    assert recipe["image"]["resolution"] == 32
+    assert {k: recipe["audio"][k] for k in ("n_samples", "n_frames", "keep_frames")} == {
+        "n_samples": 22050, "n_frames": 64, "keep_frames": 80}
+    assert len(data.TokenShards(tmp_path / "shards", "train")) == 2
+    capsys.readouterr()
+    for extra, message in (
+            (["--image-size", "64"], "--image-size 64 differs from the 32 of --tokenizers"),
+            (["--clip-seconds", "2"], "--clip-seconds 2.0 differs from the 1 of --tokenizers"),
+            (["--audio-vqgan", str(bundle)], "give --tokenizers or --image-vqgan / --audio-vqgan"),
+    ):
+        code, _, err = run_main([*common, "--out", str(tmp_path / "other"), *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    plain = tmp_path / "plain.pt"  # a model checkpoint without tokenizers inside
+    torch.save({"model": {}, "config": {"audio_len": 20}}, plain)
+    code, _, err = run_main(["prepare", "--videos", str(videos), "--out", str(tmp_path / "p"),
+                             "--tokenizers", str(plain)], capsys)
+    assert code == 2 and "carries no tokenizer weights" in err
+    # sample.py's --image-vqgan / --audio-vqgan take a bundle too: each its own modality
+    assert load_vqgan(bundle, config=VQGANConfig.imagenet_f16_1024()).config.in_channels == 3
+    assert load_vqgan(bundle, config=VQGANConfig.vggsound_codebook()).config.in_channels == 1
+    with pytest.raises(data.UserError, match="without tokenizers inside, not a VQGAN"):
+        load_vqgan(plain, config=VQGANConfig.vggsound_codebook())
+
+
 @needs_ffmpeg
 def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     videos = tmp_path / "videos"
