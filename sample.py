@@ -34,7 +34,6 @@ and exit with code 2.
 """
 
 import itertools
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -47,8 +46,8 @@ import kernels
 from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
-from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, remove_temps,
-                        run_cli, setting)
+from echoes.cli import (UserError, check_finite, check_writable, load_checkpoint, parse_settings,
+                        remove_temps, run_cli, setting)
 from echoes.tokenizers import save_mel_png, save_png, save_wav
 
 
@@ -80,11 +79,14 @@ class Settings:
                                      "3 for audio generation, 1 for a2i)")
     token_temperature: float | None = setting(None, "temperature of the categorical draw "
                                               "(default: checkpoint's, else 1)")
-    hide_region: bool = setting(True, "inpaint / continue: silence the regenerated stretch in "
-                                "the mel before encoding, as the paper does (Sec. 5), so none "
-                                "of it reaches the kept tokens; --no-hide-region encodes the "
-                                "whole clip (the kept tokens then sound as in the original, "
-                                "and those near the stretch carry some of what it held)")
+    hide_region: bool | None = setting(None, "inpaint / continue: silence the regenerated "
+                                       "stretch in the mel before encoding, as the paper does "
+                                       "(Sec. 5), so none of it reaches the kept tokens; "
+                                       "--no-hide-region encodes the whole clip (the kept tokens "
+                                       "then sound as in the original, and those near the "
+                                       "stretch carry some of what it held). Default: on with "
+                                       "--ckpt, off for the embedded demo, whose audio "
+                                       "tokenizer sees its whole 1.5 s clip at once")
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
     batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
                               "in one forward)")
@@ -111,8 +113,9 @@ def check_options(s):
     for name, value in given.items():
         if value not in (None, []) and name not in takes:
             raise UserError(f"--{name} makes no sense for --mode {s.mode}")
-    if not s.hide_region and s.mode not in ("inpaint", "continue"):
-        raise UserError(f"--no-hide-region makes no sense for --mode {s.mode}")
+    if s.hide_region is not None and s.mode not in ("inpaint", "continue"):
+        flag = "--hide-region" if s.hide_region else "--no-hide-region"
+        raise UserError(f"{flag} makes no sense for --mode {s.mode}")
     if s.guidance is not None and (s.mode == "joint" or (s.mode == "continue" and not s.image)):
         without = "without --image " if s.mode == "continue" else ""
         raise UserError(f"--guidance makes no sense for --mode {s.mode} {without}"
@@ -125,10 +128,7 @@ def check_options(s):
         value, (ok, what) = getattr(s, name), sampler.SAMPLING_RULES[name]
         if value is not None and not ok(value):
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    for name in ("start", "end"):
-        value = getattr(s, name)
-        if value is not None and not math.isfinite(value):
-            raise UserError(f"--{name} must be a finite number, got {value}")
+    check_finite(s)
     if s.start is not None and s.end is not None and s.start >= s.end:
         raise UserError(f"--start {s.start:g} is not before --end {s.end:g}: the stretch to "
                         "regenerate would be empty")
@@ -232,7 +232,7 @@ def encode_inputs(s, image_tok, audio_tok, device, keep=None):
     images = encode(image_tok, s.image)
     if images is not None and s.mode in ("inpaint", "continue") and len(s.image) == 1:
         images = images.expand(len(s.audio), -1)  # one picture for every clip
-    hidden = None if keep is None else ~keep.reshape(audio_tok.grid)[0]  # (w,) columns
+    hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
     return images, encode(audio_tok, s.audio, hidden=hidden)
 
 
@@ -328,8 +328,10 @@ def main(argv=None):
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     names = output_names(s)
-    images, audios = encode_inputs(s, image_tok, audio_tok, device,
-                                   keep if s.hide_region else None)
+    # the demo's audio tokenizer sees its whole clip at once: silencing a stretch changes most of
+    # the kept tokens, into ones its model never met (README, demo quality)
+    hide = s.hide_region if s.hide_region is not None else bool(s.ckpt)
+    images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
     note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's

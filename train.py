@@ -45,8 +45,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from echoes import data
-from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint,
-                        parse_settings, remove_temps, run_cli, save_atomic, setting)
+from echoes.cli import (UserError, check_at_least, check_finite, check_writable,
+                        load_checkpoint, parse_settings, remove_temps, run_cli, save_atomic,
+                        setting)
 from echoes.model import Echoes, EchoesConfig
 from echoes.sampler import check_sampling_defaults
 
@@ -325,10 +326,7 @@ def check_settings(s, world):
     """Everything a user can get wrong, checked before any process group exists, on every rank.
     Returns (config, micro batch, accumulation steps)."""
     config = resolve_config(s)
-    for f in dataclasses.fields(s):
-        value = getattr(s, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    check_finite(s)
     if not s.data or not os.path.isdir(s.data):
         raise UserError(f"--data {s.data!r} is not a folder; make shards with "
                         "`python -m echoes.data prepare` and pass their folder")
@@ -401,6 +399,8 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["data"])
         rng = ckpt["rng"]
+        if len(rng["ranks"]) != rng["world_size"]:  # checked alike on every rank
+            raise ValueError(f"{len(rng['ranks'])} ranks' states for {rng['world_size']} ranks")
         ranks = rng["ranks"][d.rank] if rng["world_size"] == d.world_size else None
     except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
@@ -531,8 +531,10 @@ def train(s, d, config, micro, accum, ckpt_path):
 
     def on_signal(signum, frame):
         """SIGTERM and the first Ctrl-C: save at the end of this step and stop. A later Ctrl-C
-        stops at once; one within a second of the first is the same keypress, which torchrun
-        forwards to its processes after the terminal has sent it to them."""
+        stops at once; one within a second of the first is taken for the same keypress, which
+        a launcher may deliver twice (the terminal to its process group, then the launcher).
+        torchrun sends its processes one SIGINT and kills them --shutdown-timeout seconds (30)
+        later: the step and the save must fit in that."""
         if signum == signal.SIGINT and stop["signal"] and time.monotonic() - stop["at"] > 1:
             raise KeyboardInterrupt
         if not stop["signal"] and signum == signal.SIGINT and d.master:

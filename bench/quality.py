@@ -11,8 +11,9 @@ Rows of the one table:
 - a2i: images from the test clips (colour, shape, both);
 - joint: pairs from nothing; consistency = the image's class equals the audio's;
 - inpaint: 0.5-1.0 s of each test clip regenerated given its image and the rest of the clip,
-  with the stretch silenced in the mel before encoding (the paper's way, sample.py's default)
-  and with the whole clip encoded (--no-hide-region); consistency = the clip's class after
+  with the stretch silenced in the mel before encoding (the paper's way, sample.py
+  --hide-region) and with the whole clip encoded (sample.py's default for the demo);
+  consistency = the clip's class after
   inpainting is the image's;
 - FD: Frechet distance between Gaussians fitted to per-clip log-mel statistics (the mean and
   the standard deviation over time of each of the 80 bands of the [0, 1] SpecVQGAN mel, which is
@@ -180,9 +181,9 @@ def main(argv=None):
     duration = audio_tok.n_samples / audio_tok.sample_rate
     keep = sampler.audio_keep_outside(0.5, 1.0, audio_tok.grid, duration)
     inp = checkpoint.stored_sampling(bundle, "inpaint")
-    # the stretch silenced in the mel before encoding (paper Sec. 5, sample.py's default), and
-    # the whole clip encoded (sample.py --no-hide-region)
-    hidden = ~keep.reshape(audio_tok.grid)[0]  # (w,) token columns
+    # the stretch silenced in the mel before encoding (paper Sec. 5, sample.py --hide-region),
+    # and the whole clip encoded (sample.py's default for the demo)
+    hidden = sampler.hidden_columns(keep, audio_tok.grid)
     shown = audio_tok.silence_columns(torch.as_tensor(mels[:n]), hidden).numpy()
     for name, ids in (("stretch silenced", demo.encode_items("audio", audio_tok, shown)),
                       ("whole clip encoded", audio_ids[:n])):

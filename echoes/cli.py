@@ -13,6 +13,7 @@
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import pickle
 import re
@@ -125,6 +126,14 @@ def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
                                 metavar=None if choices else kind.upper())
     args = parser.parse_args(argv)
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def check_finite(s):
+    """A `UserError` for the first float setting of `s` that is NaN or infinite."""
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def check_at_least(s, minimums):

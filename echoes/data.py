@@ -546,10 +546,11 @@ def read_csv(path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drops a BOM (Excel)
             reader = csv.reader(f)
+            first = True  # the first row that is not blank may be a header
             for row in reader:
                 if not "".join(row).strip():
                     continue
-                line = reader.line_num
+                line, header_allowed, first = reader.line_num, first, False
                 if len(row) != 4:
                     raise UserError(f"--csv {path} line {line} has {len(row)} columns; "
                                     f"{CSV_EXPECTED}")
@@ -557,7 +558,7 @@ def read_csv(path):
                 try:
                     seconds = float(start)
                 except ValueError:
-                    if line == 1 and re.fullmatch(r"[A-Za-z_ ]+", start):
+                    if header_allowed and re.fullmatch(r"[A-Za-z_ ]+", start):
                         continue  # a header row: start_seconds, start, ...
                     seconds = math.nan
                 if not math.isfinite(seconds) or seconds < 0:

@@ -398,6 +398,8 @@ class Echoes(nn.Module):
             ratio = torch.where(full[:, None], forced, ratio)
         if c.null_condition_prob > 0:
             null = torch.rand(B, generator=generator, device=gdev) < c.null_condition_prob  # (B,)
+            if c.full_mask_prob > 0:
+                null &= ~full  # a sample with one modality shown keeps it
             image = torch.rand(B, generator=generator, device=gdev) < 0.5  # True: image nulled
             ratio = ratio.masked_fill(torch.stack([null & ~image, null & image], dim=1), 1.0)
         out = []

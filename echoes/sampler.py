@@ -509,6 +509,15 @@ def audio_keep_outside(start, end, grid, duration):
     return ~hit.expand(rows, cols).reshape(rows * cols)  # (rows * cols,)
 
 
+def hidden_columns(keep, grid):
+    """The token columns an `audio_keep` regenerates: (rows * cols,) bool, True = keep, masking
+    whole columns as `audio_keep_outside` does -> (cols,) bool, True = regenerated."""
+    rows, cols = grid
+    if tuple(keep.shape) != (rows * cols,):
+        raise ValueError(f"audio_keep must be ({rows * cols},), got {tuple(keep.shape)}")
+    return ~keep.reshape(rows, cols).all(0)
+
+
 def audio_keep_before(start, grid, duration):
     """`audio_keep` for continuation from `start` seconds: the columns entirely before it are kept,
     every column from the one holding `start` to the end of the clip is generated."""

@@ -366,6 +366,10 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
             if isinstance(entry, dict) and isinstance(entry.get("state_dict"), dict):
                 return vqgan_from_checkpoint(entry, config, f"the {modality} VQGAN in {source}",
                                              **kwargs)
+            if modality is None and isinstance(obj.get("tokenizers"), dict):
+                raise UserError(f"{source} holds an image and an audio VQGAN: pass config= "
+                                "(VQGANConfig.imagenet_f16_1024() or .vggsound_codebook()) "
+                                "to pick one")
             raise UserError(f"{source} is an echoes model checkpoint without tokenizers inside, "
                             "not a VQGAN (sample.py takes it as --ckpt)")
         if unknown:
@@ -788,10 +792,13 @@ def load_image(path_or_image, resolution):
         except UnidentifiedImageError as e:
             raise UserError(f"{path} is not an image file this reads; use a PNG or JPEG "
                             "file") from e
+        except PermissionError as e:
+            raise UserError(f"cannot read image {path} ({e.strerror}); check its "
+                            "permissions") from e
         except (OSError, ValueError) as e:  # a damaged file of a known format
-            raise UserError(f"cannot read image {path}, the file is damaged ("
-                            f"{str(e).splitlines()[0][:80] or type(e).__name__}); re-export "
-                            "it") from e
+            first = (str(e).splitlines() or [type(e).__name__])[0][:80]
+            raise UserError(f"cannot read image {path}, the file is damaged ({first}); "
+                            "re-export it") from e
     image = to_8bit(image).convert("RGB")
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one
@@ -950,6 +957,9 @@ class AudioTokenizer:
         tokens of corresponding area"), so that no kept token carries what the region held
         (the encoder's receptive field spans columns). Frame f is under column f * w // n_frames."""
         n, w = mel01.shape[-1], self.grid[1]
+        if tuple(hidden.shape) != (w,):
+            raise ValueError(f"hidden columns must be ({w},), got {tuple(hidden.shape)}; "
+                             "sampler.hidden_columns turns an audio_keep into them")
         column = torch.arange(n, device=hidden.device) * w // n  # (n_frames,)
         return mel01.masked_fill(hidden.bool()[column].to(mel01.device), 0.0)
 

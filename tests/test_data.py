@@ -252,6 +252,8 @@ def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, c
     assert load_vqgan(bundle, config=VQGANConfig.vggsound_codebook()).config.in_channels == 1
     with pytest.raises(data.UserError, match="without tokenizers inside, not a VQGAN"):
         load_vqgan(plain, config=VQGANConfig.vggsound_codebook())
+    with pytest.raises(data.UserError, match="holds an image and an audio VQGAN: pass config="):
+        load_vqgan(bundle)
 
 
 @needs_ffmpeg
@@ -442,6 +444,8 @@ def test_a_csv_header_blank_lines_and_a_bom_are_passed_over(tmp_path):
         b'xyz,20.5,cat,test\n')
     assert data.read_csv(str(tmp_path / "clips.csv")) == [
         ("abc", 30, "dog, loud", "train"), ("xyz", 20, "cat", "test")]
+    (tmp_path / "late.csv").write_text("\n\nyoutube_id,start_seconds,label,split\nabc,30,dog,train\n")
+    assert data.read_csv(str(tmp_path / "late.csv")) == [("abc", 30, "dog", "train")]
 
 
 @needs_ffmpeg

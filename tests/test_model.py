@@ -110,6 +110,14 @@ def test_null_condition_fraction_masks_one_modality_and_draws_the_other():
         assert torch.equal(a, b)
 
 
+def test_a_sample_with_one_modality_shown_keeps_it_when_conditions_are_nulled_too():
+    model = Echoes(tiny_config(full_mask_prob=0.5, null_condition_prob=1.0), ops=TorchOps)
+    audio_mask, _, image_mask, _ = model.draw_corruption(256, "cpu",
+                                                         torch.Generator().manual_seed(3))
+    shown = ~audio_mask.any(1) | ~image_mask.any(1)  # full_mask_prob's samples
+    assert shown.sum() > 64 and not (audio_mask.all(1) & image_mask.all(1))[shown].any()
+
+
 def test_drop_masked_first_keeps_every_visible_position_that_fits():
     plain = Echoes(tiny_config(), ops=TorchOps)
     model = Echoes(tiny_config(drop_masked_first=True), ops=TorchOps)

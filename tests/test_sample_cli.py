@@ -285,6 +285,8 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "a2i", "--audio", "folder"], "is a folder; give its files", {}),
     (["--mode", "i2a", "--image", "cat", "--no-hide-region"],
      "--no-hide-region makes no sense for --mode i2a", {}),
+    (["--mode", "a2i", "--audio", "bark", "--hide-region"],
+     "--hide-region makes no sense for --mode a2i", {}),
     (["--mode", "i2a", "--image", "zero_bytes"], "is empty (0 bytes)", {}),
     (["--mode", "a2i", "--audio", "zero_bytes"], "is empty (0 bytes)", {}),
     (["--mode", "i2a", "--image", "cut_png"], "the file is damaged (", {}),
@@ -387,11 +389,15 @@ def test_a_run_writing_to_the_same_folder_keeps_its_files(tmp_path):
 
 
 def test_a_failed_write_leaves_no_file_and_is_one_line(tmp_path, monkeypatch):
-    def full_disk(file, *a, **kw):
-        file.write(b"RIFF partial")
-        raise OSError(28, "No space left on device")
+    real_write_atomic = cli.save_wav.__globals__["write_atomic"]
 
-    monkeypatch.setattr(cli.save_wav.__globals__["soundfile"], "write", full_disk)
+    def full_disk(path, write, replace=True):  # the temp file fills the disk half-way
+        def partial(file):
+            file.write(b"RIFF partial")
+            raise OSError(28, "No space left on device")
+        return real_write_atomic(path, partial, replace)
+
+    monkeypatch.setitem(cli.save_wav.__globals__, "write_atomic", full_disk)
     with pytest.raises(cli.UserError, match="cannot write .*cat.wav \\(No space left on device"):
         cli.write_sample(tmp_path, "cat", {".wav": lambda p: cli.save_wav(torch.zeros(10), p,
                                                                            replace=False)})
@@ -444,9 +450,13 @@ def test_continuation_hides_the_regenerated_stretch_from_the_encoder(files, tmp_
     assert torch.equal(hidden[0], hidden[1])
 
 
-@pytest.mark.parametrize("flag, hidden", [([], True), (["--no-hide-region"], False)])
-def test_inpainting_hides_the_stretch_unless_told_not_to(files, tmp_path, capsys, monkeypatch,
-                                                        flag, hidden):
+@pytest.mark.parametrize("ckpt, flag, hidden", [
+    (True, [], True), (True, ["--no-hide-region"], False),
+    (False, [], False), (False, ["--hide-region"], True),  # the embedded demo: off by default
+])
+def test_inpainting_hides_the_stretch_by_default_but_for_the_demo(files, tmp_path, capsys,
+                                                                  monkeypatch, ckpt, flag, hidden):
+    monkeypatch.setattr(cli, "DEMO_BUNDLE", files["bundle"])
     seen, encode = [], cli.encode_inputs
 
     def spy(s, image_tok, audio_tok, device, keep=None):
@@ -456,7 +466,8 @@ def test_inpainting_hides_the_stretch_unless_told_not_to(files, tmp_path, capsys
     monkeypatch.setattr(cli, "encode_inputs", spy)
     code, _, err = run_in_process(["--mode", "inpaint", "--audio", files["bark"], "--image",
                                    files["cat"], "--start", "0.2", "--out", tmp_path,
-                                   *args(files), "--steps", "2", *flag], capsys)
+                                   *args(files, ckpt=ckpt, tokenizers=ckpt), "--steps", "2",
+                                   *flag], capsys)
     assert code == 0, err
     assert (seen[0] is not None) == hidden
     if hidden:
@@ -473,7 +484,8 @@ def test_a_recipe_that_keeps_every_mel_frame_loads(files):
 
 @pytest.mark.parametrize("image_vqgan, audio_vqgan, message", [
     ("audio_vqgan", "image_vqgan", "swap --image-vqgan and --audio-vqgan"),
-    ("ckpt", "audio_vqgan", "is an echoes model checkpoint, not a VQGAN (sample.py takes it as --ckpt)"),
+    ("ckpt", "audio_vqgan", "without tokenizers inside, not a VQGAN (sample.py takes it as "
+     "--ckpt)"),
 ])
 def test_tokenizer_files_of_the_wrong_kind_are_one_line(files, tmp_path, capsys, image_vqgan,
                                                         audio_vqgan, message):

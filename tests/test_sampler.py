@@ -12,8 +12,8 @@ import torch
 
 from echoes import sampler
 from echoes.model import Echoes, EchoesConfig, TorchOps
-from echoes.sampler import (audio_keep_before, audio_keep_outside, generate, mask_lengths,
-                            sample_generators, time_range_columns)
+from echoes.sampler import (audio_keep_before, audio_keep_outside, generate, hidden_columns,
+                            mask_lengths, sample_generators, time_range_columns)
 
 AUDIO_GRID = (4, 6)  # rows x columns of the tiny audio ids: La = 24
 
@@ -261,6 +261,9 @@ def test_inpainting_keeps_every_token_outside_the_range():
     grid = keep.view(AUDIO_GRID)
     assert grid.all(0).tolist() == [True, True, False, False, True, True]
     assert (grid == grid[0]).all()  # all mel rows of a column
+    assert hidden_columns(keep, AUDIO_GRID).tolist() == [False, False, True, True, False, False]
+    with pytest.raises(ValueError, match="audio_keep must be"):
+        hidden_columns(keep[:-1], AUDIO_GRID)
     a, v = generate(model, "inpaint", audio_ids=audio, image_ids=image, audio_keep=keep,
                     steps=5, generator=seeded(0))
     assert torch.equal(a[:, keep], audio[:, keep]) and torch.equal(v, image)

@@ -398,6 +398,8 @@ def test_inpainting_silences_the_mel_under_the_hidden_columns():
     b[16 * 256:18 * 256] += 0.5 * torch.randn(512, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(tok.wav_to_mel(a), tok.wav_to_mel(b))
     assert torch.equal(tok.encode_waveforms(a, hidden), tok.encode_waveforms(b, hidden))
+    with pytest.raises(ValueError, match=r"hidden columns must be \(16,\), got \(640,\)"):
+        tok.silence_columns(mel, torch.zeros(640, dtype=torch.bool))  # an audio_keep, say
 
 
 def test_audio_tokenizer_roundtrip(tmp_path):

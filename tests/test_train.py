@@ -294,6 +294,25 @@ def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, 
     assert 3.0 < record["loss_audio"] < 4.0 and 3.0 < record["loss_image"] < 4.0
 
 
+def test_a_checkpoint_short_of_rank_states_is_refused_alike_on_every_rank(shards, tmp_path,
+                                                                         one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["rng"]["world_size"] = 2  # rank 0's state is there, rank 1's is not
+    torch.save(ckpt, out / "ckpt.pt")
+    s = trainer.parse_settings(trainer.Settings, args(shards, out, "--max-steps", "2",
+                                                      "--resume"))
+    d = trainer.Dist(0, 0, 2, torch.device("cpu"), True)  # rank 0, which would find its state
+    model = trainer.Echoes(trainer.resolve_config(s))
+    optimizer = trainer.configure_optimizer(model, 1e-3, 0.0, (0.9, 0.95), "cpu")
+    loader = trainer.data.ShardLoader(trainer.data.TokenShards(shards, "train", train=True), 2,
+                                      0, 2, 0)
+    with pytest.raises(trainer.UserError, match="1 ranks' states for 2 ranks"):
+        trainer.resume(ckpt, out / "ckpt.pt", s, d, model.config, model, optimizer, loader,
+                       torch.Generator())
+
+
 def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
     s = trainer.parse_settings(trainer.Settings, args(shards, tmp_path / "run", "--global-batch",
                                                       "4", "--micro-batch", "0"))
