@@ -342,7 +342,7 @@ def test_train_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):
 
     def fake_row(preset, device, backend, amp, s, batch=0, profile=False):
         if amp == "bf16":
-            raise KeyboardInterrupt  # a run stopped at the second row (timeout's SIGTERM ends it there)
+            raise KeyboardInterrupt  # stopped at the second row (as timeout's SIGTERM would)
         return {"preset": preset, "device": "cpu", "kernels": backend, "amp": amp, "batch": 16,
                 "step_ms": 70.0, "samples_s": 228.6, "tflops": 0.4, "mfu": None,
                 "busy_ms": None, "kernels_us": []}
@@ -378,7 +378,7 @@ def test_sample_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):
     def fake_time(model, image_ids, s, repeats, autocast_dtype, graphs, wait):
         calls.append(image_ids.shape[0])
         if len(calls) == 2:
-            raise KeyboardInterrupt  # a run stopped at the second row (timeout's SIGTERM ends it there)
+            raise KeyboardInterrupt  # stopped at the second row (as timeout's SIGTERM would)
         return 0.25, [0.25]
 
     monkeypatch.setattr(sample_bench, "time_generate", fake_time)

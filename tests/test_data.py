@@ -444,7 +444,8 @@ def test_a_csv_header_blank_lines_and_a_bom_are_passed_over(tmp_path):
         b'xyz,20.5,cat,test\n')
     assert data.read_csv(str(tmp_path / "clips.csv")) == [
         ("abc", 30, "dog, loud", "train"), ("xyz", 20, "cat", "test")]
-    (tmp_path / "late.csv").write_text("\n\nyoutube_id,start_seconds,label,split\nabc,30,dog,train\n")
+    (tmp_path / "late.csv").write_text("\n\nyoutube_id,start_seconds,label,split\n"
+                                       "abc,30,dog,train\n")
     assert data.read_csv(str(tmp_path / "late.csv")) == [("abc", 30, "dog", "train")]
 
 

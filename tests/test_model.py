@@ -97,7 +97,8 @@ def test_full_mask_fraction_masks_one_modality_and_shows_the_other():
 
 def test_null_condition_fraction_masks_one_modality_and_draws_the_other():
     model = Echoes(tiny_config(null_condition_prob=1.0), ops=TorchOps)
-    audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu", torch.Generator().manual_seed(1))
+    audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu",
+                                                         torch.Generator().manual_seed(1))
     a_full, v_full = audio_mask.all(1), image_mask.all(1)
     assert (a_full | v_full).all() and 10 < a_full.sum() < 54
     # the other modality keeps its truncated-normal ratio (in [0.2, 1]): partly masked, mostly
