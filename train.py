@@ -526,7 +526,8 @@ def train(s, d, config, micro, accum, ckpt_path):
         os.makedirs(s.out, exist_ok=True)
         _trim_log(log_path, step)
     log = open(log_path, "a") if d.master else None
-    stop = {"signal": False, "name": "a signal to another process", "at": 0.0}
+    stop = {"signal": False, "name": "a signal to another process", "at": 0.0,
+            "number": signal.SIGTERM}
     saved = step if os.path.exists(ckpt_path) else None  # the step the checkpoint on disk holds
 
     def on_signal(signum, frame):
@@ -541,7 +542,7 @@ def train(s, d, config, micro, accum, ckpt_path):
             tqdm.write("Ctrl-C: a checkpoint is saved at the end of this step (Ctrl-C again "
                        "stops at once, without saving)", file=sys.stderr)
         if not stop["signal"]:
-            stop.update({"signal": True, "name": signal.Signals(signum).name,
+            stop.update({"signal": True, "name": signal.Signals(signum).name, "number": signum,
                          "at": time.monotonic()})
 
     # handlers can only be set from the main thread (a test may call main() from another)
@@ -628,7 +629,7 @@ def train(s, d, config, micro, accum, ckpt_path):
             if stopping:
                 print0(f"stopped by {stop['name']} at step {step}; {ckpt_path} saved, continue "
                        "with --resume")
-                return 0
+                return 128 + stop["number"]  # the shell's code for a signal: not "done"
         print0(f"done: {step} of {max_steps} steps, checkpoint {ckpt_path}")
         return 0
     finally:
