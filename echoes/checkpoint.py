@@ -5,7 +5,9 @@ What a checkpoint holds (`train.py` writes it; the demo bundle `echoes/assets/de
 same layout): {"model": state dict, "config": asdict(EchoesConfig), optional "sampling": {steps,
 temperature, guidance, token_temperature}, each one value or a {mode: value} dict, optional
 "tokenizers": {"image": {...}, "audio": {...}}: the recipe (image resolution; clip length, mel
-frames, sample rate) and, in the demo bundle, the VQGAN weights ("config", "state_dict")}.
+frames, sample rate), the codebooks' "fingerprint" when the shards recorded them (a VQGAN given
+with another codebook is an error) and, in the demo bundle, the VQGAN weights ("config",
+"state_dict")}.
 Training state in the file is ignored. Problems a user can fix raise `UserError` (one line).
 """
 
@@ -16,7 +18,8 @@ from echoes import sampler
 from echoes.cli import UserError, load_checkpoint
 from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
-                               load_melgan, load_state_strict, load_vqgan, vqgan_from_checkpoint)
+                               codebook_fingerprint, load_melgan, load_state_strict, load_vqgan,
+                               vqgan_from_checkpoint)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUNDLE = ASSETS / "demo.pt"  # the embedded demo: model + tokenizers + tuned settings
@@ -85,8 +88,15 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
 
     image_vq = vqgan(image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(), "image VQGAN")
     audio_vq = vqgan(audio_vqgan, audio_info, VQGANConfig.vggsound_codebook(), "audio VQGAN")
-    check_modality(image_vq, "image", image_vqgan or f"the image VQGAN in {source}", flags)
-    check_modality(audio_vq, "audio", audio_vqgan or f"the audio VQGAN in {source}", flags)
+    for modality, vq, path, entry in (("image", image_vq, image_vqgan, image_info),
+                                      ("audio", audio_vq, audio_vqgan, audio_info)):
+        name = path or f"the {modality} VQGAN in {source}"
+        check_modality(vq, modality, name, flags)
+        want, got = entry.get("fingerprint"), codebook_fingerprint(vq)
+        if want is not None and got != want:  # the shards' tokenizers, recorded by prepare
+            raise UserError(f"{name} is not the {modality} VQGAN {source} was trained with (its "
+                            f"codebook's fingerprint is {got}, the checkpoint's {want}); pass "
+                            "the one its shards were made with")
     melgan = load_melgan(vocoder, trusted=trusted).to(device) if vocoder else None
     image_tok = ImageTokenizer(image_vq.to(device), resolution=image_info.get("resolution"))
     recipe = {k: audio_info[k] for k in AUDIO_RECIPE_KEYS if k in audio_info}

@@ -616,7 +616,7 @@ def with_bundle_recipe(s):
 
 def _make_tokenizers(s, device):
     from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
-                                   load_vqgan)
+                                   codebook_fingerprint, load_vqgan)
     image_path, audio_path = s.image_vqgan or s.tokenizers, s.audio_vqgan or s.tokenizers
     for flag, path in (("--image-vqgan", image_path), ("--audio-vqgan", audio_path)):
         if not path:
@@ -636,11 +636,22 @@ def _make_tokenizers(s, device):
         raise UserError(f"{e}: lower --mel-frames or raise --clip-seconds") from e
     image_tok = ImageTokenizer(image_vq, resolution=s.image_size)
     meta = {"image": {"resolution": s.image_size, "grid": list(image_tok.grid),
-                      "codebook": image_vq.config.n_embed, "frames": s.frames},
+                      "codebook": image_vq.config.n_embed, "frames": s.frames,
+                      "fingerprint": codebook_fingerprint(image_vq)},
             "audio": {"sample_rate": s.sample_rate, "n_samples": n_samples,
                       "n_frames": s.mel_frames, "keep_frames": s.keep_frames,
-                      "grid": list(audio_tok.grid), "codebook": audio_vq.config.n_embed}}
+                      "grid": list(audio_tok.grid), "codebook": audio_vq.config.n_embed,
+                      "fingerprint": codebook_fingerprint(audio_vq)}}
     return image_tok, audio_tok, meta
+
+
+def _same_tokenizers(old, new):
+    """Whether an index's tokenizer record `old` matches `new`; a record without fingerprints
+    (shards from before they were recorded) matches on the rest."""
+    new = json.loads(json.dumps(new))  # tuples as JSON lists
+    return isinstance(old, dict) and old.keys() == new.keys() and all(
+        old[m] == {k: v for k, v in new[m].items() if k != "fingerprint" or k in old[m]}
+        for m in new)
 
 
 def _tokenize(items, image_tok, audio_tok, batch_size):
@@ -681,8 +692,8 @@ def prepare(s):
     image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
     os.makedirs(s.out, exist_ok=True)
     index = read_index(s.out, required=False)
-    if index is not None and index.get("tokenizers", tok_meta) != json.loads(json.dumps(tok_meta)):
-        raise UserError(f"{s.out} holds shards made with other tokenizer settings "
+    if index is not None and not _same_tokenizers(index.get("tokenizers", tok_meta), tok_meta):
+        raise UserError(f"{s.out} holds shards made with other tokenizers or settings "
                         f"({index['tokenizers']}); use another --out")
     done = set()
     for entry in (index or {"shards": []})["shards"]:

@@ -19,6 +19,7 @@ D code dimension, F mel bands, T frames (or samples for waveforms), K bins or ta
 
 import dataclasses
 import functools
+import hashlib
 import io
 import math
 import os
@@ -866,6 +867,14 @@ def save_png(image, path, replace=True):
 
 def _device(module):
     return next(module.parameters()).device
+
+
+def codebook_fingerprint(vqgan):
+    """16 hex digits of the SHA-256 of the VQGAN's codebook (fp32): what its ids mean. Shards and
+    the checkpoints trained on them record it, so a model is never decoded through another
+    tokenizer's codes (a decoder fine-tuned on a frozen codebook keeps it)."""
+    w = vqgan.quantize.embedding.weight.detach().float().cpu().contiguous()  # (n_embed, D)
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
 
 
 def check_modality(vqgan, modality, source, flags=True):

@@ -288,6 +288,25 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     data.main(args)
     assert "3 already in shards" in capsys.readouterr().out
     assert len(data.TokenShards(out, "train")) == 3
+    # the codebooks' fingerprints are recorded
+    from echoes.tokenizers import codebook_fingerprint, load_vqgan
+    for m in ("image", "audio"):
+        vq = load_vqgan(args[args.index(f"--{m}-vqgan") + 1])
+        assert index["tokenizers"][m]["fingerprint"] == codebook_fingerprint(vq)
+    # another audio VQGAN of the same shape is refused
+    other = tmp_path / "other_audio.pt"
+    vq = torch.load(args[args.index("--audio-vqgan") + 1], weights_only=True)
+    vq["state_dict"]["quantize.embedding.weight"] += 1
+    torch.save(vq, other)
+    code, _, err = run_main([a if a != args[args.index("--audio-vqgan") + 1] else str(other)
+                             for a in args], capsys)
+    assert code == 2 and "holds shards made with other tokenizers" in err
+    raw = json.loads((out / "index.json").read_text())  # an index from before fingerprints
+    for m in ("image", "audio"):
+        del raw["tokenizers"][m]["fingerprint"]
+    (out / "index.json").write_text(json.dumps(raw))
+    data.main(args)
+    assert "3 already in shards" in capsys.readouterr().out
 
 
 @needs_ffmpeg

@@ -23,7 +23,7 @@ from PIL import Image
 
 from echoes.cli import run_cli
 from echoes.model import Echoes, EchoesConfig
-from echoes.tokenizers import VQGAN, VQGANConfig
+from echoes.tokenizers import VQGAN, VQGANConfig, codebook_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FRAMES = 32
@@ -93,6 +93,14 @@ def files(tmp_path_factory):
     out["zero_bytes"].write_bytes(b"")
     out["cut_png"] = d / "cut.png"
     out["cut_png"].write_bytes(out["cat"].read_bytes()[:100])  # a PNG cut short
+    for name, image_print in (("other_codebook", "0" * 16), ("same_codebook", None)):
+        ckpt = tiny_checkpoint()  # shards' fingerprints of the codebooks (prepare records them)
+        ckpt["tokenizers"] = {m: {**RECIPE[m], "fingerprint": codebook_fingerprint(vq)}
+                              for m, (_, vq) in vqgans.items()}
+        ckpt["tokenizers"]["image"]["fingerprint"] = (
+            image_print or ckpt["tokenizers"]["image"]["fingerprint"])
+        out[name] = d / f"{name}.pt"
+        torch.save(ckpt, out[name])
     out["garbage"] = d / "garbage.png"
     out["garbage"].write_bytes(b"not an image at all")
     out["garbage_wav"] = d / "garbage.wav"
@@ -294,6 +302,8 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a", "--image", "cat", "--ckpt", "mismatched"], "expects 25 image tokens", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "broken"], "missing 1 keys (mask_emb)", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "bark"], "bark.wav", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "other_codebook"],
+     "image_vqgan.pt is not the image VQGAN", {}),
     (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "--start", "0.2", "--end", "5"],
      "outside the clip", {}),
     (["--mode", "continue", "--audio", "bark", "--start", "-1"], "outside the clip", {}),
@@ -472,6 +482,13 @@ def test_inpainting_hides_the_stretch_by_default_but_for_the_demo(files, tmp_pat
     assert (seen[0] is not None) == hidden
     if hidden:
         assert seen[0].reshape(5, 2).tolist() == [[True, False]] * 5
+
+
+def test_a_checkpoint_whose_shards_recorded_the_same_codebooks_samples(files, tmp_path, capsys):
+    code, out, err = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path,
+                                     *args(files, ckpt=False), "--ckpt", files["same_codebook"],
+                                     "--steps", "2"], capsys)
+    assert code == 0 and out == [str(tmp_path / "cat.wav"), str(tmp_path / "cat_mel.png")], err
 
 
 def test_a_recipe_that_keeps_every_mel_frame_loads(files):
