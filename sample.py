@@ -48,7 +48,7 @@ from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model
                                stored_sampling)
 from echoes.cli import (UserError, check_finite, check_writable, load_checkpoint, parse_settings,
                         remove_temps, run_cli, setting)
-from echoes.tokenizers import save_mel_png, save_png, save_wav
+from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save_wav
 
 
 @dataclass
@@ -84,9 +84,9 @@ class Settings:
                                        "(Sec. 5), so none of it reaches the kept tokens; "
                                        "--no-hide-region encodes the whole clip (the kept tokens "
                                        "then sound as in the original, and those near the "
-                                       "stretch carry some of what it held). Default: on with "
-                                       "--ckpt, off for the embedded demo, whose audio "
-                                       "tokenizer sees its whole 1.5 s clip at once")
+                                       "stretch carry some of what it held). Default: on, but "
+                                       "off with the embedded demo's audio tokenizer, which sees "
+                                       "its whole 1.5 s clip at once")
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
     batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
                               "in one forward)")
@@ -236,6 +236,19 @@ def encode_inputs(s, image_tok, audio_tok, device, keep=None):
     return images, encode(audio_tok, s.audio, hidden=hidden)
 
 
+def demo_audio_codebook(audio_tok):
+    """Whether the audio tokenizer has the embedded demo's codebook (the demo model, or one
+    trained on shards made with its tokenizers). Its encoder sees the whole 1.5 s clip at once:
+    silencing a stretch changes most of the kept tokens, into ones such a model never met
+    (README, demo quality), so inpainting there encodes the whole clip unless --hide-region."""
+    if not DEMO_BUNDLE.is_file():
+        return False
+    bundle = load_checkpoint(DEMO_BUNDLE, what="embedded demo")
+    entry = (bundle.get("tokenizers") or {}).get("audio") or {}
+    book = (entry.get("state_dict") or {}).get("quantize.embedding.weight")
+    return book is not None and codebook_fingerprint(book) == codebook_fingerprint(audio_tok.vqgan)
+
+
 def note_short_audio(paths, audio_tok):
     """A note for each input shorter than the model's clips: the rest is taken as silence."""
     clip = audio_tok.n_samples / audio_tok.sample_rate
@@ -328,9 +341,8 @@ def main(argv=None):
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     names = output_names(s)
-    # the demo's audio tokenizer sees its whole clip at once: silencing a stretch changes most of
-    # the kept tokens, into ones its model never met (README, demo quality)
-    hide = s.hide_region if s.hide_region is not None else bool(s.ckpt)
+    hide = (s.hide_region if s.hide_region is not None or keep is None
+            else not demo_audio_codebook(audio_tok))
     images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
     note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)

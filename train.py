@@ -380,6 +380,21 @@ def check_settings(s, world):
     return config, micro, s.global_batch // (micro * world)
 
 
+def check_same_codebooks(old, new, path, data_dir):
+    """A `UserError` when the checkpoint's shards and these shards recorded different codebook
+    fingerprints (`python -m echoes.data prepare` records them): the ids would mean other codes."""
+    def fingerprint(record, m):
+        entry = record.get(m) if isinstance(record, dict) else None
+        return entry.get("fingerprint") if isinstance(entry, dict) else None
+
+    for m in ("image", "audio"):
+        a, b = fingerprint(old, m), fingerprint(new, m)
+        if a and b and a != b:
+            raise UserError(f"{path} was trained on shards of another {m} VQGAN than {data_dir}'s "
+                            f"(codebook {a} there, {b} here); resume on its shards or use "
+                            "another --out")
+
+
 def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
     """Load a checkpoint into the fresh model, optimizer, loader and RNG streams; returns its
     step. A checkpoint of another model configuration is a one-line error."""
@@ -480,6 +495,7 @@ def train(s, d, config, micro, accum, ckpt_path):
         ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
         if ckpt is not None:
             step = resume(ckpt, ckpt_path, s, d, config, model, optimizer, loader, generator)
+            check_same_codebooks(ckpt.get("tokenizers"), train_set.tokenizers, ckpt_path, s.data)
     except UserError as e:
         e.node_wide = True  # every process of a node reads the same checkpoint
         raise
@@ -626,7 +642,7 @@ def train(s, d, config, micro, accum, ckpt_path):
                 save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader,
                                 generator, extra)
                 saved = step
-            if stopping:
+            if stopping and step < end:  # a signal in the last step: the run is done anyway
                 print0(f"stopped by {stop['name']} at step {step}; {ckpt_path} saved, continue "
                        "with --resume")
                 return 128 + stop["number"]  # the shell's code for a signal: not "done"

@@ -650,7 +650,8 @@ def _same_tokenizers(old, new):
     (shards from before they were recorded) matches on the rest."""
     new = json.loads(json.dumps(new))  # tuples as JSON lists
     return isinstance(old, dict) and old.keys() == new.keys() and all(
-        old[m] == {k: v for k, v in new[m].items() if k != "fingerprint" or k in old[m]}
+        isinstance(old[m], dict)
+        and old[m] == {k: v for k, v in new[m].items() if k != "fingerprint" or k in old[m]}
         for m in new)
 
 
@@ -695,6 +696,8 @@ def prepare(s):
     if index is not None and not _same_tokenizers(index.get("tokenizers", tok_meta), tok_meta):
         raise UserError(f"{s.out} holds shards made with other tokenizers or settings "
                         f"({index['tokenizers']}); use another --out")
+    if index is not None and "tokenizers" in index:
+        tok_meta = index["tokenizers"]  # the record new shards must match (maybe unfingerprinted)
     done = set()
     for entry in (index or {"shards": []})["shards"]:
         done.update(_read_sidecar(os.path.join(s.out, entry["name"]))["ids"])

@@ -496,9 +496,14 @@ def stage_model(s, p, device):
     # caches compiled kernels per shape (up to 1024): a training run grew to 6 GB by step 2000; 8
     # keeps it under 1 GB at the same speed
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
-    code = subprocess.run(cmd, env=env).returncode
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # train.py got the Ctrl-C too: it saves at the end of its step
+        code = proc.wait()
     if code != 0:
-        raise UserError(f"train.py exited with code {code}; rerun the build to resume it")
+        why = {130: " (Ctrl-C, after saving)", 143: " (SIGTERM, after saving)"}.get(code, "")
+        raise UserError(f"train.py exited with code {code}{why}; rerun the build to resume it")
 
 
 # -----------------------------------------------------------------------------

@@ -56,9 +56,10 @@ class EchoesConfig:
     # conditional inference starts from and the truncated normal almost never produces
     full_mask_prob: float = 0.0
     # the paper's Table 2 ablation "CFG Training", off in both presets (the paper's point is that
-    # CFG works without it): this fraction of samples has one modality (chosen at random) fully
-    # masked, the null condition of CFG's unconditional pass, while the other keeps its drawn
-    # ratio: the "remove the condition during training of a low ratio" of diffusion models
+    # CFG works without it): this fraction of the samples full_mask_prob leaves as drawn has one
+    # modality (chosen at random) fully masked, the null condition of CFG's unconditional pass,
+    # while the other keeps its drawn ratio: the "remove the condition during training of a low
+    # ratio" of diffusion models
     null_condition_prob: float = 0.0
     # research trick, off in both presets (it helped the demo until the demo preset stopped
     # dropping, drop_ratio 0, which helped more): the dropped positions are taken from the masked

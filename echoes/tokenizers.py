@@ -869,11 +869,13 @@ def _device(module):
     return next(module.parameters()).device
 
 
-def codebook_fingerprint(vqgan):
-    """16 hex digits of the SHA-256 of the VQGAN's codebook (fp32): what its ids mean. Shards and
+def codebook_fingerprint(codebook):
+    """16 hex digits of the SHA-256 of a VQGAN's codebook (fp32): what its ids mean. Shards and
     the checkpoints trained on them record it, so a model is never decoded through another
-    tokenizer's codes (a decoder fine-tuned on a frozen codebook keeps it)."""
-    w = vqgan.quantize.embedding.weight.detach().float().cpu().contiguous()  # (n_embed, D)
+    tokenizer's codes (a decoder fine-tuned on a frozen codebook keeps it). `codebook`: a VQGAN
+    or its (n_embed, D) codebook tensor."""
+    w = codebook.quantize.embedding.weight if isinstance(codebook, VQGAN) else codebook
+    w = w.detach().float().cpu().contiguous()  # (n_embed, D)
     return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
 
 

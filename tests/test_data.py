@@ -305,8 +305,12 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     for m in ("image", "audio"):
         del raw["tokenizers"][m]["fingerprint"]
     (out / "index.json").write_text(json.dumps(raw))
-    data.main(args)
+    make_video(videos / "cats" / "d.mp4", audio="sine=frequency=550")
+    data.main(args)  # takes the new clip into shards of the same (unfingerprinted) record
     assert "3 already in shards" in capsys.readouterr().out
+    assert len(data.TokenShards(out, "train")) == 4
+    assert "fingerprint" not in data.read_index(out)["tokenizers"]["audio"]
+    assert not data._same_tokenizers({"image": None, "audio": {}}, index["tokenizers"])
 
 
 @needs_ffmpeg

@@ -460,13 +460,16 @@ def test_continuation_hides_the_regenerated_stretch_from_the_encoder(files, tmp_
     assert torch.equal(hidden[0], hidden[1])
 
 
-@pytest.mark.parametrize("ckpt, flag, hidden", [
-    (True, [], True), (True, ["--no-hide-region"], False),
-    (False, [], False), (False, ["--hide-region"], True),  # the embedded demo: off by default
+@pytest.mark.parametrize("ckpt, demo_codebook, flag, hidden", [
+    (True, False, [], True), (True, False, ["--no-hide-region"], False),
+    # the demo's audio codebook (the demo, or a model trained on its tokenizers): off by default
+    (False, True, [], False), (False, True, ["--hide-region"], True), (True, True, [], False),
 ])
-def test_inpainting_hides_the_stretch_by_default_but_for_the_demo(files, tmp_path, capsys,
-                                                                  monkeypatch, ckpt, flag, hidden):
-    monkeypatch.setattr(cli, "DEMO_BUNDLE", files["bundle"])
+def test_inpainting_hides_the_stretch_but_not_for_the_demo_tokenizer(
+        files, tmp_path, capsys, monkeypatch, ckpt, demo_codebook, flag, hidden):
+    # the test bundle's VQGANs are the test checkpoint's
+    monkeypatch.setattr(cli, "DEMO_BUNDLE", files["bundle"] if demo_codebook
+                        else tmp_path / "no_demo.pt")
     seen, encode = [], cli.encode_inputs
 
     def spy(s, image_tok, audio_tok, device, keep=None):

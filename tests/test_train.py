@@ -313,6 +313,15 @@ def test_a_checkpoint_short_of_rank_states_is_refused_alike_on_every_rank(shards
                        torch.Generator())
 
 
+def test_resuming_on_shards_of_another_codebook_is_refused():
+    ckpt = {"image": {"fingerprint": "a" * 16}, "audio": {"fingerprint": "b" * 16}}
+    trainer.check_same_codebooks(ckpt, {"image": {"fingerprint": "a" * 16}, "audio": {}}, "c", "d")
+    trainer.check_same_codebooks(None, ckpt, "c", "d")  # records from before fingerprints
+    with pytest.raises(trainer.UserError, match="another audio VQGAN than d's \\(codebook b+ "
+                                                "there, c+ here\\)"):
+        trainer.check_same_codebooks(ckpt, {**ckpt, "audio": {"fingerprint": "c" * 16}}, "c", "d")
+
+
 def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
     s = trainer.parse_settings(trainer.Settings, args(shards, tmp_path / "run", "--global-batch",
                                                       "4", "--micro-batch", "0"))
