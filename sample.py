@@ -236,14 +236,16 @@ def encode_inputs(s, image_tok, audio_tok, device, keep=None):
     return images, encode(audio_tok, s.audio, hidden=hidden)
 
 
-def demo_audio_codebook(audio_tok):
+def demo_audio_codebook(audio_tok, bundle=None):
     """Whether the audio tokenizer has the embedded demo's codebook (the demo model, or one
     trained on shards made with its tokenizers). Its encoder sees the whole 1.5 s clip at once:
     silencing a stretch changes most of the kept tokens, into ones such a model never met
-    (README, demo quality), so inpainting there encodes the whole clip unless --hide-region."""
-    if not DEMO_BUNDLE.is_file():
-        return False
-    bundle = load_checkpoint(DEMO_BUNDLE, what="embedded demo")
+    (README, demo quality), so inpainting there encodes the whole clip unless --hide-region.
+    `bundle`: the demo bundle's contents when they are loaded already."""
+    if bundle is None:
+        if not DEMO_BUNDLE.is_file():
+            return False
+        bundle = load_checkpoint(DEMO_BUNDLE, what="embedded demo")
     entry = (bundle.get("tokenizers") or {}).get("audio") or {}
     book = (entry.get("state_dict") or {}).get("quantize.embedding.weight")
     return book is not None and codebook_fingerprint(book) == codebook_fingerprint(audio_tok.vqgan)
@@ -342,7 +344,7 @@ def main(argv=None):
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
     names = output_names(s)
     hide = (s.hide_region if s.hide_region is not None or keep is None
-            else not demo_audio_codebook(audio_tok))
+            else not demo_audio_codebook(audio_tok, None if s.ckpt else ckpt))
     images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
     note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)

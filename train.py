@@ -243,6 +243,11 @@ def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
             "eval_loss_image": sv / nv if nv else None}
 
 
+def loss_text(x):
+    """A logged per-modality loss: n/a where no token of the modality was masked."""
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -552,14 +557,15 @@ def train(s, d, config, micro, accum, ckpt_path):
         a launcher may deliver twice (the terminal to its process group, then the launcher).
         torchrun sends its processes one SIGINT and kills them --shutdown-timeout seconds (30)
         later: the step and the save must fit in that."""
-        if signum == signal.SIGINT and stop["signal"] and time.monotonic() - stop["at"] > 1:
-            raise KeyboardInterrupt
-        if not stop["signal"] and signum == signal.SIGINT and d.master:
+        if stop["signal"]:
+            if signum == signal.SIGINT and time.monotonic() - stop["at"] > 1:
+                raise KeyboardInterrupt
+            return
+        if signum == signal.SIGINT and d.master:
             tqdm.write("Ctrl-C: a checkpoint is saved at the end of this step (Ctrl-C again "
                        "stops at once, without saving)", file=sys.stderr)
-        if not stop["signal"]:
-            stop.update({"signal": True, "name": signal.Signals(signum).name, "number": signum,
-                         "at": time.monotonic()})
+        stop.update({"signal": True, "name": signal.Signals(signum).name, "number": signum,
+                     "at": time.monotonic()})
 
     # handlers can only be set from the main thread (a test may call main() from another)
     from tqdm import tqdm
@@ -617,9 +623,8 @@ def train(s, d, config, micro, accum, ckpt_path):
             extra.setdefault("metrics", {})["loss"] = loss_v
             if d.master and (step % s.log_every == 0 or step == end):
                 mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
-                part = ["n/a" if x is None else f"{x:.4f}" for x in (loss_a, loss_i)]
-                tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio {part[0]}, "
-                           f"image {part[1]}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio "
+                           f"{loss_text(loss_a)}, image {loss_text(loss_i)}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                            f"{1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
                            file=sys.stdout)
                 log.write(json.dumps(record) + "\n")
@@ -632,10 +637,9 @@ def train(s, d, config, micro, accum, ckpt_path):
                 ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
                 extra["metrics"]["eval_loss"] = ev["eval_loss"]
                 if d.master:
-                    part = {k: "n/a" if ev[k] is None else f"{ev[k]:.4f}" for k in ev}
-                    tqdm.write(f"step {step} | eval loss {part['eval_loss']} (audio "
-                               f"{part['eval_loss_audio']}, image {part['eval_loss_image']})",
-                               file=sys.stdout)
+                    tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
+                               f"{loss_text(ev['eval_loss_audio'])}, image "
+                               f"{loss_text(ev['eval_loss_image'])})", file=sys.stdout)
                     log.write(json.dumps({"step": step, **ev}) + "\n")
                     log.flush()
             if step % s.save_every == 0 or at_end:
