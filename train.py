@@ -547,8 +547,7 @@ def train(s, d, config, micro, accum, ckpt_path):
         os.makedirs(s.out, exist_ok=True)
         _trim_log(log_path, step)
     log = open(log_path, "a") if d.master else None
-    stop = {"signal": False, "name": "a signal to another process", "at": 0.0,
-            "number": signal.SIGTERM}
+    stop = {"signal": False, "name": "", "number": 0, "at": 0.0}
     saved = step if os.path.exists(ckpt_path) else None  # the step the checkpoint on disk holds
 
     def on_signal(signum, frame):
@@ -600,6 +599,12 @@ def train(s, d, config, micro, accum, ckpt_path):
             loss_v /= d.world_size
             loss_a, loss_i = (sa / na if na else None), (sv / nv if nv else None)
             stopping = stop_votes > 0
+            if stopping:  # once: every rank takes the signal's number, for its exit code
+                number = torch.tensor([int(stop["number"]) if stop["signal"] else 0],
+                                      device=d.device)
+                dist.all_reduce(number, op=dist.ReduceOp.MAX)
+                stop["number"] = int(number.item())
+                stop["name"] = signal.Signals(stop["number"]).name
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf")).item()
             if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
