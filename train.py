@@ -629,8 +629,8 @@ def train(s, d, config, micro, accum, ckpt_path):
             if d.master and (step % s.log_every == 0 or step == end):
                 mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
                 tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio "
-                           f"{loss_text(loss_a)}, image {loss_text(loss_i)}) | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                           f"{1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
+                           f"{loss_text(loss_a)}, image {loss_text(loss_i)}) | lr {lr:.3e} | "
+                           f"grad norm {grad_norm:.3f} | {1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
                            file=sys.stdout)
                 log.write(json.dumps(record) + "\n")
                 log.flush()

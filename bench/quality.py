@@ -13,8 +13,7 @@ Rows of the one table:
 - inpaint: 0.5-1.0 s of each test clip regenerated given its image and the rest of the clip,
   with the stretch silenced in the mel before encoding (the paper's way, sample.py
   --hide-region) and with the whole clip encoded (sample.py's default for the demo);
-  consistency = the clip's class after
-  inpainting is the image's;
+  consistency = the clip's class after inpainting is the image's;
 - FD: Frechet distance between Gaussians fitted to per-clip log-mel statistics (the mean and
   the standard deviation over time of each of the 80 bands of the [0, 1] SpecVQGAN mel, which is
   a log scale: 160 numbers per clip) of generated and real test audio; the row "tokenizer

@@ -8,11 +8,12 @@ every transformer block compiled (`Echoes.compile_blocks`, train.py --compile).
 
 Each row is the median over --steps timed steps after --warmup untimed ones. After the last GPU
 row's timing (the profiler can slow the launches of whatever runs after it), one more of its steps
-runs under the profiler: its GPU busy time (summed kernel durations) against the step time says
-how long the GPU waits for the host, and the kernels that take the most time are listed under
-the table. Inputs are random token ids: the step, not the data loader, is what is measured
-(train.py reads memory-mapped shards, whose cost is negligible next to a step). The optimizer, autocast and FLOP count are
-train.py's own (`configure_optimizer`, `autocast`, `peak_tflops`, `model.flops_per_sample`).
+runs under the profiler: its GPU busy time (summed kernel durations) against the step time says how
+long the GPU waits for the host, and the kernels that take the most time are listed under the
+table. Inputs are random token ids: the step, not the data loader, is what is measured (train.py
+reads memory-mapped shards, whose cost is negligible next to a step). The optimizer, autocast and
+FLOP count are train.py's own (`configure_optimizer`, `autocast`, `peak_tflops`,
+`model.flops_per_sample`).
 
     python bench/train.py                   # whatever this machine has; about a minute on 2 cores
     python bench/train.py --out train.md    # also write the table as markdown
