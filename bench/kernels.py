@@ -15,7 +15,9 @@ passes), three implementations:
   timed for the ops its file has (a patch: those on its "Ops:" line, where it has one). Kernel
   timings on a GPU drift between runs by more than most kernel changes (an eager backward
   measured 486, 762 and 1135 us on three H200 runs), so a change is judged against its old
-  version in one run.
+  version in one run. With `--time-limit S`, the candidates of ops reached after two thirds of
+  S are skipped, and main's variants get their busy times before any candidate does, so that
+  a run cut at S still has main's whole table;
 and up to three modes: forward, backward (from one forward kept alive) and full (both). Before
 timing, each version's outputs and gradients are compared with eager's ("err vs eager"), so a
 candidate is judged on its results as well as its speed.
@@ -108,6 +110,9 @@ class Settings:
                                    "same-named ops are also timed, each as a variant named "
                                    "after its file (GPU only)")
     busy: bool = setting(True, "also measure each row's GPU busy time with the profiler (GPU)")
+    time_limit: float = setting(0.0, "seconds the run has (0: no limit): the candidates of ops "
+                                "reached after two thirds of it are skipped, so that main's "
+                                "rows and their busy times still fit")
     out: str = setting("", "also write the table as markdown to this file")
 
 
@@ -629,11 +634,14 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
     return rows
 
 
-def add_busy(rows, case, variants):
-    """Fill in the GPU busy time of one op's timed rows, and its ratio against eager. Run after
-    all the timing: the profiler can leave the driver slower to launch for the rest of the
-    process, which would bias the rows timed after it."""
+def add_busy(rows, case, variants, names=None):
+    """Fill in the GPU busy time of one op's timed rows (of the variants in `names`; None: all),
+    and every row's ratio against eager. Run after all the timing: the profiler can leave the
+    driver slower to launch for the rest of the process, which would bias the rows timed after
+    it."""
     for row in rows:
+        if names is not None and row["variant"] not in names:
+            continue
         for key in ("busy", "busy_speedup", "kernels"):
             row.pop(key, None)
         fn = variants[row["variant"]][0]
@@ -654,16 +662,20 @@ def add_busy(rows, case, variants):
             for t in case.grads:
                 t.grad = None
     for row in rows:
+        row.pop("busy_speedup", None)
         eager = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "eager"
                       and "busy" in r), None)
         if "busy" in row and eager is not None and row is not eager:
             row["busy_speedup"] = eager["busy"] / row["busy"]
 
 
-def variants_of(op, case, s, gpu):
+MAIN_VARIANTS = ("eager", "triton", "compile")
+
+
+def variants_of(op, case, s, gpu, late=False):
     """{variant: (fn, why not)} of one op: eager first (the others' speed-up is against it), and
     on a GPU triton, compile and each candidate that has the op (one that fails to import or to
-    apply stays, to say so)."""
+    apply stays, to say so; when the run is `late`, each stays untimed, to say that)."""
     variants = {"eager": (case.reference, "")}
     if gpu:
         variants["triton"] = triton_op(op)
@@ -671,6 +683,8 @@ def variants_of(op, case, s, gpu):
                                else (None, "skipped (--no-compile)"))
         for variant, path in zip(candidate_names(s.candidate), s.candidate):
             fn, why = candidate_op(path, op)
+            if fn is not None and late:
+                fn, why = None, f"skipped: past 2/3 of --time-limit {s.time_limit:g} s"
             if fn is not None or not why.startswith("not "):
                 variants[variant] = (fn, why)
     return variants
@@ -680,7 +694,7 @@ def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
     check_at_least(s, {"batch": 1, "audio_len": 1, "image_len": 1, "audio_kept": 1,
                        "image_kept": 1, "dim": 1, "codebook": 2, "warmup": 1, "rep": 1,
-                       "masked_ratio": 0, "tau": 0})
+                       "masked_ratio": 0, "tau": 0, "time_limit": 0})
     if s.audio_kept > s.audio_len or s.image_kept > s.image_len or s.masked_ratio > 1:
         raise UserError("the encoder keeps at most every position (--audio-kept <= --audio-len, "
                         "--image-kept <= --image-len) and --masked-ratio is at most 1")
@@ -723,7 +737,8 @@ def main(argv=None):
 
     for op in s.ops:
         case = make_case(op, s, device, act)
-        variants = variants_of(op, case, s, gpu)
+        late = s.time_limit > 0 and time.perf_counter() - start > s.time_limit * 2 / 3
+        variants = variants_of(op, case, s, gpu, late)
         rows += op_rows(op, case, variants, s, timer, device, ceiling)
         op_variants[op] = variants
         del case
@@ -732,12 +747,17 @@ def main(argv=None):
         save()
     if gpu and s.busy:  # a second pass, after all the timing (see add_busy)
         print("GPU busy times (profiler) ...", flush=True)
-        for op, variants in op_variants.items():
-            case = make_case(op, s, device, act)  # the same seed: the same inputs
-            add_busy([r for r in rows if r["op"] == op], case, variants)
-            del case
-            torch.cuda.empty_cache()
-            save()
+        # main's variants of every op first: a run cut short loses candidates' busy times first
+        for main_first in (True, False):
+            for op, variants in op_variants.items():
+                names = [v for v in variants if (v in MAIN_VARIANTS) == main_first]
+                if not names:
+                    continue
+                case = make_case(op, s, device, act)  # the same seed: the same inputs
+                add_busy([r for r in rows if r["op"] == op], case, variants, names)
+                del case
+                torch.cuda.empty_cache()
+                save()
     print()
     print(markdown(header, rows, time.perf_counter() - start))
     if s.out:

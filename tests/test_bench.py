@@ -119,6 +119,37 @@ def test_busy_times_fill_in_after_the_timing(monkeypatch):
     assert "| remask | forward | eager | a" not in bench.markdown("header", rows, 1.0)
 
 
+def test_a_late_run_skips_candidates_and_profiles_them_last(tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+    copy = tmp_path / "gather_pad_copy.py"
+    copy.write_text((ROOT / "kernels" / "gather_pad.py").read_text())
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1,
+                            compile=False, candidate=[str(copy)], time_limit=30.0)
+    case = bench.make_case("pad_decoder", s, torch.device("cpu"), torch.float32)
+    variants = bench.variants_of("pad_decoder", case, s, gpu=True)
+    assert list(variants) == ["eager", "triton", "compile", "gather_pad_copy"]
+    assert callable(variants["gather_pad_copy"][0])
+    late = bench.variants_of("pad_decoder", case, s, gpu=True, late=True)
+    assert late["gather_pad_copy"] == (None, "skipped: past 2/3 of --time-limit 30 s")
+    assert callable(late["triton"][0])  # main's own rows are always timed
+    # the busy pass measures the named variants only, and every ratio against eager
+    variants = {"eager": (case.reference, ""), "cand": (case.reference, "")}
+    s = dataclasses.replace(s, modes=["forward"])
+    rows = bench.op_rows("pad_decoder", case, variants, s, bench.time_cpu, torch.device("cpu"),
+                         bench.ceilings(torch.device("cpu"), s))
+    for row in rows:
+        row["us"] = 1e6
+    monkeypatch.setattr(bench, "busy_us", lambda run, grads: (40.0, [("a", 40.0)]))
+    bench.add_busy(rows, case, variants, ["eager"])
+    assert rows[0]["busy"] == 40.0 and "busy" not in rows[1]
+    monkeypatch.setattr(bench, "busy_us", lambda run, grads: (10.0, [("b", 10.0)]))
+    bench.add_busy(rows, case, variants, ["cand"])
+    assert rows[0]["busy"] == 40.0 and rows[1]["busy"] == 10.0
+    assert rows[1]["busy_speedup"] == 4.0
+
+
 def test_kernel_names_are_short():
     assert bench.kernel_name("void at::native::vectorized_elementwise_kernel<4, "
                              "at::native::FillFunctor<float>>(int, float)") == \
