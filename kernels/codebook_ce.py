@@ -89,8 +89,8 @@ def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
         x = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)  # (R, BLOCK_C) logits
         xm = tl.where(m2, x, float("-inf"))
         m = tl.where(rmask, tl.max(xm, axis=1), 0.0)  # (R,)
-        lse = m + tl.log(tl.sum(tl.exp(xm - m[:, None]), axis=1))
-        lse = tl.where(rmask, lse, 0.0)  # padding rows: no -inf - -inf below
+        # padding rows (all -inf): the log of 1, so lse is 0 there and never -inf - -inf below
+        lse = m + tl.log(tl.where(rmask, tl.sum(tl.exp(xm - m[:, None]), axis=1), 1.0))
         t = tl.load(target + rows, mask=rmask, other=0).to(tl.int32)
         hit = cols[None, :] == t[:, None]  # (R, BLOCK_C) the target column
         z_t = tl.sum(tl.where(hit, x, 0.0), axis=1)

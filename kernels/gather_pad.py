@@ -4,7 +4,7 @@ The two data-movement ops around MAGE's encoder (paper Sec. 3.3, Fig. 1; MAGE
 `models_mage.py`, `forward_encoder` / `forward_decoder`). Their plain PyTorch references,
 `echoes.model.gather_embed` and `echoes.model.pad_decoder`, are the spec: the public functions here
 take exactly their arguments and call them for tensors that are not on a GPU (unless
-TRITON_INTERPRET=1).
+TRITON_INTERPRET=1) and for fp64 ones (the kernels add and sum in fp32).
 
 - `gather_embed(ids, keep, weight, pos, mod)`: out[b, k] = weight[ids[b, l]] + pos[l] + mod with
   l = keep[b, k]. One pass: token id, table row and positional row are gathered inside the kernel,
@@ -192,7 +192,9 @@ def gather_embed(ids, keep, weight, pos, mod):
     -> (B, K, D). Fused Triton version of `echoes.model.gather_embed` (same arguments)."""
     D = weight.shape[-1]
     documented = weight.dim() == 2 and pos.shape == (ids.shape[-1], D) and mod.shape == (D,)
-    if not _use_triton(weight) or not documented:  # other shapes: the reference broadcasts them
+    # other shapes: the reference broadcasts them; fp64: the kernels add and sum in fp32
+    if (not _use_triton(weight) or not documented
+            or torch.float64 in (weight.dtype, pos.dtype, mod.dtype)):
         return gather_embed_reference(ids, keep, weight, pos, mod)
     return GatherEmbed.apply(ids, keep, weight, pos, mod)
 
@@ -354,6 +356,8 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
     D = x.shape[-1]
     documented = (x.dim() == 3 and pos.shape == (unknown.shape[-1], D)
                   and mask_emb.shape == mod.shape == (D,))
-    if not _use_triton(x) or not documented:  # other shapes: the reference broadcasts them
+    # other shapes: the reference broadcasts them; fp64: the kernels add and sum in fp32
+    if (not _use_triton(x) or not documented
+            or torch.float64 in (x.dtype, mask_emb.dtype, pos.dtype, mod.dtype)):
         return pad_decoder_reference(x, keep, unknown, mask_emb, pos, mod)
     return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)

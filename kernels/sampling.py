@@ -164,9 +164,13 @@ def _logits(h, weight):
     inputs (rounding the logits to bf16 would move ~8% of CFG draws), plain fp32 otherwise (TF32
     as torch's matmul settings allow, like the reference's F.linear)."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        if h.dtype != torch.float32 and h.is_cuda and _MM_OUT_DTYPE[0]:
+        # fp64 keeps its own dtype (cuBLAS has no fp32 output for it); an out-of-memory error is
+        # the caller's, not a sign of an older torch
+        if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda and _MM_OUT_DTYPE[0]:
             try:
                 return torch.mm(h, weight.t(), out_dtype=torch.float32)
+            except torch.OutOfMemoryError:
+                raise
             except (TypeError, RuntimeError, NotImplementedError) as e:  # torch < 2.8
                 _MM_OUT_DTYPE[0] = False
                 warnings.warn(f"draw_tokens: no fp32-output matmul ({e.__class__.__name__}); "

@@ -156,8 +156,8 @@ def check_no_grad_matches_reference():
 
 
 def check_odd_arguments_match_reference():
-    """What the reference takes besides the documented shapes: broadcastable pos / mod (handed to
-    the reference) and D = 0."""
+    """What the reference takes besides the documented shapes and dtypes: broadcastable pos /
+    mod and fp64 parameters (handed to the reference: exactly its results) and D = 0."""
     from kernels.gather_pad import gather_embed, pad_decoder
     ids, keep, p, dy = make_gather_inputs(B=2, L=9, K=5, C=6, D=8, device="cpu")
     for mod in (p["mod"][None], p["mod"][:1].reshape(())):  # (1, D) and 0-d
@@ -168,11 +168,23 @@ def check_odd_arguments_match_reference():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     empty = gather_embed(ids, keep, p["weight"][:, :0], p["pos"][:, :0], p["mod"][:0])
     assert empty.shape == (2, 5, 0)
+    ids, keep, p, dy = make_gather_inputs(B=2, L=9, K=5, C=6, D=8, device="cpu",
+                                          param_dtype=torch.float64)
+    got, want = (outputs_and_grads(op, (ids, keep, *p.values()), list(p.values()), dy.double())
+                 for op in (gather_embed, gather_embed_reference))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
     x, keep, unknown, p, dy = make_pad_inputs(B=2, L=9, K=5, D=8, device="cpu")
     args = (x, keep, unknown, p["mask_emb"], p["pos"][None], p["mod"])
     for a, b in zip(outputs_and_grads(pad_decoder, args, [x, *p.values()], dy),
                     outputs_and_grads(pad_decoder_reference, args, [x, *p.values()], dy)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    x, keep, unknown, p, dy = make_pad_inputs(B=2, L=9, K=5, D=8, device="cpu",
+                                              x_dtype=torch.float64)
+    args = (x, keep, unknown, *p.values())
+    for a, b in zip(outputs_and_grads(pad_decoder, args, [x, *p.values()], dy.double()),
+                    outputs_and_grads(pad_decoder_reference, args, [x, *p.values()], dy.double())):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 CHECKS = {"gather": check_gather, "pad": check_pad}

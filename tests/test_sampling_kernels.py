@@ -241,6 +241,42 @@ def cpu_tensors_use_the_reference_without_the_interpreter():
         assert sampling.remask(logp, gumbel, unknown, mask_len, 1.0) == "ref-remask"
 
 
+def test_fp32_logits_only_for_half_inputs_and_never_turned_off_by_others(monkeypatch):
+    """cuBLAS's fp32-output matmul takes bf16 / fp16 inputs only: an fp64 draw takes the plain
+    matmul, and neither it nor an out-of-memory error turns the fp32 output off for later
+    draws (CPU tensors that report CUDA stand in; the matmul checks dtypes as CUDA's does)."""
+    from kernels import sampling
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    real_mm, calls, oom = torch.mm, [], [False]
+
+    def mm(a, b, out_dtype=None):
+        a, b = a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor)
+        calls.append((a.dtype, out_dtype))
+        if oom[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        if out_dtype is not None and a.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("out_dtype must be the same as input dtype or fp32 for fp16/bf16")
+        return real_mm(a.to(out_dtype or a.dtype), b.to(out_dtype or a.dtype))
+
+    monkeypatch.setattr(sampling.torch, "mm", mm)
+    monkeypatch.setattr(sampling, "_MM_OUT_DTYPE", [True])
+    h, W = torch.randn(4, 8), torch.randn(10, 8)
+    assert sampling._logits(h.double().as_subclass(OnCuda), W.double()).dtype == torch.float64
+    oom[0] = True
+    with pytest.raises(torch.OutOfMemoryError):
+        sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16())
+    oom[0] = False
+    assert sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16()).dtype == torch.float32
+    assert sampling._MM_OUT_DTYPE == [True]
+    assert calls == [(torch.float64, None), (torch.bfloat16, torch.float32),
+                     (torch.bfloat16, torch.float32)]
+
+
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_interpreter(name, interpreter_results):
     assert name in interpreter_results, f"{name} did not run (the subprocess stopped early)"
