@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import kernels
 from echoes import data
@@ -426,11 +427,20 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{path} does not fit this run ({type(e).__name__}: {first}); resume it "
                         "with the code and settings that wrote it, or use another --out") from e
+    # AdamW's settings are this run's, as the learning rate is (set every step): only the
+    # moments come from the checkpoint
+    for group, decay in zip(optimizer.param_groups, (s.weight_decay, 0.0)):
+        group["weight_decay"], group["betas"] = decay, (s.beta1, s.beta2)
     old = ckpt.get("settings", {})
     for key in ("seed", "global_batch", "data"):
         if key in old and old[key] != getattr(s, key):
             print0(f"warning: --{key.replace('_', '-')} was {old[key]!r} in the checkpoint, "
                    f"now {getattr(s, key)!r}: the run continues but not as it would have")
+    clips = ckpt["data"].get("clips")
+    if clips is not None and clips != len(loader.dataset):
+        print0(f"warning: the {s.train_split!r} split had {clips} clips at the checkpoint, now "
+               f"{len(loader.dataset)}: the run continues on them, but its steps, learning-rate "
+               "schedule and clip order are not what they would have been")
     if ranks is not None:
         set_rng_state(ranks, generator, d.device)
     else:  # fresh streams: the data position still holds, the random draws differ
@@ -505,7 +515,7 @@ def train(s, d, config, micro, accum, ckpt_path):
         e.node_wide = True  # every process of a node reads the same checkpoint
         raise
     if ckpt is not None:
-        extra = {k: ckpt[k] for k in ("sampling", "metrics") if k in ckpt}
+        extra = {k: ckpt[k] for k in ("sampling", "metrics", "eval_due") if k in ckpt}
         del ckpt
     elif s.resume:
         print0(f"no checkpoint in {s.out} yet: starting from step 0")
@@ -534,6 +544,31 @@ def train(s, d, config, micro, accum, ckpt_path):
            f"global batch {s.global_batch}; {max_steps} steps "
            f"({loader.steps_per_epoch() / accum:.3g} per epoch), peak lr {peak_lr:.3g}, "
            f"warmup {warmup}")
+    log_path = os.path.join(s.out, "log.jsonl")
+    if d.master:
+        os.makedirs(s.out, exist_ok=True)
+        _trim_log(log_path, step)
+
+    def write_log(record):  # master only
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate_now():
+        ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
+        extra.setdefault("metrics", {})["eval_loss"] = ev["eval_loss"]
+        extra.pop("eval_due", None)
+        if d.master:
+            tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
+                       f"{loss_text(ev['eval_loss_audio'])}, image "
+                       f"{loss_text(ev['eval_loss_image'])})", file=sys.stdout)
+            write_log({"step": step, **ev})
+
+    # the evaluation a stopped run left out at its last step is made up first
+    if extra.get("eval_due") == step and eval_set is not None:
+        evaluate_now()
+        if step >= max_steps:  # nothing else to do: keep its result in the checkpoint
+            save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader, generator,
+                            extra)
     if step >= max_steps:
         print0(f"{ckpt_path} is at step {step}, --max-steps is {max_steps}: nothing to do")
         return 0
@@ -542,11 +577,6 @@ def train(s, d, config, micro, accum, ckpt_path):
     ddp = DDP(LossModule(model), device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     flops = model.flops_per_sample(train=True)
     peak = peak_tflops(d.device)
-    log_path = os.path.join(s.out, "log.jsonl")
-    if d.master:
-        os.makedirs(s.out, exist_ok=True)
-        _trim_log(log_path, step)
-    log = open(log_path, "a") if d.master else None
     stop = {"signal": False, "name": "", "number": 0, "at": 0.0}
     saved = step if os.path.exists(ckpt_path) else None  # the step the checkpoint on disk holds
 
@@ -567,7 +597,6 @@ def train(s, d, config, micro, accum, ckpt_path):
                      "at": time.monotonic()})
 
     # handlers can only be set from the main thread (a test may call main() from another)
-    from tqdm import tqdm
     previous = ({sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
                 if threading.current_thread() is threading.main_thread() else {})
     bar = tqdm(total=max_steps, initial=step, disable=not (d.master and s.progress),
@@ -632,21 +661,15 @@ def train(s, d, config, micro, accum, ckpt_path):
                            f"{loss_text(loss_a)}, image {loss_text(loss_i)}) | lr {lr:.3e} | "
                            f"grad norm {grad_norm:.3f} | {1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
                            file=sys.stdout)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                write_log(record)
             bar.update(1)
             at_end = step == end or stopping
-            # after SIGTERM the save comes first: a scheduler's grace period may not fit an eval
-            if eval_set is not None and not stopping and (
-                    (s.eval_every and step % s.eval_every == 0) or at_end):
-                ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
-                extra["metrics"]["eval_loss"] = ev["eval_loss"]
-                if d.master:
-                    tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
-                               f"{loss_text(ev['eval_loss_audio'])}, image "
-                               f"{loss_text(ev['eval_loss_image'])})", file=sys.stdout)
-                    log.write(json.dumps({"step": step, **ev}) + "\n")
-                    log.flush()
+            if eval_set is not None and ((s.eval_every and step % s.eval_every == 0)
+                                         or step == end):
+                if stopping:  # the save comes first: a grace period may not fit an eval
+                    extra["eval_due"] = step  # made up by the run that resumes here
+                else:
+                    evaluate_now()
             if step % s.save_every == 0 or at_end:
                 save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader,
                                 generator, extra)
@@ -659,8 +682,6 @@ def train(s, d, config, micro, accum, ckpt_path):
         return 0
     finally:
         bar.close()
-        if log is not None:
-            log.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -194,7 +194,7 @@ class TokenShards:
             try:
                 image = np.load(base + ".images.npy", mmap_mode="r")  # (n, F, Lv)
                 audio = np.load(base + ".audio.npy", mmap_mode="r")  # (n, La)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
                 raise UserError(f"shard {base} is unreadable ({type(e).__name__}: {e}); "
                                 "delete the folder and prepare it again") from e
             side = _read_sidecar(base)
@@ -309,7 +309,7 @@ class ShardLoader:
         return rank_slice(self.epoch_order(epoch), self.rank, self.world_size, self.batch_size)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "clips": len(self.dataset)}
 
     def load_state_dict(self, state):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
@@ -693,6 +693,12 @@ def prepare(s):
     image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
     os.makedirs(s.out, exist_ok=True)
     index = read_index(s.out, required=False)
+    want = (s.frames, math.prod(image_tok.grid), math.prod(audio_tok.grid))
+    if index is not None and (index["frames"], index["image_len"], index["audio_len"]) != want:
+        raise UserError(f"{s.out} holds shards of (frames, image tokens, audio tokens) = "
+                        f"{(index['frames'], index['image_len'], index['audio_len'])}, these "
+                        f"settings make {want}; pass the settings it was made with (--frames "
+                        f"{index['frames']}?) or use another --out")
     if index is not None and not _same_tokenizers(index.get("tokenizers", tok_meta), tok_meta):
         raise UserError(f"{s.out} holds shards made with other tokenizers or settings "
                         f"({index['tokenizers']}); use another --out")

@@ -163,6 +163,9 @@ def test_missing_index_and_split_are_one_line_errors(tmp_path):
     make_shards(tmp_path, n=3)
     with pytest.raises(UserError, match="split 'test'"):
         data.TokenShards(tmp_path, "test")
+    (tmp_path / "train-00000.audio.npy").write_bytes(b"")  # emptied by a full disk, say
+    with pytest.raises(UserError, match="train-00000 is unreadable"):
+        data.TokenShards(tmp_path, "train")
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +238,17 @@ def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, c
         "n_samples": 22050, "n_frames": 64, "keep_frames": 80}
     assert len(data.TokenShards(tmp_path / "shards", "train")) == 2
     capsys.readouterr()
+    # more clips into the same folder at other settings: refused before any clip is tokenized,
+    # also for an index written before indexes carried the tokenizers' record
+    index_path = tmp_path / "shards" / "index.json"
+    index = json.loads(index_path.read_text())
+    del index["tokenizers"]
+    index_path.write_text(json.dumps(index))
+    code, _, err = run_main([*common, "--out", str(tmp_path / "shards"), "--image-size", "32",
+                             "--frames", "3"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "(frames, image tokens, audio tokens) = (2, 64, 20), these settings make (3, 64, 20)" \
+        in err
     for extra, message in (
             (["--image-size", "64"], "--image-size 64 differs from the 32 of --tokenizers"),
             (["--clip-seconds", "2"], "--clip-seconds 2.0 differs from the 1 of --tokenizers"),

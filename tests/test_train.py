@@ -78,7 +78,7 @@ def test_torchrun_two_processes_on_gloo(shards, tmp_path):
     assert proc.stdout.count("step 3/3") == 1  # rank 0 logs alone
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["rng"]["world_size"] == 2
-    assert ckpt["data"] == {"epoch": 0, "index": 24}  # 3 steps x 2 micro x 2 ranks x 2
+    assert ckpt["data"] == {"epoch": 0, "index": 24, "clips": 40}  # 3 steps x 2 x 2 ranks x 2
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
@@ -278,6 +278,60 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes(shards, tmp_path, o
     torch.save(ckpt, out / "ckpt.pt")
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
+
+
+def records(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def timeless(records):
+    return [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_s")}
+            for r in records]
+
+
+@pytest.mark.parametrize("stop_in", [2, 4])  # a step in the middle, the last step
+def test_an_eval_a_signal_left_out_is_made_up_on_resume(shards, tmp_path, monkeypatch, stop_in,
+                                                         one_thread):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    common = ["--max-steps", "4", "--eval-every", "2", "--save-every", "100", "--device", "cpu"]
+    assert trainer.main(args(shards, straight, *common)) == 0
+    real = trainer.lr_at
+
+    def lr_at(step, *rest):  # SIGTERM arrives while step `stop_in` runs
+        if step + 1 == stop_in:
+            signal.raise_signal(signal.SIGTERM)
+        return real(step, *rest)
+
+    monkeypatch.setattr(trainer, "lr_at", lr_at)
+    # a signal in the last step: the run is done (exit 0), its eval still left for later
+    assert trainer.main(args(shards, out, *common)) == (0 if stop_in == 4 else 143)
+    monkeypatch.setattr(trainer, "lr_at", real)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == stop_in and ckpt["eval_due"] == stop_in
+    assert [r["step"] for r in records(out) if "eval_loss" in r] == [2] * (stop_in == 4)
+    assert trainer.main(args(shards, out, *common, "--resume")) == 0
+    assert timeless(records(out)) == timeless(records(straight))  # the eval at step 2 too
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "eval_due" not in ckpt and ckpt["metrics"]["eval_loss"] == records(out)[-1]["eval_loss"]
+
+
+def test_a_resume_takes_this_runs_optimizer_settings_and_says_when_the_data_grew(
+        shards, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    more = tmp_path / "more"  # the same clips and 8 more
+    rng = np.random.default_rng(0)
+    image, audio = rng.integers(0, 32, (48, 3, 16)), rng.integers(0, 32, (48, 12))
+    data.write_shards(more, "train", image, audio, [f"train{i}" for i in range(48)],
+                      ["0"] * 48, meta={"tokenizers": TOKENIZERS})
+    argv = args(more, out, "--max-steps", "2", "--eval-every", "0", "--resume",
+                "--weight-decay", "0.3", "--beta2", "0.99")
+    capsys.readouterr()
+    assert trainer.main(argv) == 0
+    assert "the 'train' split had 40 clips at the checkpoint, now 48" in capsys.readouterr().out
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.3, (0.9, 0.99)),
+                                                                        (0.0, (0.9, 0.99))]
 
 
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
