@@ -76,13 +76,17 @@ def read_index(root, required=True):
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{path} is not an echoes shard index; prepare the shards again")
     shards = index.get("shards")
-    if not (all(isinstance(index.get(k), int) for k in ("frames", "image_len", "audio_len"))
+    def count(x):
+        return isinstance(x, int) and x >= 0
+
+    if not (all(count(index.get(k)) for k in ("frames", "image_len", "audio_len"))
             and isinstance(shards, list)
             and all(isinstance(s, dict) and isinstance(s.get("name"), str)
-                    and isinstance(s.get("split"), str) and isinstance(s.get("n"), int)
+                    and isinstance(s.get("split"), str) and count(s.get("n"))
                     for s in shards)):
         raise UserError(f"{path} is corrupt (frames, image_len, audio_len or a shard's name, "
-                        "split or n is missing or of the wrong type); prepare the shards again")
+                        "split or n is missing, negative or of the wrong type); prepare the "
+                        "shards again")
     return index
 
 

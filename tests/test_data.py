@@ -448,6 +448,9 @@ def test_info_takes_help_or_one_folder(tmp_path, capsys):
     (b'{"format": "echoes-token-shards", "version": 1}', "index.json is corrupt \\(frames"),
     (b'{"format": "echoes-token-shards", "frames": 1, "image_len": 4, "audio_len": 2, '
      b'"shards": [{"name": "train-00000"}]}', "index.json is corrupt \\(frames"),
+    (b'{"format": "echoes-token-shards", "frames": 1, "image_len": 4, "audio_len": 2, '
+     b'"shards": [{"name": "train-00000", "split": "train", "n": -5}]}',
+     "index.json is corrupt \\(frames"),
 ])
 def test_a_broken_index_is_one_line_from_info(tmp_path, capsys, text, want):
     (tmp_path / data.INDEX).write_bytes(text)
