@@ -267,8 +267,10 @@ def audio_keep(s, audio_tok):
     try:
         if s.mode == "inpaint":
             end = duration if s.end is None else s.end
-            return sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration)
-        return sampler.audio_keep_before(s.start, audio_tok.grid, duration)
+            return sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration,
+                                              audio_tok.column_edges())
+        return sampler.audio_keep_before(s.start, audio_tok.grid, duration,
+                                         audio_tok.column_edges())
     except ValueError as e:
         raise UserError(f"--start/--end: {e}") from e
 

@@ -178,7 +178,8 @@ def main(argv=None):
 
     # audio inpainting: 0.5-1.0 s regenerated given the image and the rest of the clip
     duration = audio_tok.n_samples / audio_tok.sample_rate
-    keep = sampler.audio_keep_outside(0.5, 1.0, audio_tok.grid, duration)
+    keep = sampler.audio_keep_outside(0.5, 1.0, audio_tok.grid, duration,
+                                      audio_tok.column_edges())
     inp = checkpoint.stored_sampling(bundle, "inpaint")
     # the stretch silenced in the mel before encoding (paper Sec. 5, sample.py --hide-region),
     # and the whole clip encoded (sample.py's default for the demo)

@@ -484,11 +484,12 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
 # time ranges -> audio_keep
 
 
-def time_range_columns(start, end, cols, duration):
+def time_range_columns(start, end, cols, duration, edges=None):
     """Token columns that overlap [start, end) seconds of a clip of `duration` seconds whose mel
-    spans `cols` token columns evenly (column j covers [j, j+1) * duration / cols). The mel's
-    centre crop (`tokenizers.crop_mel`: 6 frames of 862, 0.07 s, at each end for VGGSound) shifts
-    this by less than half a column, so it is ignored. -> (cols,) bool, True = overlaps."""
+    spans `cols` token columns: column j covers [edges[j], edges[j + 1]) seconds, by default
+    [j, j + 1) * duration / cols. `AudioTokenizer.column_edges` gives a recipe's own edges: for
+    VGGSound the mel's centre crop moves them by up to 0.08 s (of 0.19 s columns), enough for a
+    short range to fall in the column beside the even split's. -> (cols,) bool, True = overlaps."""
     if not (math.isfinite(start) and math.isfinite(end)):
         raise ValueError(f"time range must be finite, got {start}..{end}")
     if not 0 <= start < end <= duration:
@@ -497,15 +498,20 @@ def time_range_columns(start, end, cols, duration):
     # in exact fractions of the decimals as written (0.6 is 3/5): a start on a column boundary
     # must not take in the column before it through float rounding
     s, e, d = (Fraction(repr(float(x))) for x in (start, end, duration))
-    return torch.tensor([j * d < e * cols and (j + 1) * d > s * cols for j in range(cols)])
+    if edges is None:
+        edges = [j * d / cols for j in range(cols + 1)]
+    elif len(edges) != cols + 1:
+        raise ValueError(f"{cols} columns need {cols + 1} edges, got {len(edges)}")
+    edges = [Fraction(x) for x in edges]  # exact for floats and Fractions alike
+    return torch.tensor([edges[j] < e and edges[j + 1] > s for j in range(cols)])
 
 
-def audio_keep_outside(start, end, grid, duration):
+def audio_keep_outside(start, end, grid, duration, edges=None):
     """`audio_keep` for inpainting [start, end) seconds: False on every mel row of the token
-    columns that overlap the range. grid (rows, cols) of the audio ids, row-major
-    (index = row * cols + col). -> (rows * cols,) bool, True = keep."""
+    columns that overlap the range (column edges as in `time_range_columns`). grid (rows, cols)
+    of the audio ids, row-major (index = row * cols + col). -> (rows * cols,) bool, True = keep."""
     rows, cols = grid
-    hit = time_range_columns(start, end, cols, duration)  # (cols,)
+    hit = time_range_columns(start, end, cols, duration, edges)  # (cols,)
     return ~hit.expand(rows, cols).reshape(rows * cols)  # (rows * cols,)
 
 
@@ -518,7 +524,7 @@ def hidden_columns(keep, grid):
     return ~keep.reshape(rows, cols).all(0)
 
 
-def audio_keep_before(start, grid, duration):
+def audio_keep_before(start, grid, duration, edges=None):
     """`audio_keep` for continuation from `start` seconds: the columns entirely before it are kept,
     every column from the one holding `start` to the end of the clip is generated."""
-    return audio_keep_outside(start, duration, grid, duration)
+    return audio_keep_outside(start, duration, grid, duration, edges)

@@ -24,6 +24,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import soundfile
@@ -955,6 +956,20 @@ class AudioTokenizer:
         wavs = fit_clip(wavs.reshape(-1, wavs.shape[-1]), self.n_samples)  # (B, n_samples)
         mel = mel_spectrogram(wavs.to(_device(self.vqgan)), self.sample_rate)
         return crop_mel(mel, self.n_frames, self.keep_frames)
+
+    def column_edges(self):
+        """The w + 1 times (s, exact fractions) between the token columns: column j holds the
+        frames [j, j + 1) * n_frames / w of the cropped mel, which starts at frame
+        off = (min(frames, keep_frames) - n_frames) // 2 of the centred STFT (frame f centred at
+        f * HOP / sample_rate, so a column starts half a hop before its first frame); the first
+        and last edges are the clip's ends (the frames the crop cut go to the nearest column)."""
+        frames = 1 + self.n_samples // HOP
+        off = (min(frames, self.keep_frames or frames) - self.n_frames) // 2
+        w = self.grid[1]
+        edges = [(off + Fraction(j * self.n_frames, w) - Fraction(1, 2)) * HOP / self.sample_rate
+                 for j in range(w + 1)]
+        edges[0], edges[-1] = Fraction(0), Fraction(self.n_samples, self.sample_rate)
+        return edges
 
     @torch.no_grad()
     def encode_mels(self, mel01):

@@ -402,6 +402,31 @@ def test_inpainting_silences_the_mel_under_the_hidden_columns():
         tok.silence_columns(mel, torch.zeros(640, dtype=torch.bool))  # an audio_keep, say
 
 
+def test_column_edges_follow_the_crop_and_the_centred_frames():
+    from fractions import Fraction
+
+    from echoes.sampler import time_range_columns
+    vq = tiny_vqgan(in_channels=1, resolution=32)
+    # VGGSound's recipe: 862 frames, 860 kept, a centre crop of 848 from frame 6 (the tiny
+    # VQGAN halves the time axis: 424 columns of 2 frames where the released one has 53 of 16)
+    tok = AudioTokenizer(vq)
+    edges, cols = tok.column_edges(), tok.grid[1]
+    hop = Fraction(256, 22050)
+    assert cols == 424 and len(edges) == cols + 1 and edges[0] == 0 and edges[-1] == 10
+    assert edges[1] == (6 + 2 - Fraction(1, 2)) * hop  # column 0: frames 6 and 7
+    assert edges[-2] == (6 + 846 - Fraction(1, 2)) * hop  # the last column: frames 852, 853
+    assert all(a < b for a, b in zip(edges, edges[1:]))
+    # 0.09..0.095 s is in frame 8 (centred at 0.0929 s), which column 1 holds; an even split of
+    # 10 s into 424 columns (0.0236 s each) would say columns 3 and 4
+    assert time_range_columns(0.09, 0.095, cols, 10.0, edges).nonzero().flatten().tolist() == [1]
+    assert time_range_columns(0.09, 0.095, cols, 10.0).nonzero().flatten().tolist() == [3, 4]
+    with pytest.raises(ValueError, match="424 columns need 425 edges, got 54"):
+        time_range_columns(0.1, 0.2, cols, 10.0, edges[:54])
+    # no crop (the demo's recipe): the edges sit half a hop before each column's first frame
+    tok = AudioTokenizer(vq, n_samples=256 * 31, n_frames=32)
+    assert tok.column_edges()[1:3] == [(2 - Fraction(1, 2)) * hop, (4 - Fraction(1, 2)) * hop]
+
+
 def test_audio_tokenizer_roundtrip(tmp_path):
     sr = 44100
     left, right = tone(440.0, 0.4, sr), 0.3 * torch.randn(int(0.4 * sr), dtype=torch.float64)
