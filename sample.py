@@ -209,15 +209,15 @@ def sampling_settings(s, ckpt, source="the checkpoint"):
 # the run
 
 
-def output_names(s):
-    """One output name per sample j (input j // K, sample j % K): the input's name (joint:
-    joint_000, ...), with _k for K > 1. The files get the first free stem of name, name-2,
-    name-3, ... when they are written (`write_sample`)."""
+def output_names(s, lo, hi):
+    """The output names of samples lo .. hi-1, sample j being input j // K's (j % K)-th: the
+    input's name (joint: joint_000, ...), with _k for K > 1. The files get the first free stem
+    of name, name-2, name-3, ... when they are written (`write_sample`)."""
     K = s.num_samples
     if s.mode == "joint":
-        return [f"joint_{j:03d}" for j in range(K)]
+        return [f"joint_{j:03d}" for j in range(lo, hi)]
     inputs = s.image if s.mode == "i2a" else s.audio
-    return [Path(p).stem + (f"_{k + 1}" if K > 1 else "") for p in inputs for k in range(K)]
+    return [Path(inputs[j // K]).stem + (f"_{j % K + 1}" if K > 1 else "") for j in range(lo, hi)]
 
 
 def encode_inputs(s, image_tok, audio_tok, device, keep=None):
@@ -344,7 +344,6 @@ def main(argv=None):
     check_fit(model, image_tok, audio_tok, source)
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
-    names = output_names(s)
     hide = (s.hide_region if s.hide_region is not None or keep is None
             else not demo_audio_codebook(audio_tok, None if s.ckpt else ckpt))
     images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
@@ -352,20 +351,21 @@ def main(argv=None):
     check_writable(s.out)
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
 
-    K, n = s.num_samples, len(names)
-    generators = sampler.sample_generators(s.seed, n)
+    K = s.num_samples
+    n = K if s.mode == "joint" else K * len(s.image if s.mode == "i2a" else s.audio)
     pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
                                 else ids[torch.arange(lo, hi, device=device) // K])
     for lo in range(0, n, s.batch_size):
         hi = min(lo + s.batch_size, n)
+        generators = sampler.sample_generators(s.seed, hi - lo, offset=lo)  # samples lo .. hi-1
         try:
             audio_ids, image_ids = sampler.generate(
                 model, s.mode, audio_ids=pick(audios, lo, hi), image_ids=pick(images, lo, hi),
-                audio_keep=keep, batch_size=hi - lo, generator=generators[lo:hi], progress=True,
+                audio_keep=keep, batch_size=hi - lo, generator=generators, progress=True,
                 cuda_graphs=s.cuda_graphs, **opts)
         except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
             raise UserError(str(e)) from e
-        for path in write_outputs(s, names[lo:hi], audio_ids, image_ids, generators[lo:hi],
+        for path in write_outputs(s, output_names(s, lo, hi), audio_ids, image_ids, generators,
                                   image_tok, audio_tok):
             print(path, flush=True)
 

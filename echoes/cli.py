@@ -91,6 +91,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text.lower() else super()._get_help_string(action)
 
 
+class _ListAction(argparse.Action):
+    """A list setting: its first use replaces the default and a repeated flag adds to it
+    (`--image a.png --image b.png` is both), where argparse would keep the last use alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        have = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if have is self.default else have), *values])
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (it prints the whole usage block first)."""
 
@@ -106,7 +115,7 @@ def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
     """Build `cls` (a dataclass of `setting()` fields) from the command line.
 
     Field `global_batch` becomes `--global-batch`; bools become `--flag / --no-flag`; `list[...]`
-    fields take several values. `overrides` (a dict) replaces defaults before parsing, for
+    fields take several values, a repeated flag adding to them. `overrides` (a dict) replaces defaults before parsing, for
     checkpoint-stored defaults. `prog` names the command in usage and errors (default: the
     script's file name). Errors exit with code 2 (argparse's convention)."""
     parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
@@ -123,6 +132,7 @@ def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
         else:
             parser.add_argument(flag, default=default, help=help_text, choices=choices,
                                 type=_PARSERS.get(kind, str), nargs="+" if many else None,
+                                action=_ListAction if many else "store",
                                 metavar=None if choices else kind.upper())
     args = parser.parse_args(argv)
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
@@ -244,7 +254,7 @@ def write_atomic(path, write, replace=True):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
     try:
         _lock(fd)  # held while writing: `remove_temps(dead_only=True)` leaves the file alone
         with os.fdopen(fd, "wb") as f:
@@ -301,6 +311,7 @@ def _lock(fd):
         return False
 
 
+TEMP_PREFIX = ".echoes-tmp-"  # names no user file is likely to have: remove_temps deletes them
 TEMP_MIN_AGE_S = 10  # a temp file this new may be one whose writer has not locked it yet
 
 
@@ -312,7 +323,7 @@ def remove_temps(folder, dead_only=False):
     older than TEMP_MIN_AGE_S; where locks are unsupported nothing goes."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if not name.startswith(".tmp-") or not os.path.isfile(path) or os.path.islink(path):
+        if not name.startswith(TEMP_PREFIX) or not os.path.isfile(path) or os.path.islink(path):
             continue
         if dead_only:
             try:

@@ -33,8 +33,9 @@ def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
 @pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
 def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
     """What a run killed mid-write left goes; a live writer's (locked) temp file, one too new to
-    tell, and other files stay."""
-    names = {"dead": ".tmp-a1", "live": ".tmp-b2", "new": ".tmp-c3", "kept": "cat.wav"}
+    tell, and other files stay, also the user's own named like temp files."""
+    names = {"dead": cli.TEMP_PREFIX + "a1", "live": cli.TEMP_PREFIX + "b2",
+             "new": cli.TEMP_PREFIX + "c3", "kept": "cat.wav", "theirs": ".tmp-notes.txt"}
     for key, name in names.items():
         (tmp_path / name).write_bytes(b"x")
         if key != "new":
@@ -48,7 +49,7 @@ def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         name for key, name in names.items() if key != "dead")
     remove_temps(tmp_path)  # no other writer: every temp file goes
-    assert [p.name for p in tmp_path.iterdir()] == ["cat.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes.txt", "cat.wav"]
 
 
 @pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
@@ -112,6 +113,19 @@ def test_a_file_system_without_modes_still_gets_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "chmod", no_modes)
     write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
     assert (tmp_path / "a.bin").read_bytes() == b"x"
+
+
+def test_a_repeated_list_flag_adds_to_it():
+    @dataclasses.dataclass
+    class Lists:
+        image: list[str] = setting([], "inputs")
+        ops: list[str] = setting(["a", "b"], "ops", choices=["a", "b", "c"])
+
+    assert parse_settings(Lists, []) == Lists(image=[], ops=["a", "b"])
+    s = parse_settings(Lists, ["--image", "x.png", "--image", "y.png", "z.png", "--ops", "c"])
+    assert s.image == ["x.png", "y.png", "z.png"] and s.ops == ["c"]  # the default replaced
+    assert parse_settings(Lists, ["--ops", "c", "--ops", "a"]).ops == ["c", "a"]
+    assert Lists().ops == ["a", "b"]  # the default itself untouched
 
 
 def test_errors_name_the_command_as_it_is_typed(capsys):

@@ -49,7 +49,7 @@ def test_shard_round_trip(tmp_path):
     assert a.dtype == torch.int64 and a.shape == (7, 4) and v.shape == (7, 6)
     np.testing.assert_array_equal(a.numpy(), all_audio[idx])
     np.testing.assert_array_equal(v.numpy(), all_image[idx, frames])
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".echoes-tmp-")]
 
 
 def test_single_image_shards(tmp_path):
@@ -151,7 +151,7 @@ def test_a_failed_write_leaves_no_shard_visible(tmp_path, monkeypatch):
     assert data.read_index(tmp_path) == before
     ds = data.TokenShards(tmp_path, "train")
     assert len(ds) == 6
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".echoes-tmp-")]
     make_shards(tmp_path, n=5, seed=1)  # the next writer reuses the name
     assert len(data.TokenShards(tmp_path, "train")) == 11
 

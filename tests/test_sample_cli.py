@@ -349,7 +349,7 @@ def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
     before = wav.read_bytes()
     argv = ["--mode", "continue", "--audio", wav, "--start", "0.1", "--out", tmp_path,
             *args(files), "--steps", "2"]
-    killed = tmp_path / ".tmp-x1"  # what a run killed a minute ago left (unlocked)
+    killed = tmp_path / ".echoes-tmp-x1"  # what a run killed a minute ago left (unlocked)
     killed.write_bytes(b"half a wav")
     os.utime(killed, (time.time() - 60, time.time() - 60))
     for run in (1, 2):

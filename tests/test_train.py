@@ -401,7 +401,7 @@ def test_an_eval_split_without_masked_tokens_of_a_modality_says_n_a(monkeypatch)
 def test_a_resumed_run_removes_the_temp_file_of_a_killed_save(shards, tmp_path, one_thread):
     out = tmp_path / "run"
     assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
-    (out / ".tmp-abc123").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-save leaves
+    (out / ".echoes-tmp-abc123").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-save leaves
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
