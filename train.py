@@ -85,8 +85,8 @@ class Settings:
     warmup_steps: int = setting(-1, "linear warmup steps; -1 = 2.5%% of max-steps (MAGE warms up "
                                 "40 of 1600 epochs)")
     min_lr_ratio: float = setting(0.0, "floor of the cosine decay, as a fraction of the peak")
-    weight_decay: float = setting(0.05, "AdamW weight decay on Linear weights only (none on "
-                                  "biases, norms, token, positional and modality embeddings)")
+    weight_decay: float = setting(0.05, "AdamW weight decay on the weights and embeddings, as "
+                                  "MAGE (none on biases and LayerNorm parameters)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(3.0, "clip the global gradient norm to this (0 = off)")
@@ -183,14 +183,29 @@ def setup_distributed(device="auto"):
 # optimisation
 
 
-def configure_optimizer(model, lr, weight_decay, betas, device_type):
-    """AdamW with weight decay on Linear weights only: biases, LayerNorm parameters, the token
-    embedding tables, positional / modality embeddings and the mask embedding are not decayed
-    (nanoGPT's `configure_optimizers`; MAE/MAGE exempt 1-D and positional parameters)."""
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+def decay_groups(model, linear_only=False):
+    """[decayed, not decayed] trainable parameters, by MAGE's rule (`main_pretrain.py` calls
+    timm's `add_weight_decay`, which exempts biases and 1-D parameters only): the Linear
+    weights, the token embedding tables (also the MLM heads' weights), the positional and
+    modality embeddings and the decoder's mask embedding (MAGE's is a (1, 1, D) parameter) are
+    decayed; biases and LayerNorm parameters are not. `linear_only`: the Linear weights alone
+    are decayed (nanoGPT's rule), the grouping an optimizer state of that kind resumes with."""
+    if linear_only:
+        decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    else:
+        norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
+                 for p in m.parameters()}
+        decay = {id(p) for name, p in model.named_parameters()
+                 if not name.endswith("bias") and id(p) not in norms}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return [[p for p in params if id(p) in decay], [p for p in params if id(p) not in decay]]
+
+
+def configure_optimizer(model, lr, weight_decay, betas, device_type):
+    """AdamW over `decay_groups(model)`, weight decay on the first group only."""
+    decayed, other = decay_groups(model)
+    groups = [{"params": decayed, "weight_decay": weight_decay},
+              {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
@@ -417,6 +432,14 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
                         + "); pass the same --preset and --model-overrides or another --out")
     try:
         model.load_state_dict(ckpt["model"])
+        sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
+        linear = decay_groups(model, linear_only=True)
+        if (sizes != [len(g["params"]) for g in optimizer.param_groups]
+                and sizes == [len(g) for g in linear]):
+            for group, params in zip(optimizer.param_groups, linear):
+                group["params"] = params
+            print0("note: the checkpoint's optimizer decays the Linear weights alone, not the "
+                   "embeddings too (MAGE's rule): the run keeps its grouping")
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["data"])
         rng = ckpt["rng"]

@@ -334,6 +334,35 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_says_when_the_data_grew
                                                                         (0.0, (0.9, 0.99))]
 
 
+def test_weight_decay_follows_mage_and_older_optimizer_states_resume(shards, tmp_path, capsys,
+                                                                     one_thread):
+    model = Echoes(EchoesConfig(**json.loads(TINY)))
+    decayed, other = trainer.decay_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"audio_embed.weight", "enc_pos_audio", "dec_modality", "mask_emb",
+            "encoder.0.attn.qkv.weight"} <= {names[id(p)] for p in decayed}
+    assert {names[id(p)] for p in other} == {n for n in names.values()
+                                             if n.endswith("bias") or ".norm" in n
+                                             or n.startswith(("enc_norm", "dec_norm"))}
+    # a checkpoint whose optimizer decayed the Linear weights alone resumes with that grouping
+    out = tmp_path / "run"
+    real = trainer.decay_groups
+    trainer.decay_groups = lambda model, linear_only=False: real(model, True)
+    try:
+        assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    finally:
+        trainer.decay_groups = real
+    linear = [len(g) for g in real(model, linear_only=True)]
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups] == linear
+    capsys.readouterr()
+    assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
+                             "--resume")) == 0
+    assert "decays the Linear weights alone" in capsys.readouterr().out
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups] == linear
+
+
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
     """Every sample masks one modality fully and shows the other (full_mask_prob 1), so each
     micro-batch of one masks a single modality: the log's per-modality losses must not average
