@@ -279,6 +279,8 @@ class VQGAN(nn.Module):
 
     def __init__(self, config=None, **kwargs):
         super().__init__()
+        if kwargs.pop("double_z", False):  # in taming's configs; a VQGAN's encoder has it off
+            raise ValueError("double_z=True is a KL autoencoder's encoder, not a VQGAN's")
         config = dataclasses.replace(config or VQGANConfig(), **kwargs)
         config.ch_mult, config.attn_resolutions = (tuple(config.ch_mult),
                                                     tuple(config.attn_resolutions))
@@ -759,7 +761,11 @@ def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
 def save_wav(wav, path, sample_rate=SAMPLE_RATE, replace=True):
     """(T,) waveform -> 16-bit PCM WAV, written atomically (`replace=False`: never over an
     existing file, FileExistsError instead)."""
-    data = wav.detach().float().clamp(-1, 1).cpu().numpy().reshape(-1)
+    data = wav.detach().float().cpu().numpy().reshape(-1)
+    if not np.isfinite(data).all():  # PCM would turn NaN into full-scale clicks
+        raise UserError(f"{path}: the waveform holds NaN or infinite samples (a vocoder or "
+                        "checkpoint fault); nothing was written")
+    data = np.clip(data, -1, 1)
     # encoded in memory first: soundfile writes a file object from C callbacks, where an OSError
     # (a full disk) is printed as a traceback rather than raised
     buffer = io.BytesIO()
@@ -827,7 +833,8 @@ def to_8bit(image):
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     x = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I") and x.max() > 255:  # 16-bit levels (8-bit ones stay as they are)
+    # I;16 modes hold 16-bit levels however dark; mode I (32-bit) is taken as 16-bit above 255
+    if image.mode.startswith("I;16") or (image.mode == "I" and x.max() > 255):
         x = x / 257  # 65535 -> 255
     elif image.mode == "F" and x.max() <= 1:
         x = x * 255

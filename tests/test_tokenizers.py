@@ -485,6 +485,28 @@ def test_images_of_16_bit_and_float_grey_levels_are_scaled_not_clipped(tmp_path)
     for name in ("grey16.png", "grey.tiff"):
         x = load_image(tmp_path / name, 16)
         assert abs(float(x.mean())) < 0.01, name  # mid-grey, not white or black
+    dark = np.full((20, 20), 250, np.uint16)  # 250 of 65535: near black, however few levels
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "dark16.png").mode == "I;16"
+    assert float(load_image(tmp_path / "dark16.png", 16).mean()) < -0.99
+
+
+def test_a_waveform_with_nan_is_refused_not_written_as_clicks(tmp_path):
+    from echoes.cli import UserError
+    with pytest.raises(UserError, match="holds NaN or infinite samples"):
+        save_wav(torch.tensor([0.5, float("nan"), -0.5]), tmp_path / "o.wav")
+    assert not list(tmp_path.iterdir())
+    save_wav(torch.tensor([0.5, 2.0, -0.5]), tmp_path / "o.wav")  # clipped to full scale
+    assert soundfile.read(tmp_path / "o.wav", dtype="int16")[0].tolist() == [16384, 32767, -16384]
+
+
+def test_vqgan_takes_tamings_ddconfig_as_written():
+    cfg = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
+               ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+               embed_dim=8, n_embed=32)
+    assert VQGAN(**cfg).config.z_channels == 8
+    with pytest.raises(ValueError, match="double_z=True is a KL autoencoder"):
+        VQGAN(**{**cfg, "double_z": True})
 
 
 def test_unusable_images_and_audio_are_one_line(tmp_path, monkeypatch):
