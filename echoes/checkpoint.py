@@ -28,7 +28,7 @@ DEMO_EXAMPLES = ASSETS / "examples"  # its example inputs, for runs that name no
 AUDIO_RECIPE_KEYS = ("n_samples", "n_frames", "keep_frames", "sample_rate")
 # paper Sec. 4.1; guidance per mode: CFG for the audio-generating modes, none for audio -> image
 PAPER_SAMPLING = {"steps": 30, "temperature": 9.0, "token_temperature": 1.0,
-                  "guidance": {"i2a": 3.0, "inpaint": 3.0, "continue": 3.0, "a2i": 1.0}}
+                  "guidance": {m: s for m, s in sampler.PAPER_GUIDANCE.items() if m != "joint"}}
 
 
 def load_model(ckpt, source):

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 
 MODES = ("i2a", "a2i", "joint", "inpaint", "continue")
 MODALITIES = ("audio", "image")
+# the paper's CFG scale s per mode (Sec. 4.1): 3 where audio is generated, none (1) for audio ->
+# image; joint generation has no condition to guide by
+PAPER_GUIDANCE = {"i2a": 3.0, "a2i": 1.0, "joint": 1.0, "inpaint": 3.0, "continue": 3.0}
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +393,7 @@ def _check_numbers(steps, temperature, guidance, token_temperature, batch_size):
 
 
 def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps=30,
-             temperature=9.0, guidance=3.0, token_temperature=1.0, batch_size=1, generator=None,
+             temperature=9.0, guidance=None, token_temperature=1.0, batch_size=1, generator=None,
              progress=False, cuda_graphs=True, callback=None):
     """Generate token ids with `model` (an `Echoes`) by iterative unmasking (paper Sec. 3.4).
 
@@ -406,8 +409,9 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
       `image_ids` optional -> the rest of the audio; with an image, CFG masks it; without one the
       image is fully masked and `guidance` is unused.
     `steps` N, `temperature` T (Gumbel choice temperature, annealed), `guidance` s (Eq. 2; exactly
-    1.0 skips the unconditional pass), `token_temperature` divides the logits of the categorical
-    draw (1 in the paper). Defaults are the paper's i2a settings (Sec. 4.1).
+    1.0 skips the unconditional pass; None: the paper's for the mode, `PAPER_GUIDANCE`),
+    `token_temperature` divides the logits of the categorical draw (1 in the paper). Defaults are
+    the paper's settings (Sec. 4.1).
 
     Random numbers: sample i (its row in the ids, or its index in joint mode) draws from its own
     stream (`sample_generators`), so the same seed gives the same ids for a sample whatever the
@@ -423,6 +427,7 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
     image: image_ids come back as the image mask id (`model.image_mask_id`) everywhere."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    guidance = PAPER_GUIDANCE[mode] if guidance is None else guidance
     _check_numbers(steps, temperature, guidance, token_temperature, batch_size)
     c = model.config
     device = next(model.parameters()).device

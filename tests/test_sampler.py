@@ -230,6 +230,16 @@ def test_guidance_one_is_exactly_unguided():
     assert not torch.equal(guided_one, guided_three)
 
 
+def test_guidance_defaults_to_the_papers_per_mode():
+    model = tiny_model()
+    audio, image = random_ids(model, 2)
+    for mode, kwargs, batch in (("a2i", dict(audio_ids=audio), 2),
+                                ("i2a", dict(image_ids=image), 4)):
+        calls = spy_on(model)
+        generate(model, mode, steps=2, generator=seeded(0), **kwargs)
+        assert [a.shape[0] for a, _ in calls] == [batch] * 2, mode  # a2i: no CFG twin
+
+
 @pytest.mark.parametrize("mode", ["i2a", "a2i", "inpaint"])
 def test_unconditional_pass_sees_a_fully_masked_condition(mode):
     model = tiny_model()
