@@ -579,7 +579,6 @@ def train(s, d, config, micro, accum, ckpt_path):
     def evaluate_now():
         ev = evaluate(model, eval_set, micro, d, amp, s.seed, s.eval_samples)
         extra.setdefault("metrics", {})["eval_loss"] = ev["eval_loss"]
-        extra.pop("eval_due", None)
         if d.master:
             tqdm.write(f"step {step} | eval loss {ev['eval_loss']:.4f} (audio "
                        f"{loss_text(ev['eval_loss_audio'])}, image "
@@ -587,7 +586,7 @@ def train(s, d, config, micro, accum, ckpt_path):
             write_log({"step": step, **ev})
 
     # the evaluation a stopped run left out at its last step is made up first
-    if extra.get("eval_due") == step and eval_set is not None:
+    if extra.pop("eval_due", None) == step and eval_set is not None:
         evaluate_now()
         if step >= max_steps:  # nothing else to do: keep its result in the checkpoint
             save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader, generator,
