@@ -19,13 +19,8 @@ from echoes.tokenizers import (
     mel_spectrogram, n_params, resample, save_mel_png, save_wav)
 
 # reference vectors: outputs of taming-transformers, SpecVQGAN (codebook model, MelGAN), hifi-gan
-# and librosa's mel recipe at small random configurations, kept outside this repository; set
-# ECHOES_REFERENCE to their folder (default: shared/reference beside the repository root); when
-# it is absent, the tests that need them skip
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-REFERENCE = os.environ.get("ECHOES_REFERENCE", REFERENCE)
-needs_reference = pytest.mark.skipif(not os.path.isdir(REFERENCE),
-                                     reason="reference vectors not present")
+# and librosa's mel recipe at small random configurations (tests/reference/README.md)
+REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 
 
 def reference(name):
@@ -60,7 +55,6 @@ def one_line(e):
 # reference implementations
 
 
-@needs_reference
 @pytest.mark.parametrize("name", ["taming_vqgan.pt", "specvqgan_codebook.pt"])
 def test_vqgan_reproduces_reference(name, tmp_path):
     ref = reference(name)
@@ -79,7 +73,6 @@ def test_vqgan_reproduces_reference(name, tmp_path):
     torch.testing.assert_close(decoded, ref["decoded"], rtol=1e-5, atol=1e-5)
 
 
-@needs_reference
 def test_melgan_reproduces_reference(tmp_path):
     ref = reference("specvqgan_melgan.pt")
     path = tmp_path / "best_netG.pt"
@@ -91,7 +84,6 @@ def test_melgan_reproduces_reference(tmp_path):
     torch.testing.assert_close(wav, ref["wav"], rtol=1e-5, atol=1e-6)
 
 
-@needs_reference
 def test_hifigan_reproduces_reference(tmp_path):
     ref = reference("hifigan_v1.pt")
     path = tmp_path / "g_02500000"
@@ -102,7 +94,6 @@ def test_hifigan_reproduces_reference(tmp_path):
     torch.testing.assert_close(wav, ref["wav"], rtol=1e-5, atol=1e-6)
 
 
-@needs_reference
 def test_mel_recipe_reproduces_librosa():
     ref = reference("mel_recipe.pt")
     torch.testing.assert_close(mel_filterbank(), ref["filterbank"], rtol=1e-5, atol=1e-8)
