@@ -726,7 +726,8 @@ def main(argv=None):
               "(median of time.perf_counter); no Triton, torch.compile or --candidate rows")
     bw, peak, launch, peak_kind = ceiling = ceilings(device, s)
     header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, "
-              f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch {launch * 1e6:.1f} us")
+              f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch "
+              + (f"{launch * 1e6:.1f} us" if launch else "- (no GPU)"))
     print(header)
 
     rows, op_variants = [], {}
