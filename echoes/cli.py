@@ -115,9 +115,10 @@ def parse_settings(cls, argv=None, description=None, overrides=None, prog=None):
     """Build `cls` (a dataclass of `setting()` fields) from the command line.
 
     Field `global_batch` becomes `--global-batch`; bools become `--flag / --no-flag`; `list[...]`
-    fields take several values, a repeated flag adding to them. `overrides` (a dict) replaces defaults before parsing, for
-    checkpoint-stored defaults. `prog` names the command in usage and errors (default: the
-    script's file name). Errors exit with code 2 (argparse's convention)."""
+    fields take several values, a repeated flag adding to them. `overrides` (a dict) replaces
+    defaults before parsing, for checkpoint-stored defaults. `prog` names the command in usage
+    and errors (default: the script's file name). Errors exit with code 2 (argparse's
+    convention)."""
     parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
     overrides = overrides or {}
     for f in dataclasses.fields(cls):
