@@ -85,8 +85,12 @@ class Settings:
     warmup_steps: int = setting(-1, "linear warmup steps; -1 = 2.5%% of max-steps (MAGE warms up "
                                 "40 of 1600 epochs)")
     min_lr_ratio: float = setting(0.0, "floor of the cosine decay, as a fraction of the peak")
-    weight_decay: float = setting(0.05, "AdamW weight decay on the weights and embeddings, as "
-                                  "MAGE (none on biases and LayerNorm parameters)")
+    weight_decay: float = setting(0.05, "AdamW weight decay (on the parameters --decay-group "
+                                  "names)")
+    decay_group: str = setting("mage", "parameters with weight decay: mage = every weight and "
+                               "embedding, none on biases and LayerNorm parameters (MAGE's "
+                               "grouping); linear = Linear weights only (nanoGPT's)",
+                               choices=["mage", "linear"])
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(3.0, "clip the global gradient norm to this (0 = off)")
@@ -183,14 +187,14 @@ def setup_distributed(device="auto"):
 # optimisation
 
 
-def decay_groups(model, linear_only=False):
-    """[decayed, not decayed] trainable parameters, by MAGE's rule (`main_pretrain.py` calls
-    timm's `add_weight_decay`, which exempts biases and 1-D parameters only): the Linear
+def decay_groups(model, rule="mage"):
+    """[decayed, not decayed] trainable parameters. "mage": MAGE's grouping (`main_pretrain.py`
+    calls timm's `add_weight_decay`, which exempts biases and 1-D parameters only): the Linear
     weights, the token embedding tables (also the MLM heads' weights), the positional and
     modality embeddings and the decoder's mask embedding (MAGE's is a (1, 1, D) parameter) are
-    decayed; biases and LayerNorm parameters are not. `linear_only`: the Linear weights alone
-    are decayed (nanoGPT's rule), the grouping an optimizer state of that kind resumes with."""
-    if linear_only:
+    decayed; biases and LayerNorm parameters are not. "linear": the Linear weights alone
+    (nanoGPT's `configure_optimizers`)."""
+    if rule == "linear":
         decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     else:
         norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
@@ -201,9 +205,9 @@ def decay_groups(model, linear_only=False):
     return [[p for p in params if id(p) in decay], [p for p in params if id(p) not in decay]]
 
 
-def configure_optimizer(model, lr, weight_decay, betas, device_type):
-    """AdamW over `decay_groups(model)`, weight decay on the first group only."""
-    decayed, other = decay_groups(model)
+def configure_optimizer(model, lr, weight_decay, betas, device_type, rule="mage"):
+    """AdamW over `decay_groups(model, rule)`, weight decay on the first group only."""
+    decayed, other = decay_groups(model, rule)
     groups = [{"params": decayed, "weight_decay": weight_decay},
               {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
@@ -432,14 +436,17 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
                         + "); pass the same --preset and --model-overrides or another --out")
     try:
         model.load_state_dict(ckpt["model"])
+        # the optimizer state holds the grouping the checkpoint was trained with: it stays
         sizes = [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]]
-        linear = decay_groups(model, linear_only=True)
+        other = "linear" if s.decay_group == "mage" else "mage"
+        groups = decay_groups(model, other)
         if (sizes != [len(g["params"]) for g in optimizer.param_groups]
-                and sizes == [len(g) for g in linear]):
-            for group, params in zip(optimizer.param_groups, linear):
+                and sizes == [len(g) for g in groups]):
+            for group, params in zip(optimizer.param_groups, groups):
                 group["params"] = params
-            print0("note: the checkpoint's optimizer decays the Linear weights alone, not the "
-                   "embeddings too (MAGE's rule): the run keeps its grouping")
+            print0(f"note: the checkpoint's optimizer was grouped by --decay-group {other}, not "
+                   f"{s.decay_group}: the run keeps its grouping")
+            s.decay_group = other  # the settings the next checkpoint records
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["data"])
         rng = ckpt["rng"]
@@ -520,7 +527,7 @@ def train(s, d, config, micro, accum, ckpt_path):
     if compiled:
         model.compile_blocks()
     optimizer = configure_optimizer(model, peak_lr, s.weight_decay, (s.beta1, s.beta2),
-                                    d.device.type)
+                                    d.device.type, s.decay_group)
     generator = torch.Generator(d.device)  # the masking draws of draw_corruption
     torch.manual_seed(s.seed * 1_000_003 + d.rank)  # dropout differs across ranks
     random.seed(s.seed * 1_000_003 + d.rank)

@@ -488,6 +488,7 @@ def stage_model(s, p, device):
            "--eval-split", "val", "--eval-every", "500", "--save-every", "250",
            "--log-every", "100", "--seed", str(s.seed), "--device", device.type, "--resume",
            "--warmup-steps", str(max(1, s.model_steps // 20)), "--min-lr-ratio", "0.1",
+           "--decay-group", "linear",  # the shipped model's recipe
            "--repair-within-class" if s.repair_within_class else "--no-repair-within-class"]
     env = dict(os.environ)
     if s.threads:

@@ -332,3 +332,26 @@ def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
         assert run_cli(demo.main, [flag]) is None
         out, err = capsys.readouterr()
         assert out.startswith("usage: python -m echoes.demo COMMAND") and not err
+
+
+def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch):
+    import types
+    spec = importlib.util.spec_from_file_location("echoes_train", demo.train_script())
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    seen = []
+
+    class Finished:
+        def __init__(self, cmd, env):
+            seen.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Finished)
+    s = parse_settings(demo.BuildSettings, [])
+    demo.stage_model(s, {"shards": tmp_path / "shards", "model": tmp_path / "model"},
+                     types.SimpleNamespace(type="cpu"))
+    (cmd,) = seen
+    settings = trainer.parse_settings(trainer.Settings, cmd[2:])  # every flag is train.py's
+    assert settings.preset == "demo" and settings.decay_group == "linear"

@@ -344,23 +344,19 @@ def test_weight_decay_follows_mage_and_older_optimizer_states_resume(shards, tmp
     assert {names[id(p)] for p in other} == {n for n in names.values()
                                              if n.endswith("bias") or ".norm" in n
                                              or n.startswith(("enc_norm", "dec_norm"))}
-    # a checkpoint whose optimizer decayed the Linear weights alone resumes with that grouping
+    linear = [len(g) for g in trainer.decay_groups(model, "linear")]
+    assert linear[0] == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    # a checkpoint grouped the other way resumes with its own grouping, which it records
     out = tmp_path / "run"
-    real = trainer.decay_groups
-    trainer.decay_groups = lambda model, linear_only=False: real(model, True)
-    try:
-        assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
-    finally:
-        trainer.decay_groups = real
-    linear = [len(g) for g in real(model, linear_only=True)]
-    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [len(g["params"]) for g in groups] == linear
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0",
+                             "--decay-group", "linear")) == 0
     capsys.readouterr()
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
-    assert "decays the Linear weights alone" in capsys.readouterr().out
-    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [len(g["params"]) for g in groups] == linear
+    assert "grouped by --decay-group linear, not mage" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == linear
+    assert ckpt["settings"]["decay_group"] == "linear"
 
 
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
