@@ -159,8 +159,9 @@ def main(argv=None):
 
 
 def markdown(table, s):
-    title = (f"i2a, N = {s.steps}, CFG s = {s.guidance} (one forward of 2B per step), "
-             f"T = {s.temperature}; median of the repeats")
+    passes = "one forward of 2B per step" if s.guidance != 1 else "no unconditional pass"
+    title = (f"i2a, N = {s.steps}, CFG s = {s.guidance} ({passes}), T = {s.temperature}; "
+             "median of the repeats")
     head = ("preset", "device", "dtype", "ops", "row", "batch", "s / call", "samples/s",
             "ms / step", "x eager torch", "runs")
     rows = [(p, d, dt, b, k, str(B), f"{m:.3f}", f"{sps:.2f}", f"{ms:.1f}", f"{x:.2f}", str(n))

@@ -65,7 +65,7 @@ class Settings:
                           choices=["auto", "cuda", "cpu"])
     batch: int = setting(0, "batch per step; 0 = largest power of two that fits on the GPU "
                          "(up to --max-batch), 16 on the CPU")
-    max_batch: int = setting(1024, "upper end of the GPU batch search")
+    max_batch: int = setting(1024, "upper end of the GPU batch search (from 8, doubling)")
     steps: int = setting(5, "timed steps per row (the median is reported)")
     warmup: int = setting(2, "untimed steps first (allocator, cuBLAS and Triton autotuning)")
     kernels: str = setting("both", "plain PyTorch ops, the fused Triton ops (+compile: with "
@@ -215,7 +215,7 @@ def table(results):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=" ".join(__doc__.split("\n\n")[0].split()))
-    check_at_least(s, {"steps": 1, "warmup": 0, "batch": 0, "max_batch": 1, "threads": 0})
+    check_at_least(s, {"steps": 1, "warmup": 0, "batch": 0, "max_batch": 8, "threads": 0})
     if s.out:
         check_out_file(s.out)
     if s.threads:

@@ -45,8 +45,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -430,7 +432,7 @@ def stage_tokenizers(s, p, device):
     procs = [subprocess.Popen([sys.executable, "-m", "echoes.demo", *args(m),
                                *([] if m == "image" else ["--no-progress"])], env=env)
              for m in todo]
-    codes = [proc.wait() for proc in procs]
+    codes = wait_children(procs)
     if any(codes):
         raise UserError(f"tokenizer training failed (exit codes {codes}); see the output above")
 
@@ -470,6 +472,30 @@ def stage_shards(s, p, device):
     os.replace(tmp, p["shards"])
 
 
+def wait_children(procs):
+    """The exit codes of child processes, each waited for to its end. A SIGTERM or Ctrl-C to the
+    build is passed on to them (a terminal's Ctrl-C reaches them too; train.py takes the two as
+    one keypress and saves at the end of its step), so that no child outlives the build and a
+    rerun never works beside one."""
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    # handlers can only be set from the main thread (a test may build from another)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+        while True:
+            try:
+                return [proc.wait() for proc in procs]
+            except KeyboardInterrupt:
+                forward(signal.SIGINT, None)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def train_script():
     path = Path(__file__).resolve().parents[1] / "train.py"
     if not path.is_file():
@@ -497,11 +523,7 @@ def stage_model(s, p, device):
     # caches compiled kernels per shape (up to 1024): a training run grew to 6 GB by step 2000; 8
     # keeps it under 1 GB at the same speed
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:  # train.py got the Ctrl-C too: it saves at the end of its step
-        code = proc.wait()
+    (code,) = wait_children([subprocess.Popen(cmd, env=env)])
     if code != 0:
         why = {130: " (Ctrl-C, after saving)", 143: " (SIGTERM, after saving)"}.get(code, "")
         raise UserError(f"train.py exited with code {code}{why}; rerun the build to resume it")
@@ -529,7 +551,7 @@ def model_fills(model, image_ids, audio_ids, generator, ratio=(0.1, 0.9), steps=
         v, a = image_ids[lo:lo + batch_size], audio_ids[lo:lo + batch_size]
         B, L = v.shape
         r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(B, 1, generator=generator)  # (B, 1)
-        masked = torch.rand(B, L, generator=generator) < r  # (B, Lv)
+        masked = (torch.rand(B, L, generator=generator) < r).to(v.device)  # (B, Lv)
         _, fill = sampler.unmask(model, a, v.masked_fill(masked, model.image_mask_id), ["image"],
                                  sampler.per_sample_generators(generator, B), steps=steps,
                                  temperature=temperature, guidance=1.0,
@@ -623,7 +645,7 @@ def stage_decoder(s, p, device):
         "metrics": {**entry.get("metrics", {}), "decoder": {
             "steps": s.decoder_steps, "batch": s.decoder_batch, "sampled_fills": len(some),
             "minutes": minutes, "readable": readable,
-            "loss": float(np.mean(losses[-20:]))}}}), p["image_decoder"])
+            "loss": float(np.mean(losses[-20:])) if losses else None}}}), p["image_decoder"])
 
 
 # -----------------------------------------------------------------------------

@@ -355,3 +355,21 @@ def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch
     (cmd,) = seen
     settings = trainer.parse_settings(trainer.Settings, cmd[2:])  # every flag is train.py's
     assert settings.preset == "demo" and settings.decay_group == "linear"
+
+
+def test_a_sigterm_to_the_build_reaches_its_children_and_waits_for_them():
+    import signal
+    import subprocess
+    import sys
+    import threading
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        codes = demo.wait_children([child])
+    finally:
+        timer.cancel()
+        child.kill()
+    assert codes == [-signal.SIGTERM]  # the child got it and ended; the build outlives none
+    assert signal.getsignal(signal.SIGTERM) is before
