@@ -452,7 +452,13 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         rng = ckpt["rng"]
         if len(rng["ranks"]) != rng["world_size"]:  # checked alike on every rank
             raise ValueError(f"{len(rng['ranks'])} ranks' states for {rng['world_size']} ranks")
-        ranks = rng["ranks"][d.rank] if rng["world_size"] == d.world_size else None
+        ranks, why = rng["ranks"][d.rank] if rng["world_size"] == d.world_size else None, (
+            f"the checkpoint ran on {rng['world_size']} process(es), this run on {d.world_size}")
+        # a CPU generator's state is not a GPU generator's: a run moved between the two
+        if ranks is not None and ranks["masking"].numel() != generator.get_state().numel():
+            ranks, why = None, f"the checkpoint's random states are not of {d.device.type} streams"
+        if ranks is not None:
+            set_rng_state(ranks, generator, d.device)
     except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise UserError(f"{path} does not fit this run ({type(e).__name__}: {first}); resume it "
@@ -471,11 +477,8 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         print0(f"warning: the {s.train_split!r} split had {clips} clips at the checkpoint, now "
                f"{len(loader.dataset)}: the run continues on them, but its steps, learning-rate "
                "schedule and clip order are not what they would have been")
-    if ranks is not None:
-        set_rng_state(ranks, generator, d.device)
-    else:  # fresh streams: the data position still holds, the random draws differ
-        print0(f"note: the checkpoint ran on {rng['world_size']} process(es), this run on "
-               f"{d.world_size}: random streams are re-seeded, so the resume is not exact")
+    if ranks is None:  # fresh streams: the data position still holds, the random draws differ
+        print0(f"note: {why}: random streams are re-seeded, so the resume is not exact")
         torch.manual_seed(s.seed * 1_000_003 + d.rank + ckpt["step"])
         generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919 + ckpt["step"])
     print0(f"resumed {path} at step {ckpt['step']} (epoch {loader.epoch}, clip {loader.index})")

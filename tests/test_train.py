@@ -359,6 +359,20 @@ def test_weight_decay_follows_mage_and_older_optimizer_states_resume(shards, tmp
     assert ckpt["settings"]["decay_group"] == "linear"
 
 
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_fresh_streams(shards, tmp_path, capsys,
+                                                                        one_thread):
+    out = tmp_path / "run"
+    assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["rng"]["ranks"][0]["masking"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
+                             "--resume")) == 0
+    assert "random states are not of cpu streams: random streams are re-seeded" in \
+        capsys.readouterr().out
+
+
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
     """Every sample masks one modality fully and shows the other (full_mask_prob 1), so each
     micro-batch of one masks a single modality: the log's per-modality losses must not average
