@@ -29,6 +29,7 @@ The loop, per step t = 0 .. N-1 and per generated modality (Sec. 3.4, Code 1; MA
 Shape letters: B samples, L tokens of a modality, C codebook size, D head width, N drawn rows.
 """
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -474,8 +475,11 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
 
     flags = [(m, m.training) for m in model.modules()]  # restored as they were, one by one
     model.eval()  # dropout off: the generators are the only source of randomness
+    # the model's GPU is the current one: CUDA graphs capture on the current device's streams
+    # and Triton launches there (a model on cuda:1 would otherwise meet cuda:0's)
+    on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), on_gpu:
             ids = unmask(model, audio, image, targets, generators, uncond, steps, temperature,
                          guidance, token_temperature, progress, callback, cuda_graphs)
     finally:

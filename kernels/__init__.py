@@ -63,6 +63,16 @@ def _ops(name):
         remask=sampling.remask)
 
 
+def on_device(t):
+    """A context in which `t`'s GPU is the current one, for Triton launches: Triton launches on
+    the current device, not on its tensors' (a model on cuda:1 would hand its pointers to
+    cuda:0), while PyTorch ops follow their tensors. A no-op for tensors off the GPU."""
+    import contextlib
+
+    import torch
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def select(backend=None):
     """The op set for `backend` ("auto", "triton", "torch" or None: see the module docstring)."""
     return _ops(resolve(backend))

@@ -43,6 +43,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from echoes.model import codebook_ce as codebook_ce_reference
+from kernels import on_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -175,5 +176,6 @@ def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
         cdtype = torch.get_autocast_dtype(device_type)
     else:
         cdtype = torch.promote_types(h.dtype, weight.dtype)
-    return CodebookCE.apply(h, weight, bias, target, label_smoothing, cdtype,
-                            torch.is_grad_enabled())
+    with on_device(h):
+        return CodebookCE.apply(h, weight, bias, target, label_smoothing, cdtype,
+                                torch.is_grad_enabled())

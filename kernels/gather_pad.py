@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from echoes.model import gather_embed as gather_embed_reference
 from echoes.model import pad_decoder as pad_decoder_reference
+from kernels import on_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -196,7 +197,8 @@ def gather_embed(ids, keep, weight, pos, mod):
     if (not _use_triton(weight) or not documented
             or torch.float64 in (weight.dtype, pos.dtype, mod.dtype)):
         return gather_embed_reference(ids, keep, weight, pos, mod)
-    return GatherEmbed.apply(ids, keep, weight, pos, mod)
+    with on_device(weight):  # backward runs where autograd sets the device: on the tensors'
+        return GatherEmbed.apply(ids, keep, weight, pos, mod)
 
 
 # -----------------------------------------------------------------------------
@@ -360,4 +362,5 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
     if (not _use_triton(x) or not documented
             or torch.float64 in (x.dtype, mask_emb.dtype, pos.dtype, mod.dtype)):
         return pad_decoder_reference(x, keep, unknown, mask_emb, pos, mod)
-    return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)
+    with on_device(x):  # backward runs where autograd sets the device: on the tensors'
+        return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from echoes import sampler as reference
+from kernels import on_device
 
 
 # read once, as triton.jit reads it: set after import, the kernels would still be compiled ones
@@ -222,8 +223,9 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
         cfg = dict(_INTERPRET_MIX if INTERPRET else _MIX)
         cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, triton.next_power_of_2(D)))
         grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
-        _mix_kernel[grid](h_cond, h_uncond, h, N, D, h_cond.stride(0), h_uncond.stride(0),
-                          s, 1.0 - s, **cfg)
+        with on_device(h):
+            _mix_kernel[grid](h_cond, h_uncond, h, N, D, h_cond.stride(0), h_uncond.stride(0),
+                              s, 1.0 - s, **cfg)
     else:
         h = h_cond.to(dtype)
     logits = _logits(h, weight.to(dtype))  # (N, C) fp32
@@ -236,9 +238,10 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
         block_r, block_c = 4, 2048
         warps = 4 if min(block_c, triton.next_power_of_2(C)) <= 1024 else 8
     block_c = min(block_c, max(16, triton.next_power_of_2(C)))
-    _draw_rows_kernel[(triton.cdiv(N, block_r),)](
-        logits, bias, uniform, ids, logp, N, C, logits.stride(0), float(token_temperature),
-        HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    with on_device(logits):
+        _draw_rows_kernel[(triton.cdiv(N, block_r),)](
+            logits, bias, uniform, ids, logp, N, C, logits.stride(0), float(token_temperature),
+            HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     return ids, logp
 
 
@@ -316,8 +319,9 @@ def remask(logp, gumbel, unknown, mask_len, tau):
     block = triton.next_power_of_2(L)
     # one or two warps for rows up to 1024: the row counts stay in warp shuffles
     warps = 1 if block <= 512 else (2 if block <= 1024 else 4)
-    _remask_kernel[(B,)](logp.contiguous(), gumbel.contiguous(),
-                         unknown.contiguous().view(torch.uint8), mask_len.contiguous(),
-                         out.view(torch.uint8), float(tau), L, BLOCK_L=block,
-                         num_warps=warps, enable_fp_fusion=False)
+    with on_device(out):
+        _remask_kernel[(B,)](logp.contiguous(), gumbel.contiguous(),
+                             unknown.contiguous().view(torch.uint8), mask_len.contiguous(),
+                             out.view(torch.uint8), float(tau), L, BLOCK_L=block,
+                             num_warps=warps, enable_fp_fusion=False)
     return out

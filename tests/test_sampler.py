@@ -434,6 +434,35 @@ def test_cuda_graph_replay_gives_the_same_ids(mode, autocast, backend):
     assert all(torch.equal(a, b) for a, b in zip(out[False], out[True]))
 
 
+def test_triton_ops_enter_their_tensors_gpu():
+    """Triton launches on the current device: every op makes its tensors' GPU current (a CPU
+    tensor reporting cuda:1 stands in; the context is only made, not entered)."""
+    import contextlib
+
+    from kernels import on_device
+    assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+
+    class OnSecondGpu(torch.Tensor):
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    assert on_device(torch.zeros(1).as_subclass(OnSecondGpu)).idx == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_model_on_the_second_gpu_samples_as_on_the_first(graphs):
+    model = cuda_model("triton")
+    _, image = (x.cuda() for x in random_ids(model, 2))
+    want = generate(model, "i2a", image_ids=image, steps=4, cuda_graphs=graphs,
+                    generator=sample_generators(3, 2))
+    model = model.to("cuda:1")
+    got = generate(model, "i2a", image_ids=image.to("cuda:1"), steps=4, cuda_graphs=graphs,
+                   generator=sample_generators(3, 2))
+    assert torch.cuda.current_device() == 0
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(want, got))
+
+
 # -----------------------------------------------------------------------------
 # a step never waits for the GPU
 
