@@ -408,10 +408,15 @@ def decode_clip(path, s, start=0.0):
     if proc.returncode != 0 or got == 0:
         raise ClipError(f"video decode failed ({_ffmpeg_error(proc)})")
     frames = np.frombuffer(proc.stdout[:got * S * S * 3], np.uint8).reshape(got, S, S, 3)
+    if got < F - 1:  # a video stream shorter than the clip: frames would be repeats
+        raise ClipError(f"video ends early ({got} of {F} frames in {span:.2f} s)")
     if got < F:  # the fps filter's rounding can end one frame early: repeat the last
         frames = np.concatenate([frames, np.repeat(frames[-1:], F - got, axis=0)])
-    proc = subprocess.run(base + ["-vn", "-ac", "1", "-ar", str(s.sample_rate), "-f", "f32le",
-                                  "pipe:1"], capture_output=True)
+    # aresample's first_pts=0 pads an audio stream that starts late with silence, so the sound
+    # stays in step with the frames (without it, its first sample would play at 0 s)
+    proc = subprocess.run(base + ["-vn", "-ac", "1", "-ar", str(s.sample_rate), "-af",
+                                  "aresample=async=1:first_pts=0", "-f", "f32le", "pipe:1"],
+                          capture_output=True)
     if proc.returncode != 0:
         raise ClipError(f"audio decode failed ({_ffmpeg_error(proc)})")
     wav = np.frombuffer(proc.stdout[:len(proc.stdout) // 4 * 4], np.float32)
@@ -422,6 +427,16 @@ def decode_clip(path, s, start=0.0):
     if peak < 10 ** (s.silence_db / 20):
         raise ClipError(f"silent (peak {20 * math.log10(max(peak, 1e-12)):.0f} dBFS)")
     return frames, wav[:n_samples].copy()
+
+
+def _read_skipped(folder):
+    """The (clip id, reason, path) rows of a folder's skipped-clips file ([] without one)."""
+    try:
+        with open(os.path.join(folder, SKIPPED), encoding="utf-8") as f:
+            rows = [line.rstrip("\n").split("\t") for line in f]
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [tuple(row) for row in rows if len(row) == 3]
 
 
 @dataclasses.dataclass
@@ -720,7 +735,13 @@ def prepare(s):
     todo = [c for c in clips if c.path is not None and c.id not in done]
     if s.limit > 0:
         todo = todo[:s.limit]
-    print(f"{len(clips)} clips listed, {len(done)} already in shards, {len(skipped)} without a "
+    # an earlier run's skipped clips that this run does not try again stay listed
+    again = {c.id for c in todo} | {row[0] for row in skipped} | done
+    listed = {c.id for c in clips}
+    missing = len(skipped)
+    skipped = [row for row in _read_skipped(s.out) if row[0] in listed and row[0] not in again
+               ] + skipped
+    print(f"{len(clips)} clips listed, {len(done)} already in shards, {missing} without a "
           f"video file, {len(todo)} to prepare (tokenizers on {device})")
 
     def write_skipped():

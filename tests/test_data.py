@@ -302,6 +302,11 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     data.main(args)
     assert "3 already in shards" in capsys.readouterr().out
     assert len(data.TokenShards(out, "train")) == 3
+    # one that tries a single clip again keeps the other skipped clip listed
+    data.main([*args, "--limit", "1"])
+    assert set(data._read_skipped(out)) == {tuple(line.split("\t")) for line in
+                                             (out / "skipped.txt").read_text().splitlines()}
+    assert {row[0] for row in data._read_skipped(out)} == {"cats/broken", "cats/quiet"}
     # the codebooks' fingerprints are recorded
     from echoes.tokenizers import codebook_fingerprint, load_vqgan
     for m in ("image", "audio"):
@@ -325,6 +330,25 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     assert len(data.TokenShards(out, "train")) == 4
     assert "fingerprint" not in data.read_index(out)["tokenizers"]["audio"]
     assert not data._same_tokenizers({"image": None, "audio": {}}, index["tokenizers"])
+
+
+@needs_ffmpeg
+def test_late_audio_stays_in_step_and_a_short_video_track_is_skipped(tmp_path):
+    import types
+    s = types.SimpleNamespace(clip_seconds=1.474, min_fraction=0.5, image_size=32, frames=5,
+                              sample_rate=22050, silence_db=-60)
+    late = tmp_path / "late.mp4"  # the sound starts 0.5 s after the picture
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x32:rate=10:duration=3", "-itsoffset", "0.5",
+           "-f", "lavfi", "-i", "sine=frequency=440:duration=2.5", "-c:v", "mpeg4", "-c:a",
+           "aac", str(late))
+    frames, wav = data.decode_clip(str(late), s)
+    first = np.nonzero(np.abs(wav) > 0.01)[0][0] / 22050
+    assert frames.shape == (5, 32, 32, 3) and 0.45 < first < 0.55 and len(wav) > 32000
+    short = tmp_path / "short_video.mp4"  # 0.4 s of picture, 3 s of sound
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x32:rate=10:duration=0.4", "-f", "lavfi", "-i",
+           "sine=frequency=440:duration=3", "-c:v", "mpeg4", "-c:a", "aac", str(short))
+    with pytest.raises(data.ClipError, match="video ends early"):
+        data.decode_clip(str(short), s)
 
 
 @needs_ffmpeg
