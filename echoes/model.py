@@ -465,14 +465,30 @@ class Echoes(nn.Module):
         assert counts["total"] == n(self), "a parameter is missing from the breakdown"
         return counts
 
+    def masked_share(self):
+        """The expected share of a modality's tokens that training masks: the mean of the
+        truncated normal, mu + std (pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) at the standardised
+        bounds a, b (the ceil to whole tokens aside); full_mask_prob's samples mask a modality
+        half the time, and null_condition_prob's a random one of the two fully."""
+        c = self.config
+        a, b = ((x - c.mask_ratio_mean) / c.mask_ratio_std
+                for x in (c.mask_ratio_min, c.mask_ratio_max))
+        pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+        mass = cdf(b) - cdf(a)
+        drawn = (c.mask_ratio_mean + c.mask_ratio_std * (pdf(a) - pdf(b)) / mass if mass > 0
+                 else (c.mask_ratio_min + c.mask_ratio_max) / 2)
+        drawn = drawn * (1 - c.null_condition_prob / 2) + c.null_condition_prob / 2
+        return c.full_mask_prob / 2 + (1 - c.full_mask_prob) * drawn
+
     def flops_per_sample(self, train=True):
         """Matmul FLOPs for one sample (embedding look-ups, norms and softmax are ignored).
-        A block of width D over L tokens costs 2 * L * 12 D^2 (qkv, proj, MLP with ratio 4) plus
-        2 * 2 * L^2 * D (scores and weighted sum); the decoder input projection 2 * K * De * Dd;
-        a head over M rows 2 * M * (Dd * De + De * C). Training: the encoder sees
-        K = Ka + Kv kept tokens, the heads the expected masked count (mean ratio x L), and the
-        backward pass costs twice the forward (Kaplan et al. 2020), so 3x. Inference: all
-        L = La + Lv tokens everywhere, forward only."""
+        A block of width D over L tokens costs 2 * L * (4 + 2 r) D^2 (qkv, proj, MLP with ratio
+        r) plus 2 * 2 * L^2 * D (scores and weighted sum); the decoder input projection
+        2 * K * De * Dd; a head over M rows 2 * M * (Dd * De + De * C). Training: the encoder
+        sees K = Ka + Kv kept tokens, the heads the expected masked count (`masked_share` x L),
+        and the backward pass costs twice the forward (Kaplan et al. 2020), so 3x. Inference:
+        all L = La + Lv tokens everywhere, forward only."""
         c = self.config
         mlp = 2 * c.mlp_ratio  # MLP matmul weights per D^2
         def blocks(depth, D, L):
@@ -480,7 +496,7 @@ class Echoes(nn.Module):
         La, Lv = c.audio_len, c.image_len
         if train:
             K = (La - math.floor(c.drop_ratio * La)) + (Lv - math.floor(c.drop_ratio * Lv))
-            Ma, Mv = c.mask_ratio_mean * La, c.mask_ratio_mean * Lv
+            Ma, Mv = self.masked_share() * La, self.masked_share() * Lv
         else:
             K, Ma, Mv = La + Lv, La, Lv
         fwd = (blocks(c.enc_depth, c.enc_dim, K) + 2 * K * c.enc_dim * c.dec_dim

@@ -62,6 +62,7 @@ def test_mask_ratio_statistics_and_kept_counts():
     cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
     alpha, beta = (lo - mu) / sd, (hi - mu) / sd
     expected = mu + sd * (pdf(alpha) - pdf(beta)) / (cdf(beta) - cdf(alpha))
+    assert model.masked_share() == pytest.approx(expected)  # what the FLOP count uses
     for r, L in ((ra, 265), (rv, 256)):
         assert abs(r.mean().item() - expected) < 0.01  # ceil adds < 1/L
         assert r.min().item() >= math.ceil(0.2 * L) / L - 1e-6 and r.max().item() <= 1.0
@@ -77,6 +78,17 @@ def test_mask_ratio_statistics_and_kept_counts():
     dropped_masked = (~torch.zeros(B, 265, dtype=torch.bool).scatter(1, audio_keep, True)
                       & audio_mask).float().mean()
     assert abs(dropped_masked - (1 - 133 / 265) * ra.mean()) < 0.01
+
+
+@pytest.mark.parametrize("overrides", [dict(full_mask_prob=0.3),
+                                       dict(null_condition_prob=0.4),
+                                       dict(full_mask_prob=0.5, null_condition_prob=0.5)])
+def test_the_expected_masked_share_counts_the_fully_masked_samples(overrides):
+    model = Echoes(tiny_config(audio_len=265, image_len=256, **overrides), ops=TorchOps)
+    audio_mask, _, image_mask, _ = model.draw_corruption(8000, "cpu",
+                                                         torch.Generator().manual_seed(0))
+    for mask in (audio_mask, image_mask):
+        assert abs(mask.float().mean().item() - model.masked_share()) < 0.01
 
 
 def test_truncated_normal_bounds_and_determinism():
