@@ -140,8 +140,9 @@ def model_source(s):
         return s.ckpt
     if DEMO_BUNDLE.is_file():
         return DEMO_BUNDLE
-    raise UserError("no --ckpt given and this release has no embedded demo model yet (it ships "
-                    "with a later release): pass --ckpt PATH, a checkpoint written by train.py")
+    raise UserError(f"no --ckpt given and no embedded demo at {DEMO_BUNDLE}: pass --ckpt PATH "
+                    "(a checkpoint written by train.py) or rebuild the demo with "
+                    "`python -m echoes.demo build`")
 
 
 def demo_examples(s):

@@ -567,7 +567,7 @@ def train(s, d, config, micro, accum, ckpt_path):
     counts = model.parameter_counts()
     print0(f"model: {counts['total'] / 1e6:.2f} M parameters ("
            + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if k != "total")
-           + f"); kernels {model.ops.name if hasattr(model.ops, 'name') else 'torch'}; {amp}"
+           + f"); kernels {model.ops.name}; {amp}"
            + ("; compiled blocks" if compiled else ""))
     print0(f"data: {len(train_set)} {s.train_split} clips"
            + (f", {len(eval_set)} {s.eval_split}" if eval_set else
@@ -597,10 +597,8 @@ def train(s, d, config, micro, accum, ckpt_path):
 
     # the evaluation a stopped run left out at its last step is made up first
     if extra.pop("eval_due", None) == step and eval_set is not None:
-        evaluate_now()
-        if step >= max_steps:  # nothing else to do: keep its result in the checkpoint
-            save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader, generator,
-                            extra)
+        evaluate_now()  # and saved at once: a run stopped again must not make it up twice
+        save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader, generator, extra)
     if step >= max_steps:
         print0(f"{ckpt_path} is at step {step}, --max-steps is {max_steps}: nothing to do")
         return 0
@@ -691,8 +689,8 @@ def train(s, d, config, micro, accum, ckpt_path):
                 mfu = f" | MFU {100 * record['mfu']:.1f}%" if peak else ""
                 tqdm.write(f"step {step}/{max_steps} | loss {loss_v:.4f} (audio "
                            f"{loss_text(loss_a)}, image {loss_text(loss_i)}) | lr {lr:.3e} | "
-                           f"grad norm {grad_norm:.3f} | {1000 * dt:.0f} ms | {record['samples_per_s']:.1f} samples/s{mfu}",
-                           file=sys.stdout)
+                           f"grad norm {grad_norm:.3f} | {1000 * dt:.0f} ms | "
+                           f"{record['samples_per_s']:.1f} samples/s{mfu}", file=sys.stdout)
                 write_log(record)
             bar.update(1)
             at_end = step == end or stopping
@@ -706,7 +704,8 @@ def train(s, d, config, micro, accum, ckpt_path):
                 save_checkpoint(ckpt_path, d, model, optimizer, config, s, step, loader,
                                 generator, extra)
                 saved = step
-            if stopping and step < end:  # a signal in the last step: the run is done anyway
+            # a signal in the last step: the run is done, unless its evaluation was left out
+            if stopping and (step < end or "eval_due" in extra):
                 print0(f"stopped by {stop['name']} at step {step}; {ckpt_path} saved, continue "
                        "with --resume")
                 return 128 + stop["number"]  # the shell's code for a signal: not "done"

@@ -29,10 +29,10 @@ only where it is longer than that fill plus the call's GPU work. "GPU busy" is t
 durations of the kernels (and copies) one call runs, from the profiler (mean of 5 calls, in a
 second pass after all the timing, L2 not cleared): what the op costs inside a training step,
 where the host runs ahead of the GPU; a second table splits it by kernel (which of an op's
-kernels to work on: the matmul or the Triton kernel after it, say). "host" is the CPU time to issue one call (Python,
-autograd, allocations, launches), measured after the row's timing while a spin kernel holds the
-GPU; where time is far above busy and host is not, the op is bound by reading its inputs from
-HBM rather than L2.
+kernels to work on: the matmul or the Triton kernel after it, say). "host" is the CPU time to
+issue one call (Python, autograd, allocations, launches), measured after the row's timing while
+a spin kernel holds the GPU; where time is far above busy and host is not, the op is bound by
+reading its inputs from HBM rather than L2.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
 ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
@@ -50,7 +50,7 @@ seconds.
     python bench/kernels.py                  # paper shapes, on a GPU
     python bench/kernels.py --small          # quick, CPU or GPU
     python bench/kernels.py --ops remask draw_tokens --out results.md
-    python bench/kernels.py --ops pad_decoder --candidate /tmp/gather_pad_old.py
+    python bench/kernels.py --ops pad_decoder --candidate gather_pad_old.py
     python bench/kernels.py --candidate bench/candidates/*.patch
 """
 

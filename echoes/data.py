@@ -43,8 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import (UserError, check_writable, load_checkpoint, parse_settings, remove_temps,
-                        run_cli, setting, write_atomic, write_text)
+from echoes.cli import (UserError, check_at_least, check_finite, check_writable, load_checkpoint,
+                        parse_settings, remove_temps, run_cli, setting, write_atomic, write_text)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -666,7 +666,7 @@ def _make_tokenizers(s, device):
 
 def _same_tokenizers(old, new):
     """Whether an index's tokenizer record `old` matches `new`; a record without fingerprints
-    (shards from before they were recorded) matches on the rest."""
+    (an index written without them) matches on the rest."""
     new = json.loads(json.dumps(new))  # tuples as JSON lists
     return isinstance(old, dict) and old.keys() == new.keys() and all(
         isinstance(old[m], dict)
@@ -689,17 +689,19 @@ def _tokenize(items, image_tok, audio_tok, batch_size):
 def prepare(s):
     """Videos -> shards (see the module docstring); returns (clips written, clips skipped)."""
     from tqdm import tqdm
-    for tool in ("ffmpeg", "ffprobe"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            raise UserError(f"{tool} not found: install ffmpeg (e.g. apt-get install ffmpeg)")
     if not s.videos or not os.path.isdir(s.videos):
         raise UserError(f"--videos {s.videos!r} is not a folder")
     if not s.out:
         raise UserError("give --out, the folder for the shards")
-    if s.frames < 1 or s.image_size < 1 or s.shard_size < 1 or s.batch_size < 1:
-        raise UserError("--frames, --image-size, --shard-size and --batch-size must be positive")
-    if s.workers < 0 or s.limit < 0:
-        raise UserError("--workers and --limit must be 0 or more (0: one per core / all clips)")
+    check_finite(s)
+    check_at_least(s, {"frames": 1, "image_size": 1, "shard_size": 1, "batch_size": 1,
+                       "workers": 0, "limit": 0, "min_fraction": 0, "test_fraction": 0})
+    if not s.clip_seconds > 0 or s.min_fraction > 1 or s.test_fraction > 1:
+        raise UserError("--clip-seconds must be above 0, --min-fraction and --test-fraction at "
+                        "most 1")
+    for tool in ("ffmpeg", "ffprobe"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            raise UserError(f"{tool} not found: install ffmpeg (e.g. apt-get install ffmpeg)")
     s = with_bundle_recipe(s)
     check_writable(s.out)
     if s.csv:
@@ -722,7 +724,8 @@ def prepare(s):
         raise UserError(f"{s.out} holds shards made with other tokenizers or settings "
                         f"({index['tokenizers']}); use another --out")
     if index is not None and "tokenizers" in index:
-        tok_meta = index["tokenizers"]  # the record new shards must match (maybe unfingerprinted)
+        tok_meta = index["tokenizers"]  # the record new shards must match (perhaps without
+        # fingerprints)
     done = set()
     for entry in (index or {"shards": []})["shards"]:
         done.update(_read_sidecar(os.path.join(s.out, entry["name"]))["ids"])
@@ -739,8 +742,8 @@ def prepare(s):
     again = {c.id for c in todo} | {row[0] for row in skipped} | done
     listed = {c.id for c in clips}
     missing = len(skipped)
-    skipped = [row for row in _read_skipped(s.out) if row[0] in listed and row[0] not in again
-               ] + skipped
+    carried = [row for row in _read_skipped(s.out) if row[0] in listed and row[0] not in again]
+    skipped = carried + skipped  # this run's are the rows after len(carried)
     print(f"{len(clips)} clips listed, {len(done)} already in shards, {missing} without a "
           f"video file, {len(todo)} to prepare (tokenizers on {device})")
 
@@ -798,14 +801,15 @@ def prepare(s):
     for split in list(buffers):
         flush(split, final=True)
     write_skipped()
+    n_skipped = len(skipped) - len(carried)  # by this run
     if written == 0 and not done:  # an empty --out would fail later, in `info` or train.py
-        raise UserError(f"no clip was usable: all {len(skipped)} skipped, reasons in "
+        raise UserError(f"no clip was usable: all {n_skipped} skipped, reasons in "
                         f"{os.path.join(s.out, SKIPPED)} (short: lower --clip-seconds or "
                         "--min-fraction; silent: --silence-db; no video file: check --videos "
                         "against the CSV's ids)")
-    print(f"wrote {written} clips to {s.out}; skipped {len(skipped)} "
+    print(f"wrote {written} clips to {s.out}; skipped {n_skipped} "
           f"(reasons in {os.path.join(s.out, SKIPPED)})")
-    return written, len(skipped)
+    return written, n_skipped
 
 
 # -----------------------------------------------------------------------------

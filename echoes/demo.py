@@ -429,10 +429,8 @@ def stage_tokenizers(s, p, device):
         return
     # on a CPU: two 1-thread processes side by side (faster than one 2-thread process each)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "echoes.demo", *args(m),
-                               *([] if m == "image" else ["--no-progress"])], env=env)
-             for m in todo]
-    codes = wait_children(procs)
+    codes = run_children([[sys.executable, "-m", "echoes.demo", *args(m),
+                           *([] if m == "image" else ["--no-progress"])] for m in todo], env)
     if any(codes):
         raise UserError(f"tokenizer training failed (exit codes {codes}); see the output above")
 
@@ -472,12 +470,16 @@ def stage_shards(s, p, device):
     os.replace(tmp, p["shards"])
 
 
-def wait_children(procs):
-    """The exit codes of child processes, each waited for to its end. A SIGTERM or Ctrl-C to the
-    build is passed on to them (a terminal's Ctrl-C reaches them too; train.py takes the two as
-    one keypress and saves at the end of its step), so that no child outlives the build and a
-    rerun never works beside one."""
+def run_children(commands, env):
+    """Run the commands as child processes side by side and return their exit codes, each
+    waited for to its end. A SIGTERM or Ctrl-C to the build is passed on to them (a terminal's
+    Ctrl-C reaches them too; train.py takes the two as one keypress and saves at the end of its
+    step), so that no child outlives the build and a rerun never works beside one; then the
+    build stops with the shell's code for the signal, whatever the children's codes."""
+    procs, got = [], []
+
     def forward(signum, frame):
+        got.append(signum)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -486,14 +488,22 @@ def wait_children(procs):
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, forward) if main else None
     try:
+        for command in commands:
+            procs.append(subprocess.Popen(command, env=env))
         while True:
             try:
-                return [proc.wait() for proc in procs]
+                codes = [proc.wait() for proc in procs]
+                break
             except KeyboardInterrupt:
                 forward(signal.SIGINT, None)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+    if got:
+        print(f"stopped by {signal.Signals(got[0]).name}; rerun the build to resume it",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + got[0])
+    return codes
 
 
 def train_script():
@@ -523,7 +533,7 @@ def stage_model(s, p, device):
     # caches compiled kernels per shape (up to 1024): a training run grew to 6 GB by step 2000; 8
     # keeps it under 1 GB at the same speed
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
-    (code,) = wait_children([subprocess.Popen(cmd, env=env)])
+    (code,) = run_children([cmd], env)
     if code != 0:
         why = {130: " (Ctrl-C, after saving)", 143: " (SIGTERM, after saving)"}.get(code, "")
         raise UserError(f"train.py exited with code {code}{why}; rerun the build to resume it")

@@ -291,10 +291,6 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
-    @property
-    def downsample_factor(self):
-        return 2 ** (len(self.config.ch_mult) - 1)
-
     def latent_size(self, H, W):
         """The id grid (h, w) for an (H, W) input: each Downsample maps n -> n // 2."""
         for _ in range(len(self.config.ch_mult) - 1):

@@ -1,7 +1,8 @@
 """Fused Triton ops for the hot paths of echoes, and the one switch that picks them.
 
-One file per op, each holding the Triton kernel(s) and autograd wrapper next to an import of its
-plain PyTorch reference (the spec, defined where the plain path uses it):
+One file per fused op (the gather and the pad, two sides of one data movement, share one), each
+holding the Triton kernel(s) and autograd wrapper next to an import of its plain PyTorch
+reference (the spec, defined where the plain path uses it):
 - `gather_pad.py`: `gather_embed` (encoder input at kept positions) and `pad_decoder` (decoder
   input with the shared mask embedding), forward and backward; reference in `echoes/model.py`;
 - `codebook_ce.py`: `codebook_ce`, logits over the codebook + cross-entropy at masked rows without

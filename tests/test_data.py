@@ -302,8 +302,10 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     data.main(args)
     assert "3 already in shards" in capsys.readouterr().out
     assert len(data.TokenShards(out, "train")) == 3
-    # one that tries a single clip again keeps the other skipped clip listed
+    # one that tries a single clip again keeps the other skipped clip listed, counting its own
+    capsys.readouterr()
     data.main([*args, "--limit", "1"])
+    assert "; skipped 1 (reasons in" in capsys.readouterr().out
     assert set(data._read_skipped(out)) == {tuple(line.split("\t")) for line in
                                              (out / "skipped.txt").read_text().splitlines()}
     assert {row[0] for row in data._read_skipped(out)} == {"cats/broken", "cats/quiet"}
@@ -330,6 +332,17 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     assert len(data.TokenShards(out, "train")) == 4
     assert "fingerprint" not in data.read_index(out)["tokenizers"]["audio"]
     assert not data._same_tokenizers({"image": None, "audio": {}}, index["tokenizers"])
+
+
+@pytest.mark.parametrize("flag, value, want", [
+    ("--clip-seconds", "nan", "--clip-seconds must be a finite number, got nan"),
+    ("--workers", "-1", "--workers must be at least 0, got -1"),
+    ("--min-fraction", "2", "--min-fraction and --test-fraction at most 1"),
+])
+def test_impossible_prepare_settings_are_one_line(tmp_path, capsys, flag, value, want):
+    code, _, err = run_main(["prepare", "--videos", str(tmp_path), "--out",
+                             str(tmp_path / "out"), flag, value], capsys)
+    assert code == 2 and err.count("\n") == 1 and want in err, err
 
 
 @needs_ffmpeg

@@ -357,19 +357,24 @@ def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch
     assert settings.preset == "demo" and settings.decay_group == "linear"
 
 
-def test_a_sigterm_to_the_build_reaches_its_children_and_waits_for_them():
+@pytest.mark.parametrize("on_term", ["default", "exit 0"])  # train.py's last step exits 0
+def test_a_sigterm_to_the_build_reaches_its_children_and_stops_it(on_term, capsys):
     import signal
-    import subprocess
     import sys
     import threading
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = "import time; time.sleep(60)"
+    if on_term == "exit 0":
+        code = "import signal, sys, time; signal.signal(15, lambda *a: sys.exit(0)); " + code
     before = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
+    started = time.monotonic()
     try:
-        codes = demo.wait_children([child])
+        with pytest.raises(SystemExit) as e:
+            demo.run_children([[sys.executable, "-c", code]], None)
     finally:
         timer.cancel()
-        child.kill()
-    assert codes == [-signal.SIGTERM]  # the child got it and ended; the build outlives none
+    # the child got it and ended (run_children waits for it), and the build stops as a SIGTERM
+    assert e.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 30
+    assert "stopped by SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before

@@ -100,7 +100,8 @@ def test_truncated_normal_bounds_and_determinism():
 
 def test_full_mask_fraction_masks_one_modality_and_shows_the_other():
     model = Echoes(tiny_config(full_mask_prob=1.0), ops=TorchOps)
-    audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu", torch.Generator().manual_seed(1))
+    audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu",
+                                                         torch.Generator().manual_seed(1))
     a_full, v_full = audio_mask.all(1), image_mask.all(1)
     assert (a_full ^ v_full).all()
     assert not audio_mask[v_full].any() and not image_mask[a_full].any()

@@ -303,12 +303,21 @@ def test_an_eval_a_signal_left_out_is_made_up_on_resume(shards, tmp_path, monkey
         return real(step, *rest)
 
     monkeypatch.setattr(trainer, "lr_at", lr_at)
-    # a signal in the last step: the run is done (exit 0), its eval still left for later
-    assert trainer.main(args(shards, out, *common)) == (0 if stop_in == 4 else 143)
-    monkeypatch.setattr(trainer, "lr_at", real)
+    # also in the last step: the run stops, its evaluation left to the resumed run
+    assert trainer.main(args(shards, out, *common)) == 143
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == stop_in and ckpt["eval_due"] == stop_in
     assert [r["step"] for r in records(out) if "eval_loss" in r] == [2] * (stop_in == 4)
+
+    def crash(step, *rest):  # the resumed run dies right after making the evaluation up
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "lr_at", crash)
+    if stop_in < 4:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.main(args(shards, out, *common, "--resume"))
+        assert "eval_due" not in torch.load(out / "ckpt.pt", weights_only=True)  # saved at once
+    monkeypatch.setattr(trainer, "lr_at", real)
     assert trainer.main(args(shards, out, *common, "--resume")) == 0
     assert timeless(records(out)) == timeless(records(straight))  # the eval at step 2 too
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
