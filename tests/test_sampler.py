@@ -449,6 +449,41 @@ def test_triton_ops_enter_their_tensors_gpu():
     assert on_device(torch.zeros(1).as_subclass(OnSecondGpu)).idx == 1
 
 
+def test_every_triton_op_enters_on_device_before_it_launches(monkeypatch):
+    from kernels import codebook_ce, gather_pad, sampling
+
+    class Entered(Exception):
+        pass
+
+    def on_device(t):
+        raise Entered
+
+    for module in (codebook_ce, gather_pad, sampling):
+        monkeypatch.setattr(module, "on_device", on_device)
+        monkeypatch.setattr(module, "_use_triton", lambda t: True)  # as for a GPU tensor
+    B, L, K, C, D = 2, 6, 4, 5, 8
+    ids, keep = torch.randint(0, C, (B, L)), torch.arange(K).expand(B, K)
+    unknown = torch.rand(B, L) < 0.5
+    logp = torch.randn(B, L)
+    calls = {
+        "gather_embed": lambda: gather_pad.gather_embed(ids, keep, torch.randn(C + 1, D),
+                                                        torch.randn(L, D), torch.randn(D)),
+        "pad_decoder": lambda: gather_pad.pad_decoder(torch.randn(B, K, D), keep, unknown,
+                                                      torch.randn(D), torch.randn(L, D),
+                                                      torch.randn(D)),
+        "codebook_ce": lambda: codebook_ce.codebook_ce(torch.randn(3, D), torch.randn(C, D),
+                                                       torch.randn(C), torch.randint(0, C, (3,))),
+        "draw_tokens": lambda: sampling.draw_tokens(torch.randn(3, D), torch.randn(3, D),
+                                                    torch.randn(C, D), torch.randn(C), 3.0, 1.0,
+                                                    torch.rand(3)),
+        "remask": lambda: sampling.remask(logp, torch.randn(B, L), unknown,
+                                          torch.full((B,), 2), 1.0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Entered):
+            call()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_model_on_the_second_gpu_samples_as_on_the_first(graphs):
