@@ -53,6 +53,7 @@ from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save
 
 @dataclass
 class Settings:
+    """sample.py's settings (each one is a --flag; see --help)."""
     mode: str = setting("i2a", "what to generate: i2a (image -> audio), a2i (audio -> image), "
                         "joint (both), inpaint (regenerate --start..--end of --audio, given "
                         "--image), continue (keep --audio before --start, generate the rest)")
@@ -180,6 +181,8 @@ def check_inputs(s):
 
 
 def pick_device(name):
+    """--device as a torch.device: auto = the GPU when there is one; a GPU asked for but
+    missing is a `UserError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -326,6 +329,7 @@ def write_sample(out, name, files):
 
 
 def main(argv=None):
+    """sample.py's command line: inputs -> token ids -> the files of every sample."""
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
     check_options(s)
     source = model_source(s)

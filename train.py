@@ -142,6 +142,7 @@ def peak_tflops(device):
 
 @dataclass
 class Dist:
+    """This process's place in the run (world size 1 for a single process)."""
     rank: int
     local_rank: int
     world_size: int
@@ -282,6 +283,7 @@ def rng_state(generator, device):
 
 
 def set_rng_state(state, generator, device):
+    """Restore what `rng_state` saved."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -486,6 +488,7 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
 
 
 def main(argv=None):
+    """train.py's command line: settings, the distributed set-up, the run; its exit code."""
     s = parse_settings(Settings, argv, description=__doc__.split("\n")[0])
     try:
         config, micro, accum = check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
@@ -507,6 +510,9 @@ def main(argv=None):
 
 
 def train(s, d, config, micro, accum, ckpt_path):
+    """The run on this process: data, model, resume, the loop with its logs, evaluations,
+    checkpoints and signal stops; returns the exit code (0 done, 1 non-finite loss, 128 + n
+    stopped by signal n)."""
     amp = s.amp if s.amp != "auto" else (
         "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     if d.device.type == "cuda":

@@ -262,7 +262,7 @@ def rank_slice(order, rank, world_size, batch_size):
     """The positions of `order` a rank reads, in reading order: at micro-step k the ranks take
     consecutive blocks of `batch_size` from order[k * W * B : (k + 1) * W * B]."""
     blocks = np.asarray(order).reshape(-1, world_size, batch_size)  # (steps, W, B)
-    return blocks[:, rank].reshape(-1)
+    return blocks[:, rank].reshape(-1)  # (steps * B,)
 
 
 class ShardLoader:
@@ -828,6 +828,7 @@ Print what the shard folder DIR holds: clip shapes, clips per split, tokenizer s
 
 
 def info(root):
+    """Print a shard folder's splits, clip counts, token layout and tokenizer record."""
     index = read_index(root)
     sizes = split_sizes(index)
     print(f"{root}: frames {index['frames']}, image ids {index['image_len']}, audio ids "
@@ -839,6 +840,7 @@ def info(root):
 
 
 def info_main(argv):
+    """`python -m echoes.data info FOLDER`."""
     if "-h" in argv or "--help" in argv:
         print(INFO_USAGE)
         return
@@ -854,6 +856,7 @@ def info_main(argv):
 
 
 def main(argv=None):
+    """`python -m echoes.data prepare|info ...`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # a missing command, as argparse treats a missing argument: usage, exit 2
         print(USAGE, file=sys.stderr)

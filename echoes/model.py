@@ -152,7 +152,7 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
     B, K, D = x.shape
     L = unknown.shape[1]
     full = x.new_zeros(B, L, D).scatter(1, keep[..., None].expand(B, K, D), x)  # (B, L, D)
-    kept = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, keep, True)
+    kept = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, keep, True)  # (B, L)
     take = (kept & ~unknown)[..., None]  # (B, L, 1)
     return torch.where(take, full, mask_emb.to(x.dtype)) + pos + mod
 
@@ -409,6 +409,7 @@ class Echoes(nn.Module):
         out = []
         for m, L in enumerate((c.audio_len, c.image_len)):
             n_masked = torch.ceil(ratio[:, m] * L).long()  # (B,), MAGE rounds up
+            # (B, L): each position's rank in a random order
             rank = torch.rand(B, L, generator=generator, device=gdev).argsort(1).argsort(1)
             mask = rank < n_masked[:, None]  # (B, L): a uniformly random subset of n_masked
             K = L - math.floor(c.drop_ratio * L)

@@ -64,7 +64,7 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
     cdf = logp.exp().cumsum(-1)  # (N, C)
     u = uniform.float()[:, None] * cdf[:, -1:]  # (N, 1), scaled so rounding in cdf never overflows
     ids = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1).squeeze(1)  # (N,)
-    return ids, logp.gather(1, ids[:, None]).squeeze(1)
+    return ids, logp.gather(1, ids[:, None]).squeeze(1)  # (N,), (N,)
 
 
 def remask(logp, gumbel, unknown, mask_len, tau):
@@ -268,7 +268,7 @@ def unmask_step(model, ids, targets, initial, step, steps, uniforms, uncond=None
         # the head and the draw run on every position and the known ones' draws are thrown
         # away: boolean indexing (h[unknown]) would have the host wait for the GPU each step to
         # learn the row count. Row (b, l) draws with its own uniform either way
-        tok, logp = draw(h_cond.flatten(0, 1),
+        tok, logp = draw(h_cond.flatten(0, 1),  # (B L, D)
                          None if h_uncond is None else h_uncond.flatten(0, 1), weight, bias,
                          guidance, token_temperature, u_draw.flatten())  # (B L,)
         drawn = torch.where(unknown, tok.view(cur.shape), cur)  # (B, L)
@@ -530,7 +530,7 @@ def hidden_columns(keep, grid):
     rows, cols = grid
     if tuple(keep.shape) != (rows * cols,):
         raise ValueError(f"audio_keep must be ({rows * cols},), got {tuple(keep.shape)}")
-    return ~keep.reshape(rows, cols).all(0)
+    return ~keep.reshape(rows, cols).all(0)  # (rows, cols) -> (cols,)
 
 
 def audio_keep_before(start, grid, duration, edges=None):
