@@ -250,7 +250,7 @@ def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
     gen = torch.Generator(d.device)
     totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # sum_a, n_a, sum_v, n_v
     for first, audio, image in data.eval_batches(dataset, batch_size, d.rank, d.world_size, limit):
-        gen.manual_seed(seed * 1_000_003 + first)
+        gen.manual_seed(stream_seed(seed, 0, first))  # the batch's first clip, on any rank
         with autocast(d.device, amp):
             _, st = model.training_loss(audio.to(d.device), image.to(d.device), gen)
         totals += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
@@ -271,6 +271,12 @@ def loss_text(x):
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+
+def stream_seed(seed, rank, offset=0):
+    """The seed of one of a rank's random streams: runs (seed), ranks and streams (offset: the
+    masking generator's is 7919, a resumed run's adds its step) never share one."""
+    return seed * 1_000_003 + rank + offset
 
 
 def rng_state(generator, device):
@@ -481,8 +487,8 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
                "schedule and clip order are not what they would have been")
     if ranks is None:  # fresh streams: the data position still holds, the random draws differ
         print0(f"note: {why}: random streams are re-seeded, so the resume is not exact")
-        torch.manual_seed(s.seed * 1_000_003 + d.rank + ckpt["step"])
-        generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919 + ckpt["step"])
+        torch.manual_seed(stream_seed(s.seed, d.rank, ckpt["step"]))
+        generator.manual_seed(stream_seed(s.seed, d.rank, 7919 + ckpt["step"]))
     print0(f"resumed {path} at step {ckpt['step']} (epoch {loader.epoch}, clip {loader.index})")
     return int(ckpt["step"])
 
@@ -538,9 +544,9 @@ def train(s, d, config, micro, accum, ckpt_path):
     optimizer = configure_optimizer(model, peak_lr, s.weight_decay, (s.beta1, s.beta2),
                                     d.device.type, s.decay_group)
     generator = torch.Generator(d.device)  # the masking draws of draw_corruption
-    torch.manual_seed(s.seed * 1_000_003 + d.rank)  # dropout differs across ranks
-    random.seed(s.seed * 1_000_003 + d.rank)
-    generator.manual_seed(s.seed * 1_000_003 + d.rank + 7919)
+    torch.manual_seed(stream_seed(s.seed, d.rank))  # dropout differs across ranks
+    random.seed(stream_seed(s.seed, d.rank))
+    generator.manual_seed(stream_seed(s.seed, d.rank, 7919))
 
     step, extra = 0, {}
     if d.master:
