@@ -488,8 +488,17 @@ def run_children(commands, env):
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, forward) if main else None
     try:
-        for command in commands:
-            procs.append(subprocess.Popen(command, env=env))
+        try:
+            for command in commands:
+                if got:  # stopped while starting: no more children
+                    break
+                procs.append(subprocess.Popen(command, env=env))
+        except BaseException as e:  # a start that failed, or Ctrl-C: the started ones end too
+            forward(signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM, None)
+            for proc in procs:
+                proc.wait()
+            if not isinstance(e, KeyboardInterrupt):
+                raise
         while True:
             try:
                 codes = [proc.wait() for proc in procs]

@@ -480,8 +480,9 @@ class Echoes(nn.Module):
         pdf = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
         cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
         mass = cdf(b) - cdf(a)
-        drawn = (c.mask_ratio_mean + c.mask_ratio_std * (pdf(a) - pdf(b)) / mass if mass > 0
-                 else (c.mask_ratio_min + c.mask_ratio_max) / 2)
+        # a range far in one tail has no mass in floats: the draws sit at its near bound
+        drawn = (c.mask_ratio_mean + c.mask_ratio_std * (pdf(a) - pdf(b)) / mass if mass > 1e-12
+                 else min(max(c.mask_ratio_mean, c.mask_ratio_min), c.mask_ratio_max))
         drawn = drawn * (1 - c.null_condition_prob / 2) + c.null_condition_prob / 2
         return c.full_mask_prob / 2 + (1 - c.full_mask_prob) * drawn
 

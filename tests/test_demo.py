@@ -378,3 +378,19 @@ def test_a_sigterm_to_the_build_reaches_its_children_and_stops_it(on_term, capsy
     assert e.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 30
     assert "stopped by SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_child_that_cannot_start_ends_the_ones_started(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    started, real = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(demo.subprocess, "Popen", popen)
+    with pytest.raises(FileNotFoundError):
+        demo.run_children([[sys.executable, "-c", "import time; time.sleep(60)"],
+                           [str(tmp_path / "no_such_program")]], None)
+    assert len(started) == 1 and started[0].poll() is not None  # told to stop, waited for
