@@ -730,12 +730,22 @@ def main(argv=None):
               + (f"{launch * 1e6:.1f} us" if launch else "- (no GPU)"))
     print(header)
 
-    rows, op_variants = [], {}
-
-    def save():  # after every op, so a run stopped part-way still leaves its table
+    def save(rows):  # after every op, so a run stopped part-way still leaves its table
         if s.out:
             write_text(s.out, markdown(header, rows, time.perf_counter() - start) + "\n")
 
+    rows = run_table(s, device, act, gpu, timer, ceiling, start, save)
+    print()
+    print(markdown(header, rows, time.perf_counter() - start))
+    if s.out:
+        print(f"wrote {s.out}")
+
+
+def run_table(s, device, act, gpu, timer, ceiling, start, save):
+    """Every row of the table: each op's variants timed (the candidates of ops reached after 2/3
+    of --time-limit skipped), then on a GPU their busy times, main's variants of every op before
+    any candidate's; `save(rows)` after each op. -> the rows."""
+    rows, op_variants = [], {}
     for op in s.ops:
         case = make_case(op, s, device, act)
         late = s.time_limit > 0 and time.perf_counter() - start > s.time_limit * 2 / 3
@@ -745,7 +755,7 @@ def main(argv=None):
         del case
         if gpu:
             torch.cuda.empty_cache()
-        save()
+        save(rows)
     if gpu and s.busy:  # a second pass, after all the timing (see add_busy)
         print("GPU busy times (profiler) ...", flush=True)
         # main's variants of every op first: a run cut short loses candidates' busy times first
@@ -758,11 +768,8 @@ def main(argv=None):
                 add_busy([r for r in rows if r["op"] == op], case, variants, names)
                 del case
                 torch.cuda.empty_cache()
-                save()
-    print()
-    print(markdown(header, rows, time.perf_counter() - start))
-    if s.out:
-        print(f"wrote {s.out}")
+                save(rows)
+    return rows
 
 
 COLUMNS = ["op", "shape", "mode", "variant", "time (us)", "rate", "% of floor", "vs eager",

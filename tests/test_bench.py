@@ -150,6 +150,35 @@ def test_a_late_run_skips_candidates_and_profiles_them_last(tmp_path, monkeypatc
     assert rows[1]["busy_speedup"] == 4.0
 
 
+@pytest.mark.parametrize("late", [False, True])
+def test_the_table_skips_late_candidates_and_profiles_main_first(tmp_path, monkeypatch, late):
+    """run_table's GPU branch on CPU tensors (the ops fall back to their references there):
+    past 2/3 of --time-limit the candidates are skipped, and the busy pass profiles main's
+    variants of every op before any candidate's."""
+    import dataclasses
+
+    import torch
+    copy = tmp_path / "gather_pad_copy.py"
+    copy.write_text((ROOT / "kernels" / "gather_pad.py").read_text())
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1,
+                            compile=False, candidate=[str(copy)], modes=["forward"],
+                            ops=["gather_embed", "pad_decoder"], time_limit=1e-9 if late else 0)
+    profiled = []
+    monkeypatch.setattr(bench, "add_busy", lambda rows, case, variants, names:
+                        profiled.append((rows[0]["op"], tuple(names))))
+    device = torch.device("cpu")
+    rows = bench.run_table(s, device, torch.float32, True, bench.time_cpu,
+                           bench.ceilings(device, s), bench.time.perf_counter(), lambda rows: 0)
+    cand = [r for r in rows if r["variant"] == "gather_pad_copy"]
+    assert len(cand) == 2 and all(("us" in r) != late for r in cand)
+    if late:
+        assert all(r["note"].startswith("skipped: past 2/3 of --time-limit") for r in cand)
+    assert profiled == [("gather_embed", ("eager", "triton", "compile")),
+                        ("pad_decoder", ("eager", "triton", "compile")),
+                        ("gather_embed", ("gather_pad_copy",)),
+                        ("pad_decoder", ("gather_pad_copy",))]
+
+
 def test_kernel_names_are_short():
     assert bench.kernel_name("void at::native::vectorized_elementwise_kernel<4, "
                              "at::native::FillFunctor<float>>(int, float)") == \
