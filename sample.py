@@ -47,7 +47,7 @@ from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
 from echoes.cli import (UserError, check_finite, check_writable, load_checkpoint, parse_settings,
-                        remove_temps, run_cli, setting)
+                        pick_device, remove_temps, run_cli, setting)
 from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save_wav
 
 
@@ -178,26 +178,6 @@ def check_inputs(s):
     if twice:
         raise UserError(f"several inputs are named {twice[0]!r}: their outputs would overwrite "
                         "each other; rename them")
-
-
-def pick_device(name):
-    """--device as a torch.device: auto = the GPU when there is one; a GPU asked for but
-    missing is a `UserError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not a device this runs on: use auto, cpu, cuda "
-                        "or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                        "GPU(s); use cuda:0 or cuda")
-    return device
 
 
 def sampling_settings(s, ckpt, source="the checkpoint"):

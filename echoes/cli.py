@@ -156,6 +156,26 @@ def check_at_least(s, minimums):
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
 
 
+def pick_device(name, flag="--device"):
+    """A --device setting as a torch.device: auto = the GPU when there is one, else cpu; cpu,
+    cuda or cuda:N; a GPU asked for but missing, or another name, is a `UserError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {name!r} is not a device this runs on: use auto, cpu, cuda "
+                        "or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name}: no CUDA GPU is available here; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        "GPU(s); use cuda:0 or cuda")
+    return device
+
+
 # -----------------------------------------------------------------------------
 # checkpoint files
 

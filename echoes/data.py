@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from echoes.cli import (UserError, check_at_least, check_finite, check_writable, load_checkpoint,
-                        parse_settings, remove_temps, run_cli, setting, write_atomic, write_text)
+                        parse_settings, pick_device, remove_temps, run_cli, setting, write_atomic,
+                        write_text)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -475,7 +476,7 @@ class PrepareSettings:
     batch_size: int = setting(16, "clips per tokenizer batch")
     workers: int = setting(0, "parallel ffmpeg decodes; 0 = one per CPU core, at most 16")
     device: str = setting("auto", "where the tokenizers run: auto (a GPU when present), cpu, "
-                          "cuda")
+                          "cuda or cuda:N")
     limit: int = setting(0, "prepare at most this many new clips (0 = all), e.g. for a trial")
 
 
@@ -699,6 +700,7 @@ def prepare(s):
     if not s.clip_seconds > 0 or s.min_fraction > 1 or s.test_fraction > 1:
         raise UserError("--clip-seconds must be above 0, --min-fraction and --test-fraction at "
                         "most 1")
+    device = pick_device(s.device)
     for tool in ("ffmpeg", "ffprobe"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             raise UserError(f"{tool} not found: install ffmpeg (e.g. apt-get install ffmpeg)")
@@ -706,11 +708,6 @@ def prepare(s):
     check_writable(s.out)
     if s.csv:
         read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load
-    device = "cuda" if s.device == "auto" and torch.cuda.is_available() else s.device
-    if device == "auto":
-        device = "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu")
     image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
     os.makedirs(s.out, exist_ok=True)
     index = read_index(s.out, required=False)

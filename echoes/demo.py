@@ -43,7 +43,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -64,7 +63,8 @@ from tqdm import tqdm
 from echoes import sampler, shapes
 from echoes.checkpoint import DEMO_BUNDLE, DEMO_EXAMPLES, load_model
 from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint, parse_settings,
-                        remove_temps, run_cli, save_atomic, setting, write_atomic, write_text)
+                        pick_device, remove_temps, run_cli, save_atomic, setting, write_atomic,
+                        write_text)
 from echoes.data import write_shards
 from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
                                mel_spectrogram, n_params, vqgan_from_checkpoint)
@@ -310,7 +310,7 @@ class BuildSettings:
     stages: list[str] = setting(["data", "tokenizers", "shards", "model", "decoder", "tune",
                                  "bundle"],
                                 "stages to run, in order (each skipped when its output exists)")
-    device: str = setting("auto", "auto (a GPU when present), cpu or cuda")
+    device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
     threads: int = setting(0, "CPU threads for the model and tuning stages (0 = all cores)")
     n_train: int = setting(6000, "training pairs (seeds TRAIN_SEED), tokenizers and model")
     n_val: int = setting(240, "validation pairs (VAL_SEED): tokenizer checks, eval loss, tuning")
@@ -339,16 +339,6 @@ class BuildSettings:
 
 
 STAGES = ("data", "tokenizers", "shards", "model", "decoder", "tune", "bundle")
-
-
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
-        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
 
 
 def _paths(work):
@@ -919,7 +909,7 @@ def build(s):
                        "image_patch_mean": 0, "model_steps": 1, "model_batch": 1, "model_lr": 0,
                        "decoder_steps": 0, "decoder_batch": 1, "decoder_sampled_fills": 0,
                        "n_tune": 1})
-    device = _device(s.device)
+    device = pick_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
     p = _paths(s.work)
@@ -963,7 +953,7 @@ class TokenizerSettings:
     patch_mean: float = setting(0.0, "weight of the patch-mean loss (see train_tokenizer; the "
                                 "build: --image-patch-mean 1.0 for the image one, 0 for audio)")
     seed: int = setting(0, "seed of the init and the batches")
-    device: str = setting("auto", "auto, cpu or cuda")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = setting(True, "show a progress bar")
 
 
@@ -975,7 +965,7 @@ def tokenizer_main(argv):
         raise UserError(f"{t.work} has no data.npz: run `python -m echoes.demo build` "
                         "(its data stage comes first)")
     train_one_tokenizer(t.modality, t.work, t.steps, t.batch_size, t.lr, t.seed,
-                        _device(t.device), t.patch_mean, t.progress)
+                        pick_device(t.device), t.patch_mean, t.progress)
 
 
 USAGE = """usage: python -m echoes.demo COMMAND [options]

@@ -317,10 +317,10 @@ def test_build_options_are_checked_first(tmp_path):
         demo.build(demo.BuildSettings(work=str(tmp_path / "file")))
     assert not (tmp_path / "w").exists()
     with pytest.raises(demo.UserError, match="use auto, cpu, cuda or cuda:N"):
-        demo._device("tpu")
+        demo.pick_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(demo.UserError, match="no CUDA GPU is visible"):
-            demo._device("cuda:1")  # a GPU's index is a device name
+        with pytest.raises(demo.UserError, match="no CUDA GPU is available here"):
+            demo.pick_device("cuda:1")  # a GPU's index is a device name
 
 
 def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
