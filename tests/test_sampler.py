@@ -236,8 +236,16 @@ def test_guidance_defaults_to_the_papers_per_mode():
     for mode, kwargs, batch in (("a2i", dict(audio_ids=audio), 2),
                                 ("i2a", dict(image_ids=image), 4)):
         calls = spy_on(model)
-        generate(model, mode, steps=2, generator=seeded(0), **kwargs)
-        assert [a.shape[0] for a, _ in calls] == [batch] * 2, mode  # a2i: no CFG twin
+        default = generate(model, mode, steps=4, generator=sample_generators(0, 2), **kwargs)
+        assert [a.shape[0] for a, _ in calls] == [batch] * 4, mode  # a2i: no CFG twin
+        paper = generate(model, mode, steps=4, guidance=sampler.PAPER_GUIDANCE[mode],
+                         generator=sample_generators(0, 2), **kwargs)
+        assert all(torch.equal(x, y) for x, y in zip(default, paper)), mode
+    assert sampler.PAPER_GUIDANCE["i2a"] == 3.0 and sampler.PAPER_GUIDANCE["a2i"] == 1.0
+    default = generate(model, "i2a", steps=4, generator=sample_generators(0, 2), image_ids=image)
+    other = generate(model, "i2a", steps=4, guidance=2.0, generator=sample_generators(0, 2),
+                     image_ids=image)
+    assert not torch.equal(default[0], other[0])  # the scale shows in the draws
 
 
 @pytest.mark.parametrize("mode", ["i2a", "a2i", "inpaint"])
@@ -476,6 +484,10 @@ def test_every_triton_op_enters_on_device_before_it_launches(monkeypatch):
         "draw_tokens": lambda: sampling.draw_tokens(torch.randn(3, D), torch.randn(3, D),
                                                     torch.randn(C, D), torch.randn(C), 3.0, 1.0,
                                                     torch.rand(3)),
+        # without guidance the mix is skipped: the draw kernel's own launch
+        "draw_tokens unguided": lambda: sampling.draw_tokens(torch.randn(3, D), None,
+                                                             torch.randn(C, D), torch.randn(C),
+                                                             1.0, 1.0, torch.rand(3)),
         "remask": lambda: sampling.remask(logp, torch.randn(B, L), unknown,
                                           torch.full((B,), 2), 1.0),
     }
