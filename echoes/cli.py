@@ -246,10 +246,11 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
     try:
         return _load_weights_only(path)
     except pickle.UnpicklingError as e:
-        # torch's safe unpickler names the class it refuses ("Unsupported global"); any other
-        # unpickling error ("Unsupported operand", "invalid load key") means the bytes are no
-        # pickle at all, and full unpickling would not help
-        if "global" not in str(e).lower():
+        # bytes that are no pickle at all: full unpickling would not help. Any other refusal of
+        # torch's safe unpickler (a class it does not know, a dict subclass it cannot fill)
+        # is about what the file holds
+        if any(k in str(e).lower() for k in ("invalid load key", "unsupported operand",
+                                             "truncated")):
             raise UserError(f"{what} {path} is not a readable PyTorch file; "
                             "re-download or re-create it") from e
         if not trusted:

@@ -134,6 +134,36 @@ def test_errors_name_the_command_as_it_is_typed(capsys):
     assert "(see python -m echoes.data prepare --help)" in capsys.readouterr().err
 
 
+def test_a_bookkeeping_dict_subclass_asks_for_trust_and_loads_with_it(tmp_path, monkeypatch):
+    """Lightning's AttributeDict (a dict subclass) cannot be filled by the safe unpickler: that
+    is a file asking for trust, not a corrupt one, and --trust-checkpoints loads it."""
+    import sys
+    import types
+
+    import torch
+
+    from echoes.cli import UserError, load_checkpoint
+    module = types.ModuleType("lightning_fabric.utilities")
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__, AttributeDict.__qualname__ = module.__name__, "AttributeDict"
+    module.AttributeDict = AttributeDict
+    for name in ("lightning_fabric", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else
+                            types.ModuleType(name))
+    path = tmp_path / "hp.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": AttributeDict(lr=1.0)},
+               path)
+    with pytest.raises(UserError, match="pass --trust-checkpoints"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, trusted=True)["hyper_parameters"] == {"lr": 1.0}
+    (tmp_path / "junk.ckpt").write_bytes(b"\x80\x02junk that is no pickle")
+    with pytest.raises(UserError, match="is not a readable PyTorch file"):
+        load_checkpoint(tmp_path / "junk.ckpt", trusted=True)
+
+
 def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
     """A released Lightning checkpoint keys its "callbacks" by callback classes: it loads, safely,
     with no pytorch_lightning installed (the classes come back as inert stand-ins)."""
