@@ -2,7 +2,8 @@
 
 - `setting()` / `parse_settings()`: each script keeps its settings in one dataclass near the top;
   every field becomes a `--flag` with its help text, unknown flags and wrong types are errors, and
-  `dataclasses.asdict` gives the resolved settings to store in a checkpoint.
+  `dataclasses.asdict` gives the resolved settings to store in a checkpoint; `check_finite`,
+  `check_at_least` and `pick_device` turn impossible values into one-line errors.
 - `UserError` / `run_cli()`: problems a user can fix (a missing file, an impossible option) are
   raised as `UserError` and printed as one line with exit code 2, never as a traceback.
 - `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
