@@ -24,7 +24,9 @@ So the [rows, C] fp32 logits (or the fp32 log-probabilities, which eager PyTorch
 exist. What backward keeps is the gradient of the logits in the matmul dtype (bf16 under
 autocast): two matmuls in all, as eager, and backward is one cuBLAS matmul per wanted input,
 scaled by the upstream gradient: grad h = dZ @ E, grad E = dZ^T @ h (only when E is not
-detached; fp32 accumulation, as eager), grad b = column sums of dZ (fp32).
+detached; fp32 accumulation, as eager), grad b = column sums of dZ (fp32). The table's scaling
+by the upstream gradient and the bias gradient come from one small kernel after the sum of the
+row kernel's per-program column sums.
 
 Dtypes follow the reference: under autocast the matmul runs in the autocast dtype (h, E and b
 are cast once and the logits come out in it, exactly the reference's bf16 linear) and everything
@@ -53,6 +55,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # that test shapes run the loop and a tail block
 BLOCK_R = 8 if INTERPRET else 4
 PROGRAMS_PER_SM = 8
+SCALE_ROWS = 2 if INTERPRET else 4  # table rows per program of the backward's scaling kernel
 MAX_C = 16384
 
 
@@ -106,6 +109,29 @@ def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
         tl.store(bsum + pid * C + cols, colsum, mask=cmask)
 
 
+@triton.jit
+def _ce_scale_kernel(w, bsum, upstream, wg, gb, C, D,
+                     W_SCALE: tl.constexpr, B_GRAD: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The backward's small work in one launch, scaled by the upstream gradient g (a 0-dim
+    tensor): wg = w * g rounded once to wg's dtype (the table grad h is formed with), and
+    gb = bsum * g (the bias gradient, bsum the column sums of d loss / d z). Grid
+    (cdiv(C, BLOCK_R),)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) codes
+    rmask = rows < C
+    g = tl.load(upstream).to(tl.float32)
+    if W_SCALE:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m2 = rmask[:, None] & (cols < D)[None, :]
+            offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+            x = tl.load(w + offs, mask=m2, other=0.0).to(tl.float32)
+            tl.store(wg + offs, (x * g).to(wg.dtype.element_ty), mask=m2)
+    if B_GRAD:
+        b = tl.load(bsum + rows, mask=rmask, other=0.0)
+        tl.store(gb + rows, (b * g).to(gb.dtype.element_ty), mask=rmask)
+
+
 class CodebookCE(torch.autograd.Function):
 
     @staticmethod
@@ -144,11 +170,21 @@ class CodebookCE(torch.autograd.Function):
         dz, w_c, h_c, bsum = ctx.saved_tensors  # dz (N, C)
         hdtype, wdtype, bdtype, cdtype = ctx.dtypes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g = grad.float()  # () upstream gradient of the summed loss
+        C = dz.shape[1]
         gh = gw = gb = None
+        # one launch scales the (C, D) table (rather than the (N, C) gradient) and the bias sums
+        wg = torch.empty_like(w_c) if need_h else None  # (C, D)
+        gb = torch.empty(C, device=dz.device, dtype=bdtype) if need_b else None  # (C,)
+        if need_h or need_b:
+            D = w_c.shape[1] if need_h else 0
+            _ce_scale_kernel[(triton.cdiv(C, SCALE_ROWS),)](
+                w_c if need_h else grad, bsum.sum(0) if need_b else grad, grad.contiguous(),
+                wg if need_h else grad, gb if need_b else grad, C, D, W_SCALE=need_h,
+                B_GRAD=need_b, BLOCK_R=SCALE_ROWS,
+                BLOCK_D=min(1024, triton.next_power_of_2(max(D, 1))),
+                num_warps=1 if INTERPRET else 4)
         with torch.autocast(device_type=dz.device.type, enabled=False):
-            if need_h:  # scale the (C, D) table rather than the (N, C) gradient
-                wg = (w_c.float() * g).to(cdtype)  # (C, D)
+            if need_h:
                 if hdtype == cdtype:
                     gh = torch.mm(dz, wg)  # (N, D)
                 else:  # cast in row chunks: never both a full cdtype and a full hdtype copy
@@ -158,9 +194,7 @@ class CodebookCE(torch.autograd.Function):
                     for r0 in range(0, N, step):
                         gh[r0:r0 + step] = torch.mm(dz[r0:r0 + step], wg)
             if need_w:
-                gw = (torch.mm(dz.t(), h_c).float() * g).to(wdtype)  # (C, D)
-            if need_b:
-                gb = (bsum.sum(0) * g).to(bdtype)  # (C,)
+                gw = (torch.mm(dz.t(), h_c).float() * grad.float()).to(wdtype)  # (C, D)
         return gh, gw, gb, None, None, None, None
 
 

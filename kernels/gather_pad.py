@@ -16,9 +16,11 @@ TRITON_INTERPRET=1) and for fp64 ones (the kernels add and sum in fp32).
   and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
   side: a block of positions l finds its k by comparing against keep[b, :] (K integer compares per
   position, far cheaper than the row it moves), so no inverse index is built and nothing is
-  assumed about keep's order. Backward reads the upstream gradient once: it writes grad x for every
-  kept row (zero where the token is unknown) and sums grad pos / mask_emb / mod over the batch in
-  registers, one fp32 atomic per block and batch split.
+  assumed about keep's order. When a gradient is wanted, the forward also writes the k it found
+  for each position as a (B, L) int32 slot index (-1: dropped). Backward reads it and the upstream
+  gradient once: it writes grad x for every kept row (zero where the token is unknown) and sums
+  grad pos / mask_emb / mod over the batch in registers, one fp32 atomic per block and batch
+  split.
 
 Dtypes follow the reference under autocast (neither op is on autocast's lists): the output dtype is
 the promotion of the inputs' dtypes (gather: weight, pos, mod; pad: x, pos, mod), everything is
@@ -49,13 +51,13 @@ if INTERPRET:
     GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
     GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=32, num_warps=1)
     PAD_FWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
-    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, BLOCK_KC=16, num_warps=1)
+    PAD_BWD = dict(BLOCK_L=8, BLOCK_D=32, num_warps=1)
     PAD_BWD_PROGRAMS = 16  # target program count; sets the batch split
 else:
-    GATHER_FWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
+    GATHER_FWD = dict(BLOCK_R=8, BLOCK_D=256, num_warps=4)
     GATHER_BWD = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
     PAD_FWD = dict(BLOCK_L=16, BLOCK_D=256, BLOCK_KC=256, num_warps=4)
-    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, BLOCK_KC=256, num_warps=4)
+    PAD_BWD = dict(BLOCK_L=16, BLOCK_D=128, num_warps=4)
     PAD_BWD_PROGRAMS = 1024
 
 
@@ -218,10 +220,11 @@ def _kept_index(keep_row, s_kk, ls, K, BLOCK_L: tl.constexpr, BLOCK_KC: tl.const
 
 
 @triton.jit
-def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
-                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl,
+def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, slot, L, K, D, n_lb,
+                    s_xb, s_xk, s_kb, s_kk, s_ub, s_pl, STORE_SLOT: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KC: tl.constexpr):
-    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod.
+    """out[b, l] = (x[b, k] if keep[b, k] == l and not unknown[b, l] else mask_emb) + pos[l] + mod;
+    with STORE_SLOT, slot[b, l] = that k (-1 where l was dropped), int32, for the backward.
 
     Grid (B * cdiv(L, BLOCK_L), cdiv(D, BLOCK_D)). Bytes: B*L*D*out_bytes written +
     (kept, known rows) * D * x_bytes read + L*D pos (L2 hits); floor B*L*D*out_bytes +
@@ -233,6 +236,9 @@ def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
     lmask = ls < L
     b = b.to(tl.int64)
     kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+    if STORE_SLOT:
+        if pid_d == 0:  # one program per position block writes its slots
+            tl.store(slot + b * L + ls, kidx, mask=lmask)
     unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
     take = (kidx >= 0) & (unk == 0)  # (Lb,)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -250,19 +256,18 @@ def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, L, K, D, n_lb,
 
 
 @triton.jit
-def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
-                    s_kb, s_kk, s_ub,
+def _pad_bwd_kernel(grad, slot, unknown, gx, gp, gme, gm, B, L, K, D, b_per, s_ub,
                     X_GRAD: tl.constexpr, P_GRAD: tl.constexpr, E_GRAD: tl.constexpr,
-                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_KC: tl.constexpr):
+                    M_GRAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad x[b, k] = grad[b, keep[b, k]] where that token is known, else 0; grad pos[l] =
     sum_b grad[b, l]; grad mask_emb = sum of grad rows that took it; grad mod = sum of all rows.
 
+    slot[b, l] (int32, from the forward) is the k with keep[b, k] == l, -1 where l was dropped.
     Each program owns a (BLOCK_L, BLOCK_D) tile of positions for b_per samples, sums its tile over
-    those samples in registers and adds it to the fp32 buffers with one atomic per element.
-    Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes: B*L*D*grad_bytes read +
-    B*K*D*x_bytes written + (L + 2)*D*cdiv(B, b_per) fp32 atomics; FLOPs: 3*B*L*D adds, plus
-    B*L*K*cdiv(D, BLOCK_D) integer compares."""
+    those samples in registers (no reduction inside the loop) and adds it to the fp32 buffers with
+    one atomic per element. Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes:
+    B*L*D*grad_bytes read + B*K*D*x_bytes written + B*L*5 index bytes + (L + 2)*D*cdiv(B, b_per)
+    fp32 atomics; FLOPs: 3*B*L*D adds."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -272,11 +277,11 @@ def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
     cmask = cols < D
     m2 = lmask[:, None] & cmask[None, :]
     acc_p = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-    acc_e = tl.zeros([BLOCK_D], tl.float32)
+    acc_e = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     b0 = pid_b * b_per
     b1 = tl.minimum(b0 + b_per, B)
     for b in range(b0, b1):
-        kidx = _kept_index(keep + b * s_kb, s_kk, ls, K, BLOCK_L, BLOCK_KC)  # (Lb,)
+        kidx = tl.load(slot + b * L + ls, mask=lmask, other=-1)  # (Lb,)
         unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
         take = (kidx >= 0) & (unk == 0)
         rows = (b * L + ls).to(tl.int64)
@@ -284,7 +289,7 @@ def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
         g = g.to(tl.float32)  # (Lb, Dc)
         acc_p += g
         if E_GRAD:
-            acc_e += tl.sum(tl.where(take[:, None], 0.0, g), axis=0)
+            acc_e += tl.where(take[:, None], 0.0, g)
         if X_GRAD:
             xrows = (b * K + kidx).to(tl.int64)
             tl.store(gx + xrows[:, None] * D + cols[None, :],
@@ -294,7 +299,7 @@ def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
         tl.atomic_add(gp + ls.to(tl.int64)[:, None] * D + cols[None, :], acc_p, mask=m2,
                       sem="relaxed")
     if E_GRAD:
-        tl.atomic_add(gme + cols, acc_e, mask=cmask, sem="relaxed")
+        tl.atomic_add(gme + cols, tl.sum(acc_e, axis=0), mask=cmask, sem="relaxed")
     if M_GRAD:
         tl.atomic_add(gm + cols, tl.sum(acc_p, axis=0), mask=cmask, sem="relaxed")
 
@@ -302,7 +307,7 @@ def _pad_bwd_kernel(grad, keep, unknown, gx, gp, gme, gm, B, L, K, D, b_per,
 class PadDecoder(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, keep, unknown, mask_emb, pos, mod):
+    def forward(ctx, x, keep, unknown, mask_emb, pos, mod, grad_enabled):
         B, K, D = x.shape
         L = unknown.shape[1]
         if x.stride(2) != 1:
@@ -311,24 +316,28 @@ class PadDecoder(torch.autograd.Function):
         unk = unknown.to(torch.bool).contiguous().view(torch.uint8)  # (B, L)
         dtype = torch.promote_types(torch.promote_types(x.dtype, pos.dtype), mod.dtype)
         out = torch.empty(B, L, D, device=x.device, dtype=dtype)  # (B, L, D)
+        # needs_input_grad stays True under torch.no_grad: then no slot index is kept
+        store_slot = grad_enabled and any(ctx.needs_input_grad)
+        slot = torch.empty(B, L, device=x.device, dtype=torch.int32) if store_slot else None
         if B * L > 0 and D > 0:
             cfg = dict(PAD_FWD)
             cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
             n_lb = triton.cdiv(L, cfg["BLOCK_L"])
             grid = (B * n_lb, triton.cdiv(D, cfg["BLOCK_D"]))
-            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out, L, K, D, n_lb,
+            _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out,
+                                  slot if store_slot else out, L, K, D, n_lb,
                                   x.stride(0), x.stride(1), keep.stride(0), keep.stride(1),
-                                  unk.stride(0), pos.stride(0), **cfg)
-        ctx.save_for_backward(keep, unk)
+                                  unk.stride(0), pos.stride(0), STORE_SLOT=store_slot, **cfg)
+        ctx.save_for_backward(slot, unk)
         ctx.meta = (x.dtype, K, mask_emb.dtype, pos.dtype, mod.dtype)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        keep, unk = ctx.saved_tensors
+        slot, unk = ctx.saved_tensors  # (B, L) int32 and uint8
         xdtype, K, edtype, pdtype, mdtype = ctx.meta
-        need_x, _, _, need_e, need_p, need_m = ctx.needs_input_grad
+        need_x, _, _, need_e, need_p, need_m, _ = ctx.needs_input_grad
         B, L, D = grad.shape
         dev = grad.device
         grad = grad.contiguous()  # (B, L, D)
@@ -342,12 +351,12 @@ class PadDecoder(torch.autograd.Function):
             splits = max(1, min(B, triton.cdiv(PAD_BWD_PROGRAMS, n_l * n_d)))
             b_per = triton.cdiv(B, splits)
             grid = (n_l, n_d, triton.cdiv(B, b_per))
-            _pad_bwd_kernel[grid](grad, keep, unk, gx if need_x else grad, acc[:L], acc[L],
-                                  acc[L + 1], B, L, K, D, b_per, keep.stride(0),
-                                  keep.stride(1), unk.stride(0), X_GRAD=need_x, P_GRAD=need_p,
-                                  E_GRAD=need_e, M_GRAD=need_m, **cfg)
+            _pad_bwd_kernel[grid](grad, slot, unk, gx if need_x else grad, acc[:L], acc[L],
+                                  acc[L + 1], B, L, K, D, b_per, unk.stride(0), X_GRAD=need_x,
+                                  P_GRAD=need_p, E_GRAD=need_e, M_GRAD=need_m, **cfg)
         return (gx, None, None, acc[L].to(edtype) if need_e else None,
-                acc[:L].to(pdtype) if need_p else None, acc[L + 1].to(mdtype) if need_m else None)
+                acc[:L].to(pdtype) if need_p else None, acc[L + 1].to(mdtype) if need_m else None,
+                None)
 
 
 def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
@@ -363,4 +372,4 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
             or torch.float64 in (x.dtype, mask_emb.dtype, pos.dtype, mod.dtype)):
         return pad_decoder_reference(x, keep, unknown, mask_emb, pos, mod)
     with on_device(x):  # backward runs where autograd sets the device: on the tensors'
-        return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod)
+        return PadDecoder.apply(x, keep, unknown, mask_emb, pos, mod, torch.is_grad_enabled())
