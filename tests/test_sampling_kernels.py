@@ -117,19 +117,22 @@ def draw_matches_reference_away_from_ties():
     ]
     for i, (N, D, C, cfg, bias, s, T, strided) in enumerate(cases):
         hc, hu, W, b, u = draw_inputs(N, D, C, seed=i, cfg=cfg, bias=bias)
-        sampling._INTERPRET_BLOCK_C = 16 if i == 2 else 64  # case 2: nine tiles, a partial one
         if strided:  # rows with a stride larger than D
             hc = torch.cat([hc, torch.randn(N, 5)], 1)[:, :D]
         p = probs64(hc, hu, W, b, s, T)
         u, expected = u_away_from_boundaries(p, u)
-        ids, logp = sampling.draw_tokens(hc, hu, W, b, s, T, u)
         ref_ids, ref_logp = ref.draw_tokens(hc, hu, W, b, s, T, u)
-        assert ids.dtype == torch.long and logp.dtype == torch.float32 and ids.shape == (N,)
-        assert torch.equal(ids, ref_ids), f"case {i}: ids differ from the reference"
-        assert torch.equal(ids, expected), f"case {i}: ids differ from the float64 draw"
-        torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(logp.double(), p.gather(1, ids[:, None]).squeeze(1).log(),
-                                   rtol=1e-5, atol=1e-5)
+        # the codebook in chunks (case 2: nine, a partial one), then as one chunk
+        for block_c in (16 if i == 2 else 64, 256):
+            sampling._INTERPRET_BLOCK_C = block_c
+            ids, logp = sampling.draw_tokens(hc, hu, W, b, s, T, u)
+            at = f"case {i}, chunks of {block_c}"
+            assert ids.dtype == torch.long and logp.dtype == torch.float32 and ids.shape == (N,)
+            assert torch.equal(ids, ref_ids), f"{at}: ids differ from the reference"
+            assert torch.equal(ids, expected), f"{at}: ids differ from the float64 draw"
+            torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logp.double(), p.gather(1, ids[:, None]).squeeze(1).log(),
+                                       rtol=1e-5, atol=1e-5)
     sampling._INTERPRET_BLOCK_C = 64
 
 
@@ -138,12 +141,15 @@ def draw_random_uniform_agrees_up_to_ties():
     from kernels import sampling
     hc, hu, W, b, u = draw_inputs(301, 24, 77, seed=11)
     u[:3] = torch.tensor([0.0, 1 - 2 ** -24, 0.5])  # the ends of [0, 1)
-    ids, logp = sampling.draw_tokens(hc, hu, W, b, 3.0, 0.9, u)
     ref_ids, ref_logp = ref.draw_tokens(hc, hu, W, b, 3.0, 0.9, u)
     p = probs64(hc, hu, W, b, 3.0, 0.9)
-    assert_ids_agree_up_to_ties(ids, ref_ids, p, u, min_agreement=0.995, tie_tol=1e-5)
-    same = ids == ref_ids
-    torch.testing.assert_close(logp[same], ref_logp[same], rtol=1e-5, atol=1e-5)
+    for block_c in (64, 128):  # two chunks, one chunk
+        sampling._INTERPRET_BLOCK_C = block_c
+        ids, logp = sampling.draw_tokens(hc, hu, W, b, 3.0, 0.9, u)
+        assert_ids_agree_up_to_ties(ids, ref_ids, p, u, min_agreement=0.995, tie_tol=1e-5)
+        same = ids == ref_ids
+        torch.testing.assert_close(logp[same], ref_logp[same], rtol=1e-5, atol=1e-5)
+    sampling._INTERPRET_BLOCK_C = 64
 
 
 @check
@@ -162,17 +168,20 @@ def draw_frequencies_match_softmax():
     hc, hu, W, b, _ = draw_inputs(1, D, C, seed=5)
     W = W * 0.2  # a spread of bins, none tiny: every expected count is above 10
     u = torch.rand(N, generator=torch.Generator().manual_seed(6))
-    # three codebook tiles, the last one partial; tall row blocks keep the interpreter quick
-    sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = 16, 256
-    try:
-        ids, _ = sampling.draw_tokens(hc.expand(N, D), hu.expand(N, D), W, b, s, T, u)
-    finally:
-        sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = 64, 32
-    counts = torch.bincount(ids, minlength=C).double()
     p = probs64(hc, hu, W, b, s, T)[0]
     assert p.min() * N > 10, "the chi-square bound needs expected counts above 5"
-    stat = chi_square(counts, p)
-    assert stat < 72.0, f"chi-square {stat:.1f} over {C - 1} degrees of freedom (p < 0.001)"
+    # three codebook tiles, the last one partial, then one tile; tall row blocks keep the
+    # interpreter quick
+    for block_c in (16, 64):
+        sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = block_c, 256
+        try:
+            ids, _ = sampling.draw_tokens(hc.expand(N, D), hu.expand(N, D), W, b, s, T, u)
+        finally:
+            sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = 64, 32
+        counts = torch.bincount(ids, minlength=C).double()
+        stat = chi_square(counts, p)
+        assert stat < 72.0, (f"chunks of {block_c}: chi-square {stat:.1f} over {C - 1} "
+                             "degrees of freedom (p < 0.001)")
 
 
 @check
