@@ -99,7 +99,9 @@ def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
         hit = cols[None, :] == t[:, None]  # (R, BLOCK_C) the target column
         z_t = tl.sum(tl.where(hit, x, 0.0), axis=1)
         z_s = tl.sum(tl.where(m2, x, 0.0), axis=1)
-        tl.store(loss + rows, lse - (1.0 - eps) * z_t - (eps / C) * z_s, mask=rmask)
+        # no smoothing term without smoothing: 0 * z_s is nan for a code of logit -inf
+        smooth = tl.where(eps != 0.0, (eps / C) * z_s, 0.0)
+        tl.store(loss + rows, lse - (1.0 - eps) * z_t - smooth, mask=rmask)
         if STORE_GRAD:
             g = tl.exp(xm - lse[:, None]) - eps / C - tl.where(hit, 1.0 - eps, 0.0)
             g = tl.where(m2, g, 0.0)

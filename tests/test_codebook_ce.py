@@ -122,7 +122,27 @@ def check_no_bias_and_fp64_under_autocast():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # bf16 would be ~1e-3 off
 
 
+def check_code_of_logit_minus_inf():
+    """A code no row can take (bias -inf): the loss is finite without smoothing (0 * -inf in
+    the smoothing term would make it nan) and inf with it, as the reference's."""
+    from kernels.codebook_ce import codebook_ce
+    h, weight, bias, target, dy = make_inputs(N=9, C=11, D=6, device="cpu",
+                                              grads=("h", "bias"))
+    with torch.no_grad():
+        bias[4] = float("-inf")
+    target = torch.where(target == 4, 5, target)
+    for eps in (0.0, 0.1):
+        got = codebook_ce(h, weight, bias, target, eps)
+        want = codebook_ce_reference(h, weight, bias, target, eps)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(got) == (eps == 0.0), (eps, got)
+    (got_h,) = torch.autograd.grad(codebook_ce(h, weight, bias, target, 0.0), h, dy)
+    (want_h,) = torch.autograd.grad(codebook_ce_reference(h, weight, bias, target, 0.0), h, dy)
+    torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-5)
+
+
 OTHER_CHECKS = {"evaluation_keeps_no_gradient": check_evaluation_keeps_no_gradient,
+                "code_of_logit_minus_inf": check_code_of_logit_minus_inf,
                 "second_derivative_refused": check_second_derivative_refused,
                 "no_bias_and_fp64_under_autocast": check_no_bias_and_fp64_under_autocast}
 
