@@ -153,6 +153,20 @@ def draw_random_uniform_agrees_up_to_ties():
 
 
 @check
+def draw_nan_logit_gives_nan_logp():
+    """A row with a nan logit is never drawn from as if the nan were not there: its logp is
+    nan, in chunks and as one chunk (a max over the cdf would skip the nan)."""
+    from kernels import sampling
+    hc, hu, W, b, u = draw_inputs(6, 16, 37, seed=4)
+    b[20] = float("nan")
+    for block_c in (16, 64):
+        sampling._INTERPRET_BLOCK_C = block_c
+        _, logp = sampling.draw_tokens(hc, hu, W, b, 3.0, 1.0, u)
+        assert torch.isnan(logp).all(), f"chunks of {block_c}: {logp}"
+    sampling._INTERPRET_BLOCK_C = 64
+
+
+@check
 def draw_guidance_one_equals_no_guidance():
     from kernels import sampling
     hc, hu, W, b, u = draw_inputs(53, 40, 150, seed=3)
