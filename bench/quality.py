@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from echoes import checkpoint, demo, sampler  # noqa: E402
-from echoes.cli import (check_at_least, check_out_file, parse_settings, run_cli,  # noqa: E402
-                        setting, write_text)
+from echoes.cli import (check_at_least, check_out_file, parse_settings, pick_device,  # noqa: E402
+                        run_cli, setting, write_text)
 
 
 @dataclasses.dataclass
@@ -120,7 +120,7 @@ def main(argv=None):
         check_out_file(s.out)
     if s.threads:
         torch.set_num_threads(s.threads)
-    device = demo._device(s.device)
+    device = pick_device(s.device)
     t_start = time.time()
     model, image_tok, audio_tok, bundle = checkpoint.load_for_sampling(s.bundle, device,
                                                                        what="demo bundle")

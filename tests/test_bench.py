@@ -1,5 +1,5 @@
 """bench/kernels.py: its CPU run, candidate kernel files timed against the current ones, the
-error and busy-time columns."""
+error and busy-time columns; bench/quality.py on a few demo items."""
 
 import importlib.util
 from pathlib import Path
@@ -447,3 +447,32 @@ def test_sample_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):
         sample_bench.main(["--out", str(out), "--no-gpu"])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| demo")]
     assert len(rows) == 1 and "| torch | latency | 1 | 0.250 | 4.00 |" in rows[0]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_scores_the_demo_bundle_on_a_few_items(tmp_path):
+    quality = _quality()
+    out = tmp_path / "quality.md"
+    quality.run_cli(quality.main, ["--n", "12", "--no-ablation", "--n-joint", "12",
+                                   "--device", "cpu", "--out", str(out)])
+    table = out.read_text()
+    for name in ("audio tokenizer reconstruction", "i2a, tuned", "a2i, tuned",
+                 "joint consistency", "inpaint consistency (0.5-1.0 s, stretch silenced)"):
+        assert f"| {name}" in table, name
+    assert "ablation" not in table and "on cpu with" in table
+
+
+def test_quality_refuses_a_bundle_that_is_no_checkpoint(tmp_path, capsys):
+    quality = _quality()
+    bad = tmp_path / "bundle.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        quality.run_cli(quality.main, ["--bundle", str(bad), "--n", "12"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(bad) in err[0], err
