@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -273,17 +274,29 @@ def write_atomic(path, write, replace=True):
     readers see the old file or the complete new one, never a torn write; the temp file is
     removed when anything fails. With `replace=False` an existing `path` is never replaced:
     the file is published with a hard link, which fails with FileExistsError when `path`
-    exists (also when another process creates it in the meantime)."""
+    exists (also when another process creates it in the meantime). A write that fails for want
+    of space (or another OS error) is a `UserError` that says an existing `path` is kept."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
     try:
         _lock(fd)  # held while writing: `remove_temps(dead_only=True)` leaves the file alone
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a failed write as a RuntimeError ("unexpected pos"): one is
+            # the disk's when the disk is full, else it is the caller's
+            if not (isinstance(e, OSError) or _no_space_left(folder)):
+                raise
+            why = getattr(e, "strerror", None) or ("no space left on the device"
+                                                   if _no_space_left(folder) else e)
+            kept = "; the existing file is kept" if os.path.exists(path) else ""
+            raise UserError(f"cannot write {path} ({why}); free some space or choose another "
+                            f"output folder{kept}") from e
         try:  # mkstemp makes it 0600; give it the mode open() would
             os.chmod(tmp, 0o666 & ~_umask())
         except OSError:  # a file system without modes (FAT, some network mounts)
@@ -295,6 +308,14 @@ def write_atomic(path, write, replace=True):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _no_space_left(folder, below=1 << 20):
+    """Whether the file system of `folder` has less than `below` bytes left for this user."""
+    try:
+        return shutil.disk_usage(folder).free < below
+    except OSError:
+        return False
 
 
 def check_writable(folder, flag="--out"):

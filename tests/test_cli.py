@@ -24,10 +24,29 @@ def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
         f.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(cli.UserError, match=r"cannot write .*h.bin \(No space left on device\); "
+                       r"free some space or choose another output folder$"):
         write_atomic(tmp_path / "h.bin", broken)
+    with pytest.raises(cli.UserError, match="the existing file is kept"):
+        write_atomic(path, broken)
     assert path.read_bytes() == b"two" and (tmp_path / "g.bin").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
+
+
+def test_a_failed_torch_save_is_a_user_error_only_on_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError ("unexpected pos"): on a disk that
+    is full it becomes a one-line error, elsewhere it is left alone."""
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(cli, "_no_space_left", lambda folder: True)
+    with pytest.raises(cli.UserError, match="no space left on the device"):
+        write_atomic(tmp_path / "ckpt.pt", broken)
+    monkeypatch.setattr(cli, "_no_space_left", lambda folder: False)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        write_atomic(tmp_path / "ckpt.pt", broken)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
