@@ -46,8 +46,8 @@ import kernels
 from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
-from echoes.cli import (UserError, check_finite, check_writable, load_checkpoint, parse_settings,
-                        pick_device, remove_temps, run_cli, setting)
+from echoes.cli import (UserError, check_finite, check_rules, check_writable, load_checkpoint,
+                        parse_settings, pick_device, remove_temps, run_cli, setting)
 from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save_wav
 
 
@@ -125,10 +125,8 @@ def check_options(s):
         value = getattr(s, name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("temperature", "guidance", "token_temperature"):
-        value, (ok, what) = getattr(s, name), sampler.SAMPLING_RULES[name]
-        if value is not None and not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    check_rules(s, {name: sampler.SAMPLING_RULES[name]
+                    for name in ("temperature", "guidance", "token_temperature")})
     check_finite(s)
     if s.start is not None and s.end is not None and s.start >= s.end:
         raise UserError(f"--start {s.start:g} is not before --end {s.end:g}: the stretch to "

@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 import kernels
 from echoes import data
-from echoes.cli import (UserError, check_at_least, check_finite, check_writable,
-                        load_checkpoint, parse_settings, remove_temps, run_cli, save_atomic,
-                        setting)
+from echoes.cli import (UserError, check_at_least, check_finite, check_finite_weights,
+                        check_writable, load_checkpoint, parse_settings, remove_temps, run_cli,
+                        save_atomic, setting)
 from echoes.model import Echoes, EchoesConfig
 from echoes.sampler import check_sampling_defaults
 
@@ -395,6 +395,8 @@ def check_settings(s, world):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(s, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(s, name)}")
+    if not 0 <= s.seed < 2 ** 32:  # stream seeds (seed * 1_000_003 + ...) stay in 64 bits
+        raise UserError(f"--seed must be in [0, 2**32), got {s.seed}")
     if s.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {s.device!r}: use auto, cpu or cuda (under torchrun each "
                         "process takes cuda:LOCAL_RANK)")
@@ -434,6 +436,12 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
     for key in ("model", "config", "optimizer", "step", "data", "rng"):
         if key not in ckpt:
             raise UserError(f"{path} is not a train.py checkpoint (no {key!r} key)")
+    step = ckpt["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{path} holds step {step!r}, not a count of steps; it is damaged: use "
+                        "an earlier copy or another --out")
+    if isinstance(ckpt["model"], dict):
+        check_finite_weights(ckpt["model"], str(path))
     want = dataclasses.asdict(config)
     # a field newer than the checkpoint was at its default there (off, for the research fields)
     stored = {**{f.name: f.default for f in dataclasses.fields(EchoesConfig)}, **ckpt["config"]}

@@ -77,8 +77,8 @@ sys.path.insert(0, str(ROOT))
 
 from echoes import model as model_ref
 from echoes import sampler as sampler_ref
-from echoes.cli import (UserError, check_at_least, check_out_file, parse_settings, run_cli, setting,
-                        write_text)
+from echoes.cli import (UserError, check_at_least, check_finite, check_out_file, parse_settings,
+                        run_cli, setting, write_text)
 
 OPS = ["gather_embed", "pad_decoder", "codebook_ce", "draw_tokens", "remask"]
 
@@ -692,6 +692,7 @@ def variants_of(op, case, s, gpu, late=False):
 
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
+    check_finite(s)
     check_at_least(s, {"batch": 1, "audio_len": 1, "image_len": 1, "audio_kept": 1,
                        "image_kept": 1, "dim": 1, "codebook": 2, "warmup": 1, "rep": 1,
                        "masked_ratio": 0, "tau": 0, "time_limit": 0})

@@ -29,8 +29,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
-from echoes.cli import (check_at_least, check_out_file, parse_settings, run_cli,  # noqa: E402
-                        setting, write_text)
+from echoes import sampler  # noqa: E402
+from echoes.cli import (check_at_least, check_out_file, check_rules, parse_settings,  # noqa: E402
+                        run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 from echoes.sampler import generate  # noqa: E402
 
@@ -139,7 +140,8 @@ def bench_preset(preset, device, autocast_dtype, s, table, save):
 def main(argv=None):
     s = parse_settings(Settings, argv, description=__doc__.split("\n\n")[0])
     check_at_least(s, {"steps": 1, "latency_batch": 1, "throughput_batch": 1, "repeats": 0,
-                       "threads": 0, "temperature": 0})
+                       "threads": 0})
+    check_rules(s, {name: sampler.SAMPLING_RULES[name] for name in ("temperature", "guidance")})
     if s.out:
         check_out_file(s.out)
     if s.threads:

@@ -3,7 +3,8 @@
 - `setting()` / `parse_settings()`: each script keeps its settings in one dataclass near the top;
   every field becomes a `--flag` with its help text, unknown flags and wrong types are errors, and
   `dataclasses.asdict` gives the resolved settings to store in a checkpoint; `check_finite`,
-  `check_at_least` and `pick_device` turn impossible values into one-line errors.
+  `check_at_least`, `check_rules` and `pick_device` turn impossible values into one-line
+  errors.
 - `UserError` / `run_cli()`: problems a user can fix (a missing file, an impossible option) are
   raised as `UserError` and printed as one line with exit code 2, never as a traceback.
 - `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
@@ -149,6 +150,15 @@ def check_finite(s):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def check_rules(s, rules):
+    """A `UserError` for the first setting of `s` (None: not given) that fails its rule
+    ({field: (test, what it must be in words)}, e.g. `echoes.sampler.SAMPLING_RULES`)."""
+    for name, (ok, what) in rules.items():
+        value = getattr(s, name)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 def check_at_least(s, minimums):
     """A `UserError` for the first setting of `s` below its minimum ({field: minimum}; NaN is
     below every minimum)."""
@@ -235,6 +245,15 @@ def _load_weights_only(path):
             names.add(name)
             if not _all_bookkeeping(names):
                 raise
+
+
+def check_finite_weights(state_dict, what):
+    """A `UserError` naming the first floating tensor of `state_dict` that holds nan or inf: a
+    damaged file, or a run that diverged, would otherwise give noise or black pictures."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            raise UserError(f"{what} holds nan or inf weights ({key}); it is damaged or its run "
+                            "diverged: use an earlier checkpoint or re-create it")
 
 
 def load_checkpoint(path, trusted=False, what="checkpoint"):

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from echoes.cli import UserError, load_checkpoint, write_atomic
+from echoes.cli import UserError, check_finite_weights, load_checkpoint, write_atomic
 
 SAMPLE_RATE = 22050  # SpecVQGAN's VGGSound features
 N_FFT, HOP, N_MELS, FMIN, FMAX = 1024, 256, 80, 125.0, 7600.0
@@ -328,7 +328,7 @@ def _abbrev(keys, n=3):
 
 def load_state_strict(module, state_dict, what, path):
     """`load_state_dict(strict=True)` whose failure is one line naming the missing, unexpected and
-    mis-shaped keys (abbreviated)."""
+    mis-shaped keys (abbreviated), or the first tensor holding nan or inf."""
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise UserError(f"{what} {path} does not hold a state dict of tensors")
     own = module.state_dict()
@@ -339,6 +339,7 @@ def load_state_strict(module, state_dict, what, path):
         parts = [f"{name} {len(ks)} keys ({_abbrev(ks)})" for name, ks in found if ks]
         raise UserError(f"{what} {path} does not match the model configuration: "
                         + "; ".join(parts) + "; check the file and the model options")
+    check_finite_weights(state_dict, f"{what} {path}")
     module.load_state_dict(state_dict, strict=True)
     return module
 

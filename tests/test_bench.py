@@ -476,3 +476,19 @@ def test_quality_refuses_a_bundle_that_is_no_checkpoint(tmp_path, capsys):
         quality.run_cli(quality.main, ["--bundle", str(bad), "--n", "12"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and str(bad) in err[0], err
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sample.py", ["--guidance", "nan"], "--guidance must be a number in [-1e6, 1e6], got nan"),
+    ("sample.py", ["--temperature", "1e30"], "--temperature must be a number in [0, 1e6]"),
+    ("kernels.py", ["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+])
+def test_bench_settings_out_of_range_are_one_line_errors(capsys, script, argv, message):
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}_cli",
+                                                  ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as e:
+        module.run_cli(module.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err

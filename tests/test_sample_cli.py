@@ -73,6 +73,16 @@ def files(tmp_path_factory):
     broken["model"].pop("mask_emb")
     out["broken"] = d / "broken.pt"
     torch.save(broken, out["broken"])
+    diverged = tiny_checkpoint()
+    diverged["model"]["mask_emb"][0] = float("nan")
+    out["diverged"] = d / "diverged.pt"
+    torch.save(diverged, out["diverged"])
+    nan_vqgan = tiny_vqgans()["image"]
+    nan_state = {k: v.clone() for k, v in nan_vqgan[1].state_dict().items()}
+    nan_state["quantize.embedding.weight"][3] = float("inf")
+    out["nan_image_vqgan"] = d / "nan_image_vqgan.pt"
+    torch.save({"config": dataclasses.asdict(nan_vqgan[0]), "state_dict": nan_state},
+               out["nan_image_vqgan"])
     # the demo bundle layout: the tokenizers' weights travel inside the model checkpoint
     bundle = tiny_checkpoint()
     bundle["tokenizers"] = {m: {**RECIPE[m], "config": dataclasses.asdict(config),
@@ -301,6 +311,12 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a", "--image", "cat", "--num-samples", "0"], "at least 1", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "mismatched"], "expects 25 image tokens", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "broken"], "missing 1 keys (mask_emb)", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "diverged"],
+     "holds nan or inf weights (mask_emb)", {}),
+    (["--mode", "a2i", "--audio", "bark", "--image-vqgan", "nan_image_vqgan", "--audio-vqgan",
+      "audio_vqgan"],
+     "nan_image_vqgan.pt holds nan or inf weights (quantize.embedding.weight)",
+     dict(tokenizers=False)),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "bark"], "bark.wav", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "other_codebook"],
      "image_vqgan.pt is not the image VQGAN", {}),

@@ -191,18 +191,27 @@ def test_sigterm_and_ctrl_c_save_and_exit(shards, tmp_path, sig):
     ("device", "--device 'tpu': use auto, cpu or cuda"),
     ("out is a file", "is not a folder; give a folder"),
     ("checkpoint that does not fit", "does not fit this run (RuntimeError"),
+    ("damaged step", "holds step -5, not a count of steps"),
+    ("nan weights", "holds nan or inf weights (mask_emb)"),
+    ("negative seed", "--seed must be in [0, 2**32), got -1"),
     ("ids past the codebook", "hold image id 40, the model's codebook has 32 codes"),
 ])
 def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, case, message,
                                         one_thread):
     out = tmp_path / "run"
     argv = args(shards, out, "--max-steps", "1", "--eval-every", "0")
-    if case in ("existing run", "other model", "checkpoint that does not fit"):
+    damaged = ("checkpoint that does not fit", "damaged step", "nan weights")
+    if case in ("existing run", "other model") + damaged:
         assert trainer.main(argv) == 0
         capsys.readouterr()
-    if case == "checkpoint that does not fit":
+    if case in damaged:
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-        ckpt["model"].pop("mask_emb")
+        if case == "checkpoint that does not fit":
+            ckpt["model"].pop("mask_emb")
+        elif case == "damaged step":
+            ckpt["step"] = -5
+        else:
+            ckpt["model"]["mask_emb"][0] = float("nan")
         torch.save(ckpt, out / "ckpt.pt")
     if case == "out is a file":
         out.write_text("not a folder")
@@ -232,6 +241,9 @@ def test_bad_inputs_are_one_line_errors(shards, tmp_path, capsys, monkeypatch, c
         "device": argv + ["--device", "tpu"],
         "out is a file": argv,
         "checkpoint that does not fit": argv + ["--resume", "--max-steps", "2"],
+        "damaged step": argv + ["--resume", "--max-steps", "2"],
+        "nan weights": argv + ["--resume", "--max-steps", "2"],
+        "negative seed": argv + ["--seed", "-1"],
         "ids past the codebook": argv + ["--data", str(tmp_path / "wide")],
     }[case]
     with pytest.raises(SystemExit) as e:
