@@ -46,8 +46,9 @@ import kernels
 from echoes import sampler
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
-from echoes.cli import (UserError, check_finite, check_rules, check_writable, load_checkpoint,
-                        parse_settings, pick_device, remove_temps, run_cli, setting)
+from echoes.cli import (UserError, check_file, check_finite, check_rules, check_writable,
+                        load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
+                        setting)
 from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save_wav
 
 
@@ -169,8 +170,7 @@ def check_inputs(s):
     for path in s.image + s.audio:
         if os.path.isdir(path):
             raise UserError(f"input {path} is a folder; give its files, e.g. {path}/*")
-        if not os.path.isfile(path):
-            raise UserError(f"input file not found: {path}")
+        check_file(path, "input file")
     stems = [Path(p).stem for p in (s.image if s.mode == "i2a" else s.audio)]
     twice = sorted({x for x in stems if stems.count(x) > 1})
     if twice:

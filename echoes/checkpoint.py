@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from echoes import sampler
-from echoes.cli import UserError, load_checkpoint
+from echoes.cli import UserError, check_file, load_checkpoint
 from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
                                codebook_fingerprint, load_melgan, load_state_strict, load_vqgan,
@@ -148,9 +148,8 @@ def load_for_sampling(path=DEMO_BUNDLE, device="cpu", trusted=False, what="check
     """A checkpoint file with embedded tokenizers (the demo bundle) -> (model, image tokenizer,
     audio tokenizer, the checkpoint dict), on `device`, checked to fit together."""
     path = Path(path)
-    if not path.is_file():
-        hint = (": build it with `python -m echoes.demo build`" if path == DEMO_BUNDLE else "")
-        raise UserError(f"{path} not found{hint}")
+    check_file(path, what, "build it with `python -m echoes.demo build`" if path == DEMO_BUNDLE
+               else "check the path")
     ckpt = load_checkpoint(path, trusted=trusted, what=what)
     model = load_model(ckpt, str(path)).to(device)
     image_tok, audio_tok = load_tokenizers(ckpt, str(path), device, flags=False)

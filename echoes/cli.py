@@ -256,14 +256,25 @@ def check_finite_weights(state_dict, what):
                             "diverged: use an earlier checkpoint or re-create it")
 
 
+def check_file(path, what, fix="check the path"):
+    """A `UserError` unless `path` is a regular file: a folder, a device or a missing path is
+    named as such, with `fix` for the missing one."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a file; give the file")
+    if os.path.exists(path):
+        raise UserError(f"{what} {path} is not a regular file; give a file")
+    raise UserError(f"{what} not found: {path} ({fix})")
+
+
 def load_checkpoint(path, trusted=False, what="checkpoint"):
     """torch.load with safe defaults: `weights_only=True` (training libraries' bookkeeping
     objects come back as inert `Bookkeeping` stand-ins), and a one-line `UserError` for a file
     that is missing, corrupt, or needs full unpickling (allowed only with `trusted=True`, which
     the scripts expose as `--trust-checkpoints`)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path} (check the path)")
+    check_file(path, what)
     try:
         return _load_weights_only(path)
     except pickle.UnpicklingError as e:

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from echoes.cli import UserError, check_finite_weights, load_checkpoint, write_atomic
+from echoes.cli import UserError, check_file, check_finite_weights, load_checkpoint, write_atomic
 
 SAMPLE_RATE = 22050  # SpecVQGAN's VGGSound features
 N_FFT, HOP, N_MELS, FMIN, FMAX = 1024, 256, 80, 125.0, 7600.0
@@ -732,9 +732,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
     `seconds`, only that much of the file's start (and 0.1 s more, so that resampling the cut
     end matches resampling the whole file there) is read."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is a folder, not an audio file" if os.path.isdir(path)
-                        else f"audio file not found: {path}")
+    check_file(path, "audio file")
     if os.path.getsize(path) == 0:
         raise UserError(f"audio {path} is empty (0 bytes); give a recording")
     try:
@@ -779,9 +777,7 @@ def load_image(path_or_image, resolution):
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
         path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise UserError(f"{path} is a folder, not an image file" if os.path.isdir(path)
-                            else f"image file not found: {path}")
+        check_file(path, "image file")
         if os.path.getsize(path) == 0:
             raise UserError(f"image {path} is empty (0 bytes); give a PNG or JPEG file")
         try:

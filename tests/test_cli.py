@@ -241,3 +241,15 @@ def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
     torch.save({"obj": ModelCheckpoint()}, other)
     with pytest.raises(UserError, match="pass --trust-checkpoints"):
         load_checkpoint(other)
+
+
+def test_check_file_names_folders_devices_and_missing_paths(tmp_path):
+    (tmp_path / "f.pt").write_bytes(b"x")
+    cli.check_file(tmp_path / "f.pt", "checkpoint")
+    for path, message in ((tmp_path, "is a folder, not a file"),
+                          ("/dev/null", "is not a regular file"),
+                          (tmp_path / "nope.pt", "checkpoint not found: ")):
+        with pytest.raises(cli.UserError, match=message):
+            cli.check_file(path, "checkpoint")
+    with pytest.raises(cli.UserError, match=r"\(build it first\)$"):
+        cli.check_file(tmp_path / "nope.pt", "bundle", "build it first")
