@@ -330,7 +330,10 @@ def load_state_strict(module, state_dict, what, path):
     """`load_state_dict(strict=True)` whose failure is one line naming the missing, unexpected and
     mis-shaped keys (abbreviated), or the first tensor holding nan or inf."""
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise UserError(f"{what} {path} does not hold a state dict of tensors")
+        held = (f"it holds {', '.join(map(str, list(state_dict)[:4]))}"
+                if isinstance(state_dict, dict) else f"it holds a {type(state_dict).__name__}")
+        raise UserError(f"{what} {path} does not hold a state dict of tensors ({held}); check "
+                        f"that the file is a {what}")
     own = module.state_dict()
     missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
     shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
@@ -943,6 +946,9 @@ class AudioTokenizer:
         self.vqgan, self.vocoder = vqgan.eval(), vocoder.eval() if vocoder is not None else None
         self.n_samples, self.n_frames, self.keep_frames = n_samples, n_frames, keep_frames
         self.sample_rate, self.griffin_lim_iters = sample_rate, griffin_lim_iters
+        if not sample_rate > 2 * FMAX:  # the mel's top band must lie below the Nyquist rate
+            raise ValueError(f"a sample rate of {sample_rate} Hz is too low for the mel recipe "
+                             f"(bands up to {FMAX:g} Hz need more than {2 * FMAX:g} Hz)")
         frames = 1 + n_samples // HOP
         if min(frames, keep_frames or frames) < n_frames:
             raise ValueError(f"{n_samples} samples give {frames} frames, fewer than {n_frames}")

@@ -130,6 +130,9 @@ def files(tmp_path_factory):
     bad["tokenizers"] = {**RECIPE, "audio": {**RECIPE["audio"], "sample_rate": 0}}
     out["bad_recipe"] = d / "bad_recipe.pt"
     torch.save(bad, out["bad_recipe"])
+    bad["tokenizers"] = {**RECIPE, "audio": {**RECIPE["audio"], "sample_rate": 500}}
+    out["low_rate_recipe"] = d / "low_rate_recipe.pt"
+    torch.save(bad, out["low_rate_recipe"])
     bad = tiny_checkpoint()
     bad["sampling"] = {"steps": 8.0}
     out["bad_sampling"] = d / "bad_sampling.pt"
@@ -337,6 +340,8 @@ def test_errors_subprocess(files, tmp_path, argv, message):
      "its model config is not valid (enc_dim 32 is not divisible by enc_heads 3)", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "bad_recipe"],
      "its 'tokenizers' entry is not", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "low_rate_recipe"],
+     "a sample rate of 500 Hz is too low for the mel recipe", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "bad_sampling"],
      "sampling setting 'steps' must be an integer >= 1", {}),
     (["--mode", "i2a", "--image", "cat", "--guidance", "1e300"],
