@@ -76,7 +76,12 @@ def read_index(root, required=True):
                         "prepare the shards again") from e
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{path} is not an echoes shard index; prepare the shards again")
+    if index.get("version") != VERSION:
+        raise UserError(f"{path} is version {index.get('version')!r} of the shard format, this "
+                        f"echoes reads version {VERSION}; prepare the shards again or use the "
+                        "echoes that wrote them")
     shards = index.get("shards")
+
     def count(x):
         return isinstance(x, int) and x >= 0
 

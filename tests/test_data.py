@@ -484,11 +484,14 @@ def test_info_takes_help_or_one_folder(tmp_path, capsys):
     (b"\xff\xfe\x00\x01binary", "index.json is corrupt or unreadable \\(UnicodeDecodeError"),
     (b"[1, 2]", "is not an echoes shard index"),
     (b'{"format": "echoes-token-shards", "version": 1}', "index.json is corrupt \\(frames"),
-    (b'{"format": "echoes-token-shards", "frames": 1, "image_len": 4, "audio_len": 2, '
-     b'"shards": [{"name": "train-00000"}]}', "index.json is corrupt \\(frames"),
-    (b'{"format": "echoes-token-shards", "frames": 1, "image_len": 4, "audio_len": 2, '
-     b'"shards": [{"name": "train-00000", "split": "train", "n": -5}]}',
+    (b'{"format": "echoes-token-shards", "version": 1, "frames": 1, "image_len": 4, '
+     b'"audio_len": 2, "shards": [{"name": "train-00000"}]}', "index.json is corrupt \\(frames"),
+    (b'{"format": "echoes-token-shards", "version": 1, "frames": 1, "image_len": 4, '
+     b'"audio_len": 2, "shards": [{"name": "train-00000", "split": "train", "n": -5}]}',
      "index.json is corrupt \\(frames"),
+    (b'{"format": "echoes-token-shards", "version": 99, "frames": 1, "image_len": 4, '
+     b'"audio_len": 2, "shards": []}', "index.json is version 99 of the shard format, this "
+     "echoes reads version 1"),
 ])
 def test_a_broken_index_is_one_line_from_info(tmp_path, capsys, text, want):
     (tmp_path / data.INDEX).write_bytes(text)
