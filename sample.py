@@ -233,14 +233,17 @@ def demo_audio_codebook(audio_tok, bundle=None):
     return book is not None and codebook_fingerprint(book) == codebook_fingerprint(audio_tok.vqgan)
 
 
-def note_short_audio(paths, audio_tok):
-    """A note for each input shorter than the model's clips: the rest is taken as silence."""
+def note_clip_length(paths, audio_tok):
+    """A note for each input whose length is not the model's clip: a shorter one is padded with
+    silence, a longer one cut to its first clip."""
     clip = audio_tok.n_samples / audio_tok.sample_rate
     for path in paths:
         seconds = soundfile.info(path).duration
-        if seconds < clip - 0.05:
-            print(f"note: {path} is {seconds:.2f} s long, the model's clips {clip:.2f} s: the "
-                  "rest is taken as silence", file=sys.stderr, flush=True)
+        if abs(seconds - clip) > 0.05:
+            what = ("the rest is taken as silence" if seconds < clip else
+                    f"only its first {clip:.2f} s are used")
+            print(f"note: {path} is {seconds:.2f} s long, the model's clips {clip:.2f} s: "
+                  f"{what}", file=sys.stderr, flush=True)
 
 
 def audio_keep(s, audio_tok):
@@ -330,7 +333,7 @@ def main(argv=None):
     hide = (s.hide_region if s.hide_region is not None or keep is None
             else not demo_audio_codebook(audio_tok, None if s.ckpt else ckpt))
     images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
-    note_short_audio(s.audio, audio_tok)  # after encoding: the files are known to read
+    note_clip_length(s.audio, audio_tok)  # after encoding: the files are known to read
     check_writable(s.out)
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
 

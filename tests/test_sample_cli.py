@@ -435,15 +435,21 @@ def test_a_failed_write_leaves_no_file_and_is_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_input_shorter_than_a_clip_gets_a_note(files, tmp_path, capsys):
-    argv = ["--mode", "a2i", "--audio", files["bark"], "--out", tmp_path, *args(files),
-            "--steps", "2"]
+def test_an_input_shorter_or_longer_than_a_clip_gets_a_note(files, tmp_path, capsys):
+    clip = N_SAMPLES / 22050
+    long = tmp_path / "long.wav"
+    soundfile.write(long, np.zeros(int(3 * clip * 16000), np.float32), 16000)
+    argv = ["--mode", "a2i", "--audio", files["bark"], long, "--out", tmp_path / "out",
+            *args(files), "--steps", "2"]
     run_cli(cli.main, [str(a) for a in argv])
     captured = capsys.readouterr()
-    clip = N_SAMPLES / 22050
+    notes = captured.err.splitlines()
     assert (f"note: {files['bark']} is 0.30 s long, the model's clips {clip:.2f} s: the rest is "
-            "taken as silence") in captured.err.splitlines()
-    assert captured.out.splitlines() == [str(tmp_path / "bark.png")]
+            "taken as silence") in notes
+    assert (f"note: {long} is {3 * clip:.2f} s long, the model's clips {clip:.2f} s: only its "
+            f"first {clip:.2f} s are used") in notes
+    assert captured.out.splitlines() == [str(tmp_path / "out" / "bark.png"),
+                                         str(tmp_path / "out" / "long.png")]
 
 
 def test_a_full_disk_is_an_error_not_a_printed_traceback(tmp_path, monkeypatch, capfd):
