@@ -922,6 +922,11 @@ def build(s):
         if not s.force and stage_done(stage, s, p):
             print(f"== {stage}: done already (its output exists; --force redoes it)")
             continue
+        missing = [k for k in STAGE_FILES[stage][1] if not p[k].exists()]
+        if missing:  # an earlier stage left out of --stages and never run
+            maker = next(x for x in STAGES if missing[0] in STAGE_FILES[x][0])
+            raise UserError(f"the {stage} stage needs {p[missing[0]]}, which the {maker} stage "
+                            f"makes: add {maker} to --stages, or build every stage")
         if stale(stage, p):  # outputs of old inputs: a resume would keep them
             print(f"== {stage} (its inputs changed: redone)", flush=True)
             s_stage = dataclasses.replace(s, force=True)

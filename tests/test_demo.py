@@ -323,6 +323,16 @@ def test_build_options_are_checked_first(tmp_path):
             demo.pick_device("cuda:1")  # a GPU's index is a device name
 
 
+def test_a_stage_whose_inputs_no_stage_made_names_the_stage_that_makes_them(tmp_path):
+    work = tmp_path / "w"
+    for stages, message in ((["model"], "the model stage needs .*shards, which the shards stage "
+                                        "makes: add shards to --stages"),
+                            (["tune"], "the tune stage needs .*ckpt.pt, which the model stage")):
+        with pytest.raises(demo.UserError, match=message):
+            demo.build(demo.BuildSettings(work=str(work), stages=stages))
+    assert not any(work.iterdir())
+
+
 def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(demo.main, [])
