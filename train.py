@@ -244,15 +244,16 @@ class LossModule(nn.Module):
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
     """Eq. 1's loss on an evaluation split, every rank on its share, summed over ranks with one
-    all-reduce (build-nanogpt). Masks come from a generator seeded per batch by (seed, first clip)
-    and the middle frame is used, so evaluations at different steps see the same corruption."""
+    all-reduce (build-nanogpt). Each clip's masks come from a generator seeded by (seed, clip)
+    and the middle frame is used, so evaluations at different steps, and on any number of
+    processes or batch size, see the same corruption."""
     model.eval()
-    gen = torch.Generator(d.device)
     totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # sum_a, n_a, sum_v, n_v
-    for first, audio, image in data.eval_batches(dataset, batch_size, d.rank, d.world_size, limit):
-        gen.manual_seed(stream_seed(seed, 0, first))  # the batch's first clip, on any rank
+    for clips, audio, image in data.eval_batches(dataset, batch_size, d.rank, d.world_size, limit):
+        gens = [torch.Generator(d.device).manual_seed(stream_seed(seed, 0, int(i)))
+                for i in clips]  # one per clip, whatever batch and rank it falls in
         with autocast(d.device, amp):
-            _, st = model.training_loss(audio.to(d.device), image.to(d.device), gen)
+            _, st = model.training_loss(audio.to(d.device), image.to(d.device), gens)
         totals += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
                                st["loss_image"] * st["masked_image"], st["masked_image"]]).double()
     dist.all_reduce(totals)
@@ -382,6 +383,9 @@ def check_settings(s, world):
         raise UserError(f"--global-batch {s.global_batch} is smaller than the {world} processes; "
                         "give every process at least one sample")
     if s.global_batch % (micro * world):
+        if not s.micro_batch:  # the split was ours: global batch / processes
+            raise UserError(f"impossible batch split: --global-batch {s.global_batch} does not "
+                            f"divide evenly over {world} processes; give a multiple of {world}")
         raise UserError(f"impossible batch split: --global-batch {s.global_batch} is not a "
                         f"multiple of --micro-batch {micro} x {world} processes")
     check_at_least(s, {"log_every": 1, "save_every": 1, "eval_every": 0, "eval_samples": 0,

@@ -352,13 +352,13 @@ class ShardLoader:
 
 def eval_batches(dataset, batch_size, rank=0, world_size=1, limit=0):
     """This rank's evaluation batches: clips rank, rank + W, ... of the first `limit` (0 = all),
-    in order, as (first clip index, audio (B, La), image (B, Lv)). Ranks may get one batch more
-    or less: the caller sums over batches and all-reduces once at the end."""
+    in order, as (the clips' indices (B,) int64 array, audio (B, La), image (B, Lv)). Ranks may
+    get one batch more or less: the caller sums over batches and all-reduces once at the end."""
     n = min(len(dataset), limit) if limit > 0 else len(dataset)
     idx = np.arange(n)[rank::world_size]
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
-        yield (int(chunk[0]), *dataset.fetch(chunk))
+        yield (chunk, *dataset.fetch(chunk))
 
 
 # -----------------------------------------------------------------------------

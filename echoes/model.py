@@ -384,11 +384,15 @@ class Echoes(nn.Module):
     # ---- training -----------------------------------------------------------------------------
 
     def draw_corruption(self, B, device, generator=None):
-        """Masks and drops for one batch (paper Sec. 3.3), drawn from `generator` only.
+        """Masks and drops for one batch (paper Sec. 3.3), drawn from `generator` only (a list
+        of B generators: each sample's from its own, so it does not depend on the batch).
         Returns audio and image masks (B, L) bool, True = masked, and keep indices (B, K) long,
         sorted, with K = L - floor(drop_ratio * L) the same for every sample: a uniformly random
         subset, independent of the mask, or with `drop_masked_first` the visible positions first
         (a random K of them when there are more)."""
+        if isinstance(generator, (list, tuple)):
+            parts = [self.draw_corruption(1, device, g) for g in generator]
+            return tuple(torch.cat(p) for p in zip(*parts))
         c = self.config
         gdev = generator.device if generator is not None else torch.device(device)
         # per sample and per modality: r ~ truncated normal on [min, max] (inverse-CDF sampling,
@@ -422,7 +426,8 @@ class Echoes(nn.Module):
 
     def training_loss(self, audio_ids, image_ids, generator=None):
         """Eq. 1: cross-entropy at masked positions of both modalities, averaged over all masked
-        tokens of the batch. Returns (loss, stats); stats hold detached per-modality losses and
+        tokens of the batch (corruption from `generator`, or one generator per sample, see
+        `draw_corruption`). Returns (loss, stats); stats hold detached per-modality losses and
         masked counts."""
         self._check_ids(audio_ids, image_ids)
         B = audio_ids.shape[0]

@@ -97,8 +97,11 @@ def test_rank_sharding_is_disjoint_and_complete(tmp_path, n, world, batch):
         want = np.concatenate([ld.rank_indices(0), ld.rank_indices(1)])
         np.testing.assert_array_equal(torch.cat(got).numpy(), want)
     # evaluation batches: disjoint and complete without padding
-    seen = [first for r in range(world) for first, a, _ in data.eval_batches(ds, 3, r, world)
-            for first in (a[:, 0] // 100).tolist()]
+    seen = []
+    for r in range(world):
+        for clips, a, _ in data.eval_batches(ds, 3, r, world):
+            assert (a[:, 0] // 100).tolist() == clips.tolist()
+            seen += clips.tolist()
     assert sorted(seen) == list(range(n))
 
 

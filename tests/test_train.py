@@ -436,12 +436,36 @@ def test_resuming_on_shards_of_another_codebook_is_refused():
         trainer.check_same_codebooks(ckpt, {**ckpt, "audio": {"fingerprint": "c" * 16}}, "c", "d")
 
 
-def test_fewer_samples_than_processes_is_a_one_line_error(shards, tmp_path):
+def test_fewer_samples_than_processes_or_an_uneven_split_is_a_one_line_error(shards, tmp_path):
     s = trainer.parse_settings(trainer.Settings, args(shards, tmp_path / "run", "--global-batch",
                                                       "4", "--micro-batch", "0"))
     with pytest.raises(trainer.UserError, match="--global-batch 4 is smaller than the 8 "
                                                 "processes; give every process at least one"):
         trainer.check_settings(s, 8)
+    s.global_batch = 7  # split by the run itself: 3 per process, one sample left over
+    with pytest.raises(trainer.UserError, match="--global-batch 7 does not divide evenly over 2 "
+                                                "processes; give a multiple of 2"):
+        trainer.check_settings(s, 2)
+
+
+def test_the_eval_loss_does_not_depend_on_processes_or_batch_size(shards, monkeypatch):
+    """Each clip's corruption comes from its own generator: one process with batches of 4 and
+    two ranks with batches of 3 (their sums added as the all-reduce would) give one loss."""
+    config = EchoesConfig.demo(**json.loads(TINY))
+    torch.manual_seed(0)
+    model = Echoes(config)
+    ds = data.TokenShards(shards, "test", train=False)
+    totals = []
+    monkeypatch.setattr(trainer.dist, "all_reduce", lambda t: totals.append(t.clone()))
+    one = trainer.evaluate(model, ds, 4, trainer.Dist(0, 0, 1, torch.device("cpu"), True),
+                           "fp32", 3)
+    totals.clear()
+    for rank in range(2):
+        trainer.evaluate(model, ds, 3, trainer.Dist(rank, rank, 2, torch.device("cpu"), True),
+                         "fp32", 3)
+    sa, na, sv, nv = (totals[0] + totals[1]).tolist()
+    assert one["eval_loss"] == pytest.approx((sa + sv) / (na + nv), rel=1e-5)
+    assert one["eval_loss_audio"] == pytest.approx(sa / na, rel=1e-5)
 
 
 def test_an_eval_split_without_masked_tokens_of_a_modality_says_n_a(monkeypatch):
@@ -450,7 +474,8 @@ def test_an_eval_split_without_masked_tokens_of_a_modality_says_n_a(monkeypatch)
             return None, {"loss_audio": torch.tensor(2.0), "masked_audio": torch.tensor(3),
                           "loss_image": torch.tensor(0.0), "masked_image": torch.tensor(0)}
 
-    monkeypatch.setattr(trainer.data, "eval_batches", lambda *a: [(0, torch.zeros(1, 4),
+    monkeypatch.setattr(trainer.data, "eval_batches", lambda *a: [(np.arange(1),
+                                                                   torch.zeros(1, 4),
                                                                    torch.zeros(1, 2))])
     monkeypatch.setattr(trainer.dist, "all_reduce", lambda t: t)
     d = trainer.Dist(0, 0, 1, torch.device("cpu"), True)
