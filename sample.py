@@ -303,9 +303,6 @@ def write_sample(out, name, files):
                     raise
         except FileExistsError:  # another run took the stem first
             continue
-        except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space or "
-                            "choose another --out") from e
         return paths
 
 

@@ -50,7 +50,7 @@ from echoes.cli import (UserError, check_at_least, check_finite, check_finite_we
                         check_writable, load_checkpoint, parse_settings, remove_temps, run_cli,
                         save_atomic, setting)
 from echoes.model import Echoes, EchoesConfig
-from echoes.sampler import check_sampling_defaults
+from echoes.sampler import check_sampling_defaults, sample_generators
 
 
 @dataclass
@@ -244,14 +244,15 @@ class LossModule(nn.Module):
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
     """Eq. 1's loss on an evaluation split, every rank on its share, summed over ranks with one
-    all-reduce (build-nanogpt). Each clip's masks come from a generator seeded by (seed, clip)
-    and the middle frame is used, so evaluations at different steps, and on any number of
-    processes or batch size, see the same corruption."""
+    all-reduce (build-nanogpt). Each clip's masks come from a CPU generator of its own, seeded
+    from (seed, clip) as the sampler seeds its samples, and the middle frame is used, so
+    evaluations at different steps, on any device, number of processes or batch size, see the
+    same corruption."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # sum_a, n_a, sum_v, n_v
     for clips, audio, image in data.eval_batches(dataset, batch_size, d.rank, d.world_size, limit):
-        gens = [torch.Generator(d.device).manual_seed(stream_seed(seed, 0, int(i)))
-                for i in clips]  # one per clip, whatever batch and rank it falls in
+        # one per clip, whatever batch and rank it falls in
+        gens = [sample_generators(seed, 1, offset=int(i))[0] for i in clips]
         with autocast(d.device, amp):
             _, st = model.training_loss(audio.to(d.device), image.to(d.device), gens)
         totals += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],

@@ -9,17 +9,19 @@
   raised as `UserError` and printed as one line with exit code 2, never as a traceback.
 - `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
   (`weights_only=True` first; full unpickling only with `--trust-checkpoints`) and atomic writes
-  (temp file + rename), so a killed run never leaves a half-written checkpoint behind.
+  (temp file + rename), so a killed run never leaves a half-written checkpoint behind;
+  `check_file` and `check_finite_weights` turn a path that is no file and weights holding nan
+  or inf into one-line errors.
 """
 
 import argparse
 import dataclasses
+import errno
 import functools
 import math
 import os
 import pickle
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -304,48 +306,57 @@ def write_atomic(path, write, replace=True):
     readers see the old file or the complete new one, never a torn write; the temp file is
     removed when anything fails. With `replace=False` an existing `path` is never replaced:
     the file is published with a hard link, which fails with FileExistsError when `path`
-    exists (also when another process creates it in the meantime). A write that fails for want
-    of space (or another OS error) is a `UserError` that says an existing `path` is kept."""
+    exists (also when another process creates it in the meantime). A write the file system
+    refuses (no space, a quota, no permission) is a `UserError` that says an existing `path`
+    is kept."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
+    tmp, publishing = None, False
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
         _lock(fd)  # held while writing: `remove_temps(dead_only=True)` leaves the file alone
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as e:
-            # torch.save reports a failed write as a RuntimeError ("unexpected pos"): one is
-            # the disk's when the disk is full, else it is the caller's
-            if not (isinstance(e, OSError) or _no_space_left(folder)):
-                raise
-            why = getattr(e, "strerror", None) or ("no space left on the device"
-                                                   if _no_space_left(folder) else e)
-            kept = "; the existing file is kept" if os.path.exists(path) else ""
-            raise UserError(f"cannot write {path} ({why}); free some space or choose another "
-                            f"output folder{kept}") from e
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         try:  # mkstemp makes it 0600; give it the mode open() would
             os.chmod(tmp, 0o666 & ~_umask())
         except OSError:  # a file system without modes (FAT, some network mounts)
             pass
+        publishing = True
         if replace:
             os.replace(tmp, path)
         else:
             _publish_new(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if publishing and isinstance(e, FileExistsError):  # `path` exists: the caller's case
+            raise
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos") whose context
+        # is the OSError; a RuntimeError without one is the caller's
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        # no errno: a short write (numpy's "N requested and M written"), a full disk's mark
+        fix = ("free some space or choose another output folder"
+               if cause.errno in (errno.ENOSPC, errno.EDQUOT, None)
+               else "check the folder or choose another output folder")
+        kept = "; the existing file is kept" if os.path.exists(path) else ""
+        raise UserError(f"cannot write {path} ({cause.strerror or cause}); {fix}{kept}") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _no_space_left(folder, below=1 << 20):
-    """Whether the file system of `folder` has less than `below` bytes left for this user."""
-    try:
-        return shutil.disk_usage(folder).free < below
-    except OSError:
-        return False
+def _os_error(e):
+    """The OSError that `e` is or was raised from (its cause or context chain), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_writable(folder, flag="--out"):

@@ -76,7 +76,7 @@ def read_index(root, required=True):
                         "prepare the shards again") from e
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{path} is not an echoes shard index; prepare the shards again")
-    if index.get("version") != VERSION:
+    if index.get("version") != VERSION or isinstance(index.get("version"), bool):
         raise UserError(f"{path} is version {index.get('version')!r} of the shard format, this "
                         f"echoes reads version {VERSION}; prepare the shards again or use the "
                         "echoes that wrote them")
@@ -705,6 +705,11 @@ def prepare(s):
     if not s.clip_seconds > 0 or s.min_fraction > 1 or s.test_fraction > 1:
         raise UserError("--clip-seconds must be above 0, --min-fraction and --test-fraction at "
                         "most 1")
+    from echoes.tokenizers import FMAX  # here, as below: training never loads soundfile or PIL
+    if not s.sample_rate > 2 * FMAX:
+        raise UserError(f"--sample-rate {s.sample_rate} is too low for the mel recipe (bands up "
+                        f"to {FMAX:g} Hz need more than {2 * FMAX:g} Hz); use 22050, the "
+                        "recipe's rate")
     device = pick_device(s.device)
     for tool in ("ffmpeg", "ffprobe"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:

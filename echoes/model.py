@@ -391,8 +391,11 @@ class Echoes(nn.Module):
         subset, independent of the mask, or with `drop_masked_first` the visible positions first
         (a random K of them when there are more)."""
         if isinstance(generator, (list, tuple)):
-            parts = [self.draw_corruption(1, device, g) for g in generator]
-            return tuple(torch.cat(p) for p in zip(*parts))
+            if len(generator) != B:
+                raise ValueError(f"{len(generator)} generators for {B} samples")
+            # drawn where each generator lives (a CPU one: no launches per sample), moved once
+            parts = [self.draw_corruption(1, g.device, g) for g in generator]
+            return tuple(torch.cat(p).to(device) for p in zip(*parts))
         c = self.config
         gdev = generator.device if generator is not None else torch.device(device)
         # per sample and per modality: r ~ truncated normal on [min, max] (inverse-CDF sampling,

@@ -33,20 +33,29 @@ def test_write_atomic_replaces_or_refuses_and_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
 
 
-def test_a_failed_torch_save_is_a_user_error_only_on_a_full_disk(tmp_path, monkeypatch):
-    """torch.save reports a failed write as a RuntimeError ("unexpected pos"): on a disk that
-    is full it becomes a one-line error, elsewhere it is left alone."""
-    def broken(f):
+def test_a_failed_torch_save_is_a_user_error_when_an_os_error_is_behind_it(tmp_path):
+    """torch.save reports a failed write as a RuntimeError ("unexpected pos") raised while the
+    OSError is handled: that becomes a one-line error naming the OSError; a RuntimeError with
+    no OSError behind it is the caller's and stays as it is. A refused folder is one line too."""
+    def quota(f):
         f.write(b"half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        try:
+            raise OSError(122, "Disk quota exceeded")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
 
-    monkeypatch.setattr(cli, "_no_space_left", lambda folder: True)
-    with pytest.raises(cli.UserError, match="no space left on the device"):
-        write_atomic(tmp_path / "ckpt.pt", broken)
-    monkeypatch.setattr(cli, "_no_space_left", lambda folder: False)
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        write_atomic(tmp_path / "ckpt.pt", broken)
+    def bug(f):
+        raise RuntimeError("a tensor on the meta device")
+
+    with pytest.raises(cli.UserError, match=r"\(Disk quota exceeded\); free some space"):
+        write_atomic(tmp_path / "ckpt.pt", quota)
+    with pytest.raises(RuntimeError, match="meta device"):
+        write_atomic(tmp_path / "ckpt.pt", bug)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cli.UserError, match=r"cannot write .*file/ckpt.pt \(File exists\); "
+                                            "check the folder or choose another output folder"):
+        write_atomic(tmp_path / "file" / "ckpt.pt", lambda f: f.write(b"x"))
 
 
 @pytest.mark.skipif(cli.fcntl is None, reason="dead_only needs POSIX file locks")
@@ -120,7 +129,7 @@ def test_without_hard_links_a_new_file_still_never_replaces_one(tmp_path, monkey
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "replace", no_rename)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(cli.UserError, match="Input/output"):
         write_atomic(tmp_path / "b.bin", lambda f: f.write(b"x"), replace=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no empty claim left
 

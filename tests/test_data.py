@@ -342,6 +342,7 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     ("--workers", "-1", "--workers must be at least 0, got -1"),
     ("--min-fraction", "2", "--min-fraction and --test-fraction at most 1"),
     ("--device", "tpu", "--device 'tpu' is not a device this runs on"),
+    ("--sample-rate", "11025", "--sample-rate 11025 is too low for the mel recipe"),
 ])
 def test_impossible_prepare_settings_are_one_line(tmp_path, capsys, flag, value, want):
     code, _, err = run_main(["prepare", "--videos", str(tmp_path), "--out",

@@ -91,6 +91,17 @@ def test_the_expected_masked_share_counts_the_fully_masked_samples(overrides):
         assert abs(mask.float().mean().item() - model.masked_share()) < 0.01
 
 
+def test_one_generator_per_sample_draws_each_sample_as_alone():
+    model = Echoes(tiny_config(full_mask_prob=0.3, null_condition_prob=0.3), ops=TorchOps)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    batch = model.draw_corruption(3, "cpu", gens())
+    alone = [model.draw_corruption(1, "cpu", g) for g in gens()]
+    for got, parts in zip(batch, zip(*alone)):
+        assert torch.equal(got, torch.cat(parts))
+    with pytest.raises(ValueError, match="3 generators for 4 samples"):
+        model.draw_corruption(4, "cpu", gens())
+
+
 def test_truncated_normal_bounds_and_determinism():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x = truncated_normal((10000,), 0.7, 0.25, 0.2, 1.0, g1)
