@@ -233,6 +233,17 @@ def demo_audio_codebook(audio_tok, bundle=None):
     return book is not None and codebook_fingerprint(book) == codebook_fingerprint(audio_tok.vqgan)
 
 
+def note_many_steps(s, steps, model, keep):
+    """A note when --steps exceeds the tokens to generate: every step but the last fixes at
+    least one token, so the steps past that count only re-draw the last masked one."""
+    c = model.config
+    tokens = {"i2a": c.audio_len, "a2i": c.image_len, "joint": max(c.audio_len, c.image_len)}
+    n = tokens[s.mode] if keep is None else int((~keep).sum())
+    if steps > n:
+        print(f"note: {steps} steps for {n} tokens to generate: the steps past {max(n - 1, 1)} "
+              "only re-draw the last masked token", file=sys.stderr, flush=True)
+
+
 def note_clip_length(paths, audio_tok):
     """A note for each input whose length is not the model's clip: a shorter one is padded with
     silence, a longer one cut to its first clip."""
@@ -327,6 +338,7 @@ def main(argv=None):
     check_fit(model, image_tok, audio_tok, source)
     opts = sampling_settings(s, ckpt, source)
     keep = audio_keep(s, audio_tok) if s.mode in ("inpaint", "continue") else None
+    note_many_steps(s, opts["steps"], model, keep)
     hide = (s.hide_region if s.hide_region is not None or keep is None
             else not demo_audio_codebook(audio_tok, None if s.ckpt else ckpt))
     images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)

@@ -452,6 +452,16 @@ def test_an_input_shorter_or_longer_than_a_clip_gets_a_note(files, tmp_path, cap
                                          str(tmp_path / "out" / "long.png")]
 
 
+def test_more_steps_than_tokens_to_generate_get_a_note(files, tmp_path, capsys):
+    argv = ["--mode", "a2i", "--audio", files["bark"], "--out", tmp_path, *args(files),
+            "--steps", "20"]  # the tiny model's images are 16 tokens
+    run_cli(cli.main, [str(a) for a in argv])
+    assert ("note: 20 steps for 16 tokens to generate: the steps past 15 only re-draw the last "
+            "masked token") in capsys.readouterr().err.splitlines()
+    run_cli(cli.main, [str(a) for a in argv[:-1] + ["16"]])
+    assert "steps for" not in capsys.readouterr().err
+
+
 def test_a_full_disk_is_an_error_not_a_printed_traceback(tmp_path, monkeypatch, capfd):
     class FullDisk(io.RawIOBase):
         def writable(self):
