@@ -15,7 +15,7 @@ parameters (gather, pad, cross-entropy forward and backward) and sampling (mix, 
 plus the fp32 variants. Compiling takes about 20 s on two cores the first time; Triton's cache
 makes later runs take a few seconds.
 
-    python tests/test_kernels_compile.py     # the table: kernel, config, registers, spills, shared
+    python tests/test_kernels_compile.py     # kernel, registers, spills, shared, programs per SM
 """
 
 import concurrent.futures
@@ -32,6 +32,7 @@ from test_gather_pad import make_gather_inputs, make_pad_inputs
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: H100 / H200
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+SM_LIMITS = dict(regs=65536, threads=2048, blocks=32, shared=233472)  # one sm_90 SM (228 KiB)
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                 torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
                 torch.uint8: "u8", torch.bool: "u1"}
@@ -244,6 +245,14 @@ def compiled():
     return results
 
 
+def programs_per_sm(regs, warps, shared):
+    """How many programs of a kernel an sm_90 SM holds at once: registers are allocated per
+    warp in units of 256 (8 per thread), and each block reserves 1 KiB of shared memory."""
+    by_regs = SM_LIMITS["regs"] // (-(-regs // 8) * 8 * 32 * warps)
+    by_shared = SM_LIMITS["shared"] // (shared + 1024)
+    return min(by_regs, SM_LIMITS["threads"] // (32 * warps), SM_LIMITS["blocks"], by_shared)
+
+
 # -----------------------------------------------------------------------------
 # tests
 
@@ -271,14 +280,23 @@ def test_every_kernel_fits_an_h100_without_spilling():
     assert not bad, "\n".join(bad)
 
 
+def test_programs_per_sm_follows_the_sm90_limits():
+    assert programs_per_sm(156, 4, 5120) == 3  # registers: 160 x 128 threads of 65536
+    assert programs_per_sm(56, 4, 5120) == 9
+    assert programs_per_sm(16, 4, 0) == 16  # threads: 2048 a SM
+    assert programs_per_sm(16, 1, 0) == 32  # blocks
+    assert programs_per_sm(32, 4, 100 * 1024) == 2  # shared memory
+
+
 if __name__ == "__main__":
     if _tools() is None:
         sys.exit("this Triton cannot compile for NVIDIA GPUs here (no backend or bundled ptxas)")
-    print(f"{'kernel':<32} {'regs':>4} {'spill B':>7} {'shared B':>8}  config")
+    print(f"{'kernel':<32} {'regs':>4} {'spill B':>7} {'shared B':>8} {'per SM':>6}  config")
     for status, job, result in compiled():
         if status == "error":
             print(f"{job[0].split('.')[-1] + '.' + job[1]:<32} compile error: "
                   f"{result.splitlines()[0][:100]}")
             continue
         kernel, label, regs, spill, shared = result
-        print(f"{kernel:<32} {regs:>4} {spill:>7} {shared:>8}  {label}")
+        fit = programs_per_sm(regs, job[6].get("num_warps", 4), shared)
+        print(f"{kernel:<32} {regs:>4} {spill:>7} {shared:>8} {fit:>6}  {label}")
