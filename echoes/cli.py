@@ -291,9 +291,14 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
             raise UserError(f"{what} {path} holds objects beyond tensors and plain types; "
                             "if you trust the file, pass --trust-checkpoints") from e
     except Exception as e:  # torn zip, truncated file, random bytes: torch raises many types
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{what} {path} is not a readable PyTorch file ({first}); "
-                        "re-download or re-create it") from e
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip nor a pickle
+            raise UserError(f"{what} {path} is not a PyTorch file (no zip or pickle header); "
+                            "re-download or re-create it") from e
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:120]  # its first sentence
+        raise UserError(f"{what} {path} is not a readable PyTorch file ({type(e).__name__}: "
+                        f"{first}); re-download or re-create it") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a trusted but broken pickle: still one line

@@ -722,11 +722,13 @@ def prepare(s):
     os.makedirs(s.out, exist_ok=True)
     index = read_index(s.out, required=False)
     want = (s.frames, math.prod(image_tok.grid), math.prod(audio_tok.grid))
-    if index is not None and (index["frames"], index["image_len"], index["audio_len"]) != want:
-        raise UserError(f"{s.out} holds shards of (frames, image tokens, audio tokens) = "
-                        f"{(index['frames'], index['image_len'], index['audio_len'])}, these "
-                        f"settings make {want}; pass the settings it was made with (--frames "
-                        f"{index['frames']}?) or use another --out")
+    have = None if index is None else (index["frames"], index["image_len"], index["audio_len"])
+    if have is not None and have != want:
+        hint = " and ".join(  # token counts come from the tokenizers
+            ([f"--frames {have[0]}"] if have[0] != want[0] else [])
+            + (["the tokenizers it was made with"] if have[1:] != want[1:] else []))
+        raise UserError(f"{s.out} holds shards of (frames, image tokens, audio tokens) = {have}, "
+                        f"these settings make {want}; pass {hint} or use another --out")
     if index is not None and not _same_tokenizers(index.get("tokenizers", tok_meta), tok_meta):
         raise UserError(f"{s.out} holds shards made with other tokenizers or settings "
                         f"({index['tokenizers']}); use another --out")

@@ -190,6 +190,13 @@ def test_a_bookkeeping_dict_subclass_asks_for_trust_and_loads_with_it(tmp_path, 
     (tmp_path / "junk.ckpt").write_bytes(b"\x80\x02junk that is no pickle")
     with pytest.raises(UserError, match="is not a readable PyTorch file"):
         load_checkpoint(tmp_path / "junk.ckpt", trusted=True)
+    (tmp_path / "text.ckpt").write_bytes(b"junk text 1234")  # torch raises a bare KeyError
+    with pytest.raises(UserError, match=r"is not a PyTorch file \(no zip or pickle header\)"):
+        load_checkpoint(tmp_path / "text.ckpt")
+    torch.save({"w": torch.ones(64)}, tmp_path / "whole.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    with pytest.raises(UserError, match=r"is not a readable PyTorch file \(RuntimeError: "):
+        load_checkpoint(tmp_path / "torn.pt")
 
 
 def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):

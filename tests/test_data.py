@@ -251,7 +251,7 @@ def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, c
                              "--frames", "3"], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "(frames, image tokens, audio tokens) = (2, 64, 20), these settings make (3, 64, 20)" \
-        in err
+        "; pass --frames 2 or use another --out" in err
     for extra, message in (
             (["--image-size", "64"], "--image-size 64 differs from the 32 of --tokenizers"),
             (["--clip-seconds", "2"], "--clip-seconds 2.0 differs from the 1 of --tokenizers"),
