@@ -83,7 +83,7 @@ class Settings:
                                               "(default: checkpoint's, else 1)")
     hide_region: bool | None = setting(None, "inpaint / continue: silence the regenerated "
                                        "stretch in the mel before encoding, as the paper does "
-                                       "(Sec. 5), so none of it reaches the kept tokens; "
+                                       "(Sec. 4.3), so none of it reaches the kept tokens; "
                                        "--no-hide-region encodes the whole clip (the kept tokens "
                                        "then sound as in the original, and those near the "
                                        "stretch carry some of what it held). Default: on, but "
@@ -205,7 +205,7 @@ def output_names(s, lo, hi):
 def encode_inputs(s, image_tok, audio_tok, device, keep=None):
     """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None).
     With `keep` (inpaint / continue), the audio's mel is silenced under the regenerated token
-    columns before it is encoded, as the paper does (Sec. 5)."""
+    columns before it is encoded, as the paper does (Sec. 4.3)."""
     def encode(tok, paths, **kw):
         if not paths:
             return None

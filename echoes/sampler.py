@@ -411,7 +411,8 @@ def generate(model, mode, audio_ids=None, image_ids=None, audio_keep=None, steps
       image is fully masked and `guidance` is unused.
     `steps` N, `temperature` T (Gumbel choice temperature, annealed), `guidance` s (Eq. 2; exactly
     1.0 skips the unconditional pass; None: the paper's for the mode, `PAPER_GUIDANCE`),
-    `token_temperature` divides the logits of the categorical draw (1 in the paper). Defaults are
+    `token_temperature` divides the logits of the categorical draw (1 in the paper; re-masking
+    ranks the drawn tokens' log-probabilities under that same tempered softmax). Defaults are
     the paper's settings (Sec. 4.1).
 
     Random numbers: sample i (its row in the ids, or its index in joint mode) draws from its own

@@ -985,7 +985,7 @@ class AudioTokenizer:
     def silence_columns(self, mel01, hidden):
         """(B, 80, n_frames) mel in [0, 1] with the frames under the token columns `hidden`
         ((w,) bool, True = hidden) set to 0, the mel's floor (silence): what inpainting hides
-        before encoding (paper Sec. 5: "we mask the input audio mel spectrogram and the audio
+        before encoding (paper Sec. 4.3: "we mask the input audio mel spectrogram and the audio
         tokens of corresponding area"), so that no kept token carries what the region held
         (the encoder's receptive field spans columns). Frame f is under column f * w // n_frames."""
         n, w = mel01.shape[-1], self.grid[1]
