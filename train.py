@@ -230,6 +230,19 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def scale_and_clip_(params, scale, max_norm):
+    """Multiply the gradients by `scale` and clip their global norm to `max_norm` (0: no
+    clipping) in one multiply, as clip_grad_norm_ makes its own; returns the norm of the scaled
+    gradients before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * scale
+    coef = scale * torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else scale
+    torch._foreach_mul_(grads, coef)
+    return norm.item()
+
+
 class LossModule(nn.Module):
     """Makes the training loss the forward pass, which is what DDP hooks into."""
 
@@ -238,7 +251,7 @@ class LossModule(nn.Module):
         self.model = model
 
     def forward(self, audio_ids, image_ids, generator):
-        return self.model.training_loss(audio_ids, image_ids, generator)
+        return self.model.training_loss(audio_ids, image_ids, generator, reduction="sum")
 
 
 @torch.no_grad()
@@ -662,25 +675,27 @@ def train(s, d, config, micro, accum, ckpt_path):
             lr = lr_at(step, peak_lr, warmup, max_steps, s.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # loss; per modality the summed loss and masked count (a micro-batch may mask none)
-            sums = torch.zeros(5, device=d.device)
+            # per modality the summed loss and masked count (a micro-batch may mask none)
+            sums = torch.zeros(4, dtype=torch.float64, device=d.device)
             for micro_step in range(accum):
                 audio, image = (x.to(d.device, non_blocking=True) for x in loader.next())
                 last = micro_step == accum - 1
                 # gradients are all-reduced on the last micro-step only (build-nanogpt)
                 with contextlib.nullcontext() if last else ddp.no_sync():
                     with autocast(d.device, amp):
-                        loss, st = ddp(audio, image, generator)
-                    (loss / accum).backward()
-                sums += torch.stack([loss.detach() / accum,
-                                     st["loss_audio"] * st["masked_audio"], st["masked_audio"],
+                        loss_sum, st = ddp(audio, image, generator)
+                    # the summed token losses: once the step's masked count is known (below),
+                    # the gradient is scaled to Eq. 1's mean over all of them
+                    loss_sum.backward()
+                sums += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
                                      st["loss_image"] * st["masked_image"], st["masked_image"]
-                                     ]).float()
-            # one small all-reduce: world-mean losses (for the log) and the stop request
-            flags = torch.cat([sums, torch.tensor([float(stop["signal"])], device=d.device)])
+                                     ]).double()
+            # one small all-reduce: the step's loss sums and masked counts, and the stop request
+            flags = torch.cat([sums, torch.tensor([float(stop["signal"])], dtype=torch.float64,
+                                                  device=d.device)])
             dist.all_reduce(flags)
-            loss_v, sa, na, sv, nv, stop_votes = flags.tolist()
-            loss_v /= d.world_size
+            sa, na, sv, nv, stop_votes = flags.tolist()
+            loss_v = (sa + sv) / max(na + nv, 1)  # Eq. 1 over every masked token of the step
             loss_a, loss_i = (sa / na if na else None), (sv / nv if nv else None)
             stopping = stop_votes > 0
             if stopping:  # once: every rank takes the signal's number, for its exit code
@@ -689,8 +704,10 @@ def train(s, d, config, micro, accum, ckpt_path):
                 dist.all_reduce(number, op=dist.ReduceOp.MAX)
                 stop["number"] = int(number.item())
                 stop["name"] = signal.Signals(stop["number"]).name
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf")).item()
+            # DDP averaged the processes' gradients of their summed losses: world size / masked
+            # tokens makes them the gradient of the global batch's mean, however it is split
+            grad_norm = scale_and_clip_(model.parameters(), d.world_size / max(na + nv, 1),
+                                        s.grad_clip)
             if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
                 kept = (f"{ckpt_path} keeps step {saved}" if saved is not None
                         else "no checkpoint was written")

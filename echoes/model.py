@@ -427,11 +427,12 @@ class Echoes(nn.Module):
             out += [mask.to(device), keep.to(device)]
         return tuple(out)
 
-    def training_loss(self, audio_ids, image_ids, generator=None):
+    def training_loss(self, audio_ids, image_ids, generator=None, reduction="mean"):
         """Eq. 1: cross-entropy at masked positions of both modalities, averaged over all masked
         tokens of the batch (corruption from `generator`, or one generator per sample, see
-        `draw_corruption`). Returns (loss, stats); stats hold detached per-modality losses and
-        masked counts."""
+        `draw_corruption`); reduction="sum" gives the sum instead, for a caller that averages
+        over more batches (train.py: the micro-batches and processes of one step). Returns
+        (loss, stats); stats hold detached per-modality mean losses and masked counts."""
         self._check_ids(audio_ids, image_ids)
         B = audio_ids.shape[0]
         audio_mask, audio_keep, image_mask, image_keep = self.draw_corruption(
@@ -439,9 +440,10 @@ class Echoes(nn.Module):
         a_in = audio_ids.masked_fill(audio_mask, self.audio_mask_id)
         v_in = image_ids.masked_fill(image_mask, self.image_mask_id)
         ya, yv = self._encode_decode(a_in, v_in, audio_keep, image_keep)
-        return self._masked_loss(ya, yv, audio_ids, image_ids, audio_mask, image_mask)
+        return self._masked_loss(ya, yv, audio_ids, image_ids, audio_mask, image_mask, reduction)
 
-    def _masked_loss(self, ya, yv, audio_ids, image_ids, audio_mask, image_mask):
+    def _masked_loss(self, ya, yv, audio_ids, image_ids, audio_mask, image_mask,
+                     reduction="mean"):
         """Eq. 1 from the decoder outputs: the heads run on masked rows only, so no other
         position's target can reach the loss."""
         ha = self.audio_head(ya[audio_mask])  # (Na, De)
@@ -451,7 +453,7 @@ class Echoes(nn.Module):
         sv = self.ops.codebook_ce(hv, *self.head_weights("image"), image_ids[image_mask],
                                   self.config.label_smoothing)
         na, nv = audio_mask.sum(), image_mask.sum()
-        loss = (sa + sv) / (na + nv).clamp(min=1)
+        loss = sa + sv if reduction == "sum" else (sa + sv) / (na + nv).clamp(min=1)
         stats = {"loss_audio": (sa / na.clamp(min=1)).detach(),
                  "loss_image": (sv / nv.clamp(min=1)).detach(),
                  "masked_audio": na, "masked_image": nv}

@@ -239,6 +239,10 @@ def test_loss_ignores_unmasked_positions_and_is_finite():
     a3[b, l] = (a3[b, l] + 1) % config.audio_codebook
     loss3, _ = model._masked_loss(ya, yv, a3, v, audio_mask, image_mask)
     assert not torch.equal(loss, loss3)
+    # the sum (train.py's, averaged over the whole step later) is the mean times the count
+    total, _ = model._masked_loss(ya, yv, a, v, audio_mask, image_mask, reduction="sum")
+    n = audio_mask.sum() + image_mask.sum()
+    torch.testing.assert_close(total, loss * n)
 
 
 def test_training_loss_stats_and_seed_determinism():

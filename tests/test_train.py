@@ -394,6 +394,58 @@ def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_fresh_streams(shards, t
         capsys.readouterr().out
 
 
+SAME_MASKS = """
+import torch
+from echoes import data
+from echoes.model import Echoes
+
+# the same corruption and frame for a clip however the step is split: masks drawn from a
+# generator seeded by the clip's audio ids, and every clip's first frame
+training_loss = Echoes.training_loss
+
+
+def keyed_loss(self, audio_ids, image_ids, generator=None, reduction="mean"):
+    weights = torch.arange(1, audio_ids.shape[1] + 1, device=audio_ids.device)
+    gens = [torch.Generator().manual_seed(int((row * weights).sum())) for row in audio_ids]
+    return training_loss(self, audio_ids, image_ids, gens, reduction)
+
+
+fetch = data.TokenShards.fetch
+Echoes.training_loss = keyed_loss
+data.TokenShards.fetch = lambda self, idx, frames=None, image_indices=None: fetch(
+    self, idx, frames=[0] * len(idx), image_indices=image_indices)
+"""
+
+
+def test_the_gradient_is_the_global_batch_mean_however_the_step_is_split(shards, tmp_path):
+    """Eq. 1 averages over every masked token of the batch: with the same masks, one process
+    with one micro-batch of 8, one with 4 micro-batches of 2 and two processes with 2 each log
+    the same first-step loss and gradient norm (a mean per micro-batch, averaged, would weight a
+    micro-batch's tokens by 1 / its masked count; here the norms then differ by ~10%)."""
+    (tmp_path / "same_masks.py").write_text(SAME_MASKS)
+    (tmp_path / "run_train.py").write_text(
+        "import runpy, sys\nsys.path.insert(0, sys.argv.pop(1))\nimport same_masks\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    no_dropout = TINY.replace('"dropout": 0.1', '"dropout": 0.0')
+    runs = {"8": [], "2x4": ["--micro-batch", "2"], "2 ranks x 2x2": ["--micro-batch", "2"]}
+    first = {}
+    for name, extra in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        argv = [a if a != TINY else no_dropout for a in args(shards, out, "--max-steps", "1",
+                                                              "--eval-every", "0",
+                                                              "--micro-batch", "8", *extra)]
+        ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+            if "ranks" in name else []
+        proc = subprocess.run([sys.executable, *ranks, str(tmp_path / "run_train.py"),
+                               str(tmp_path), *argv, "--device", "cpu"], capture_output=True,
+                              text=True, timeout=240, cwd=ROOT, env=env1())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        first[name] = json.loads(open(out / "log.jsonl").readline())
+    for name in runs:
+        for key in ("loss", "loss_audio", "loss_image", "grad_norm"):
+            assert first[name][key] == pytest.approx(first["8"][key], rel=1e-4), (name, key)
+
+
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
     """Every sample masks one modality fully and shows the other (full_mask_prob 1), so each
     micro-batch of one masks a single modality: the log's per-modality losses must not average
