@@ -243,7 +243,7 @@ class MLMHead(nn.Module):
     def __init__(self, dec_dim, emb_dim, codebook):
         super().__init__()
         self.fc = nn.Linear(dec_dim, emb_dim)
-        self.norm = nn.LayerNorm(emb_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(emb_dim)  # torch's default eps, 1e-5, as MAGE's MlmLayer
         self.bias = nn.Parameter(torch.zeros(codebook))
 
     def forward(self, x):
@@ -296,7 +296,7 @@ class Echoes(nn.Module):
         - LayerNorm: weight 1, bias 0;
         - token embeddings (both tables, mask rows included): normal, std 0.02 (BERT);
         - positional and modality embeddings (encoder and decoder) and the mask embedding:
-          truncated normal, std 0.02, cut at +-2 std;
+          normal, std 0.02 (MAGE's normal_ for its mask token and decoder positions);
         - MLM head biases: 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -309,7 +309,7 @@ class Echoes(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         for p in (self.enc_pos_audio, self.enc_pos_image, self.enc_modality, self.mask_emb,
                   self.dec_pos_audio, self.dec_pos_image, self.dec_modality):
-            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+            nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.audio_head.bias)
         nn.init.zeros_(self.image_head.bias)
 
