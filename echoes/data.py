@@ -375,19 +375,25 @@ def _ffmpeg_error(proc):
 
 
 def probe(path):
-    """ffprobe -> (duration in seconds or None, has video, has audio)."""
-    cmd = ["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=codec_type",
-           "-of", "json", path]
+    """ffprobe -> (duration in seconds or None, the first video stream's sample aspect ratio
+    ("4:3"; None without a video stream), audio channels of the first audio stream: 0 without
+    one)."""
+    cmd = ["ffprobe", "-v", "error", "-show_entries",
+           "format=duration:stream=codec_type,channels,sample_aspect_ratio", "-of", "json", path]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise ClipError(f"unreadable ({_ffmpeg_error(proc)})")
     info = json.loads(proc.stdout or b"{}")
-    kinds = {s.get("codec_type") for s in info.get("streams", [])}
+    streams = info.get("streams", [])
+    audio = [st for st in streams if st.get("codec_type") == "audio"]
     try:
         duration = float(info.get("format", {}).get("duration"))
     except (TypeError, ValueError):
         duration = None
-    return duration, "video" in kinds, "audio" in kinds
+    channels = int(audio[0].get("channels") or 1) if audio else 0
+    video = [st for st in streams if st.get("codec_type") == "video"]
+    sar = (video[0].get("sample_aspect_ratio") or "1:1") if video else None
+    return duration, sar, channels
 
 
 def decode_clip(path, s, start=0.0):
@@ -395,10 +401,10 @@ def decode_clip(path, s, start=0.0):
     ffmpeg pipes (no temp files). Frames are taken uniformly over the `clip_seconds` from
     `start` (the fps filter at F / duration), short side resized to S (bicubic), centre-cropped.
     Raises ClipError for unreadable, short or silent clips."""
-    duration, has_video, has_audio = probe(path)
-    if not has_video:
+    duration, sar, channels = probe(path)
+    if sar is None:
         raise ClipError("no video stream")
-    if not has_audio:
+    if not channels:
         raise ClipError("no audio stream")
     span = s.clip_seconds if duration is None else min(duration - start, s.clip_seconds)
     if span < s.min_fraction * s.clip_seconds:
@@ -406,6 +412,8 @@ def decode_clip(path, s, start=0.0):
     S, F = s.image_size, s.frames
     vf = (f"fps={F}/{span:.6f},scale={S}:{S}:force_original_aspect_ratio=increase:flags=bicubic,"
           f"crop={S}:{S}")
+    if sar not in ("1:1", "0:1", "N/A"):  # non-square pixels: first to the shape it is shown at
+        vf = f"scale=trunc(iw*sar/2)*2:ih:flags=bicubic,setsar=1,{vf}"
     base = ["ffmpeg", "-v", "error", "-nostdin", "-ss", f"{start:.3f}", "-t", f"{span:.6f}",
             "-i", path]
     proc = subprocess.run(base + ["-an", "-vf", vf, "-frames:v", str(F), "-f", "rawvideo",
@@ -419,13 +427,17 @@ def decode_clip(path, s, start=0.0):
     if got < F:  # the fps filter's rounding can end one frame early: repeat the last
         frames = np.concatenate([frames, np.repeat(frames[-1:], F - got, axis=0)])
     # aresample's first_pts=0 pads an audio stream that starts late with silence, so the sound
-    # stays in step with the frames (without it, its first sample would play at 0 s)
-    proc = subprocess.run(base + ["-vn", "-ac", "1", "-ar", str(s.sample_rate), "-af",
-                                  "aresample=async=1:first_pts=0", "-f", "f32le", "pipe:1"],
-                          capture_output=True)
+    # stays in step with the frames (without it, its first sample would play at 0 s). The
+    # channels come out as they are and are averaged here, as `tokenizers.load_audio` does
+    # (ffmpeg's own float downmix sums stereo at 1/sqrt(2) each: 3 dB louder)
+    proc = subprocess.run(base + ["-vn", "-map", "0:a:0", "-ac", str(channels), "-ar",
+                                  str(s.sample_rate), "-af", "aresample=async=1:first_pts=0",
+                                  "-f", "f32le", "pipe:1"], capture_output=True)
     if proc.returncode != 0:
         raise ClipError(f"audio decode failed ({_ffmpeg_error(proc)})")
-    wav = np.frombuffer(proc.stdout[:len(proc.stdout) // 4 * 4], np.float32)
+    frame_bytes = 4 * channels
+    wav = np.frombuffer(proc.stdout[:len(proc.stdout) // frame_bytes * frame_bytes], np.float32)
+    wav = wav.reshape(-1, channels).mean(axis=1, dtype=np.float32)  # (T,)
     n_samples = round(s.clip_seconds * s.sample_rate)
     if len(wav) < s.min_fraction * n_samples:
         raise ClipError(f"short audio ({len(wav) / s.sample_rate:.2f} s)")

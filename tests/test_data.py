@@ -351,6 +351,41 @@ def test_impossible_prepare_settings_are_one_line(tmp_path, capsys, flag, value,
 
 
 @needs_ffmpeg
+def test_stereo_is_averaged_to_mono_as_the_wav_reader_does(tmp_path):
+    import types
+
+    from echoes.tokenizers import load_audio
+    s = types.SimpleNamespace(clip_seconds=1.0, min_fraction=0.5, image_size=32, frames=5,
+                              sample_rate=22050, silence_db=-60)
+    video = tmp_path / "stereo.mkv"  # left: a 0.8 sine, right: silence (lossless audio)
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x32:rate=10:duration=1", "-f", "lavfi", "-i",
+           "aevalsrc=0.8*sin(2*PI*440*t)|0:s=22050:d=1", "-c:v", "mpeg4", "-c:a", "pcm_f32le",
+           str(video))
+    _, wav = data.decode_clip(str(video), s)
+    assert 0.39 < np.abs(wav).max() < 0.41  # (L + R) / 2, not ffmpeg's (L + R) / sqrt(2)
+    ffmpeg("-i", str(video), "-vn", "-c:a", "pcm_f32le", str(tmp_path / "stereo.wav"))
+    ref = load_audio(str(tmp_path / "stereo.wav"), 22050)
+    n = min(len(ref), len(wav))
+    np.testing.assert_allclose(wav[:n], np.asarray(ref)[:n], atol=1e-4)
+
+
+@needs_ffmpeg
+def test_non_square_pixels_are_cropped_as_the_picture_is_shown(tmp_path):
+    import types
+    s = types.SimpleNamespace(clip_seconds=1.0, min_fraction=0.5, image_size=32, frames=2,
+                              sample_rate=22050, silence_db=-60)
+    square, wide = tmp_path / "square.mkv", tmp_path / "anamorphic.mkv"
+    src = ["-f", "lavfi", "-i", "testsrc=size=128x64:rate=10:duration=1", "-f", "lavfi", "-i",
+           "sine=frequency=440:duration=1", "-c:a", "pcm_s16le", "-c:v", "ffv1"]
+    ffmpeg(*src, str(square))
+    ffmpeg(*src, "-vf", "scale=96:64,setsar=4/3", str(wide))  # stored 96 x 64, shown 128 x 64
+    a, _ = data.decode_clip(str(square), s)
+    b, _ = data.decode_clip(str(wide), s)
+    squeezed = np.abs(a.astype(float) - b.astype(float)).mean()
+    assert squeezed < 12, squeezed
+
+
+@needs_ffmpeg
 def test_late_audio_stays_in_step_and_a_short_video_track_is_skipped(tmp_path):
     import types
     s = types.SimpleNamespace(clip_seconds=1.474, min_fraction=0.5, image_size=32, frames=5,
