@@ -473,7 +473,8 @@ def crop_mel(mel, n_frames=848, keep_frames=860):
 
 def mel01_to_linear(mel01, sr=SAMPLE_RATE, n_fft=N_FFT, fmin=FMIN, fmax=FMAX):
     """Inverse of the recipe's scaling, then the filterbank's pseudo-inverse: (B, F, T) in [0, 1]
-    -> (B, 1 + n_fft // 2, T) non-negative magnitudes (an estimate: the clip loses < 1e-5)."""
+    -> (B, 1 + n_fft // 2, T) non-negative magnitudes (an estimate: mel magnitudes below 1e-4,
+    where the recipe clips S at 0, are lost)."""
     mel = 10 ** ((mel01 * 100 - 100 + 20) / 20)
     inv = _mel_pinv_np(sr, n_fft, mel01.shape[-2], float(fmin), float(fmax))  # (K, F)
     return (torch.from_numpy(inv).to(mel01) @ mel).clamp(min=0)
