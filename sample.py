@@ -57,7 +57,8 @@ class Settings:
     """sample.py's settings (each one is a --flag; see --help)."""
     mode: str = setting("i2a", "what to generate: i2a (image -> audio), a2i (audio -> image), "
                         "joint (both), inpaint (regenerate --start..--end of --audio, given "
-                        "--image), continue (keep --audio before --start, generate the rest)")
+                        "--image), continue (keep --audio before --start, generate the rest); "
+                        "every WAV renders the whole decoded clip (see the README)")
     image: list[str] = setting([], "input image file(s): i2a, inpaint and (optional) continue")
     audio: list[str] = setting([], "input audio file(s): a2i, inpaint and continue")
     start: float | None = setting(None, "seconds: where inpainting / continuation starts")
@@ -258,17 +259,23 @@ def note_clip_length(paths, audio_tok):
 
 
 def audio_keep(s, audio_tok):
-    """The kept audio positions for inpaint / continue, from --start / --end in seconds."""
+    """The kept audio positions for inpaint / continue, from --start / --end in seconds; says
+    which stretch is regenerated (whole token columns). An --end less than a column past the
+    clip's end means the end ("1.5" for a 1.474 s clip, or its length as printed, rounded)."""
     duration = audio_tok.n_samples / audio_tok.sample_rate
+    edges = audio_tok.column_edges()
+    end = duration if s.mode == "continue" or s.end is None else s.end
+    if duration < end <= duration + duration / audio_tok.grid[1]:
+        end = duration
     try:
-        if s.mode == "inpaint":
-            end = duration if s.end is None else s.end
-            return sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration,
-                                              audio_tok.column_edges())
-        return sampler.audio_keep_before(s.start, audio_tok.grid, duration,
-                                         audio_tok.column_edges())
+        keep = sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration, edges)
     except ValueError as e:
         raise UserError(f"--start/--end: {e}") from e
+    cols = sampler.hidden_columns(keep, audio_tok.grid).nonzero().flatten().tolist()
+    print(f"note: regenerating {float(edges[cols[0]]):.3f}-{float(edges[cols[-1] + 1]):.3f} s "
+          f"of the clip (whole token columns of {duration / audio_tok.grid[1]:.3f} s)",
+          file=sys.stderr, flush=True)
+    return keep
 
 
 def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_tok):
@@ -283,6 +290,9 @@ def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_t
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
             phase_gen = torch.Generator(mel.device).manual_seed(seed)
             wav = audio_tok.mel_to_wav(mel, generator=phase_gen)[0]  # (T,)
+            peak = float(wav.abs().max())
+            if peak > 1:  # scaled down to full scale rather than clipped by the 16-bit file
+                wav = wav / peak
             files[".wav"] = lambda path, wav=wav: save_wav(wav, path, audio_tok.sample_rate,
                                                            replace=False)
             files["_mel.png"] = lambda path, mel=mel: save_mel_png(mel, path, replace=False)

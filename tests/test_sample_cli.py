@@ -242,6 +242,32 @@ def test_inpaint_and_continue_write_wav_and_mel(files, tmp_path, capsys, mode, e
     check_wav(tmp_path / "bark.wav")
 
 
+def test_the_regenerated_stretch_is_named_and_an_end_just_past_the_clip_is_its_end(
+        files, tmp_path, capsys):
+    duration = N_SAMPLES / 22050  # 0.36 s in 2 token columns
+    argv = ["--mode", "inpaint", "--audio", files["bark"], "--image", files["cat"], "--start",
+            "0.2", "--end", f"{duration + 0.05:.2f}", "--out", tmp_path, *args(files)]
+    run_cli(cli.main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert f"note: regenerating 0.180-{duration:.3f} s of the clip (whole token columns of " \
+           "0.180 s)" in err, err
+    assert (tmp_path / "bark.wav").exists()
+
+
+def test_a_louder_than_full_scale_vocoding_is_scaled_not_clipped(files, tmp_path, capsys,
+                                                                  monkeypatch):
+    from echoes.tokenizers import AudioTokenizer
+    t = torch.arange(N_FRAMES * 256) / 22050
+    loud = 2.5 * torch.sin(2 * torch.pi * 440 * t)  # (T,) peaks at 2.5
+    monkeypatch.setattr(AudioTokenizer, "mel_to_wav", lambda self, mel, generator=None:
+                        loud[None].repeat(mel.shape[0], 1))
+    code, out, _ = run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path,
+                                   *args(files)], capsys)
+    wav, _ = soundfile.read(tmp_path / "cat.wav")
+    assert code == 0 and 0.99 < np.abs(wav).max() <= 1.0
+    np.testing.assert_allclose(wav, loud.numpy() / 2.5, atol=1e-4)  # the shape kept
+
+
 def test_the_demo_bundle_plugs_in_without_ckpt(files, tmp_path, capsys, monkeypatch):
     examples = tmp_path / "examples"
     examples.mkdir()
