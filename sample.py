@@ -9,6 +9,7 @@ audio inpainting and continuation (paper Sec. 3.4; the loop is `echoes/sampler.p
     python sample.py --mode inpaint --audio bark.wav --image dog.png --start 2 --end 4 ...
     python sample.py --mode continue --audio bark.wav [--image dog.png] --start 5 ...
                                                         # -> samples/bark.wav, samples/bark_mel.png
+    (inpaint / continue keep bark.wav's own waveform outside the regenerated stretch)
 
 What a run needs and where it comes from:
 - the model: `--ckpt`, a file `train.py` writes: {"model": state dict, "config":
@@ -49,7 +50,7 @@ from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model
 from echoes.cli import (UserError, check_file, check_finite, check_rules, check_writable,
                         load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
                         setting)
-from echoes.tokenizers import codebook_fingerprint, save_mel_png, save_png, save_wav
+from echoes.tokenizers import codebook_fingerprint, load_audio, save_mel_png, save_png, save_wav
 
 
 @dataclass
@@ -57,8 +58,7 @@ class Settings:
     """sample.py's settings (each one is a --flag; see --help)."""
     mode: str = setting("i2a", "what to generate: i2a (image -> audio), a2i (audio -> image), "
                         "joint (both), inpaint (regenerate --start..--end of --audio, given "
-                        "--image), continue (keep --audio before --start, generate the rest); "
-                        "every WAV renders the whole decoded clip (see the README)")
+                        "--image), continue (keep --audio before --start, generate the rest)")
     image: list[str] = setting([], "input image file(s): i2a, inpaint and (optional) continue")
     audio: list[str] = setting([], "input audio file(s): a2i, inpaint and continue")
     start: float | None = setting(None, "seconds: where inpainting / continuation starts")
@@ -90,6 +90,10 @@ class Settings:
                                        "stretch carry some of what it held). Default: on, but "
                                        "off with the embedded demo's audio tokenizer, which sees "
                                        "its whole 1.5 s clip at once")
+    splice: bool = setting(True, "inpaint / continue: keep the input's own waveform outside "
+                           "the regenerated stretch (crossfaded over 20 ms); --no-splice "
+                           "writes the whole clip as the vocoder renders the decoded tokens, "
+                           "the paper's output")
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
     batch_size: int = setting(8, "samples per sampling batch (CFG runs two passes per sample "
                               "in one forward)")
@@ -119,6 +123,8 @@ def check_options(s):
     if s.hide_region is not None and s.mode not in ("inpaint", "continue"):
         flag = "--hide-region" if s.hide_region else "--no-hide-region"
         raise UserError(f"{flag} makes no sense for --mode {s.mode}")
+    if not s.splice and s.mode not in ("inpaint", "continue"):
+        raise UserError(f"--no-splice makes no sense for --mode {s.mode}")
     if s.guidance is not None and (s.mode == "joint" or (s.mode == "continue" and not s.image)):
         without = "without --image " if s.mode == "continue" else ""
         raise UserError(f"--guidance makes no sense for --mode {s.mode} {without}"
@@ -278,9 +284,12 @@ def audio_keep(s, audio_tok):
     return keep
 
 
-def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_tok):
+def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_tok,
+                  sources=None, hidden=None):
     """Decode one batch and write its files; returns the written paths. Each sample is decoded
-    on its own, so its files do not depend on the batching."""
+    on its own, so its files do not depend on the batching. With `sources` (each sample's
+    input audio file) and `hidden` (the regenerated token columns), the input's own waveform
+    is kept outside the stretch (`AudioTokenizer.splice`) and the mel picture is the result's."""
     written = []
     for j, (name, g) in enumerate(zip(names, generators)):
         files = {}  # ending -> write(path), never over an existing file
@@ -293,6 +302,11 @@ def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_t
             peak = float(wav.abs().max())
             if peak > 1:  # scaled down to full scale rather than clipped by the 16-bit file
                 wav = wav / peak
+            if sources is not None:  # the input's level as it is around the stretch
+                seconds = audio_tok.n_samples / audio_tok.sample_rate
+                original = load_audio(sources[j], audio_tok.sample_rate, seconds)
+                wav = audio_tok.splice(wav, torch.as_tensor(original), hidden)  # (n_samples,)
+                mel = audio_tok.wav_to_mel(wav)  # (1, 80, T) what the file holds
             files[".wav"] = lambda path, wav=wav: save_wav(wav, path, audio_tok.sample_rate,
                                                            replace=False)
             files["_mel.png"] = lambda path, mel=mel: save_mel_png(mel, path, replace=False)
@@ -358,6 +372,7 @@ def main(argv=None):
 
     K = s.num_samples
     n = K if s.mode == "joint" else K * len(s.image if s.mode == "i2a" else s.audio)
+    hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
     pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
                                 else ids[torch.arange(lo, hi, device=device) // K])
     for lo in range(0, n, s.batch_size):
@@ -370,8 +385,10 @@ def main(argv=None):
                 cuda_graphs=s.cuda_graphs, **opts)
         except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
             raise UserError(str(e)) from e
+        sources = ([s.audio[j // K] for j in range(lo, hi)] if keep is not None and s.splice
+                   else None)
         for path in write_outputs(s, output_names(s, lo, hi), audio_ids, image_ids, generators,
-                                  image_tok, audio_tok):
+                                  image_tok, audio_tok, sources, hidden):
             print(path, flush=True)
 
 

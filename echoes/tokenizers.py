@@ -964,14 +964,43 @@ class AudioTokenizer:
         mel = mel_spectrogram(wavs.to(_device(self.vqgan)), self.sample_rate)
         return crop_mel(mel, self.n_frames, self.keep_frames)
 
+    def crop_offset(self):
+        """The first STFT frame of the cropped mel: (min(frames, keep_frames) - n_frames) // 2
+        (6 for VGGSound). A rendering of the mel starts that many hops into the clip."""
+        frames = 1 + self.n_samples // HOP
+        return (min(frames, self.keep_frames or frames) - self.n_frames) // 2
+
+    def splice(self, rendering, original, hidden, fade=0.02):
+        """The clip a user hears after inpainting: the input's own waveform outside the
+        regenerated token columns and the rendering of the decoded mel inside them, crossfaded
+        (raised cosine, `fade` s) just outside the stretch. rendering (T_r,) from `mel_to_wav`,
+        its sample k at the input's sample k + crop_offset() * HOP; original (T,) at
+        `sample_rate`; hidden (w,) bool, True = regenerated (`sampler.hidden_columns`)
+        -> (n_samples,), aligned with the input (where the rendering does not reach, at the
+        clip's very ends, the stretch is silent)."""
+        n, sr = self.n_samples, self.sample_rate
+        cols = hidden.nonzero().flatten().tolist()
+        if not cols:
+            return fit_clip(original.float(), n)
+        edges = self.column_edges()
+        a, b = round(edges[cols[0]] * sr), round(edges[cols[-1] + 1] * sr)  # the stretch
+        shift = self.crop_offset() * HOP
+        gen = torch.zeros(n, dtype=torch.float32)
+        part = rendering.float().cpu()[:max(0, n - shift)]
+        gen[shift:shift + len(part)] = part
+        t = torch.arange(n, dtype=torch.float32)
+        width = max(1.0, fade * sr)
+        ramp = lambda d: 0.5 + 0.5 * torch.cos(torch.pi * (d / width).clamp(0, 1))  # noqa: E731
+        weight = torch.where(t < a, ramp(a - t), torch.where(t >= b, ramp(t - b + 1), 1.0))
+        return (1 - weight) * fit_clip(original.float().cpu(), n) + weight * gen
+
     def column_edges(self):
         """The w + 1 times (s, exact fractions) between the token columns: column j holds the
         frames [j, j + 1) * n_frames / w of the cropped mel, which starts at frame
         off = (min(frames, keep_frames) - n_frames) // 2 of the centred STFT (frame f centred at
         f * HOP / sample_rate, so a column starts half a hop before its first frame); the first
         and last edges are the clip's ends (the frames the crop cut go to the nearest column)."""
-        frames = 1 + self.n_samples // HOP
-        off = (min(frames, self.keep_frames or frames) - self.n_frames) // 2
+        off = self.crop_offset()
         w = self.grid[1]
         edges = [(off + Fraction(j * self.n_frames, w) - Fraction(1, 2)) * HOP / self.sample_rate
                  for j in range(w + 1)]

@@ -163,9 +163,11 @@ def run_in_process(argv, capsys):
     return code, captured.out.splitlines(), err
 
 
-def check_wav(path):
+def check_wav(path, n=N_FRAMES * 256):
+    """A rendering of the mel's frames (n = N_FRAMES * 256), or a clip spliced into the input
+    (n = N_SAMPLES)."""
     wav, sr = soundfile.read(path)
-    assert sr == 22050 and wav.shape == (N_FRAMES * 256,) and np.isfinite(wav).all()
+    assert sr == 22050 and wav.shape == (n,) and np.isfinite(wav).all()
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +241,24 @@ def test_inpaint_and_continue_write_wav_and_mel(files, tmp_path, capsys, mode, e
                                    "--out", tmp_path, *args(files)], capsys)
     assert code == 0
     assert out == [str(tmp_path / "bark.wav"), str(tmp_path / "bark_mel.png")]
-    check_wav(tmp_path / "bark.wav")
+    check_wav(tmp_path / "bark.wav", N_SAMPLES)
+
+
+def test_inpainting_keeps_the_inputs_waveform_outside_the_stretch(files, tmp_path, capsys):
+    from echoes.tokenizers import fit_clip, load_audio
+    original = fit_clip(load_audio(files["bark"], 22050), N_SAMPLES).numpy()  # (N_SAMPLES,)
+    common = ["--mode", "inpaint", "--audio", files["bark"], "--image", files["cat"], "--start",
+              "0.2", *args(files)]
+    code, _, _ = run_in_process([*common, "--out", tmp_path / "a"], capsys)
+    wav, _ = soundfile.read(tmp_path / "a" / "bark.wav")
+    code2, _, _ = run_in_process([*common, "--no-splice", "--out", tmp_path / "b"], capsys)
+    rendering, _ = soundfile.read(tmp_path / "b" / "bark.wav")
+    assert code == code2 == 0 and wav.shape == original.shape
+    # the stretch starts at 0.180 s (the note's); 20 ms of crossfade before it
+    before = round((0.180 - 0.021) * 22050)
+    np.testing.assert_allclose(wav[:before], original[:before], atol=1e-4)
+    assert np.abs(wav[before + 500:] - original[before + 500:]).max() > 0.01  # regenerated
+    assert rendering.shape == (N_FRAMES * 256,)  # the paper's output: the mel's rendering
 
 
 def test_the_regenerated_stretch_is_named_and_an_end_just_past_the_clip_is_its_end(

@@ -393,6 +393,30 @@ def test_inpainting_silences_the_mel_under_the_hidden_columns():
         tok.silence_columns(mel, torch.zeros(640, dtype=torch.bool))  # an audio_keep, say
 
 
+def test_splice_keeps_the_input_outside_the_stretch_and_aligns_the_rendering():
+    vq = tiny_vqgan(in_channels=1, resolution=32)
+    tok = AudioTokenizer(vq)  # VGGSound's recipe: the rendering starts 6 hops into the clip
+    shift, n = tok.crop_offset() * 256, tok.n_samples
+    assert shift == 1536
+    rendering = torch.linspace(-0.5, 0.5, 848 * 256)  # (T_r,) every sample its own value
+    original = torch.full((n - 1000,), 0.25)  # shorter than the clip: padded with silence
+    hidden = torch.zeros(tok.grid[1], dtype=torch.bool)
+    hidden[100:200] = True
+    out = tok.splice(rendering, original, hidden, fade=0.01)
+    edges = tok.column_edges()
+    a, b = round(edges[100] * 22050), round(edges[200] * 22050)
+    assert out.shape == (n,)
+    torch.testing.assert_close(out[a:b], rendering[a - shift:b - shift])  # aligned, whole
+    assert (out[:a - 221] == 0.25).all() and (out[b + 221:n - 1000] == 0.25).all()
+    assert (out[n - 1000:] == 0).all()
+    fade_in = out[a - 221:a] - 0.25  # from the input towards the rendering, monotone weights
+    weights = fade_in / (rendering[a - 221 - shift:a - shift] - 0.25)
+    assert (weights.diff() >= -1e-6).all() and 0 <= weights.min() and weights.max() <= 1
+    # nothing regenerated: the input, fit to the clip
+    torch.testing.assert_close(tok.splice(rendering, original, torch.zeros_like(hidden)),
+                               torch.cat([original, torch.zeros(1000)]))
+
+
 def test_column_edges_follow_the_crop_and_the_centred_frames():
     from fractions import Fraction
 
