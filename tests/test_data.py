@@ -282,7 +282,8 @@ def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     make_video(videos / "dogs" / "b.mp4", size="32x48", audio="sine=frequency=660")
     make_video(videos / "cats" / "c.mkv", seconds=1.2)
     make_video(videos / "cats" / "quiet.mp4", audio="anullsrc=r=22050:cl=mono")
-    (videos / "cats" / "broken.mp4").write_bytes(os.urandom(4000))
+    # bytes no demuxer takes (random ones can hold an audio frame header ffprobe accepts)
+    (videos / "cats" / "broken.mp4").write_bytes(b"this is not a video file\n" * 160)
     out = tmp_path / "shards"
     args = ["prepare", "--videos", str(videos), "--out", str(out), "--test-fraction", "0.0",
             "--shard-size", "2", *tiny_tokenizers(tmp_path)]
