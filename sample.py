@@ -42,6 +42,7 @@ from pathlib import Path
 
 import soundfile
 import torch
+from tqdm import tqdm
 
 import kernels
 from echoes import sampler
@@ -375,6 +376,8 @@ def main(argv=None):
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
     pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
                                 else ids[torch.arange(lo, hi, device=device) // K])
+    # over the batches, when there are several (each batch's steps have a bar of their own)
+    bar = tqdm(total=n, desc="samples", unit="sample", disable=n <= s.batch_size)
     for lo in range(0, n, s.batch_size):
         hi = min(lo + s.batch_size, n)
         generators = sampler.sample_generators(s.seed, hi - lo, offset=lo)  # samples lo .. hi-1
@@ -389,7 +392,10 @@ def main(argv=None):
                    else None)
         for path in write_outputs(s, output_names(s, lo, hi), audio_ids, image_ids, generators,
                                   image_tok, audio_tok, sources, hidden):
-            print(path, flush=True)
+            tqdm.write(str(path), file=sys.stdout)  # above the bars, not through them
+            sys.stdout.flush()
+        bar.update(hi - lo)
+    bar.close()
 
 
 if __name__ == "__main__":
