@@ -2,7 +2,7 @@
 
 For each fused op of kernels/ (gather_embed, pad_decoder, codebook_ce, draw_tokens with
 CFG, remask) at the paper shapes (B = 64 samples of 265 audio + 256 image tokens, 133 + 128 kept
-by the encoder, ~40% of them masked as in training, D = 1024, C = 1024; the cross-entropy on the
+by the encoder, ~70% of them masked as in training, D = 1024, C = 1024; the cross-entropy on the
 ~0.7 * 64 * 521 masked rows; the draw on the 64 * 265 audio rows of an i2a step, both CFG
 passes), three implementations:
 - triton:  the fused op from kernels/ (reported as missing when its module is not there);
@@ -143,15 +143,15 @@ def leaf(t):
 
 
 def masked_and_kept(B, L, K, masked_ratio, device, g):
-    """A training step's corruption, as MAGE draws it: in each sample a random masked_ratio of the
-    L positions is masked, and the encoder keeps K positions: every known one and masked ones for
-    the rest (with 265 positions, 0.7 masked and 133 kept, 54 of the kept rows are masked).
-    Returns keep (B, K) sorted and unknown (B, L) bool."""
+    """A training step's corruption, as the paper preset draws it (`Echoes.draw_corruption`): in
+    each sample a random masked_ratio of the L positions is masked, and the encoder keeps a
+    random K of the L positions, independently of the mask (with 265 positions, 0.7 masked and
+    133 kept, ~93 of the kept rows are masked). Returns keep (B, K) sorted and unknown (B, L)
+    bool."""
     order = torch.rand(B, L, generator=g, device=device).argsort(1)  # (B, L) a random order
-    n_known = min(K, L - round(masked_ratio * L))
-    keep = order[:, :K].sort(1).values  # the n_known known positions and K - n_known masked
-    unknown = torch.ones(B, L, dtype=torch.bool, device=device)
-    unknown.scatter_(1, order[:, :n_known], False)
+    unknown = torch.zeros(B, L, dtype=torch.bool, device=device)
+    unknown.scatter_(1, order[:, :round(masked_ratio * L)], True)
+    keep = torch.rand(B, L, generator=g, device=device).argsort(1)[:, :K].sort(1).values
     return keep, unknown
 
 
@@ -570,6 +570,8 @@ def measure(case, fn, mode, timer, s, device, bw, peak, launch):
             rate = f"{case.flops[mode] / sec / 1e12:.1f} TFLOP/s"
         else:
             rate = f"{case.bytes[mode] / sec / 1e9:.0f} GB/s"
+        for t in case.grads:  # the peak of one call from no gradients, as in a training step
+            t.grad = None
         row = dict(us=us, rate=rate, floor=100 * floor / sec, peak=peak_mb(run, device))
         if device.type == "cuda":  # here, not in the profiler's pass (see add_busy)
             try:
@@ -808,9 +810,10 @@ def markdown(header, rows, seconds):
               "call while the GPU is held busy (Python, autograd, launches; sync: the call waited "
               "for the GPU). peak MB: rise of the allocator peak. err vs eager: the worst "
               "||a - b|| / ||b|| over the outputs and gradients (for token ids and masks: the "
-              "share that differ); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws (s = 3 "
-              "amplifies rounding) differ in ~10% of the ids, about as far as eager's own bf16 "
-              "draws are from an fp64 draw of the same inputs."]
+              "share that differ; the draw's is the larger of its ids' share and its logp's "
+              "error); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws (s = 3 amplifies "
+              "rounding) differ in ~10% of the ids, about as far as eager's own bf16 draws are "
+              "from an fp64 draw of the same inputs."]
     with_kernels = [r for r in rows if r.get("kernels")]
     if with_kernels:
         lines += ["", "GPU busy time by kernel (us per call, longest first):", "",

@@ -10,7 +10,7 @@ the GPU: how much queueing the next step during the current one gains. Every row
 `generate` calls (features, CFG mix, draw, re-mask, random numbers) after one short warm-up run,
 and reports the median of the repeats and the speed-up over the eager PyTorch row.
 
-    python bench/sample.py                      # a few minutes on a 2-core CPU
+    python bench/sample.py                      # ~10 s on a 2-core CPU
     python bench/sample.py --steps 4 --repeats 1 --throughput-batch 8   # a quick look
 
 On a CPU shared with other work, `--threads 1` often beats the default: idle-waiting OpenMP threads
@@ -155,6 +155,9 @@ def main(argv=None):
     bench_preset("demo", torch.device("cpu"), None, s, table, save)
     if s.gpu and torch.cuda.is_available():
         bench_preset("paper", torch.device("cuda"), torch.bfloat16, s, table, save)
+    else:
+        print("paper preset on a GPU (CUDA graphs, Triton kernels): skipped ("
+              + ("--no-gpu" if not s.gpu else "no CUDA GPU here") + ")", flush=True)
     print("\n" + markdown(table, s), end="")
     if s.out:
         print(f"wrote {s.out}")

@@ -15,7 +15,7 @@ reads memory-mapped shards, whose cost is negligible next to a step). The optimi
 FLOP count are train.py's own (`configure_optimizer`, `autocast`, `peak_tflops`,
 `model.flops_per_sample`).
 
-    python bench/train.py                   # whatever this machine has; about a minute on 2 cores
+    python bench/train.py                   # whatever this machine has; ~6 s on 2 cores
     python bench/train.py --out train.md    # also write the table as markdown
 """
 

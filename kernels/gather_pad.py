@@ -10,7 +10,7 @@ TRITON_INTERPRET=1) and for fp64 ones (the kernels add and sum in fp32).
   l = keep[b, k]. One pass: token id, table row and positional row are gathered inside the kernel,
   so neither `ids.gather(1, keep)` nor `pos[keep]` is materialised. Backward scatters the upstream
   gradient into one zeroed fp32 buffer with atomics; the rows of a block that hit the mask id's
-  row (the table's last, ~40% of the kept rows in training) are summed first, so that row gets
+  row (the table's last, ~65% of the kept rows in training) are summed first, so that row gets
   one atomic per block, not one per row.
 - `pad_decoder(x, keep, unknown, mask_emb, pos, mod)`: out[b, l] = x[b, k] where keep[b, k] = l
   and the token at l is known, else mask_emb; plus pos[l] + mod. The kernel works from the output
@@ -109,7 +109,7 @@ def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D, hot,
     """grad weight[t] += sum of grad rows with token t; grad pos[l] += grad rows at position l;
     grad mod += all grad rows; fp32 buffers, atomics.
 
-    The rows of the block whose token is `hot` (the table's last row, the mask id, ~40% of the
+    The rows of the block whose token is `hot` (the table's last row, the mask id, ~65% of the
     kept rows in training) are summed in registers and added with one atomic per block, so the
     mask id's row is not hit by one atomic per row; every other row adds itself (codes repeat
     rarely within a block). Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes
