@@ -421,7 +421,8 @@ def test_the_gradient_is_the_global_batch_mean_however_the_step_is_split(shards,
     """Eq. 1 averages over every masked token of the batch: with the same masks, one process
     with one micro-batch of 8, one with 4 micro-batches of 2 and two processes with 2 each log
     the same first-step loss and gradient norm (a mean per micro-batch, averaged, would weight a
-    micro-batch's tokens by 1 / its masked count; here the norms then differ by ~10%)."""
+    micro-batch's tokens by 1 / its masked count: here the split runs' norms were then 1.9%
+    above the whole batch's, 0.6085 against 0.5971)."""
     (tmp_path / "same_masks.py").write_text(SAME_MASKS)
     (tmp_path / "run_train.py").write_text(
         "import runpy, sys\nsys.path.insert(0, sys.argv.pop(1))\nimport same_masks\n"
