@@ -773,9 +773,9 @@ def save_wav(wav, path, sample_rate=SAMPLE_RATE, replace=True):
 
 
 def load_image(path_or_image, resolution):
-    """A file (any size and mode Pillow reads), a PIL image or an (H, W[, 3]) uint8 array ->
-    (3, resolution, resolution) in [-1, 1]: short side resized to `resolution` (bicubic), then a
-    centre crop."""
+    """A file (any size and mode Pillow reads), a PIL image or an (H, W[, 3 or 4]) uint8 array ->
+    (3, resolution, resolution) in [-1, 1]: transparent pixels composited over white, short side
+    resized to `resolution` (bicubic), then a centre crop."""
     image = path_or_image
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -790,7 +790,7 @@ def load_image(path_or_image, resolution):
                     image = ImageOps.exif_transpose(f)
                 except Exception:  # a broken EXIF block: keep the pixels as stored
                     image = f.copy()
-                image = to_8bit(image).convert("RGB")
+                image = to_rgb(image)
         except Image.DecompressionBombError as e:
             raise UserError(f"image {path} is too large to open safely ({e}); scale it "
                             "down first") from e
@@ -804,7 +804,7 @@ def load_image(path_or_image, resolution):
             first = (str(e).splitlines() or [type(e).__name__])[0][:80]
             raise UserError(f"cannot read image {path}, the file is damaged ({first}); "
                             "re-export it") from e
-    image = to_8bit(image).convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one
         name = (f"image {os.fspath(path_or_image)}" if isinstance(path_or_image, (str, os.PathLike))
@@ -821,6 +821,16 @@ def load_image(path_or_image, resolution):
 
 
 MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a square anyway)
+
+
+def to_rgb(image):
+    """A PIL image of any mode -> RGB, transparency composited over white (convert() would keep
+    whatever colour the transparent pixels hold, often black)."""
+    image = to_8bit(image)
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_8bit(image):

@@ -506,6 +506,24 @@ def test_images_of_16_bit_and_float_grey_levels_are_scaled_not_clipped(tmp_path)
     assert float(load_image(tmp_path / "dark16.png", 16).mean()) < -0.99
 
 
+def test_transparent_pixels_are_composited_over_white(tmp_path):
+    from PIL import Image
+    rgba = np.zeros((20, 20, 4), np.uint8)  # black everywhere: its alpha tells the halves apart
+    rgba[:10, :, 3] = 255  # top half opaque black
+    rgba[10:, :, 3] = 0  # bottom half transparent: white, not the black it holds
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    for image in (tmp_path / "half.png", rgba):
+        x = load_image(image, 20)
+        torch.testing.assert_close(x[:, :10], torch.full((3, 10, 20), -1.0))
+        torch.testing.assert_close(x[:, 10:], torch.full((3, 10, 20), 1.0))
+    rgba[:, :, 3] = 128  # half transparent black over white: mid-grey
+    assert abs(float(load_image(rgba, 20).mean())) < 0.01
+    palette = Image.new("P", (20, 20), 1)  # palette image, index 1 (black) marked transparent
+    palette.putpalette([255, 0, 0, 0, 0, 0])
+    palette.save(tmp_path / "palette.png", transparency=1)
+    assert float(load_image(tmp_path / "palette.png", 20).min()) == 1.0
+
+
 def test_a_waveform_with_nan_is_refused_not_written_as_clicks(tmp_path):
     from echoes.cli import UserError
     with pytest.raises(UserError, match="holds NaN or infinite samples"):
