@@ -179,11 +179,6 @@ def check_inputs(s):
         if os.path.isdir(path):
             raise UserError(f"input {path} is a folder; give its files, e.g. {path}/*")
         check_file(path, "input file")
-    stems = [Path(p).stem for p in (s.image if s.mode == "i2a" else s.audio)]
-    twice = sorted({x for x in stems if stems.count(x) > 1})
-    if twice:
-        raise UserError(f"several inputs are named {twice[0]!r}: their outputs would overwrite "
-                        "each other; rename them")
 
 
 def sampling_settings(s, ckpt, source="the checkpoint"):
@@ -201,13 +196,28 @@ def sampling_settings(s, ckpt, source="the checkpoint"):
 
 def output_names(s, lo, hi):
     """The output names of samples lo .. hi-1, sample j being input j // K's (j % K)-th: the
-    input's name (joint: joint_000, ...), with _k for K > 1. The files get the first free stem
-    of name, name-2, name-3, ... when they are written (`write_sample`)."""
+    input's name (`input_names`; joint: joint_000, ...), with _k for K > 1. The files get the
+    first free stem of name, name-2, name-3, ... when they are written (`write_sample`)."""
     K = s.num_samples
     if s.mode == "joint":
         return [f"joint_{j:03d}" for j in range(lo, hi)]
-    inputs = s.image if s.mode == "i2a" else s.audio
-    return [Path(inputs[j // K]).stem + (f"_{j % K + 1}" if K > 1 else "") for j in range(lo, hi)]
+    names = input_names(s.image if s.mode == "i2a" else s.audio)
+    return [names[j // K] + (f"_{j % K + 1}" if K > 1 else "") for j in range(lo, hi)]
+
+
+def input_names(paths):
+    """Each input's file name without its extension, or, where inputs in several folders share
+    one, with as many of its folders as tell them apart: a/0001.png, b/0001.png -> a_0001,
+    b_0001. One file given twice (or names that differ in the extension only) keeps one name;
+    `write_sample` numbers the second."""
+    parts = [Path(os.path.abspath(p)).with_suffix("").parts[1:] for p in paths]  # no root
+    names = []
+    for mine in parts:
+        k = 1
+        while k < len(mine) and any(other != mine and other[-k:] == mine[-k:] for other in parts):
+            k += 1
+        names.append("_".join(mine[-k:]))
+    return names
 
 
 def encode_inputs(s, image_tok, audio_tok, device, keep=None):

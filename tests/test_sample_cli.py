@@ -220,6 +220,19 @@ def test_a2i_writes_png(files, tmp_path, capsys):
     assert Image.open(tmp_path / "bark.png").size == (16, 16)
 
 
+def test_inputs_of_one_name_get_their_folders_in_the_output_name(files, tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "0001.wav").write_bytes(files["bark"].read_bytes())
+    inputs = [tmp_path / "a" / "0001.wav", tmp_path / "b" / "0001.wav", files["bark"],
+              files["bark"]]  # the last file twice: numbered, as an earlier output would be
+    code, out, _ = run_in_process(["--mode", "a2i", "--audio", *inputs, "--out", tmp_path / "o",
+                                   *args(files)], capsys)
+    assert code == 0
+    assert out == [str(tmp_path / "o" / name) for name in
+                   ("a_0001.png", "b_0001.png", "bark.png", "bark-2.png")]
+
+
 def test_joint_writes_numbered_pairs(files, tmp_path, capsys):
     code, out, _ = run_in_process(["--mode", "joint", "--num-samples", "3", "--batch-size", "2",
                                    "--out", tmp_path, *args(files)], capsys)
