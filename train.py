@@ -231,9 +231,9 @@ def autocast(device, amp):
 
 
 def scale_and_clip_(params, scale, max_norm):
-    """Multiply the gradients by `scale` and clip their global norm to `max_norm` (0: no
-    clipping) in one multiply, as clip_grad_norm_ makes its own; returns the norm of the scaled
-    gradients before clipping."""
+    """Multiply the gradients by `scale`, then clip their global norm to `max_norm` (0: no
+    clipping) as clip_grad_norm_ would, both in a single multiply of the gradients; returns the
+    norm of the scaled gradients before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -244,7 +244,8 @@ def scale_and_clip_(params, scale, max_norm):
 
 
 class LossModule(nn.Module):
-    """Makes the training loss the forward pass, which is what DDP hooks into."""
+    """Makes the training loss the forward pass, which is what DDP hooks into: Eq. 1's token
+    losses summed (not averaged; train() scales the gradients to the step's mean) and stats."""
 
     def __init__(self, model):
         super().__init__()
@@ -687,9 +688,9 @@ def train(s, d, config, micro, accum, ckpt_path):
                     # the summed token losses: once the step's masked count is known (below),
                     # the gradient is scaled to Eq. 1's mean over all of them
                     loss_sum.backward()
-                sums += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
-                                     st["loss_image"] * st["masked_image"], st["masked_image"]
-                                     ]).double()
+                count_a, count_v = st["masked_audio"].double(), st["masked_image"].double()
+                sums += torch.stack([st["loss_audio"] * count_a, count_a,
+                                     st["loss_image"] * count_v, count_v])
             # one small all-reduce: the step's loss sums and masked counts, and the stop request
             flags = torch.cat([sums, torch.tensor([float(stop["signal"])], dtype=torch.float64,
                                                   device=d.device)])
@@ -711,9 +712,9 @@ def train(s, d, config, micro, accum, ckpt_path):
             if not (math.isfinite(loss_v) and math.isfinite(grad_norm)):
                 kept = (f"{ckpt_path} keeps step {saved}" if saved is not None
                         else "no checkpoint was written")
-                print0(f"error: non-finite loss at step {step + 1} (loss {loss_v}, grad norm "
-                       f"{grad_norm}); stopped without saving, {kept}; lower --lr or check "
-                       "the data", file=sys.stderr)
+                print0(f"error: non-finite loss or gradient at step {step + 1} (loss {loss_v}, "
+                       f"grad norm {grad_norm}); stopped without saving, {kept}; lower --lr or "
+                       "check the data", file=sys.stderr)
                 return 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

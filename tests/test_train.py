@@ -147,7 +147,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(shards, tmp_path,
     code = trainer.main(args(shards, out, "--max-steps", "10", "--save-every", "1", "--lr", "1e30",
                              "--warmup-steps", "0", "--grad-clip", "0", "--eval-every", "0"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "non-finite loss at step" in err[0]
+    assert code == 1 and len(err) == 1 and "non-finite loss or gradient at step" in err[0]
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert f"keeps step {step}" in err[0]
 
@@ -445,6 +445,25 @@ def test_the_gradient_is_the_global_batch_mean_however_the_step_is_split(shards,
     for name in runs:
         for key in ("loss", "loss_audio", "loss_image", "grad_norm"):
             assert first[name][key] == pytest.approx(first["8"][key], rel=1e-4), (name, key)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3, 100.0])  # off, clipping, not reached
+def test_scaling_summed_gradients_equals_clipping_the_mean_loss(max_norm):
+    """What the optimizer gets: the gradient of the summed token loss times 1 / tokens and
+    clipped in one multiply, as clip_grad_norm_ clips the gradient of the mean loss."""
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 5), torch.randn(37, 3)
+    nets = [torch.nn.Linear(5, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    ((nets[0](x) - y) ** 2).sum().backward()
+    norm = trainer.scale_and_clip_(list(nets[0].parameters()), 1 / 37, max_norm)
+    ((nets[1](x) - y) ** 2).mean(0).sum().backward()  # mean over the 37 rows
+    expected = (torch.nn.utils.clip_grad_norm_(nets[1].parameters(), max_norm) if max_norm
+                else torch.linalg.vector_norm(torch.cat([p.grad.flatten()
+                                                         for p in nets[1].parameters()])))
+    assert norm == pytest.approx(float(expected), rel=1e-5)
+    for ours, theirs in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_per_modality_losses_are_means_over_the_masked_tokens(shards, tmp_path, one_thread):
