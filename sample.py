@@ -9,7 +9,8 @@ audio inpainting and continuation (paper Sec. 3.4; the loop is `echoes/sampler.p
     python sample.py --mode inpaint --audio bark.wav --image dog.png --start 2 --end 4 ...
     python sample.py --mode continue --audio bark.wav [--image dog.png] --start 5 ...
                                                         # -> samples/bark.wav, samples/bark_mel.png
-    (inpaint / continue keep bark.wav's own waveform outside the regenerated stretch)
+    (inpaint / continue keep bark.wav's waveform, as the model reads it, outside the
+    regenerated stretch)
 
 What a run needs and where it comes from:
 - the model: `--ckpt`, a file `train.py` writes: {"model": state dict, "config":
@@ -34,6 +35,7 @@ free suffix -2, -3, ... (the written paths are printed). Problems a user can fix
 and exit with code 2.
 """
 
+import hashlib
 import itertools
 import os
 import sys
@@ -51,7 +53,8 @@ from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model
 from echoes.cli import (UserError, check_file, check_finite, check_rules, check_writable,
                         load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
                         setting)
-from echoes.tokenizers import codebook_fingerprint, load_audio, save_mel_png, save_png, save_wav
+from echoes.tokenizers import (HOP, codebook_fingerprint, full_scale, load_audio, save_mel_png,
+                               save_png, save_wav)
 
 
 @dataclass
@@ -91,8 +94,9 @@ class Settings:
                                        "stretch carry some of what it held). Default: on, but "
                                        "off with the embedded demo's audio tokenizer, which sees "
                                        "its whole 1.5 s clip at once")
-    splice: bool = setting(True, "inpaint / continue: keep the input's own waveform outside "
-                           "the regenerated stretch (crossfaded over 20 ms); --no-splice "
+    splice: bool = setting(True, "inpaint / continue: keep the input's waveform (mono, at "
+                           "the model's rate and clip length) outside the regenerated stretch "
+                           "(crossfaded over 20 ms); --no-splice "
                            "writes the whole clip as the vocoder renders the decoded tokens, "
                            "the paper's output")
     seed: int = setting(0, "random seed; sample j of the run draws from stream (seed, j)")
@@ -194,30 +198,39 @@ def sampling_settings(s, ckpt, source="the checkpoint"):
 # the run
 
 
-def output_names(s, lo, hi):
-    """The output names of samples lo .. hi-1, sample j being input j // K's (j % K)-th: the
-    input's name (`input_names`; joint: joint_000, ...), with _k for K > 1. The files get the
-    first free stem of name, name-2, name-3, ... when they are written (`write_sample`)."""
+def output_names(s):
+    """The output name of every sample, sample j being input j // K's (j % K)-th: the input's
+    name (`input_names`; joint: joint_000, ...), with _k for K > 1. The files get the first free
+    stem of name, name-2, name-3, ... when they are written (`write_sample`)."""
     K = s.num_samples
     if s.mode == "joint":
-        return [f"joint_{j:03d}" for j in range(lo, hi)]
+        return [f"joint_{j:03d}" for j in range(K)]
     names = input_names(s.image if s.mode == "i2a" else s.audio)
-    return [names[j // K] + (f"_{j % K + 1}" if K > 1 else "") for j in range(lo, hi)]
+    return [name + (f"_{k + 1}" if K > 1 else "") for name in names for k in range(K)]
 
 
-def input_names(paths):
+def input_names(paths, max_bytes=200):
     """Each input's file name without its extension, or, where inputs in several folders share
     one, with as many of its folders as tell them apart: a/0001.png, b/0001.png -> a_0001,
-    b_0001. One file given twice (or names that differ in the extension only) keeps one name;
-    `write_sample` numbers the second."""
+    b_0001. Names that still coincide (one file given twice, a_0001.png beside a/0001.png) are
+    numbered by `write_sample`. A name past `max_bytes` (UTF-8) keeps its end and a hash of the
+    whole, so that every file name it gets stays within the file systems' 255 bytes."""
     parts = [Path(os.path.abspath(p)).with_suffix("").parts[1:] for p in paths]  # no root
-    names = []
-    for mine in parts:
-        k = 1
-        while k < len(mine) and any(other != mine and other[-k:] == mine[-k:] for other in parts):
-            k += 1
-        names.append("_".join(mine[-k:]))
-    return names
+    depth = [1] * len(parts)
+    for k in range(1, max(map(len, parts), default=0)):
+        files = {}  # the last k folders and name -> the inputs' distinct paths that end so
+        for mine in parts:
+            files.setdefault(mine[-k:], set()).add(mine)
+        shared = [i for i, mine in enumerate(parts) if depth[i] == k and len(mine) > k
+                  and len(files[mine[-k:]]) > 1]
+        if not shared:
+            break
+        for i in shared:
+            depth[i] = k + 1
+    names = ["_".join(mine[-d:]) for mine, d in zip(parts, depth)]
+    return [name if len(name.encode()) <= max_bytes else
+            name.encode()[-(max_bytes - 9):].decode(errors="ignore") + "-"
+            + hashlib.sha1(name.encode()).hexdigest()[:8] for name in names]
 
 
 def encode_inputs(s, image_tok, audio_tok, device, keep=None):
@@ -289,9 +302,9 @@ def audio_keep(s, audio_tok):
     except ValueError as e:
         raise UserError(f"--start/--end: {e}") from e
     cols = sampler.hidden_columns(keep, audio_tok.grid).nonzero().flatten().tolist()
+    column = audio_tok.n_frames / audio_tok.grid[1] * HOP / audio_tok.sample_rate  # the inner ones
     print(f"note: regenerating {float(edges[cols[0]]):.3f}-{float(edges[cols[-1] + 1]):.3f} s "
-          f"of the clip (whole token columns of {duration / audio_tok.grid[1]:.3f} s)",
-          file=sys.stderr, flush=True)
+          f"of the clip (whole token columns of {column:.3f} s)", file=sys.stderr, flush=True)
     return keep
 
 
@@ -299,8 +312,8 @@ def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_t
                   sources=None, hidden=None):
     """Decode one batch and write its files; returns the written paths. Each sample is decoded
     on its own, so its files do not depend on the batching. With `sources` (each sample's
-    input audio file) and `hidden` (the regenerated token columns), the input's own waveform
-    is kept outside the stretch (`AudioTokenizer.splice`) and the mel picture is the result's."""
+    input audio file) and `hidden` (the regenerated token columns), the input's waveform is
+    kept outside the stretch (`AudioTokenizer.splice`) and the mel picture is the result's."""
     written = []
     for j, (name, g) in enumerate(zip(names, generators)):
         files = {}  # ending -> write(path), never over an existing file
@@ -310,10 +323,9 @@ def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_t
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
             phase_gen = torch.Generator(mel.device).manual_seed(seed)
             wav = audio_tok.mel_to_wav(mel, generator=phase_gen)[0]  # (T,)
-            peak = float(wav.abs().max())
-            if peak > 1:  # scaled down to full scale rather than clipped by the 16-bit file
-                wav = wav / peak
-            if sources is not None:  # the input's level as it is around the stretch
+            if sources is None:
+                wav = full_scale(wav)  # rather than clipped by the 16-bit file
+            else:  # the input's level as it is around the stretch
                 seconds = audio_tok.n_samples / audio_tok.sample_rate
                 original = load_audio(sources[j], audio_tok.sample_rate, seconds)
                 wav = audio_tok.splice(wav, torch.as_tensor(original), hidden)  # (n_samples,)
@@ -382,7 +394,8 @@ def main(argv=None):
     remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
 
     K = s.num_samples
-    n = K if s.mode == "joint" else K * len(s.image if s.mode == "i2a" else s.audio)
+    names = output_names(s)
+    n = len(names)
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
     pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
                                 else ids[torch.arange(lo, hi, device=device) // K])
@@ -400,7 +413,7 @@ def main(argv=None):
             raise UserError(str(e)) from e
         sources = ([s.audio[j // K] for j in range(lo, hi)] if keep is not None and s.splice
                    else None)
-        for path in write_outputs(s, output_names(s, lo, hi), audio_ids, image_ids, generators,
+        for path in write_outputs(s, names[lo:hi], audio_ids, image_ids, generators,
                                   image_tok, audio_tok, sources, hidden):
             tqdm.write(str(path), file=sys.stdout)  # above the bars, not through them
             sys.stdout.flush()

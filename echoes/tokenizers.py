@@ -823,11 +823,21 @@ def load_image(path_or_image, resolution):
 MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a square anyway)
 
 
+def full_scale(wav, where=None):
+    """wav scaled down to full scale (peak 1) if its samples (those `where` is True) peak above
+    it, rather than clipped by a 16-bit file; otherwise as it is."""
+    used = wav if where is None else wav[where]
+    peak = float(used.abs().max()) if used.numel() else 0.0
+    return wav / peak if peak > 1 else wav
+
+
 def to_rgb(image):
     """A PIL image of any mode -> RGB, transparency composited over white (convert() would keep
     whatever colour the transparent pixels hold, often black)."""
     image = to_8bit(image)
-    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or "transparency" in image.info:
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "RGBa", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")
@@ -836,16 +846,23 @@ def to_rgb(image):
 def to_8bit(image):
     """A PIL image of 16-bit or float grey levels (modes I;16*, I, F) -> mode L, scaled rather
     than clipped as convert() would: levels above 255 as 16-bit ones, floats of [0, 1] to
-    0..255. Other modes as they are."""
+    0..255; mode LA where a transparent level is set. Other modes as they are."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     x = np.asarray(image, dtype=np.float64)
+    key = image.info.get("transparency")
     # I;16 modes hold 16-bit levels however dark; mode I (32-bit) is taken as 16-bit above 255
     if image.mode.startswith("I;16") or (image.mode == "I" and x.max() > 255):
-        x = x / 257  # 65535 -> 255
+        grey = x / 257  # 65535 -> 255
     elif image.mode == "F" and x.max() <= 1:
-        x = x * 255
-    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8), "L")
+        grey = x * 255
+    else:
+        grey = x
+    grey = np.clip(grey, 0, 255).round().astype(np.uint8)
+    if isinstance(key, (int, float)):  # that level (before scaling) is transparent
+        alpha = np.where(x == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey, alpha], -1), "LA")
+    return Image.fromarray(grey, "L")
 
 
 def to_pil(x):
@@ -981,28 +998,36 @@ class AudioTokenizer:
         return (min(frames, self.keep_frames or frames) - self.n_frames) // 2
 
     def splice(self, rendering, original, hidden, fade=0.02):
-        """The clip a user hears after inpainting: the input's own waveform outside the
-        regenerated token columns and the rendering of the decoded mel inside them, crossfaded
-        (raised cosine, `fade` s) just outside the stretch. rendering (T_r,) from `mel_to_wav`,
-        its sample k at the input's sample k + crop_offset() * HOP; original (T,) at
-        `sample_rate`; hidden (w,) bool, True = regenerated (`sampler.hidden_columns`)
-        -> (n_samples,), aligned with the input (where the rendering does not reach, at the
-        clip's very ends, the stretch is silent)."""
+        """The clip a user hears after inpainting: the input's waveform (as read: mono, at
+        `sample_rate`, cut or padded to the clip) outside the regenerated token columns and the
+        rendering of the decoded mel inside them, crossfaded (raised cosine, `fade` s) just
+        outside the stretch. rendering (T_r,) from `mel_to_wav`, its sample k at the input's
+        sample k + crop_offset() * HOP; original (T,) at `sample_rate`; hidden (w,) bool, True =
+        regenerated (`sampler.hidden_columns`) -> (n_samples,), aligned with the input. Where
+        the rendering does not reach (at the clip's very ends, the frames the mel's centre crop
+        drops) the stretch fades to silence. The rendering is scaled down to full scale if the
+        part of it that is used peaks above it, and the result if the input itself does."""
         n, sr = self.n_samples, self.sample_rate
+        original = fit_clip(original.float().cpu(), n)
         cols = hidden.nonzero().flatten().tolist()
         if not cols:
-            return fit_clip(original.float(), n)
+            return full_scale(original)
         edges = self.column_edges()
         a, b = round(edges[cols[0]] * sr), round(edges[cols[-1] + 1] * sr)  # the stretch
         shift = self.crop_offset() * HOP
-        gen = torch.zeros(n, dtype=torch.float32)
         part = rendering.float().cpu()[:max(0, n - shift)]
-        gen[shift:shift + len(part)] = part
         t = torch.arange(n, dtype=torch.float32)
         width = max(1.0, fade * sr)
         ramp = lambda d: 0.5 + 0.5 * torch.cos(torch.pi * (d / width).clamp(0, 1))  # noqa: E731
+        gen = torch.zeros(n, dtype=torch.float32)
+        gen[shift:shift + len(part)] = part
+        if shift > 0:  # fade in from the silence before the rendering's first sample
+            gen = gen * (1 - ramp(t - shift + 1))
+        if shift + len(part) < n:  # and out into the silence after its last
+            gen = gen * (1 - ramp(shift + len(part) - t))
         weight = torch.where(t < a, ramp(a - t), torch.where(t >= b, ramp(t - b + 1), 1.0))
-        return (1 - weight) * fit_clip(original.float().cpu(), n) + weight * gen
+        gen = full_scale(gen, where=weight > 0)
+        return full_scale((1 - weight) * original + weight * gen)
 
     def column_edges(self):
         """The w + 1 times (s, exact fractions) between the token columns: column j holds the

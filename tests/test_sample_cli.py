@@ -224,13 +224,18 @@ def test_inputs_of_one_name_get_their_folders_in_the_output_name(files, tmp_path
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "0001.wav").write_bytes(files["bark"].read_bytes())
+    long = tmp_path / ("x" * 240 + ".wav")  # its outputs' names would pass 255 bytes
+    long.write_bytes(files["bark"].read_bytes())
     inputs = [tmp_path / "a" / "0001.wav", tmp_path / "b" / "0001.wav", files["bark"],
-              files["bark"]]  # the last file twice: numbered, as an earlier output would be
+              files["bark"], long]  # bark twice: numbered, as an earlier output would be
     code, out, _ = run_in_process(["--mode", "a2i", "--audio", *inputs, "--out", tmp_path / "o",
-                                   *args(files)], capsys)
+                                   "--num-samples", "2", *args(files)], capsys)
     assert code == 0
-    assert out == [str(tmp_path / "o" / name) for name in
-                   ("a_0001.png", "b_0001.png", "bark.png", "bark-2.png")]
+    assert out[:8] == [str(tmp_path / "o" / name) for name in
+                       ("a_0001_1.png", "a_0001_2.png", "b_0001_1.png", "b_0001_2.png",
+                        "bark_1.png", "bark_2.png", "bark_1-2.png", "bark_2-2.png")]
+    assert [len(Path(path).name) for path in out[8:]] == [206, 206]  # 200 + "_1.png"
+    assert all(Path(path).name.startswith("x" * 191 + "-") for path in out[8:])
 
 
 def test_joint_writes_numbered_pairs(files, tmp_path, capsys):
@@ -282,7 +287,7 @@ def test_the_regenerated_stretch_is_named_and_an_end_just_past_the_clip_is_its_e
     run_cli(cli.main, [str(a) for a in argv])
     err = capsys.readouterr().err
     assert f"note: regenerating 0.180-{duration:.3f} s of the clip (whole token columns of " \
-           "0.180 s)" in err, err
+           "0.186 s)" in err, err
     assert (tmp_path / "bark.wav").exists()
 
 

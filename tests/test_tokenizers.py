@@ -417,6 +417,36 @@ def test_splice_keeps_the_input_outside_the_stretch_and_aligns_the_rendering():
                                torch.cat([original, torch.zeros(1000)]))
 
 
+def test_splice_fades_where_the_rendering_ends_and_scales_only_what_it_uses():
+    tok = AudioTokenizer(tiny_vqgan(in_channels=1, resolution=32))  # VGGSound's recipe
+    shift, n, w = tok.crop_offset() * 256, tok.n_samples, tok.grid[1]
+    rendering = torch.full((848 * 256,), 0.5)
+    rendering[-1000] = 3.0  # a peak in a part the splice throws away: no reason to scale
+    original = torch.full((n,), -0.25)
+    edges = tok.column_edges()
+    smooth = lambda x: float(x.diff().abs().max()) < 0.005  # noqa: E731  (no step, no click)
+    # from the clip's start: silence where the rendering does not reach, then a fade in
+    hidden = torch.arange(w) < 30
+    out = tok.splice(rendering, original, hidden, fade=0.02)
+    b = round(edges[30] * 22050)
+    assert (out[:shift] == 0).all() and smooth(out[:b])
+    torch.testing.assert_close(out[shift + 441:b], torch.full((b - shift - 441,), 0.5))
+    # to the clip's end: a fade out into the silence after the rendering's last sample
+    hidden = torch.arange(w) >= w - 30
+    out = tok.splice(torch.full_like(rendering, 0.5), original, hidden, fade=0.02)
+    end = shift + len(rendering)
+    assert end < n and (out[end:] == 0).all() and smooth(out[round(edges[w - 30] * 22050):])
+    out = tok.splice(rendering, original, hidden, fade=0.02)  # now the peak is in what it uses
+    assert float(out[end - 1000]) == pytest.approx(1.0)
+    assert float(out[end - 2000]) == pytest.approx(0.5 / 3)
+    # an input louder than full scale (a resampler's overshoot): the whole clip scaled down
+    loud = original.clone()
+    loud[1000] = 1.25
+    out = tok.splice(rendering, loud, torch.arange(w) == w // 2)
+    assert float(out.abs().max()) == pytest.approx(1.0)
+    assert float(out[0]) == pytest.approx(-0.25 / 1.25)
+
+
 def test_column_edges_follow_the_crop_and_the_centred_frames():
     from fractions import Fraction
 
@@ -518,6 +548,13 @@ def test_transparent_pixels_are_composited_over_white(tmp_path):
         torch.testing.assert_close(x[:, 10:], torch.full((3, 10, 20), 1.0))
     rgba[:, :, 3] = 128  # half transparent black over white: mid-grey
     assert abs(float(load_image(rgba, 20).mean())) < 0.01
+    assert abs(float(load_image(Image.fromarray(rgba[..., 2:], "LA").convert("La"), 20).mean())
+               ) < 0.01  # premultiplied grey and alpha
+    grey16 = np.full((20, 20), 5000, np.uint16)
+    grey16[10:] = 1234  # 16-bit grey with one level transparent
+    Image.fromarray(grey16).save(tmp_path / "grey16.png", transparency=1234)
+    x = load_image(tmp_path / "grey16.png", 20)
+    assert float(x[:, 10:].min()) == 1.0 and float(x[:, :10].max()) < -0.8
     palette = Image.new("P", (20, 20), 1)  # palette image, index 1 (black) marked transparent
     palette.putpalette([255, 0, 0, 0, 0, 0])
     palette.save(tmp_path / "palette.png", transparency=1)
