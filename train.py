@@ -255,6 +255,13 @@ class LossModule(nn.Module):
         return self.model.training_loss(audio_ids, image_ids, generator, reduction="sum")
 
 
+def masked_sums(stats):
+    """(4,) float64: per modality the summed token loss and the masked count of one batch (from
+    `training_loss`'s stats), to be added over batches and ranks: sum_a, n_a, sum_v, n_v."""
+    n_a, n_v = stats["masked_audio"].double(), stats["masked_image"].double()  # exact counts
+    return torch.stack([stats["loss_audio"] * n_a, n_a, stats["loss_image"] * n_v, n_v])
+
+
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
     """Eq. 1's loss on an evaluation split, every rank on its share, summed over ranks with one
@@ -269,8 +276,7 @@ def evaluate(model, dataset, batch_size, d, amp, seed, limit=0):
         gens = [sample_generators(seed, 1, offset=int(i))[0] for i in clips]
         with autocast(d.device, amp):
             _, st = model.training_loss(audio.to(d.device), image.to(d.device), gens)
-        totals += torch.stack([st["loss_audio"] * st["masked_audio"], st["masked_audio"],
-                               st["loss_image"] * st["masked_image"], st["masked_image"]]).double()
+        totals += masked_sums(st)
     dist.all_reduce(totals)
     model.train()
     sa, na, sv, nv = totals.tolist()
@@ -688,9 +694,7 @@ def train(s, d, config, micro, accum, ckpt_path):
                     # the summed token losses: once the step's masked count is known (below),
                     # the gradient is scaled to Eq. 1's mean over all of them
                     loss_sum.backward()
-                count_a, count_v = st["masked_audio"].double(), st["masked_image"].double()
-                sums += torch.stack([st["loss_audio"] * count_a, count_a,
-                                     st["loss_image"] * count_v, count_v])
+                sums += masked_sums(st)
             # one small all-reduce: the step's loss sums and masked counts, and the stop request
             flags = torch.cat([sums, torch.tensor([float(stop["signal"])], dtype=torch.float64,
                                                   device=d.device)])

@@ -757,6 +757,14 @@ def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
     return resample(torch.from_numpy(data.mean(axis=1)), sr, sample_rate)
 
 
+def full_scale(wav, where=None):
+    """wav scaled down to full scale (peak 1) if its samples (those `where` is True) peak above
+    it, rather than clipped by a 16-bit file; otherwise as it is."""
+    used = wav if where is None else wav[where]
+    peak = float(used.abs().max()) if used.numel() else 0.0
+    return wav / peak if peak > 1 else wav
+
+
 def save_wav(wav, path, sample_rate=SAMPLE_RATE, replace=True):
     """(T,) waveform -> 16-bit PCM WAV, written atomically (`replace=False`: never over an
     existing file, FileExistsError instead)."""
@@ -823,21 +831,13 @@ def load_image(path_or_image, resolution):
 MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a square anyway)
 
 
-def full_scale(wav, where=None):
-    """wav scaled down to full scale (peak 1) if its samples (those `where` is True) peak above
-    it, rather than clipped by a 16-bit file; otherwise as it is."""
-    used = wav if where is None else wav[where]
-    peak = float(used.abs().max()) if used.numel() else 0.0
-    return wav / peak if peak > 1 else wav
-
-
 def to_rgb(image):
     """A PIL image of any mode -> RGB, transparency composited over white (convert() would keep
     whatever colour the transparent pixels hold, often black)."""
     image = to_8bit(image)
     if image.mode == "La":  # premultiplied; Pillow converts it to LA only
         image = image.convert("LA")
-    if image.mode in ("RGBA", "LA", "RGBa", "PA") or "transparency" in image.info:
+    if image.has_transparency_data:  # an alpha band, an RGBA palette or a transparent key
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")

@@ -559,6 +559,8 @@ def test_transparent_pixels_are_composited_over_white(tmp_path):
     palette.putpalette([255, 0, 0, 0, 0, 0])
     palette.save(tmp_path / "palette.png", transparency=1)
     assert float(load_image(tmp_path / "palette.png", 20).min()) == 1.0
+    palette.putpalette([0, 0, 0, 0] * 2, "RGBA")  # a palette with alpha, in memory only
+    assert float(load_image(palette, 20).min()) == 1.0
 
 
 def test_a_waveform_with_nan_is_refused_not_written_as_clicks(tmp_path):
