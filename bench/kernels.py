@@ -2,9 +2,9 @@
 
 For each fused op of kernels/ (gather_embed, pad_decoder, codebook_ce, draw_tokens with
 CFG, remask) at the paper shapes (B = 64 samples of 265 audio + 256 image tokens, 133 + 128 kept
-by the encoder, ~70% of them masked as in training, D = 1024, C = 1024; the cross-entropy on the
-~0.7 * 64 * 521 masked rows; the draw on the 64 * 265 audio rows of an i2a step, both CFG
-passes), three implementations:
+by the encoder, 70% of them masked (the paper's mask-ratio mu; the mean of its truncated normal
+is 0.66), D = 1024, C = 1024; the cross-entropy on the ~0.7 * 64 * 521 masked rows; the draw on
+the 64 * 265 audio rows of an i2a step, both CFG passes), three implementations:
 - triton:  the fused op from kernels/ (reported as missing when its module is not there);
 - eager:   the plain PyTorch reference (echoes/model.py, echoes/sampler.py), the spec;
 - compile: torch.compile of that same reference;

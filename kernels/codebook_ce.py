@@ -33,6 +33,11 @@ are cast once and the logits come out in it, exactly the reference's bf16 linear
 after is fp32; without autocast the matmul dtype is that of h and E (fp32 matmuls follow torch's
 TF32 setting, like the reference). Targets must be valid class indices (no ignore_index): the
 model only passes the masked rows. Codebooks wider than MAX_C columns use the reference.
+
+Floor: FLOPs 2*N*C*D for the forward's matmul and 2*N*C*D per wanted input (h, E) in backward;
+bytes: the (N, C) logits written by the matmul and read (and, for a gradient, rewritten) once
+by the row kernel, plus h, E and the targets. Imports: torch, triton, the reference from
+echoes/model.py and `on_device` from kernels/__init__.py.
 """
 
 import functools
@@ -50,13 +55,16 @@ from kernels import on_device
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # the row kernel holds BLOCK_R whole rows of logits in registers: 4 rows on a GPU (16 B loads,
-# 4 warps up to 1024 columns, 8 above), with up to 8 programs per SM each looping over row blocks
-# so the bias partial sums stay small; under the interpreter, 8 rows and at most 2 programs so
-# that test shapes run the loop and a tail block
+# 4 warps up to 1024 columns, 8 above); the grid is capped at PROGRAMS_PER_SM programs per SM,
+# each looping over row blocks, so the bias partial sums stay few (at C = 1024 the kernel takes
+# 96-156 registers on sm_90, so 3-5 programs are resident per SM and the rest follow); under the
+# interpreter, 8 rows and at most 2 programs so that test shapes run the loop and a tail block
 BLOCK_R = 8 if INTERPRET else 4
 PROGRAMS_PER_SM = 8
 SCALE_ROWS = 2 if INTERPRET else 4  # table rows per program of the backward's scaling kernel
-MAX_C = 16384
+# whole rows stop fitting in registers past 2048 columns (sm_90, bf16 with the gradient: 208
+# spilled bytes a thread at 4096 columns, 2 KB at 8192), so wider codebooks take the reference
+MAX_C = 2048
 
 
 def _use_triton(t):
@@ -118,7 +126,8 @@ def _ce_scale_kernel(w, bsum, upstream, wg, gb, C, D,
     """The backward's small work in one launch, scaled by the upstream gradient g (a 0-dim
     tensor): wg = w * g rounded once to wg's dtype (the table grad h is formed with), and
     gb = bsum * g (the bias gradient, bsum the column sums of d loss / d z). Grid
-    (cdiv(C, BLOCK_R),)."""
+    (cdiv(C, BLOCK_R),). Bytes: C*D*(w + wg element sizes) + C*(4 + gb element size); FLOPs:
+    C*D + C multiplies."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) codes
     rmask = rows < C
     g = tl.load(upstream).to(tl.float32)
@@ -173,7 +182,7 @@ class CodebookCE(torch.autograd.Function):
         hdtype, wdtype, bdtype, cdtype = ctx.dtypes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         C = dz.shape[1]
-        gh = gw = gb = None
+        gh = gw = None
         # one launch scales the (C, D) table (rather than the (N, C) gradient) and the bias sums
         wg = torch.empty_like(w_c) if need_h else None  # (C, D)
         gb = torch.empty(C, device=dz.device, dtype=bdtype) if need_b else None  # (C,)

@@ -28,6 +28,9 @@ summed in fp32 and rounded once, mask_emb is first rounded to x's dtype as the r
 parameter gradients are accumulated in fp32 and returned in the parameter's dtype. `keep` must hold
 distinct positions per sample (as the reference's scatter needs); `keep` may be an expanded view
 (inference: arange(L).expand(B, L)) and `x` a strided slice: no copies are made.
+
+Imports: torch, triton, the references from echoes/model.py and `on_device` from
+kernels/__init__.py.
 """
 
 import os
@@ -113,7 +116,8 @@ def _gather_bwd_kernel(grad, ids, keep, gw, gp, gm, N, K, D, hot,
     kept rows in training) are summed in registers and added with one atomic per block, so the
     mask id's row is not hit by one atomic per row; every other row adds itself (codes repeat
     rarely within a block). Grid (cdiv(B * K, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: B*K*D*grad_bytes
-    read + at most 2*B*K*D fp32 atomics; FLOPs: 3*B*K*D adds."""
+    read + B*K*16 index bytes + at most (2*B*K + 2*cdiv(B*K, BLOCK_R))*D fp32 atomics (table and
+    positional rows, the mask id's row and mod once per block); FLOPs: 3*B*K*D adds."""
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
@@ -266,8 +270,9 @@ def _pad_bwd_kernel(grad, slot, unknown, gx, gp, gme, gm, B, L, K, D, b_per, s_u
     Each program owns a (BLOCK_L, BLOCK_D) tile of positions for b_per samples, sums its tile over
     those samples in registers (no reduction inside the loop) and adds it to the fp32 buffers with
     one atomic per element. Grid (cdiv(L, BLOCK_L), cdiv(D, BLOCK_D), cdiv(B, b_per)). Bytes:
-    B*L*D*grad_bytes read + B*K*D*x_bytes written + B*L*5 index bytes + (L + 2)*D*cdiv(B, b_per)
-    fp32 atomics; FLOPs: 3*B*L*D adds."""
+    B*L*D*grad_bytes read + B*K*D*x_bytes written + B*L*5 index bytes +
+    (L + 2*cdiv(L, BLOCK_L))*D*cdiv(B, b_per) fp32 atomics (mask_emb and mod once per program);
+    FLOPs: 3*B*L*D adds."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2)

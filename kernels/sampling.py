@@ -25,6 +25,9 @@ the reference's results: the re-mask exactly (its confidences are rounded as the
 with no fused multiply-add), the draw except where u * total lies within rounding (~1e-6 in fp32,
 more in bf16, where the reference rounds each pass's logits and the kernel the mixed h) of a
 cumulative sum.
+
+Imports: torch, triton, the references from echoes/sampler.py and `on_device` from
+kernels/__init__.py.
 """
 
 import os
@@ -134,7 +137,7 @@ def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, te
 
 # GPU: 4 rows x the whole codebook (up to 2048 columns) per program, 16 B loads; the interpreter
 # takes the two below, small so tests sweep several chunks with a tail (tests change them)
-_INTERPRET_TILES = dict(BLOCK_M=32)
+_INTERPRET_ROWS = 32
 _INTERPRET_BLOCK_C = 64
 _MIX = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
 _INTERPRET_MIX = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
@@ -146,12 +149,8 @@ def _compute_dtype(h):
     (autocast leaves fp64 alone)."""
     if h.dtype == torch.float64:
         return h.dtype
-    try:
-        if torch.is_autocast_enabled(h.device.type):
-            return torch.get_autocast_dtype(h.device.type)
-    except (TypeError, AttributeError):  # older torch: device-less autocast queries
-        if h.is_cuda and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
     return h.dtype
 
 
@@ -170,7 +169,7 @@ def _logits(h, weight):
         if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda and _MM_OUT_DTYPE[0]:
             try:
                 return torch.mm(h, weight.t(), out_dtype=torch.float32)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise
             except (TypeError, RuntimeError, NotImplementedError) as e:  # torch < 2.8
                 _MM_OUT_DTYPE[0] = False
@@ -209,6 +208,8 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
                                      uniform)
     N, D = h_cond.shape
     C = weight.shape[0]
+    if C == 0:
+        raise ValueError("draw_tokens needs a codebook of at least one code, got 0")
     device = h_cond.device
     dtype = _compute_dtype(h_cond)
     ids = torch.empty(N, dtype=torch.long, device=device)
@@ -233,7 +234,7 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
     bias = bias.to(dtype).contiguous() if has_bias else logits  # any pointer when there is none
     uniform = uniform.contiguous()
     if INTERPRET:
-        block_r, block_c, warps = _INTERPRET_TILES["BLOCK_M"], _INTERPRET_BLOCK_C, 1
+        block_r, block_c, warps = _INTERPRET_ROWS, _INTERPRET_BLOCK_C, 1
     else:
         block_r, block_c = 4, 2048
         warps = 4 if min(block_c, triton.next_power_of_2(C)) <= 1024 else 8
@@ -317,11 +318,12 @@ def remask(logp, gumbel, unknown, mask_len, tau):
     if B == 0 or L == 0:
         return out
     block = triton.next_power_of_2(L)
-    # one or two warps for rows up to 1024: the row counts stay in warp shuffles
+    # one warp up to 512 positions (the row counts stay in warp shuffles), two up to 1024
     warps = 1 if block <= 512 else (2 if block <= 1024 else 4)
     with on_device(out):
         _remask_kernel[(B,)](logp.contiguous(), gumbel.contiguous(),
-                             unknown.contiguous().view(torch.uint8), mask_len.contiguous(),
+                             unknown.to(torch.bool).contiguous().view(torch.uint8),
+                             mask_len.contiguous(),
                              out.view(torch.uint8), float(tau), L, BLOCK_L=block,
                              num_warps=warps, enable_fp_fusion=False)
     return out

@@ -168,6 +168,16 @@ def test_cpu_tensors_fall_back_to_the_reference(monkeypatch):
                                atol=0, rtol=0)
 
 
+def test_codebooks_wider_than_the_row_kernel_takes_use_the_reference(monkeypatch):
+    import kernels.codebook_ce
+    monkeypatch.setattr(kernels.codebook_ce, "_use_triton", lambda t: True)  # as on a GPU
+    monkeypatch.setattr(kernels.codebook_ce, "MAX_C", 8)
+    h, weight, bias, target, _ = make_inputs(N=9, C=12, D=8, device="cpu")
+    torch.testing.assert_close(kernels.codebook_ce.codebook_ce(h, weight, bias, target, 0.1),
+                               codebook_ce_reference(h, weight, bias, target, 0.1),
+                               atol=0, rtol=0)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

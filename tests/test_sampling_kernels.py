@@ -187,11 +187,11 @@ def draw_frequencies_match_softmax():
     # three codebook tiles, the last one partial, then one tile; tall row blocks keep the
     # interpreter quick
     for block_c in (16, 64):
-        sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = block_c, 256
+        sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_ROWS = block_c, 256
         try:
             ids, _ = sampling.draw_tokens(hc.expand(N, D), hu.expand(N, D), W, b, s, T, u)
         finally:
-            sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_TILES["BLOCK_M"] = 64, 32
+            sampling._INTERPRET_BLOCK_C, sampling._INTERPRET_ROWS = 64, 32
         counts = torch.bincount(ids, minlength=C).double()
         stat = chi_square(counts, p)
         assert stat < 72.0, (f"chunks of {block_c}: chi-square {stat:.1f} over {C - 1} "
@@ -207,6 +207,8 @@ def remask_matches_reference():
         assert mask.dtype == torch.bool and mask.shape == (B, L)
         assert torch.equal(mask, ref.remask(logp, gumbel, unknown, mask_len, tau)), f"case {i}"
         assert_least_confident(mask, logp, gumbel, unknown, mask_len, tau)
+        # a 0 / 1 mask of another dtype means the same, not its bytes
+        assert torch.equal(sampling.remask(logp, gumbel, unknown.long(), mask_len, tau), mask)
 
 
 @check
