@@ -68,8 +68,9 @@ def _use_triton(t):
     return t.is_cuda or INTERPRET  # read at import, as triton.jit reads it
 
 
-def _block_d(D, cap):
-    return min(cap, triton.next_power_of_2(D))
+def _config(base, D):
+    """A launch config from one of the block-size dicts above, BLOCK_D cut to D's power of 2."""
+    return dict(base, BLOCK_D=min(base["BLOCK_D"], triton.next_power_of_2(D)))
 
 
 # -----------------------------------------------------------------------------
@@ -157,8 +158,7 @@ class GatherEmbed(torch.autograd.Function):
         out = torch.empty(B, K, D, device=weight.device, dtype=dtype)  # (B, K, D)
         N = B * K
         if N > 0 and D > 0:
-            cfg = dict(GATHER_FWD)
-            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            cfg = _config(GATHER_FWD, D)
             grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
             _gather_fwd_kernel[grid](ids, keep, weight, pos, mod, out, N, K, D,
                                      ids.stride(0), ids.stride(1), keep.stride(0),
@@ -181,8 +181,7 @@ class GatherEmbed(torch.autograd.Function):
         C1, L = wshape[0], pshape[0]
         acc = torch.zeros(C1 + L + 1, D, device=dev, dtype=torch.float32)
         if N > 0 and D > 0 and (need_w or need_p or need_m):
-            cfg = dict(GATHER_BWD)
-            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            cfg = _config(GATHER_BWD, D)
             grid = (triton.cdiv(N, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
             _gather_bwd_kernel[grid](grad, ids, keep, acc[:C1], acc[C1:C1 + L], acc[C1 + L],
                                      N, K, D, C1 - 1, ids.stride(0), ids.stride(1),
@@ -325,8 +324,7 @@ class PadDecoder(torch.autograd.Function):
         store_slot = grad_enabled and any(ctx.needs_input_grad)
         slot = torch.empty(B, L, device=x.device, dtype=torch.int32) if store_slot else None
         if B * L > 0 and D > 0:
-            cfg = dict(PAD_FWD)
-            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            cfg = _config(PAD_FWD, D)
             n_lb = triton.cdiv(L, cfg["BLOCK_L"])
             grid = (B * n_lb, triton.cdiv(D, cfg["BLOCK_D"]))
             _pad_fwd_kernel[grid](x, keep, unk, mask_emb, pos, mod, out,
@@ -350,8 +348,7 @@ class PadDecoder(torch.autograd.Function):
         # one fp32 buffer for the three parameter sums: rows [0, L) pos, L mask_emb, L + 1 mod
         acc = torch.zeros(L + 2, D, device=dev, dtype=torch.float32)
         if B * L > 0 and D > 0 and (need_x or need_e or need_p or need_m):
-            cfg = dict(PAD_BWD)
-            cfg["BLOCK_D"] = _block_d(D, cfg["BLOCK_D"])
+            cfg = _config(PAD_BWD, D)
             n_l, n_d = triton.cdiv(L, cfg["BLOCK_L"]), triton.cdiv(D, cfg["BLOCK_D"])
             splits = max(1, min(B, triton.cdiv(PAD_BWD_PROGRAMS, n_l * n_d)))
             b_per = triton.cdiv(B, splits)
