@@ -242,19 +242,19 @@ def _pad_fwd_kernel(x, keep, unknown, mask_emb, pos, mod, out, slot, L, K, D, n_
     if STORE_SLOT:
         if pid_d == 0:  # one program per position block writes its slots
             tl.store(slot + b * L + ls, kidx, mask=lmask)
-    unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)
+    unk = tl.load(unknown + b * s_ub + ls, mask=lmask, other=1)  # (Lb,)
     take = (kidx >= 0) & (unk == 0)  # (Lb,)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
     cmask = cols < D
-    m2 = lmask[:, None] & cmask[None, :]
+    m2 = lmask[:, None] & cmask[None, :]  # (Lb, Dc)
     xv = tl.load(x + b * s_xb + kidx.to(tl.int64)[:, None] * s_xk + cols[None, :],
-                 mask=m2 & take[:, None], other=0.0)
+                 mask=m2 & take[:, None], other=0.0)  # (Lb, Dc) the kept, known rows
     me = tl.load(mask_emb + cols, mask=cmask, other=0.0).to(x.dtype.element_ty)  # ref: .to(x.dtype)
     p = tl.load(pos + ls.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0)
-    m = tl.load(mod + cols, mask=cmask, other=0.0)
-    y = tl.where(take[:, None], xv.to(tl.float32), me.to(tl.float32)[None, :])
+    m = tl.load(mod + cols, mask=cmask, other=0.0)  # (Dc,)
+    y = tl.where(take[:, None], xv.to(tl.float32), me.to(tl.float32)[None, :])  # (Lb, Dc)
     y = y + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (Lb, Dc)
-    rows = (b * L + ls).to(tl.int64)
+    rows = (b * L + ls).to(tl.int64)  # (Lb,) output rows
     tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=m2)
 
 

@@ -62,13 +62,13 @@ def _mix_kernel(hc_ptr, hu_ptr, out_ptr, N, D, stride_hc, stride_hu, s_cond, s_u
 
     Grid (cdiv(N, BLOCK_R), cdiv(D, BLOCK_D)). Bytes: 2 N D read + N D written (h's element size);
     FLOPs: 3 N D."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = (rows < N)[:, None] & (cols < D)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    hc = tl.load(hc_ptr + rows64 * stride_hc + cols[None, :], mask=ok, other=0.0)
-    hu = tl.load(hu_ptr + rows64 * stride_hu + cols[None, :], mask=ok, other=0.0)
-    h = s_cond * hc.to(tl.float32) + s_uncond * hu.to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
+    ok = (rows < N)[:, None] & (cols < D)[None, :]  # (R, Dc)
+    rows64 = rows.to(tl.int64)[:, None]  # (R, 1)
+    hc = tl.load(hc_ptr + rows64 * stride_hc + cols[None, :], mask=ok, other=0.0)  # (R, Dc)
+    hu = tl.load(hu_ptr + rows64 * stride_hu + cols[None, :], mask=ok, other=0.0)  # (R, Dc)
+    h = s_cond * hc.to(tl.float32) + s_uncond * hu.to(tl.float32)  # (R, Dc)
     tl.store(out_ptr + rows64 * D + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -256,13 +256,13 @@ def _remask_kernel(logp_ptr, gumbel_ptr, unknown_ptr, mask_len_ptr, out_ptr, tau
     """One program per row: confidence, its order-preserving int32 key, a 4-way bisection for
     a key v with exactly k keys <= v (or, at ties, the k-th smallest key), then the mask."""
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_L)
+    offs = tl.arange(0, BLOCK_L)  # (Lb,) positions, Lb >= L
     ok = offs < L
     base = row.to(tl.int64) * L
-    unknown = tl.load(unknown_ptr + base + offs, mask=ok, other=0) != 0
-    lp = tl.load(logp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(gumbel_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
-    confidence = tl.where(unknown, lp + tau * g, float("inf"))
+    unknown = tl.load(unknown_ptr + base + offs, mask=ok, other=0) != 0  # (Lb,)
+    lp = tl.load(logp_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)  # (Lb,)
+    g = tl.load(gumbel_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)  # (Lb,)
+    confidence = tl.where(unknown, lp + tau * g, float("inf"))  # (Lb,)
     # float -> int32 with the same order: flip the magnitude bits of negative numbers
     bits = confidence.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
