@@ -13,9 +13,9 @@ reference (the spec, defined where the plain path uses it):
 `select(backend)` returns the op set: "triton" or "torch" as asked; "auto" or None defer to the
 environment variable ECHOES_KERNELS ("auto", "triton" or "torch") and, without it, pick Triton
 when CUDA and Triton are both present (or Triton's interpreter is on, TRITON_INTERPRET=1, as in
-the tests), PyTorch otherwise. The Triton ops themselves fall back to
-the reference for tensors that are not on a GPU (unless TRITON_INTERPRET=1), so a model on the
-CPU of a GPU machine still runs.
+the tests), PyTorch otherwise. The Triton ops themselves fall back to the reference for tensors
+that are not on a GPU (unless TRITON_INTERPRET=1), so a model on the CPU of a GPU machine still
+runs.
 """
 
 import functools
