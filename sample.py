@@ -53,8 +53,8 @@ from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model
 from echoes.cli import (UserError, check_file, check_finite, check_rules, check_writable,
                         load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
                         setting)
-from echoes.tokenizers import (HOP, codebook_fingerprint, full_scale, load_audio, save_mel_png,
-                               save_png, save_wav)
+from echoes.audio import HOP, full_scale, load_audio, save_mel_png, save_wav
+from echoes.tokenizers import codebook_fingerprint, save_png
 
 
 @dataclass

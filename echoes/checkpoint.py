@@ -15,11 +15,11 @@ import dataclasses
 from pathlib import Path
 
 from echoes import sampler
-from echoes.cli import UserError, check_file, load_checkpoint
+from echoes.audio import load_melgan
+from echoes.cli import UserError, check_file, load_checkpoint, load_state_strict
 from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
-                               codebook_fingerprint, load_melgan, load_state_strict, load_vqgan,
-                               vqgan_from_checkpoint)
+                               codebook_fingerprint, load_vqgan, vqgan_from_checkpoint)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_BUNDLE = ASSETS / "demo.pt"  # the embedded demo: model + tokenizers + tuned settings

@@ -10,8 +10,8 @@
 - `load_checkpoint()` / `save_atomic()` / `write_atomic()`: safe loading of third-party pickles
   (`weights_only=True` first; full unpickling only with `--trust-checkpoints`) and atomic writes
   (temp file + rename), so a killed run never leaves a half-written checkpoint behind;
-  `check_file` and `check_finite_weights` turn a path that is no file and weights holding nan
-  or inf into one-line errors.
+  `check_file`, `check_finite_weights` and `load_state_strict` turn a path that is no file,
+  weights holding nan or inf and a state dict that does not fit its model into one-line errors.
 """
 
 import argparse
@@ -256,6 +256,32 @@ def check_finite_weights(state_dict, what):
         if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
             raise UserError(f"{what} holds nan or inf weights ({key}); it is damaged or its run "
                             "diverged: use an earlier checkpoint or re-create it")
+
+
+def _abbrev(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_state_strict(module, state_dict, what, path):
+    """`load_state_dict(strict=True)` whose failure is one line naming the missing, unexpected and
+    mis-shaped keys (abbreviated), or the first tensor holding nan or inf."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        held = (f"it holds {', '.join(map(str, list(state_dict)[:4]))}"
+                if isinstance(state_dict, dict) else f"it holds a {type(state_dict).__name__}")
+        raise UserError(f"{what} {path} does not hold a state dict of tensors ({held}); check "
+                        f"that the file is a {what}")
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
+    shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
+    if missing or unexpected or shape:
+        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape for", shape))
+        parts = [f"{name} {len(ks)} keys ({_abbrev(ks)})" for name, ks in found if ks]
+        raise UserError(f"{what} {path} does not match the model configuration: "
+                        + "; ".join(parts) + "; check the file and the model options")
+    check_finite_weights(state_dict, f"{what} {path}")
+    module.load_state_dict(state_dict, strict=True)
+    return module
 
 
 def check_file(path, what, fix="check the path"):

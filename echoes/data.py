@@ -428,7 +428,7 @@ def decode_clip(path, s, start=0.0):
         frames = np.concatenate([frames, np.repeat(frames[-1:], F - got, axis=0)])
     # aresample's first_pts=0 pads an audio stream that starts late with silence, so the sound
     # stays in step with the frames (without it, its first sample would play at 0 s). The
-    # channels come out as they are and are averaged here, as `tokenizers.load_audio` does
+    # channels come out as they are and are averaged here, as `audio.load_audio` does
     # (ffmpeg's own float downmix sums stereo at 1/sqrt(2) each: 3 dB louder)
     proc = subprocess.run(base + ["-vn", "-map", "0:a:0", "-ac", str(channels), "-ar",
                                   str(s.sample_rate), "-af", "aresample=async=1:first_pts=0",
@@ -717,7 +717,7 @@ def prepare(s):
     if not s.clip_seconds > 0 or s.min_fraction > 1 or s.test_fraction > 1:
         raise UserError("--clip-seconds must be above 0, --min-fraction and --test-fraction at "
                         "most 1")
-    from echoes.tokenizers import FMAX  # here, as below: training never loads soundfile or PIL
+    from echoes.audio import FMAX  # here, as below: training never loads soundfile or PIL
     if not s.sample_rate > 2 * FMAX:
         raise UserError(f"--sample-rate {s.sample_rate} is too low for the mel recipe (bands up "
                         f"to {FMAX:g} Hz need more than {2 * FMAX:g} Hz); use 22050, the "

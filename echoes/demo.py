@@ -65,9 +65,10 @@ from echoes.checkpoint import DEMO_BUNDLE, DEMO_EXAMPLES, load_model
 from echoes.cli import (UserError, check_at_least, check_writable, load_checkpoint, parse_settings,
                         pick_device, remove_temps, run_cli, save_atomic, setting, write_atomic,
                         write_text)
+from echoes.audio import mel_spectrogram
 from echoes.data import write_shards
-from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig,
-                               mel_spectrogram, n_params, vqgan_from_checkpoint)
+from echoes.tokenizers import (VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig, n_params,
+                               vqgan_from_checkpoint)
 
 MAX_BUNDLE_BYTES = 10 * 1024 * 1024
 

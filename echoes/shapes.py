@@ -17,7 +17,7 @@ the shape sets the image's outline and the clip's timbre / rhythm:
 - `generate(n, seed)` stacks items as arrays; `write_files(out_dir, n, seed)` writes PNG + WAV files
   and `labels.csv` (example inputs for the scripts).
 - `read_image`, `read_audio`, `read_mel` -> (colour, shape): no learning, so they can score what a
-  model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/tokenizers.py),
+  model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/audio.py),
   which is what the audio tokenizer decodes to, before any vocoder.
 - `python -m echoes.shapes --out DIR --n N --seed S` writes example files.
 
@@ -449,7 +449,7 @@ def mel_features(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=
 
 def read_mel(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=256):
     """[0, 1] mel spectrogram ((80, frames) or (1, 80, frames), SpecVQGAN scaling as in
-    echoes/tokenizers.py) -> (colour, shape). Pitch: which candidate fundamental's bands hold
+    echoes/audio.py) -> (colour, shape). Pitch: which candidate fundamental's bands hold
     the most energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
     fundamental bands' envelope over frames modulated near 2 Hz."""
     f = mel_features(mel01, n_mels, fmin, fmax, sr, hop)

@@ -355,7 +355,7 @@ def test_impossible_prepare_settings_are_one_line(tmp_path, capsys, flag, value,
 def test_stereo_is_averaged_to_mono_as_the_wav_reader_does(tmp_path):
     import types
 
-    from echoes.tokenizers import load_audio
+    from echoes.audio import load_audio
     s = types.SimpleNamespace(clip_seconds=1.0, min_fraction=0.5, image_size=32, frames=5,
                               sample_rate=22050, silence_db=-60)
     video = tmp_path / "stereo.mkv"  # left: a 0.8 sine, right: silence (lossless audio)

@@ -18,7 +18,8 @@ from PIL import Image
 from echoes import checkpoint, demo, sampler, shapes
 from echoes.cli import parse_settings, run_cli
 from echoes.model import Echoes, EchoesConfig
-from echoes.tokenizers import VQGAN, VQGANConfig, mel_spectrogram
+from echoes.audio import mel_spectrogram
+from echoes.tokenizers import VQGAN, VQGANConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

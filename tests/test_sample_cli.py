@@ -263,7 +263,7 @@ def test_inpaint_and_continue_write_wav_and_mel(files, tmp_path, capsys, mode, e
 
 
 def test_inpainting_keeps_the_inputs_waveform_outside_the_stretch(files, tmp_path, capsys):
-    from echoes.tokenizers import fit_clip, load_audio
+    from echoes.audio import fit_clip, load_audio
     original = fit_clip(load_audio(files["bark"], 22050), N_SAMPLES).numpy()  # (N_SAMPLES,)
     common = ["--mode", "inpaint", "--audio", files["bark"], "--image", files["cat"], "--start",
               "0.2", *args(files)]

@@ -13,49 +13,14 @@ import torch
 from PIL import Image, ImageFilter
 
 from echoes import shapes
+from echoes.audio import mel_filterbank, mel_spectrogram
 
 N_EVAL = 240        # 20 of each class
 EVAL_SEED = 1234
 
 
 # -----------------------------------------------------------------------------
-# mel of the SpecVQGAN recipe: the project's own (echoes/tokenizers.py) when present, otherwise a
-# local copy of the recipe so that these tests do not wait on echoes/tokenizers.py
-
-
-def _slaney_filterbank(sr=22050, n_fft=1024, n_mels=80, fmin=125.0, fmax=7600.0):
-    """librosa.filters.mel(sr, n_fft, n_mels, fmin, fmax) with its defaults (Slaney scale and
-    area normalisation), (n_mels, 1 + n_fft // 2)."""
-    def hz_to_mel(f):
-        f = np.asarray(f, dtype=np.float64)
-        return np.where(f >= 1000, 15 + np.log(np.maximum(f, 1e-9) / 1000) / (np.log(6.4) / 27),
-                        f * 3 / 200)
-
-    def mel_to_hz(m):
-        m = np.asarray(m, dtype=np.float64)
-        return np.where(m >= 15, 1000 * np.exp(np.log(6.4) / 27 * (m - 15)), m * 200 / 3)
-
-    fft_hz = np.linspace(0, sr / 2, 1 + n_fft // 2)
-    mel_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-    gaps = np.diff(mel_hz)
-    ramps = mel_hz[:, None] - fft_hz[None, :]
-    w = np.maximum(0, np.minimum(-ramps[:-2] / gaps[:-1, None], ramps[2:] / gaps[1:, None]))
-    w *= (2 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def _local_mel_spectrogram(wav, sr=22050):
-    wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1, wav.shape[-1])  # (B, T)
-    mag = torch.stft(wav, 1024, 256, 1024, torch.hann_window(1024), center=True,
-                     pad_mode="reflect", return_complex=True).abs()             # (B, 513, frames)
-    mel = _slaney_filterbank(sr) @ mag                                           # (B, 80, frames)
-    return ((20 * torch.log10(mel.clamp(min=1e-5)) - 20 + 100) / 100).clamp(0, 1)
-
-
-try:
-    from echoes.tokenizers import mel_spectrogram
-except ImportError:
-    mel_spectrogram = _local_mel_spectrogram
+# mel of the SpecVQGAN recipe (echoes/audio.py)
 
 
 def mel01(wavs):
@@ -183,7 +148,7 @@ def test_audio_spec(data):
 
 
 def test_band_centres_match_filterbank():
-    fb = _slaney_filterbank()
+    fb = mel_filterbank()  # tested against librosa's and Slaney's formula in test_tokenizers
     peak_hz = fb.argmax(1).numpy() * 22050 / 1024
     assert np.all(np.abs(shapes.mel_band_centres() - peak_hz) <= 22050 / 1024)
 

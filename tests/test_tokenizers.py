@@ -1,6 +1,7 @@
-"""Tests for echoes/tokenizers.py: reproduction of the reference implementations' outputs (taming,
-SpecVQGAN, its MelGAN, hifi-gan, librosa), checkpoint layouts, preset structure, the mel recipe,
-Griffin-Lim, resampling, and file round trips. CPU only, small shapes."""
+"""Tests for echoes/tokenizers.py and echoes/audio.py: reproduction of the reference
+implementations' outputs (taming, SpecVQGAN, its MelGAN, hifi-gan, librosa), checkpoint layouts,
+preset structure, the mel recipe, Griffin-Lim, resampling, and file round trips. CPU only, small
+shapes."""
 
 import argparse
 import math
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 
 from echoes.cli import UserError
+from echoes.audio import (
+    HiFiGAN, MelGAN, crop_mel, fit_clip, griffin_lim, load_audio, load_hifigan, load_melgan,
+    mel_filterbank, mel_spectrogram, resample, save_mel_png, save_wav)
 from echoes.tokenizers import (
-    VQGAN, AudioTokenizer, HiFiGAN, ImageTokenizer, MelGAN, VQGANConfig, crop_mel, fit_clip,
-    griffin_lim, load_audio, load_hifigan, load_image, load_melgan, load_vqgan, mel_filterbank,
-    mel_spectrogram, n_params, resample, save_mel_png, save_wav)
+    VQGAN, AudioTokenizer, ImageTokenizer, VQGANConfig, load_image, load_vqgan, n_params)
 
 # reference vectors: outputs of taming-transformers, SpecVQGAN (codebook model, MelGAN), hifi-gan
 # and librosa's mel recipe at small random configurations (tests/reference/README.md)
