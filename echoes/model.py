@@ -85,8 +85,8 @@ class EchoesConfig:
         position then reaches the decoder through the encoder as a mask token, in training as
         at inference, where nothing is dropped either. Dropping trained a path inference never
         takes and kept the encoder to half the tokens it meets when sampling; without it the
-        encoder costs twice as much per block, so 2 blocks keep its cost near a 3-block encoder
-        at 50% drop.
+        encoder costs twice as much per block, so 2 blocks cost about 1.4x a 3-block encoder at
+        50% drop (by `flops_per_sample`).
 
         The MLM heads also train the embedding tables (detach_head_embedding False; MAGE and the
         paper preset detach them): on the demo that lowered the validation loss at every step and
@@ -158,7 +158,8 @@ def pad_decoder(x, keep, unknown, mask_emb, pos, mod):
 
 
 def codebook_ce(h, weight, bias, target, label_smoothing=0.0):
-    """Summed cross-entropy of logits = h @ weight^T + bias against target, computed in fp32.
+    """Summed cross-entropy of logits = h @ weight^T + bias against target: the matmul in h's
+    dtype (the autocast dtype under autocast), the cross-entropy in fp32.
     h (N, D), weight (C, D), bias (C,), target (N,) long -> scalar."""
     logits = F.linear(h, weight, bias).float()  # (N, C)
     return F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing)
@@ -352,6 +353,8 @@ class Echoes(nn.Module):
     def head_weights(self, modality):
         """(E[:C], b) of a modality's MLM head: logits = h @ E[:C]^T + b; the mask row is never a
         target. E is detached unless `detach_head_embedding` is off."""
+        if modality not in ("audio", "image"):
+            raise ValueError(f"modality must be 'audio' or 'image', got {modality!r}")
         embed, head = ((self.audio_embed, self.audio_head) if modality == "audio"
                        else (self.image_embed, self.image_head))
         E = embed.weight[:-1]
@@ -380,19 +383,25 @@ class Echoes(nn.Module):
             raise ValueError(f"expected audio ids (B, {c.audio_len}) and image ids "
                              f"(B, {c.image_len}), got {tuple(audio_ids.shape)} and "
                              f"{tuple(image_ids.shape)}")
+        for name, ids in (("audio", audio_ids), ("image", image_ids)):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise ValueError(f"{name} ids must be integers, got {ids.dtype}; convert them "
+                                 "with .long()")
 
     # ---- training -----------------------------------------------------------------------------
 
     def draw_corruption(self, B, device, generator=None):
         """Masks and drops for one batch (paper Sec. 3.3), drawn from `generator` only (a list
         of B generators: each sample's from its own, so it does not depend on the batch).
-        Returns audio and image masks (B, L) bool, True = masked, and keep indices (B, K) long,
-        sorted, with K = L - floor(drop_ratio * L) the same for every sample: a uniformly random
+        Returns (audio_mask, audio_keep, image_mask, image_keep): masks (B, L) bool, True =
+        masked, and keep indices (B, K) long, sorted, with K = L - floor(drop_ratio * L) the same for every sample: a uniformly random
         subset, independent of the mask, or with `drop_masked_first` the visible positions first
         (a random K of them when there are more)."""
         if isinstance(generator, (list, tuple)):
             if len(generator) != B:
                 raise ValueError(f"{len(generator)} generators for {B} samples")
+            if B == 0:
+                return self.draw_corruption(0, device)
             # drawn where each generator lives (a CPU one: no launches per sample), moved once
             parts = [self.draw_corruption(1, g.device, g) for g in generator]
             return tuple(torch.cat(p).to(device) for p in zip(*parts))
@@ -433,7 +442,10 @@ class Echoes(nn.Module):
         `draw_corruption`); reduction="sum" gives the sum instead, for a caller that averages
         over more batches (train.py: the micro-batches and processes of one step). Returns
         (loss, stats); stats hold detached per-modality mean losses and masked counts."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self._check_ids(audio_ids, image_ids)
+        audio_ids, image_ids = audio_ids.long(), image_ids.long()  # the loss's targets
         B = audio_ids.shape[0]
         audio_mask, audio_keep, image_mask, image_keep = self.draw_corruption(
             B, audio_ids.device, generator)
@@ -523,10 +535,11 @@ class Echoes(nn.Module):
 
 def truncated_normal(shape, mean, std, low, high, generator=None, device=None):
     """Draws from N(mean, std) truncated to [low, high] by inverting the CDF of a uniform draw
-    between the CDF values of the bounds."""
+    between the CDF values of the bounds. In float64, so that bounds far in one tail (where
+    float32 CDF values round to 0 or 1) still give a spread of draws; returned in float32."""
     def cdf(x):
-        return 0.5 * (1 + math.erf((x - mean) / (std * math.sqrt(2))))
+        return 0.5 * math.erfc(-(x - mean) / (std * math.sqrt(2)))
     lo, hi = cdf(low), cdf(high)
-    u = lo + (hi - lo) * torch.rand(shape, generator=generator, device=device)
-    x = mean + std * math.sqrt(2) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-7, 1 - 1e-7))
-    return x.clamp(low, high)
+    u = lo + (hi - lo) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    x = mean + std * math.sqrt(2) * torch.erfinv((2 * u - 1).clamp(-1 + 1e-15, 1 - 1e-15))
+    return x.clamp(low, high).float()

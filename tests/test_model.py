@@ -109,6 +109,15 @@ def test_truncated_normal_bounds_and_determinism():
     assert torch.equal(x, truncated_normal((10000,), 0.7, 0.25, 0.2, 1.0, g2))
 
 
+def test_truncated_normal_far_in_one_tail_still_spreads_over_its_range():
+    # [0.2, 0.6] lies 6-14 std below the mean: in float32 every CDF value there rounds to 0
+    x = truncated_normal((20000,), 0.9, 0.05, 0.2, 0.6, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and x.min() >= 0.2 and x.max() <= 0.6
+    assert x.unique().numel() > 10000
+    # the density falls by exp(-0.6 / 0.05^2 * d) per d: mean 0.6 - 0.05^2 / 0.3 = 0.5917
+    assert abs(x.mean().item() - 0.5917) < 0.001
+
+
 def test_full_mask_fraction_masks_one_modality_and_shows_the_other():
     model = Echoes(tiny_config(full_mask_prob=1.0), ops=TorchOps)
     audio_mask, _, image_mask, _ = model.draw_corruption(64, "cpu",
@@ -261,6 +270,26 @@ def test_training_loss_stats_and_seed_determinism():
     total = s1["masked_audio"] + s1["masked_image"]
     recombined = (s1["loss_audio"] * s1["masked_audio"] + s1["loss_image"] * s1["masked_image"])
     torch.testing.assert_close(recombined / total, l1.detach())
+
+
+def test_ids_of_another_integer_dtype_train_and_wrong_arguments_are_value_errors():
+    model = Echoes(tiny_config(), ops=TorchOps)
+    c = model.config
+    a = torch.randint(0, c.audio_codebook, (2, c.audio_len))
+    v = torch.randint(0, c.image_codebook, (2, c.image_len))
+    loss, _ = model.training_loss(a, v, torch.Generator().manual_seed(0))
+    loss32, _ = model.training_loss(a.int(), v.int(), torch.Generator().manual_seed(0))
+    assert torch.equal(loss, loss32)
+    with pytest.raises(ValueError, match="must be integers"):
+        model.training_loss(a.float(), v, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="reduction must be"):
+        model.training_loss(a, v, reduction="none")
+    with pytest.raises(ValueError, match="modality must be"):
+        model.head_weights("Audio")
+    empty = model.draw_corruption(0, "cpu", [])  # an empty batch with one generator per sample
+    full = model.draw_corruption(2, "cpu", torch.Generator().manual_seed(0))
+    assert [t.shape[1:] for t in empty] == [t.shape[1:] for t in full]
+    assert all(t.shape[0] == 0 for t in empty)
 
 
 def test_head_embedding_is_detached_by_default_and_switchable():
