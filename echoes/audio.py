@@ -242,42 +242,57 @@ class HiFiGAN(nn.Module):
         return torch.tanh(self.conv_post(F.leaky_relu(x)))  # hifi-gan: default slope 0.01 here
 
 
-def _old_weight_norm_keys(sd):
-    """Map torch's parametrization keys (`X.parametrizations.weight.original0/1`, what newer
-    torch saves) to the `X.weight_g / weight_v` layout of the releases."""
+def weight_norm_layout(sd, model):
+    """A vocoder's state dict in the releases' `X.weight_g / weight_v` layout of weight-normed
+    convs (`WNConv1d`), from the other layouts: torch's parametrization keys
+    (`X.parametrizations.weight.original0/1`, what newer torch saves) and a plain `X.weight` (a
+    generator saved after `remove_weight_norm()`, as exported for inference: v = w and g = |w|
+    per output channel give w back)."""
     rename = {".parametrizations.weight.original0": ".weight_g",
               ".parametrizations.weight.original1": ".weight_v"}
+    own = model.state_dict()
     out = {}
     for k, v in sd.items():
         for old, new in rename.items():
             k = k.replace(old, new)
-        out[k] = v
+        base = k.removesuffix(".weight")
+        if (k != base and f"{base}.weight_v" in own and f"{base}.weight_v" not in sd
+                and torch.is_tensor(v) and v.dim() == 3):
+            out[f"{base}.weight_v"] = v
+            out[f"{base}.weight_g"] = v.float().norm(dim=(1, 2), keepdim=True).to(v.dtype)
+        else:
+            out[k] = v
     return out
 
 
-def load_melgan(path, trusted=False, n_mel_channels=80, ngf=32, n_residual_layers=3):
+def load_melgan(path, *, trusted=False, n_mel_channels=80, ngf=32, n_residual_layers=3):
     """SpecVQGAN's `best_netG.pt` (a bare state dict; `{"state_dict": ...}` also accepted)."""
     obj = load_checkpoint(path, trusted=trusted, what="MelGAN vocoder")
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    sd = _old_weight_norm_keys(sd) if isinstance(sd, dict) else sd
     model = MelGAN(n_mel_channels, ngf, n_residual_layers)
+    sd = weight_norm_layout(sd, model) if isinstance(sd, dict) else sd
     return load_state_strict(model, sd, "MelGAN vocoder", path).eval()
 
 
-def load_hifigan(path, config=None, trusted=False):
+def load_hifigan(path, config=None, *, trusted=False):
     """A hifi-gan generator file (`{"generator": state_dict}`, as hifi-gan saves it)."""
     obj = load_checkpoint(path, trusted=trusted, what="HiFi-GAN vocoder")
     sd = obj.get("generator", obj) if isinstance(obj, dict) else obj
-    sd = _old_weight_norm_keys(sd) if isinstance(sd, dict) else sd
-    return load_state_strict(HiFiGAN(config), sd, "HiFi-GAN vocoder", path).eval()
+    model = HiFiGAN(config)
+    sd = weight_norm_layout(sd, model) if isinstance(sd, dict) else sd
+    return load_state_strict(model, sd, "HiFi-GAN vocoder", path).eval()
 
 
 def griffin_lim(mel01, n_iter=32, generator=None, momentum=0.99, sr=SAMPLE_RATE, n_fft=N_FFT,
                 hop=HOP, fmin=FMIN, fmax=FMAX):
     """(B, F, T) or (F, T) mel in [0, 1] -> (B, hop T) waveform, no weights needed: magnitudes from
     `mel01_to_linear`, phases by fast Griffin-Lim (Perraudin et al. 2013, as librosa's
-    `griffinlim` with momentum), starting from random phases drawn from `generator`."""
+    `griffinlim` with momentum), starting from random phases drawn from `generator`. Needs
+    hop T > n_fft / 2 (3 frames at the recipe's sizes) for the re-analysis's reflect padding."""
     mel01 = mel01.float().reshape(-1, *mel01.shape[-2:])  # (B, F, T)
+    if hop * mel01.shape[-1] <= n_fft // 2:
+        raise ValueError(f"Griffin-Lim needs more than {n_fft // 2 // hop} frames of {hop} "
+                         f"samples for an n_fft of {n_fft}, got {mel01.shape[-1]}")
     mag = mel01_to_linear(mel01, sr, n_fft, fmin, fmax)  # (B, K, T)
     window = torch.hann_window(n_fft, device=mag.device)
     length = hop * mag.shape[-1]  # the vocoders' length, so all three agree

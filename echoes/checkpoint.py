@@ -83,7 +83,7 @@ def load_tokenizers(ckpt, source, device="cpu", image_vqgan="", audio_vqgan="", 
 
     def vqgan(path, entry, preset, what):
         if path:
-            return load_vqgan(path, trusted, preset)
+            return load_vqgan(path, preset, trusted=trusted)
         return vqgan_from_checkpoint(entry, preset, f"{what} embedded in {source}")
 
     image_vq = vqgan(image_vqgan, image_info, VQGANConfig.imagenet_f16_1024(), "image VQGAN")

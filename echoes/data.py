@@ -659,10 +659,10 @@ def _make_tokenizers(s, device):
         if not path:
             raise UserError(f"give {flag} (see --help for the released checkpoints) or "
                             "--tokenizers")
-    image_vq = load_vqgan(image_path, s.trust_checkpoints,
-                          VQGANConfig.imagenet_f16_1024()).to(device)
-    audio_vq = load_vqgan(audio_path, s.trust_checkpoints,
-                          VQGANConfig.vggsound_codebook()).to(device)
+    image_vq = load_vqgan(image_path, VQGANConfig.imagenet_f16_1024(),
+                          trusted=s.trust_checkpoints).to(device)
+    audio_vq = load_vqgan(audio_path, VQGANConfig.vggsound_codebook(),
+                          trusted=s.trust_checkpoints).to(device)
     check_modality(image_vq, "image", image_path)
     check_modality(audio_vq, "audio", audio_path)
     n_samples = round(s.clip_seconds * s.sample_rate)

@@ -315,11 +315,12 @@ class VQGAN(nn.Module):
         return self.decode_codes(z + (z_q - z).detach()), ids, z, z_q
 
 
-def load_vqgan(path, trusted=False, config=None, **kwargs):
+def load_vqgan(path, config=None, *, trusted=False, **kwargs):
     """A VQGAN from a file: a Lightning checkpoint (`{"state_dict": ...}` with `loss.*` keys, as
     taming and SpecVQGAN release them), a bare state dict, or a file echoes wrote, which carries
     its own `"config"` (VQGANConfig fields) next to `"state_dict"` or `"model"`.
-    `config` / kwargs (as for `VQGAN`) build a released file; a file's own config wins."""
+    `config` (a VQGANConfig, or a dict such as taming's ddconfig) and kwargs, as for `VQGAN`,
+    build a released file; a file's own config wins."""
     obj = load_checkpoint(path, trusted=trusted, what="VQGAN checkpoint")
     return vqgan_from_checkpoint(obj, config, os.fspath(path), **kwargs)
 
@@ -347,17 +348,23 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
         if unknown:
             raise UserError(f"{source}: its VQGAN config has unknown fields "
                             f"({', '.join(unknown[:4])}); use the echoes version that wrote it")
-        config, kwargs = obj["config"], {}
+        config, kwargs, own = None, dict(obj["config"]), True
+    else:
+        own = False
+        if isinstance(config, dict):  # taming's ddconfig names, as VQGAN takes them
+            config, kwargs = None, {**config, **kwargs}
     sd = obj
     if isinstance(obj, dict):
         sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     if isinstance(sd, dict):  # the perceptual loss and the discriminator are training-only
         sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     try:
-        model = VQGAN(VQGANConfig(**config) if isinstance(config, dict) else config, **kwargs)
+        model = VQGAN(config, **kwargs)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError) as e:
-        raise UserError(f"{source}: its VQGAN config builds no model ({type(e).__name__}: "
-                        f"{str(e)[:100]}); re-create the file") from e
+        whose, fix = ((f"{source}: its VQGAN config", "re-create the file") if own else
+                      ("the VQGAN config given", "check its fields"))
+        raise UserError(f"{whose} builds no model ({type(e).__name__}: {str(e)[:100]}); "
+                        f"{fix}") from e
     return load_state_strict(model, sd, "VQGAN checkpoint", source).eval()
 
 
@@ -365,11 +372,10 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
 # image files
 
 
-
 def load_image(path_or_image, resolution):
-    """A file (any size and mode Pillow reads), a PIL image or an (H, W[, 3 or 4]) uint8 array ->
-    (3, resolution, resolution) in [-1, 1]: transparent pixels composited over white, short side
-    resized to `resolution` (bicubic), then a centre crop."""
+    """A file (any mode Pillow reads, any size up to 20:1), a PIL image or an (H, W[, 3 or 4])
+    uint8 array -> (3, resolution, resolution) in [-1, 1]: transparent pixels composited over
+    white (`to_rgb`), short side resized to `resolution` (bicubic), then a centre crop."""
     image = path_or_image
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
@@ -419,7 +425,12 @@ MAX_ASPECT = 20  # the widest image load_image takes (it is centre-cropped to a 
 
 def to_rgb(image):
     """A PIL image of any mode -> RGB, transparency composited over white (convert() would keep
-    whatever colour the transparent pixels hold, often black)."""
+    whatever colour the transparent pixels hold, often black), CIELab converted to sRGB (convert()
+    would copy L, a, b into R, G, B)."""
+    if image.mode == "LAB":
+        from PIL import ImageCms  # Pillow's littleCMS binding, only needed here
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
     image = to_8bit(image)
     if image.mode == "La":  # premultiplied; Pillow converts it to LA only
         image = image.convert("LA")
@@ -572,7 +583,8 @@ class AudioTokenizer:
         rendering of the decoded mel inside them, crossfaded (raised cosine, `fade` s) just
         outside the stretch. rendering (T_r,) from `mel_to_wav`, its sample k at the input's
         sample k + crop_offset() * HOP; original (T,) at `sample_rate`; hidden (w,) bool, True =
-        regenerated (`sampler.hidden_columns`) -> (n_samples,), aligned with the input. Where
+        regenerated (`sampler.hidden_columns`; several stretches are spliced each on its own)
+        -> (n_samples,), aligned with the input. Where
         the rendering does not reach (at the clip's very ends, the frames the mel's centre crop
         drops) the stretch fades to silence. The rendering is scaled down to full scale if the
         part of it that is used peaks above it, and the result if the input itself does."""
@@ -582,7 +594,12 @@ class AudioTokenizer:
         if not cols:
             return full_scale(original)
         edges = self.column_edges()
-        a, b = round(edges[cols[0]] * sr), round(edges[cols[-1] + 1] * sr)  # the stretch
+        stretches = []  # [first, last] column of each run of consecutive hidden columns
+        for j in cols:
+            if stretches and stretches[-1][1] == j - 1:
+                stretches[-1][1] = j
+            else:
+                stretches.append([j, j])
         shift = self.crop_offset() * HOP
         part = rendering.float().cpu()[:max(0, n - shift)]
         t = torch.arange(n, dtype=torch.float32)
@@ -594,7 +611,11 @@ class AudioTokenizer:
             gen = gen * (1 - ramp(t - shift + 1))
         if shift + len(part) < n:  # and out into the silence after its last
             gen = gen * (1 - ramp(shift + len(part) - t))
-        weight = torch.where(t < a, ramp(a - t), torch.where(t >= b, ramp(t - b + 1), 1.0))
+        weight = torch.zeros(n)  # (n,) the rendering's share: 1 inside a stretch, fading outside
+        for first, last in stretches:
+            a, b = round(edges[first] * sr), round(edges[last + 1] * sr)  # its samples [a, b)
+            inside = torch.where(t < a, ramp(a - t), torch.where(t >= b, ramp(t - b + 1), 1.0))
+            weight = torch.maximum(weight, inside)
         gen = full_scale(gen, where=weight > 0)
         return full_scale((1 - weight) * original + weight * gen)
 
@@ -636,8 +657,8 @@ class AudioTokenizer:
         return self.encode_mels(mel if hidden is None else self.silence_columns(mel, hidden))
 
     def encode_files(self, paths, hidden=None):
-        """Audio files (any rate and channel count soundfile reads) -> (B, h*w) ids; `hidden`
-        as in `encode_waveforms`."""
+        """Audio files (any rate from 1000 Hz and channel count soundfile reads) -> (B, h*w) ids;
+        `hidden` as in `encode_waveforms`."""
         seconds = self.n_samples / self.sample_rate  # the clip length: the rest is cut anyway
         return self.encode_waveforms([load_audio(p, self.sample_rate, seconds) for p in paths],
                                      hidden)

@@ -161,6 +161,17 @@ def test_vqgan_wrong_files_fail_with_one_line(tmp_path):
     assert load_vqgan(pickled, trusted=True, config=model.config) is not None
 
 
+def without_weight_norm(sd):
+    """A state dict as `remove_weight_norm()` leaves it: each `X.weight_g / weight_v` pair
+    replaced by the weight it stands for, `X.weight` = g v / |v|."""
+    out = {k: v for k, v in sd.items() if not k.endswith((".weight_g", ".weight_v"))}
+    for k in sd:
+        if k.endswith(".weight_v"):
+            base, v = k.removesuffix(".weight_v"), sd[k]
+            out[f"{base}.weight"] = sd[f"{base}.weight_g"] * v / v.norm(dim=(1, 2), keepdim=True)
+    return out
+
+
 def test_melgan_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = MelGAN(ngf=4, n_residual_layers=1).eval()
@@ -174,7 +185,8 @@ def test_melgan_checkpoint_roundtrip(tmp_path):
     renamed = {k.replace(".weight_g", ".parametrizations.weight.original0")
                .replace(".weight_v", ".parametrizations.weight.original1"): v
                for k, v in sd.items()}
-    for name, obj in [("old", sd), ("new", renamed)]:
+    # and a generator exported after remove_weight_norm(): plain weights
+    for name, obj in [("old", sd), ("new", renamed), ("removed", without_weight_norm(sd))]:
         path = tmp_path / f"{name}_netG.pt"
         torch.save(obj, path)
         with torch.no_grad():
@@ -195,14 +207,18 @@ def test_hifigan_checkpoint_roundtrip(kind, tmp_path):
     sd = model.state_dict()
     key = "resblocks.3.convs2.2.weight_g" if kind == "1" else "resblocks.3.convs.1.weight_v"
     assert key in sd
-    path = tmp_path / "g_00001000"
+    path, removed = tmp_path / "g_00001000", tmp_path / "generator_inference.pt"
     torch.save({"generator": sd, "steps": 1000}, path)
+    torch.save({"generator": without_weight_norm(sd)}, removed)  # after remove_weight_norm()
+    assert "conv_post.weight" in without_weight_norm(sd) and "conv_post.weight_g" in sd
     mel = torch.rand(1, 80, 4)
     with torch.no_grad():
         want = model(mel)
         got = load_hifigan(path, config)(mel)
+        got_removed = load_hifigan(removed, config)(mel)
     assert want.shape == (1, 1, 1024)
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_removed, want)
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +325,9 @@ def test_griffin_lim_keeps_pitch():
     assert wav.shape == (1, 256 * mel01.shape[-1])
     assert abs(peak_hz(wav[0], 22050) - 440.0) < 440.0 * 0.02
     assert wav.abs().max() > 0.1
+    assert griffin_lim(mel01[..., :3], n_iter=2).shape == (1, 768)  # the fewest frames it takes
+    with pytest.raises(ValueError, match="needs more than 2 frames"):
+        griffin_lim(mel01[..., :2])
 
 
 def test_resample_is_band_limited():
@@ -417,6 +436,15 @@ def test_splice_keeps_the_input_outside_the_stretch_and_aligns_the_rendering():
     # nothing regenerated: the input, fit to the clip
     torch.testing.assert_close(tok.splice(rendering, original, torch.zeros_like(hidden)),
                                torch.cat([original, torch.zeros(1000)]))
+    # two stretches: the input is kept between them as around them
+    hidden[100:200], hidden[300:310] = False, True
+    hidden[10:20] = True
+    out = tok.splice(rendering, original, hidden, fade=0.01)
+    for first, last in ((10, 20), (300, 310)):
+        a, b = round(edges[first] * 22050), round(edges[last] * 22050)
+        torch.testing.assert_close(out[a:b], rendering[a - shift:b - shift])
+    between = out[round(edges[20] * 22050) + 221:round(edges[300] * 22050) - 221]
+    assert between.numel() > 0 and (between == 0.25).all()
 
 
 def test_splice_fades_where_the_rendering_ends_and_scales_only_what_it_uses():
@@ -565,6 +593,19 @@ def test_transparent_pixels_are_composited_over_white(tmp_path):
     assert float(load_image(palette, 20).min()) == 1.0
 
 
+def test_cielab_images_are_converted_to_srgb_not_copied_channel_by_channel(tmp_path):
+    from PIL import Image
+    # Pillow's LAB: L 0..255 for 0..100, a and b offset by 128 (128 = neutral): mid grey
+    lab = Image.new("LAB", (20, 20), (int(53.6 * 2.55), 128, 128))
+    x = load_image(lab, 20)
+    assert float(x.std(dim=0).max()) < 0.02  # grey: equal R, G and B (a copy gives 137, 128, 128)
+    assert abs(float(x.mean()) - (128 / 127.5 - 1)) < 0.03  # L* 53.6 is sRGB 128
+    red = load_image(Image.new("LAB", (20, 20), (136, 128 + 60, 128 + 30)), 20)  # a* > 0: red
+    assert float(red[0].mean()) > float(red[1].mean()) + 0.3  # a copy puts 188 in G, 136 in R
+    lab.save(tmp_path / "lab.tif")
+    torch.testing.assert_close(load_image(tmp_path / "lab.tif", 20), x)
+
+
 def test_a_waveform_with_nan_is_refused_not_written_as_clicks(tmp_path):
     from echoes.cli import UserError
     with pytest.raises(UserError, match="holds NaN or infinite samples"):
@@ -574,13 +615,20 @@ def test_a_waveform_with_nan_is_refused_not_written_as_clicks(tmp_path):
     assert soundfile.read(tmp_path / "o.wav", dtype="int16")[0].tolist() == [16384, 32767, -16384]
 
 
-def test_vqgan_takes_tamings_ddconfig_as_written():
+def test_vqgan_takes_tamings_ddconfig_as_written(tmp_path):
     cfg = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
                ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
                embed_dim=8, n_embed=32)
-    assert VQGAN(**cfg).config.z_channels == 8
+    model = VQGAN(**cfg)
+    assert model.config.z_channels == 8
     with pytest.raises(ValueError, match="double_z=True is a KL autoencoder"):
         VQGAN(**{**cfg, "double_z": True})
+    path = tmp_path / "last.ckpt"  # a released file loads with the ddconfig dict as config
+    torch.save({"state_dict": model.state_dict()}, path)
+    assert load_vqgan(path, cfg).config == model.config
+    assert load_vqgan(path, config=cfg).config == model.config
+    with pytest.raises(UserError, match="the VQGAN config given builds no model.*check its"):
+        load_vqgan(path, {**cfg, "n_layers": 3})
 
 
 def test_unusable_images_and_audio_are_one_line(tmp_path, monkeypatch):
