@@ -508,6 +508,7 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
     # moments come from the checkpoint
     for group, decay in zip(optimizer.param_groups, (s.weight_decay, 0.0)):
         group["weight_decay"], group["betas"] = decay, (s.beta1, s.beta2)
+        group["fused"] = d.device.type == "cuda"  # a checkpoint written on a CPU has it off
     old = ckpt.get("settings", {})
     for key in ("seed", "global_batch", "data"):
         if key in old and old[key] != getattr(s, key):
@@ -518,6 +519,10 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
         print0(f"warning: the {s.train_split!r} split had {clips} clips at the checkpoint, now "
                f"{len(loader.dataset)}: the run continues on them, but its steps, learning-rate "
                "schedule and clip order are not what they would have been")
+    was = ckpt["data"].get("micro_batch")
+    if ranks is not None and was is not None and was != loader.batch_size:
+        print0(f"note: the checkpoint ran micro-batches of {was}, this run {loader.batch_size}: "
+               "frame and mask draws follow the micro-batches, so the resume is not exact")
     if ranks is None:  # fresh streams: the data position still holds, the random draws differ
         print0(f"note: {why}: random streams are re-seeded, so the resume is not exact")
         torch.manual_seed(stream_seed(s.seed, d.rank, ckpt["step"]))
@@ -553,7 +558,8 @@ def train(s, d, config, micro, accum, ckpt_path):
     checkpoints and signal stops; returns the exit code (0 done, 1 non-finite loss, 128 + n
     stopped by signal n)."""
     amp = s.amp if s.amp != "auto" else (
-        "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+        "bf16" if d.device.type == "cuda" and torch.cuda.is_bf16_supported(
+            including_emulation=False) else "fp32")  # a V100 emulates bf16: fp32 there
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of a bf16 run
         torch.backends.cudnn.allow_tf32 = True
@@ -564,8 +570,7 @@ def train(s, d, config, micro, accum, ckpt_path):
         eval_set = data.TokenShards(s.data, s.eval_split, train=False, codebooks=books)
     loader = data.ShardLoader(train_set, micro, d.rank, d.world_size, s.seed,
                               repair_within_class=s.repair_within_class)
-    max_steps = s.max_steps or math.ceil(
-        s.epochs * math.ceil(len(train_set) / s.global_batch))
+    max_steps = s.max_steps or math.ceil(s.epochs * len(train_set) / s.global_batch)
     warmup = s.warmup_steps if s.warmup_steps >= 0 else round(0.025 * max_steps)
     peak_lr = s.lr or s.base_lr * s.global_batch / 256
 

@@ -22,7 +22,8 @@ that finished shards already hold.
 Reading: `TokenShards(root, split, train)` memory-maps a split's shards (np.load mmap_mode="r").
 In training it draws one of the F frames per sample at random, in evaluation it takes the middle
 frame (paper Sec. 4.1). `ShardLoader` cuts each epoch's permutation, drawn from (seed, epoch),
-into per-rank micro-batches (the disjoint strided split of torch's DistributedSampler); its
+into per-rank micro-batches (at each micro-step the ranks take consecutive blocks of the
+permutation, padded as torch's DistributedSampler pads); its
 position (epoch, index) is all a checkpoint needs to continue on exactly the same data, because
 the frame draws are seeded by that position too.
 """
@@ -319,7 +320,8 @@ class ShardLoader:
         return rank_slice(self.epoch_order(epoch), self.rank, self.world_size, self.batch_size)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "index": self.index, "clips": len(self.dataset)}
+        return {"epoch": self.epoch, "index": self.index, "clips": len(self.dataset),
+                "micro_batch": self.batch_size}
 
     def load_state_dict(self, state):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -78,7 +78,8 @@ def test_torchrun_two_processes_on_gloo(shards, tmp_path):
     assert proc.stdout.count("step 3/3") == 1  # rank 0 logs alone
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["rng"]["world_size"] == 2
-    assert ckpt["data"] == {"epoch": 0, "index": 24, "clips": 40}  # 3 steps x 2 x 2 ranks x 2
+    # index: 3 steps x micro-batch 2 x 2 ranks x 2 accumulation
+    assert ckpt["data"] == {"epoch": 0, "index": 24, "clips": 40, "micro_batch": 2}
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
@@ -349,10 +350,18 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_says_when_the_data_grew
                 "--weight-decay", "0.3", "--beta2", "0.99")
     capsys.readouterr()
     assert trainer.main(argv) == 0
-    assert "the 'train' split had 40 clips at the checkpoint, now 48" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the 'train' split had 40 clips at the checkpoint, now 48" in printed
+    assert "micro-batches of" not in printed
     groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.3, (0.9, 0.99)),
                                                                         (0.0, (0.9, 0.99))]
+    # another micro-batch: the same data position, but the draws differ, and it says so
+    argv = [a if a != "4" else "2" for a in args(more, out, "--max-steps", "3", "--eval-every",
+                                                 "0", "--resume")]
+    assert trainer.main(argv) == 0
+    assert ("the checkpoint ran micro-batches of 4, this run 2: frame and mask draws follow the "
+            "micro-batches, so the resume is not exact") in capsys.readouterr().out
 
 
 def test_weight_decay_follows_mage_and_older_optimizer_states_resume(shards, tmp_path, capsys,
