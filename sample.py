@@ -48,12 +48,12 @@ from tqdm import tqdm
 
 import kernels
 from echoes import sampler
+from echoes.audio import HOP, full_scale, load_audio, save_mel_png, save_wav
 from echoes.checkpoint import (DEMO_BUNDLE, DEMO_EXAMPLES, check_fit, load_model, load_tokenizers,
                                stored_sampling)
 from echoes.cli import (UserError, check_file, check_finite, check_rules, check_writable,
                         load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
-                        setting)
-from echoes.audio import HOP, full_scale, load_audio, save_mel_png, save_wav
+                        setting, stdout_gone)
 from echoes.tokenizers import codebook_fingerprint, save_png
 
 
@@ -300,7 +300,8 @@ def audio_keep(s, audio_tok):
     try:
         keep = sampler.audio_keep_outside(s.start, end, audio_tok.grid, duration, edges)
     except ValueError as e:
-        raise UserError(f"--start/--end: {e}") from e
+        flags = "--start" if s.mode == "continue" else "--start/--end"
+        raise UserError(f"{flags}: {e}") from e
     cols = sampler.hidden_columns(keep, audio_tok.grid).nonzero().flatten().tolist()
     column = audio_tok.n_frames / audio_tok.grid[1] * HOP / audio_tok.sample_rate  # the inner ones
     print(f"note: regenerating {float(edges[cols[0]]):.3f}-{float(edges[cols[-1] + 1]):.3f} s "
@@ -415,8 +416,11 @@ def main(argv=None):
                    else None)
         for path in write_outputs(s, names[lo:hi], audio_ids, image_ids, generators,
                                   image_tok, audio_tok, sources, hidden):
-            tqdm.write(str(path), file=sys.stdout)  # above the bars, not through them
-            sys.stdout.flush()
+            try:
+                tqdm.write(str(path), file=sys.stdout)  # above the bars, not through them
+                sys.stdout.flush()
+            except BrokenPipeError:  # `| head -1`: the paths go unprinted, the files still come
+                stdout_gone()
         bar.update(hi - lo)
     bar.close()
 

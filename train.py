@@ -111,8 +111,10 @@ class Settings:
     eval_every: int = setting(1000, "steps between evaluations on --eval-split (0 = at the end)")
     eval_samples: int = setting(0, "clips of the eval split to use (0 = all)")
     save_every: int = setting(1000, "steps between checkpoints (and one at the end)")
-    sampling: str = setting("", "JSON of sampling defaults stored in the checkpoint for sample.py"
-                            ", e.g. '{\"guidance\": 3.0}' (a resumed run keeps the stored ones)")
+    sampling: str = setting("", "JSON of sampling defaults stored in the checkpoint for "
+                            "sample.py, e.g. '{\"guidance\": {\"i2a\": 3.0}}' (a plain number "
+                            "holds for every mode, a2i included); a resumed run keeps the stored "
+                            "ones")
     progress: bool = setting(True, "show a progress bar on rank 0")
 
 
@@ -433,7 +435,7 @@ def check_settings(s, world):
         try:
             check_sampling_defaults(json.loads(s.sampling))
         except json.JSONDecodeError as e:
-            raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": 3.0}'") from e
+            raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": {\"i2a\": 3.0}}'") from e
         except ValueError as e:
             raise UserError(f"--sampling: {e}") from e
     check_writable(s.out)  # last: a run refused for another reason leaves no folder behind

@@ -61,6 +61,15 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as shell tools do
+        stdout_gone()
+        sys.exit(1)
+
+
+def stdout_gone():
+    """Point stdout at the null device once its reader has gone (`| head -1`), so that what is
+    left to print is dropped rather than raising BrokenPipeError again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -----------------------------------------------------------------------------

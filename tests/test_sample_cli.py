@@ -190,6 +190,21 @@ def test_i2a_subprocess_writes_wav_and_mel_per_sample(files, tmp_path):
     assert Image.open(out / "cat_1_mel.png").size == (2 * N_FRAMES, 2 * 80)
 
 
+def test_a_reader_that_stops_early_leaves_the_run_writing_its_files(files, tmp_path):
+    # `sample.py ... | head -1`: the reader closes the pipe after the first path
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--mode", "joint",
+                             "--num-samples", "3", "--batch-size", "1", "--out", out,
+                             *args(files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"joint_000." in first and "Traceback" not in err
+    assert len(list(out.glob("joint_*.wav"))) == 3  # every sample, printed or not
+
+
 def test_ids_do_not_depend_on_the_batch_size(files, tmp_path, capsys, monkeypatch):
     calls, generate = [], cli.sampler.generate
 

@@ -388,7 +388,8 @@ def test_one_audio_keep_row_serves_the_whole_batch():
 def test_sampling_defaults_are_checked():
     sampler.check_sampling_defaults({"steps": 12, "guidance": {"i2a": 3.0, "a2i": 1}})
     for bad in ({"temprature": 9.0}, {"temperature": "hot"}, {"guidance": {"i2a": None}},
-                {"steps": {"x2y": 4}}, {"guidance": True}, [1, 2]):
+                {"steps": {"x2y": 4}}, {"guidance": True}, [1, 2],
+                {"guidance": {"every mode": 5.0}}, {"guidance": {"all modes": 5.0}}):
         with pytest.raises(ValueError):
             sampler.check_sampling_defaults(bad)
 
