@@ -19,6 +19,7 @@ and on the first Ctrl-C):
     model       state dict of the unwrapped model      config     dataclasses.asdict(EchoesConfig)
     optimizer   AdamW state dict                       settings   the resolved settings below
     step        optimizer steps done                   data       loader position {epoch, index}
+                                                                  (+ clips, micro_batch)
     rng         {"world_size", "ranks": per rank {"torch", "cuda", "python", "masking"}}
     tokenizers  the shard index's tokenizer settings (when it has them)
     sampling    sampling defaults for sample.py (when --sampling gives them)
@@ -113,7 +114,7 @@ class Settings:
     save_every: int = setting(1000, "steps between checkpoints (and one at the end)")
     sampling: str = setting("", "JSON of sampling defaults stored in the checkpoint for "
                             "sample.py, e.g. '{\"guidance\": {\"i2a\": 3.0}}' (a plain number "
-                            "holds for every mode, a2i included); a resumed run keeps the stored "
+                            "holds for every guided mode, a2i included); a resumed run keeps the stored "
                             "ones")
     progress: bool = setting(True, "show a progress bar on rank 0")
 
@@ -435,7 +436,8 @@ def check_settings(s, world):
         try:
             check_sampling_defaults(json.loads(s.sampling))
         except json.JSONDecodeError as e:
-            raise UserError("--sampling must be a JSON object, e.g. '{\"guidance\": {\"i2a\": 3.0}}'") from e
+            raise UserError("--sampling must be a JSON object, e.g. "
+                            "'{\"guidance\": {\"i2a\": 3.0}}'") from e
         except ValueError as e:
             raise UserError(f"--sampling: {e}") from e
     check_writable(s.out)  # last: a run refused for another reason leaves no folder behind
@@ -490,6 +492,8 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
             print0(f"note: the checkpoint's optimizer was grouped by --decay-group {other}, not "
                    f"{s.decay_group}: the run keeps its grouping")
             s.decay_group = other  # the settings the next checkpoint records
+        for group in ckpt["optimizer"]["param_groups"]:  # before loading: the state's step
+            group["fused"] = d.device.type == "cuda"  # counters go where fused AdamW wants them
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["data"])
         rng = ckpt["rng"]
@@ -510,7 +514,6 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
     # moments come from the checkpoint
     for group, decay in zip(optimizer.param_groups, (s.weight_decay, 0.0)):
         group["weight_decay"], group["betas"] = decay, (s.beta1, s.beta2)
-        group["fused"] = d.device.type == "cuda"  # a checkpoint written on a CPU has it off
     old = ckpt.get("settings", {})
     for key in ("seed", "global_batch", "data"):
         if key in old and old[key] != getattr(s, key):
@@ -572,7 +575,8 @@ def train(s, d, config, micro, accum, ckpt_path):
         eval_set = data.TokenShards(s.data, s.eval_split, train=False, codebooks=books)
     loader = data.ShardLoader(train_set, micro, d.rank, d.world_size, s.seed,
                               repair_within_class=s.repair_within_class)
-    max_steps = s.max_steps or math.ceil(s.epochs * len(train_set) / s.global_batch)
+    # rounded first: 1.1 epochs of 100 clips at batch 2 are 55 steps, not ceil(55.000000000000007)
+    max_steps = s.max_steps or math.ceil(round(s.epochs * len(train_set) / s.global_batch, 6))
     warmup = s.warmup_steps if s.warmup_steps >= 0 else round(0.025 * max_steps)
     peak_lr = s.lr or s.base_lr * s.global_batch / 256
 

@@ -247,7 +247,7 @@ def weight_norm_layout(sd, model):
     convs (`WNConv1d`), from the other layouts: torch's parametrization keys
     (`X.parametrizations.weight.original0/1`, what newer torch saves) and a plain `X.weight` (a
     generator saved after `remove_weight_norm()`, as exported for inference: v = w and g = |w|
-    per output channel give w back)."""
+    over dims 1, 2 give w back; an all-zero filter gets v = 1, g = 0)."""
     rename = {".parametrizations.weight.original0": ".weight_g",
               ".parametrizations.weight.original1": ".weight_v"}
     own = model.state_dict()
@@ -258,8 +258,9 @@ def weight_norm_layout(sd, model):
         base = k.removesuffix(".weight")
         if (k != base and f"{base}.weight_v" in own and f"{base}.weight_v" not in sd
                 and torch.is_tensor(v) and v.dim() == 3):
-            out[f"{base}.weight_v"] = v
-            out[f"{base}.weight_g"] = v.float().norm(dim=(1, 2), keepdim=True).to(v.dtype)
+            g = v.float().norm(dim=(1, 2), keepdim=True)  # (dim 0, 1, 1)
+            out[f"{base}.weight_v"] = torch.where(g > 0, v, torch.ones_like(v))  # no 0 / 0
+            out[f"{base}.weight_g"] = g.to(v.dtype)
         else:
             out[k] = v
     return out

@@ -61,15 +61,23 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as shell tools do
-        stdout_gone()
+    except BrokenPipeError:  # a reader has gone (`| head`): stop quietly, as shell tools do
+        stdout_gone(sys.stdout, sys.stderr)
         sys.exit(1)
 
 
-def stdout_gone():
-    """Point stdout at the null device once its reader has gone (`| head -1`), so that what is
-    left to print is dropped rather than raising BrokenPipeError again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def stdout_gone(*streams):
+    """Point stdout (or `streams`) at the null device once its reader has gone (`| head -1`), so
+    that what is left to print is dropped rather than raising BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in streams or (sys.stdout,):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):  # no descriptor: a notebook, a capture
+                pass
+    finally:
+        os.close(devnull)
 
 
 # -----------------------------------------------------------------------------

@@ -394,9 +394,10 @@ class Echoes(nn.Module):
         """Masks and drops for one batch (paper Sec. 3.3), drawn from `generator` only (a list
         of B generators: each sample's from its own, so it does not depend on the batch).
         Returns (audio_mask, audio_keep, image_mask, image_keep): masks (B, L) bool, True =
-        masked, and keep indices (B, K) long, sorted, with K = L - floor(drop_ratio * L) the same for every sample: a uniformly random
-        subset, independent of the mask, or with `drop_masked_first` the visible positions first
-        (a random K of them when there are more)."""
+        masked, and keep indices (B, K) long, sorted, with K = L - floor(drop_ratio * L) the same
+        for every sample: a uniformly random subset, independent of the mask, or with
+        `drop_masked_first` the visible positions first (a random K of them when there are
+        more)."""
         if isinstance(generator, (list, tuple)):
             if len(generator) != B:
                 raise ValueError(f"{len(generator)} generators for {B} samples")

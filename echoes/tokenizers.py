@@ -333,8 +333,9 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
         names = {f.name for f in dataclasses.fields(VQGANConfig)}
         unknown = sorted(set(obj["config"]) - names)
         if "audio_len" in unknown and "model" in obj:
-            modality = None if config is None else (
-                "image" if getattr(config, "in_channels", 3) == 3 else "audio")
+            channels = (config.get("in_channels", 3) if isinstance(config, dict)
+                        else getattr(config, "in_channels", 3))
+            modality = None if config is None else ("image" if channels == 3 else "audio")
             entry = (obj.get("tokenizers") or {}).get(modality) if modality else None
             if isinstance(entry, dict) and isinstance(entry.get("state_dict"), dict):
                 return vqgan_from_checkpoint(entry, config, f"the {modality} VQGAN in {source}",

@@ -269,3 +269,26 @@ def test_check_file_names_folders_devices_and_missing_paths(tmp_path):
             cli.check_file(path, "checkpoint")
     with pytest.raises(cli.UserError, match=r"\(build it first\)$"):
         cli.check_file(tmp_path / "nope.pt", "bundle", "build it first")
+
+
+def test_a_reader_gone_from_the_pipe_ends_the_run_quietly(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    def main(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    # streams with descriptors, as a pipe has (pytest's own must not be redirected)
+    out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main, [])
+    assert e.value.code == 1
+    out.write("dropped")  # both now write to the null device
+    err.write("dropped")
+    out.close()
+    err.close()
+    assert (tmp_path / "out.txt").read_text() == (tmp_path / "err.txt").read_text() == ""
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # no descriptor (a notebook): no error
+    cli.stdout_gone()

@@ -267,6 +267,7 @@ def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, c
     # sample.py's --image-vqgan / --audio-vqgan take a bundle too: each its own modality
     assert load_vqgan(bundle, config=VQGANConfig.imagenet_f16_1024()).config.in_channels == 3
     assert load_vqgan(bundle, config=VQGANConfig.vggsound_codebook()).config.in_channels == 1
+    assert load_vqgan(bundle, {"in_channels": 1, "double_z": False}).config.in_channels == 1
     with pytest.raises(data.UserError, match="without tokenizers inside, not a VQGAN"):
         load_vqgan(plain, config=VQGANConfig.vggsound_codebook())
     with pytest.raises(data.UserError, match="holds an image and an audio VQGAN: pass config="):

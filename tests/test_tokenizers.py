@@ -192,6 +192,16 @@ def test_melgan_checkpoint_roundtrip(tmp_path):
         with torch.no_grad():
             got = load_melgan(path, ngf=4, n_residual_layers=1)(mel)
         torch.testing.assert_close(got, want)
+    # a filter that is all zeros (g = 0): exported as zeros, loaded as zeros, not 0 / 0
+    sd["model.1.weight_g"][3] = 0.0
+    with torch.no_grad():
+        want = MelGAN(ngf=4, n_residual_layers=1).eval()
+        want.load_state_dict(sd)
+        want = want(mel)
+    torch.save(without_weight_norm(sd), tmp_path / "zero_netG.pt")
+    with torch.no_grad():
+        got = load_melgan(tmp_path / "zero_netG.pt", ngf=4, n_residual_layers=1)(mel)
+    torch.testing.assert_close(got, want)
     with pytest.raises(UserError) as e:
         load_melgan(tmp_path / "old_netG.pt")  # default ngf 32 does not fit
     assert "wrong shape" in one_line(e)

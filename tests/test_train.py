@@ -395,12 +395,16 @@ def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu_with_fresh_streams(shards, t
     assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ckpt["rng"]["ranks"][0]["masking"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = True  # a GPU run's AdamW
     torch.save(ckpt, out / "ckpt.pt")
     capsys.readouterr()
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
     assert "random states are not of cpu streams: random streams are re-seeded" in \
         capsys.readouterr().out
+    groups = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert not any(group["fused"] for group in groups)  # this device's AdamW, not the saved one
 
 
 SAME_MASKS = """
