@@ -21,7 +21,7 @@ Rows of the one table:
 - ablation in the shape of the paper's Table 2: i2a over N (steps), T (choice temperature) and
   CFG at inference (s = 3 or none), on the first --n-ablation test items.
 
-    python bench/quality.py                       # 3-4 min on 2 idle CPU cores, ~10 busy
+    python bench/quality.py                       # 2.5-4 min on 2 CPU cores
     python bench/quality.py --out quality.md      # also write the table as markdown
 """
 

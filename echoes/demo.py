@@ -37,7 +37,6 @@ it and the model stage takes about a minute. On 2 CPU cores a build from a clean
 step in 0.75-1.35 s at different hours, so the total moves by up to 10 min.
 """
 
-import csv
 import dataclasses
 import io
 import json
@@ -53,11 +52,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from echoes import sampler, shapes
@@ -306,7 +303,9 @@ def vqgan_from_entry(entry):
 @dataclasses.dataclass
 class BuildSettings:
     """`python -m echoes.demo build` settings (each one is a --flag; see --help)."""
-    work: str = setting("demo_build", "folder for the intermediate outputs of every stage")
+    work: str = setting("demo_build", "folder for the intermediate outputs of every stage (the "
+                        "bundle stage writes echoes/assets/demo.pt and the example files into "
+                        "the package)")
     force: bool = setting(False, "redo the chosen stages even when their outputs exist")
     stages: list[str] = setting(["data", "tokenizers", "shards", "model", "decoder", "tune",
                                  "bundle"],
@@ -527,6 +526,8 @@ def stage_model(s, p, device):
            "--decay-group", "linear",  # the shipped model's recipe
            "--repair-within-class" if s.repair_within_class else "--no-repair-within-class"]
     env = dict(os.environ)
+    if device.index is not None:  # train.py takes cuda:LOCAL_RANK: show it the chosen GPU alone
+        env["CUDA_VISIBLE_DEVICES"] = str(device.index)
     if s.threads:
         env["OMP_NUM_THREADS"] = str(s.threads)
     # the masked-row count, so the heads' matrix shapes, changes every step, and on a CPU oneDNN
@@ -630,8 +631,9 @@ def stage_decoder(s, p, device):
     N = len(image_ids)
     # two one-step fills of every image, and fills of some by the sampler's loop, a third of the
     # fills drawn. Audio -> image shape from the same generated ids (validation clips of two
-    # rebuilt models, 480 generations each, token T 0.25), batch 16: 70.0% and 74.2% without
-    # the sampled fills, 72.3% and 75.6% with them; then batch 32: 75.6% on the first model
+    # rebuilt models, 480 generations each, token T 0.25), decoder batch 16: 70.0% and 74.2%
+    # with one-step fills alone, 72.3% and 75.6% with the sampled fills; batch 32: 75.6% on the
+    # first model
     on_device = image_ids.to(device), audio_ids.to(device)
     fills = [model_fills(model, *on_device, g).cpu() for _ in range(2)]
     items, weights = [torch.arange(N)] * 2, [torch.ones(2 * N)]
@@ -743,7 +745,7 @@ def eval_joint(model, image_tok, audio_tok, n, opts, seed=0):
 # is left out: s > 1 did worse for both models in every mode (bench/quality.py reports it).
 # A few candidates scored on every validation pair: a wide grid on fewer pairs picked noise (a
 # rebuilt model's pick scored 80% on the 96 tuning pairs and 66% on the 144 others, against 72%
-# for the second-best). Audio -> image, with the earlier decoder stage (one-step fills, batch 16):
+# for the second-best). Audio -> image, with a decoder tuned on one-step fills alone (batch 16):
 # token T 0.25 beat 0.5 on the validation clips of two rebuilt models (shape 74.2% against 69.8%
 # and 70.0% against 66.9%, 480 generations each, N 12, T 9), and 0.125 did no better.
 TUNE_CANDIDATES = {
@@ -816,24 +818,19 @@ def half(state_dict):
     return {k: (v.half() if v.is_floating_point() else v).clone() for k, v in state_dict.items()}
 
 
+def example_stems():
+    return [name.replace(" ", "_") for name in EXAMPLE_CLASSES]  # red_circle, ...
+
+
+def example_files():
+    return [stem + ext for stem in example_stems() for ext in (".png", ".wav")] + ["labels.csv"]
+
+
 def write_examples(folder, seed=EXAMPLE_SEED):
     """One PNG + WAV pair per class of EXAMPLE_CLASSES (generator seed `seed`), named after the
     class (red_circle.png, red_circle.wav, ...), and labels.csv."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in EXAMPLE_CLASSES:
-        label = shapes.CLASSES.index(name)
-        label_got, img, wav = shapes.make_pair(label, seed)  # index = label: that class
-        assert label_got == label
-        stem = name.replace(" ", "_")
-        Image.fromarray(img).save(folder / f"{stem}.png")
-        soundfile.write(folder / f"{stem}.wav", wav, shapes.SAMPLE_RATE, subtype="PCM_16")
-        rows.append((label, name, f"{stem}.png", f"{stem}.wav"))
-    with open(folder / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "class", "image", "audio"])
-        w.writerows(rows)
+    labels = [shapes.CLASSES.index(name) for name in EXAMPLE_CLASSES]  # item = label: that class
+    shapes.write_files(folder, labels, seed, stems=example_stems())
 
 
 def stage_bundle(s, p):
@@ -847,7 +844,7 @@ def stage_bundle(s, p):
               "sampling": tuned["sampling"], "tokenizers": tokenizers,
               "demo": {"seeds": {"train": TRAIN_SEED, "val": VAL_SEED, "test": TEST_SEED,
                                  "examples": EXAMPLE_SEED},
-                       "n_train": s.n_train, "model_steps": ckpt["step"],
+                       "n_train": ckpt["data"]["clips"], "model_steps": ckpt["step"],
                        "train_settings": {k: v for k, v in ckpt.get("settings", {}).items()
                                           if k not in ("data", "out")},  # no local paths
                        "train_metrics": ckpt.get("metrics", {}), "tune": tuned["table"]}}
@@ -889,15 +886,15 @@ def stale(stage, p):
 
 
 def stage_done(stage, s, p):
-    """Whether a stage's outputs exist and are newer than its inputs (the build then skips it
-    unless --force); the model stage also needs --model-steps reached."""
-    outputs, _ = STAGE_FILES[stage]
-    if not all(p[k].exists() for k in outputs) or stale(stage, p):
+    """Whether a stage's inputs and outputs exist and its outputs are newer than its inputs (the
+    build then skips it unless --force); the model stage also needs --model-steps reached."""
+    outputs, inputs = STAGE_FILES[stage]
+    if not all(p[k].exists() for k in outputs + inputs) or stale(stage, p):
         return False
     if stage == "model":
         return load_checkpoint(p["ckpt"], what="demo model checkpoint")["step"] >= s.model_steps
-    if stage == "bundle":
-        return (p["examples"] / "labels.csv").exists()
+    if stage == "bundle":  # labels.csv is written last
+        return all((p["examples"] / name).exists() for name in example_files())
     return True
 
 
@@ -928,6 +925,10 @@ def build(s):
             maker = next(x for x in STAGES if missing[0] in STAGE_FILES[x][0])
             raise UserError(f"the {stage} stage needs {p[missing[0]]}, which the {maker} stage "
                             f"makes: add {maker} to --stages, or build every stage")
+        if "ckpt" in STAGE_FILES[stage][1] and not stage_done("model", s, p):  # a killed run's
+            raise UserError(f"the {stage} stage needs the model trained to --model-steps "
+                            f"{s.model_steps}, and {p['ckpt']} is short of it or older than the "
+                            "shards: add model to --stages (it resumes)")
         if stale(stage, p):  # outputs of old inputs: a resume would keep them
             print(f"== {stage} (its inputs changed: redone)", flush=True)
             s_stage = dataclasses.replace(s, force=True)

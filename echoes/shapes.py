@@ -28,6 +28,7 @@ tokenizer's 16x downsampling needs (128 frames -> 8 token columns x 5 mel rows).
 
 import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -35,7 +36,8 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
-from echoes.cli import UserError, check_at_least, check_writable, parse_settings, run_cli, setting
+from echoes.cli import (UserError, check_at_least, check_writable, parse_settings, run_cli,
+                        setting, write_atomic, write_text)
 
 # -----------------------------------------------------------------------------
 # the classes
@@ -191,23 +193,34 @@ def generate(n, seed=0, start=0, spec=SPEC):
     return np.array(labels, dtype=np.int64), np.stack(imgs), np.stack(wavs)
 
 
-def write_files(out_dir, n, seed=0, start=0, progress=False, spec=SPEC):
-    """Write items start .. start+n-1 as `{index:05d}.png` + `{index:05d}.wav` (16-bit PCM) in
-    `out_dir`, and `labels.csv` (index, label, class, image, audio). Returns the csv's path."""
+LABELS_HEADER = ["index", "label", "class", "image", "audio"]
+
+
+def write_files(out_dir, indices, seed=0, stems=None, progress=False, spec=SPEC):
+    """Write items `indices` as `{stem}.png` + `{stem}.wav` (16-bit PCM; stems `{index:05d}`
+    unless given) in `out_dir`, and `labels.csv` (index, label, class, image, audio) listing them
+    and the pairs earlier calls wrote there. Every file is written atomically (temp + rename).
+    Returns the csv's path."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    for i in tqdm(range(start, start + n), disable=not progress, desc="shapes"):
-        label, img, wav = make_pair(i, seed, spec)
-        stem = f"{i:05d}"
-        Image.fromarray(img).save(os.path.join(out_dir, stem + ".png"))
-        soundfile.write(os.path.join(out_dir, stem + ".wav"), wav, spec.sample_rate,
-                        subtype="PCM_16")
-        rows.append((i, label, CLASSES[label], stem + ".png", stem + ".wav"))
+    stems = stems or [f"{i:05d}" for i in indices]
+    rows = {}
     path = os.path.join(out_dir, "labels.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "label", "class", "image", "audio"])
-        w.writerows(rows)
+    if os.path.isfile(path):  # the pairs of earlier calls, when written by this function
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) == LABELS_HEADER:
+                rows = {row[3]: row for row in reader if len(row) == len(LABELS_HEADER)}
+    for i, stem in tqdm(list(zip(indices, stems)), disable=not progress, desc="shapes"):
+        label, img, wav = make_pair(i, seed, spec)
+        png, audio = io.BytesIO(), io.BytesIO()  # encoded in memory, then written whole
+        Image.fromarray(img).save(png, format="PNG")
+        soundfile.write(audio, wav, spec.sample_rate, subtype="PCM_16", format="WAV")
+        for buffer, name in ((png, stem + ".png"), (audio, stem + ".wav")):
+            write_atomic(os.path.join(out_dir, name), lambda f, b=buffer: f.write(b.getbuffer()))
+        rows[stem + ".png"] = [str(i), str(label), CLASSES[label], stem + ".png", stem + ".wav"]
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([LABELS_HEADER, *rows.values()])
+    write_text(path, table.getvalue())
     return path
 
 
@@ -254,6 +267,8 @@ def image_features(img):
     fg = a[dist > 0.6 * np.percentile(dist, 99.5)]                        # (P, 3)
     fill_rgb = np.median(fg, axis=0)                                      # (3,)
     axis = fill_rgb - bg
+    if axis @ axis < 40 ** 2:  # the foreground's median is the background: no one shape
+        return None
     alpha = (a - bg) @ axis / (axis @ axis)                               # (H, W)
     mask = alpha > 0.5
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
@@ -355,7 +370,8 @@ def audio_features(wav, sr=SAMPLE_RATE):
     f0 = (near.start + np.argmax(spec[near])) * df  # the measured fundamental, for harmonics
     # +-30 Hz, the same at f, 3f and 5f: a mel-domain vocoder (Griffin-Lim) smears a partial
     # over a band of about that width, which a relative window would catch unevenly
-    harmonic = (partial(3 * f0) + partial(5 * f0)) / max(partial(f0), 1e-30)
+    fundamental = partial(f0)  # 0: no tone stands out of the floor (silence, noise)
+    harmonic = (partial(3 * f0) + partial(5 * f0)) / max(fundamental, 1e-30)
     # envelope of the fundamental alone (a Hann-windowed 1024-sample DFT at f0 every hop): noise
     # outside its ~40 Hz band does not fill the gaps of a pulsed tone
     n_win = 1024
@@ -367,7 +383,8 @@ def audio_features(wav, sr=SAMPLE_RATE):
     else:
         env = rms
     depth = _modulation_depth(env, sr / hop)
-    return {"colour": colour, "f0": float(f0), "harmonic": float(harmonic), "pulse": depth}
+    return {"colour": colour, "f0": float(f0), "fundamental": float(fundamental),
+            "harmonic": float(harmonic), "pulse": depth}
 
 
 def _shape_from(harmonic, pulse):
@@ -379,11 +396,14 @@ def _shape_from(harmonic, pulse):
 
 
 def read_audio(wav, sr=SAMPLE_RATE):
-    """Mono clip (samples,) at `sr` -> (colour, shape). Pitch: which of the four fundamentals
+    """Mono clip (samples,) at `sr` -> (colour, shape), or (None, None) when no fundamental
+    stands out of its noise floor (silence, noise). Pitch: which of the four fundamentals
     (+-2%) holds the most energy in a Hann-windowed FFT of the whole clip. Square: energy at 3f and
     5f relative to f, each over its local noise floor. Triangle: the envelope of the fundamental
     (its magnitude in 1024-sample frames every 256 samples) modulated near 2 Hz."""
     f = audio_features(wav, sr)
+    if f["fundamental"] <= 0:
+        return None, None
     return f["colour"], _shape_from(f["harmonic"], f["pulse"])
 
 
@@ -441,18 +461,23 @@ def mel_features(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=
     colour = max(energies, key=energies.get)
     f0 = PITCH_HZ[colour]
     e35 = max(partial(3 * f0), partial(5 * f0))
-    harmonic_db = 20 * np.log10(max(e35, 1e-12) / max(partial(f0), 1e-12))
+    fundamental = partial(f0)  # 0: no tone stands out of the floor (silence, noise)
+    harmonic_db = 20 * np.log10(max(e35, 1e-12) / max(fundamental, 1e-12))
     env = amp[bands(f0)].sum(0)                                             # (T,)
     depth = _modulation_depth(env, sr / hop)
-    return {"colour": colour, "harmonic_db": float(harmonic_db), "pulse": depth}
+    return {"colour": colour, "fundamental": float(fundamental),
+            "harmonic_db": float(harmonic_db), "pulse": depth}
 
 
 def read_mel(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=256):
     """[0, 1] mel spectrogram ((80, frames) or (1, 80, frames), SpecVQGAN scaling as in
-    echoes/audio.py) -> (colour, shape). Pitch: which candidate fundamental's bands hold
-    the most energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
+    echoes/audio.py) -> (colour, shape), or (None, None) when no fundamental stands out of its
+    bands' floor (silence, noise). Pitch: which candidate fundamental's bands hold the most
+    energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
     fundamental bands' envelope over frames modulated near 2 Hz."""
     f = mel_features(mel01, n_mels, fmin, fmax, sr, hop)
+    if f["fundamental"] <= 0:
+        return None, None
     odd = f["harmonic_db"] > _MEL_HARMONIC_DB
     return f["colour"], _shape_from(2 * _HARMONIC_RATIO if odd else 0.0, f["pulse"])
 
@@ -479,7 +504,7 @@ def main(argv=None):
     if not s.out:
         raise UserError("--out is empty; give a folder")
     check_writable(s.out)
-    path = write_files(s.out, s.n, s.seed, s.start, progress=s.n >= 100)
+    path = write_files(s.out, range(s.start, s.start + s.n), s.seed, progress=s.n >= 100)
     print(f"wrote {s.n} pairs and {path}")
 
 

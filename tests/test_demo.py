@@ -31,8 +31,9 @@ def bundle():
 
 
 def example_paths():
-    return [(shapes.CLASSES.index(name), demo.DEMO_EXAMPLES / f"{name.replace(' ', '_')}.png",
-             demo.DEMO_EXAMPLES / f"{name.replace(' ', '_')}.wav") for name in demo.EXAMPLE_CLASSES]
+    return [(shapes.CLASSES.index(name), demo.DEMO_EXAMPLES / f"{stem}.png",
+             demo.DEMO_EXAMPLES / f"{stem}.wav")
+            for name, stem in zip(demo.EXAMPLE_CLASSES, demo.example_stems())]
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def test_an_over_budget_bundle_leaves_the_old_one(tmp_path, monkeypatch):
     p = {**demo._paths(tmp_path), "bundle": tmp_path / "demo.pt"}  # never the package's
     p["bundle"].write_bytes(b"the shipped bundle")
     monkeypatch.setattr(demo, "MAX_BUNDLE_BYTES", 10)
-    ckpt = {"model": {"w": torch.zeros(4)}, "config": {}, "step": 1}
+    ckpt = {"model": {"w": torch.zeros(4)}, "config": {}, "step": 1, "data": {"clips": 8}}
     monkeypatch.setattr(demo, "load_checkpoint",
                         lambda path, what="": ckpt if "model" in what else
                         {"config": {}, "state_dict": {"w": torch.zeros(4)}})
@@ -334,6 +335,22 @@ def test_a_stage_whose_inputs_no_stage_made_names_the_stage_that_makes_them(tmp_
     assert not any(work.iterdir())
 
 
+def test_stages_after_the_model_need_it_trained_and_the_bundle_needs_its_inputs(tmp_path):
+    work = tmp_path / "w"
+    p = demo._paths(work)
+    p["shards"].mkdir(parents=True)
+    os.utime(p["shards"], (0, 0))
+    p["image_vqgan"].write_bytes(b"x")
+    p["model"].mkdir()
+    torch.save({"step": 10}, p["ckpt"])  # a killed model stage's checkpoint
+    with pytest.raises(demo.UserError, match="needs the model trained to --model-steps 20, and "
+                       ".*ckpt.pt is short of it .*add model to --stages"):
+        demo.build(demo.BuildSettings(work=str(work), stages=["decoder"], model_steps=20))
+    # the shipped bundle exists, but an empty --work has none of its inputs: not "done"
+    with pytest.raises(demo.UserError, match="the bundle stage needs .*sampling.json"):
+        demo.build(demo.BuildSettings(work=str(tmp_path / "empty"), stages=["bundle"]))
+
+
 def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(demo.main, [])
@@ -346,7 +363,6 @@ def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):
 
 
 def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch):
-    import types
     spec = importlib.util.spec_from_file_location("echoes_train", demo.train_script())
     trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trainer)
@@ -354,18 +370,23 @@ def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch
 
     class Finished:
         def __init__(self, cmd, env):
-            seen.append(cmd)
+            seen.append((cmd, env))
 
         def wait(self):
             return 0
 
     monkeypatch.setattr(demo.subprocess, "Popen", Finished)
     s = parse_settings(demo.BuildSettings, [])
-    demo.stage_model(s, {"shards": tmp_path / "shards", "model": tmp_path / "model"},
-                     types.SimpleNamespace(type="cpu"))
-    (cmd,) = seen
+    paths = {"shards": tmp_path / "shards", "model": tmp_path / "model"}
+    demo.stage_model(s, paths, torch.device("cpu"))
+    (cmd, env), = seen
     settings = trainer.parse_settings(trainer.Settings, cmd[2:])  # every flag is train.py's
     assert settings.preset == "demo" and settings.decay_group == "linear"
+    # --device cuda:1: train.py takes cuda:LOCAL_RANK, so it is shown GPU 1 alone
+    demo.stage_model(s, paths, torch.device("cuda", 1))
+    cmd, env = seen[-1]
+    assert trainer.parse_settings(trainer.Settings, cmd[2:]).device == "cuda"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 @pytest.mark.parametrize("on_term", ["default", "exit 0"])  # train.py's last step exits 0

@@ -215,6 +215,17 @@ def test_read_mel_degraded(data):
     assert accuracy(shapes.read_mel, noisy, labels) >= 0.95
 
 
+def test_readers_find_nothing_in_silence_and_in_an_image_of_no_one_shape():
+    assert shapes.read_mel(np.zeros((80, 128))) == (None, None)  # the mel's floor
+    assert shapes.read_mel(np.full((80, 128), 0.5)) == (None, None)  # flat: no partial stands out
+    assert shapes.read_audio(np.zeros(shapes.CLIP_SAMPLES)) == (None, None)
+    img = np.full((64, 64, 3), 128, np.uint8)  # three patches whose median is the background
+    img[5:15, 5:15] = (255, 128, 128)
+    img[25:35, 25:35] = (128, 255, 128)
+    img[45:55, 45:55] = (128, 128, 255)
+    assert shapes.read_image(img) == (None, None)
+
+
 # -----------------------------------------------------------------------------
 # files and command line
 
@@ -234,6 +245,11 @@ def test_write_files_and_cli(tmp_path, capsys):
     assert np.abs(back - wav).max() <= 1.0 / 32768 + 1e-6  # 16-bit PCM
     assert shapes.read_audio(back) == shapes.label_parts(label)
     assert "wrote 13 pairs" in capsys.readouterr().out
+    shapes.main(["--out", str(out), "--n", "2", "--seed", "5", "--start", "20"])  # more pairs
+    with open(out / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == [*range(13), 20, 21]  # the csv lists them all
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp file left
     with pytest.raises(SystemExit) as e:
         shapes.main(["--help"])
     assert e.value.code == 0
