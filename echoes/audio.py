@@ -395,9 +395,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE, seconds=None):
     `seconds`, only that much of the file's start (and 0.1 s more, so that resampling the cut
     end matches resampling the whole file there) is read."""
     path = os.fspath(path)
-    check_file(path, "audio file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"audio {path} is empty (0 bytes); give a recording")
+    check_file(path, "audio file", empty="give a recording")
     try:
         with soundfile.SoundFile(path) as f:
             sr = f.samplerate

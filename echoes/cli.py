@@ -301,10 +301,13 @@ def load_state_strict(module, state_dict, what, path):
     return module
 
 
-def check_file(path, what, fix="check the path"):
+def check_file(path, what, fix="check the path", empty=None):
     """A `UserError` unless `path` is a regular file: a folder, a device or a missing path is
-    named as such, with `fix` for the missing one."""
+    named as such, with `fix` for the missing one; with `empty` (its fix), a file of 0 bytes
+    too."""
     if os.path.isfile(path):
+        if empty is not None and os.path.getsize(path) == 0:
+            raise UserError(f"{what} {path} is empty (0 bytes); {empty}")
         return
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder, not a file; give the file")

@@ -382,9 +382,7 @@ def load_image(path_or_image, resolution):
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
         path = os.fspath(image)
-        check_file(path, "image file")
-        if os.path.getsize(path) == 0:
-            raise UserError(f"image {path} is empty (0 bytes); give a PNG or JPEG file")
+        check_file(path, "image file", empty="give a PNG or JPEG file")
         try:
             with Image.open(path) as f:
                 try:

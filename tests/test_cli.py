@@ -269,6 +269,11 @@ def test_check_file_names_folders_devices_and_missing_paths(tmp_path):
             cli.check_file(path, "checkpoint")
     with pytest.raises(cli.UserError, match=r"\(build it first\)$"):
         cli.check_file(tmp_path / "nope.pt", "bundle", "build it first")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    cli.check_file(tmp_path / "empty.wav", "audio file")  # 0 bytes: refused only when asked
+    with pytest.raises(cli.UserError, match=r"audio file .*empty.wav is empty \(0 bytes\); "
+                       r"give a recording$"):
+        cli.check_file(tmp_path / "empty.wav", "audio file", empty="give a recording")
 
 
 def test_a_reader_gone_from_the_pipe_ends_the_run_quietly(tmp_path, monkeypatch):
