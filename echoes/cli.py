@@ -15,6 +15,7 @@
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -447,6 +448,27 @@ def _lock(fd):
         return False
 
 
+@contextlib.contextmanager
+def folder_lock(folder, what):
+    """Hold an exclusive lock on `folder` (on its file LOCK_NAME) while the block runs, so that
+    two runs never write one folder at once; a `UserError` when another process holds it. Where
+    the file system has no locks (no fcntl, some network file systems) the block runs unguarded."""
+    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{folder} is being written by another {what}; wait for it to "
+                                "end or use another folder") from None
+            except OSError:  # locks unsupported here
+                pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+LOCK_NAME = ".echoes-lock"
 TEMP_PREFIX = ".echoes-tmp-"  # names no user file is likely to have: remove_temps deletes them
 TEMP_MIN_AGE_S = 10  # a temp file this new may be one whose writer has not locked it yet
 

@@ -15,6 +15,7 @@ written last, so a run killed at any point leaves no broken shard visible):
     train-00000.audio.npy    uint16 (N, La): audio ids, row-major over (mel row, time)
     train-00000.json         {"split", "n", "ids": [clip id, ...], "labels": [label, ...]}
     skipped.txt              from `prepare`: clip id, reason and path of every clip it skipped
+    .echoes-lock             locked by a `prepare` run while it writes: one run at a time
 
 A shard not listed in `index.json` does not exist for readers; a rerun of `prepare` skips clips
 that finished shards already hold.
@@ -44,9 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from echoes.cli import (UserError, check_at_least, check_finite, check_writable, load_checkpoint,
-                        parse_settings, pick_device, remove_temps, run_cli, setting, write_atomic,
-                        write_text)
+from echoes.cli import (UserError, check_at_least, check_finite, check_writable, folder_lock,
+                        load_checkpoint, parse_settings, pick_device, remove_temps, run_cli,
+                        setting, write_atomic, write_text)
 
 FORMAT, VERSION = "echoes-token-shards", 1
 INDEX, SKIPPED = "index.json", "skipped.txt"
@@ -379,9 +380,10 @@ def _ffmpeg_error(proc):
 def probe(path):
     """ffprobe -> (duration in seconds or None, the first video stream's sample aspect ratio
     ("4:3"; None without a video stream), audio channels of the first audio stream: 0 without
-    one)."""
+    one, the container's format names ("flv", "mov,mp4,m4a,3gp,3g2,mj2", ...))."""
     cmd = ["ffprobe", "-v", "error", "-show_entries",
-           "format=duration:stream=codec_type,channels,sample_aspect_ratio", "-of", "json", path]
+           "format=duration,format_name:stream=codec_type,channels,sample_aspect_ratio", "-of",
+           "json", path]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         raise ClipError(f"unreadable ({_ffmpeg_error(proc)})")
@@ -395,7 +397,7 @@ def probe(path):
     channels = int(audio[0].get("channels") or 1) if audio else 0
     video = [st for st in streams if st.get("codec_type") == "video"]
     sar = (video[0].get("sample_aspect_ratio") or "1:1") if video else None
-    return duration, sar, channels
+    return duration, sar, channels, info.get("format", {}).get("format_name", "")
 
 
 def decode_clip(path, s, start=0.0):
@@ -403,11 +405,14 @@ def decode_clip(path, s, start=0.0):
     ffmpeg pipes (no temp files). Frames are taken uniformly over the `clip_seconds` from
     `start` (the fps filter at F / duration), short side resized to S (bicubic), centre-cropped.
     Raises ClipError for unreadable, short or silent clips."""
-    duration, sar, channels = probe(path)
+    duration, sar, channels, container = probe(path)
     if sar is None:
         raise ClipError("no video stream")
     if not channels:
         raise ClipError("no audio stream")
+    if duration is not None and start >= duration:
+        raise ClipError(f"starts past the end ({start:g} s of {duration:.2f} s; a clip cut "
+                        "already is named youtube_id_start)")
     span = s.clip_seconds if duration is None else min(duration - start, s.clip_seconds)
     if span < s.min_fraction * s.clip_seconds:
         raise ClipError(f"short ({span:.2f} s)")
@@ -416,8 +421,13 @@ def decode_clip(path, s, start=0.0):
           f"crop={S}:{S}")
     if sar not in ("1:1", "0:1", "N/A"):  # non-square pixels: first to the shape it is shown at
         vf = f"scale=trunc(iw*sar/2)*2:ih:flags=bicubic,setsar=1,{vf}"
-    base = ["ffmpeg", "-v", "error", "-nostdin", "-ss", f"{start:.3f}", "-t", f"{span:.6f}",
-            "-i", path]
+    # the clip: a seek before -i jumps by the index, exact in most containers; FLV's lands up
+    # to seconds late (even at 0), so there ffmpeg decodes from the start and drops what comes
+    # before `start` (-ss and -t after -i)
+    clip = (["-ss", f"{start:.3f}"] if start > 0 else []) + ["-t", f"{span:.6f}"]
+    base = (["ffmpeg", "-v", "error", "-nostdin", "-i", path, *clip]
+            if "flv" in container.split(",") else
+            ["ffmpeg", "-v", "error", "-nostdin", *clip, "-i", path])
     proc = subprocess.run(base + ["-an", "-vf", vf, "-frames:v", str(F), "-f", "rawvideo",
                                   "-pix_fmt", "rgb24", "pipe:1"], capture_output=True)
     got = len(proc.stdout) // (S * S * 3)
@@ -441,7 +451,7 @@ def decode_clip(path, s, start=0.0):
     wav = np.frombuffer(proc.stdout[:len(proc.stdout) // frame_bytes * frame_bytes], np.float32)
     wav = wav.reshape(-1, channels).mean(axis=1, dtype=np.float32)  # (T,)
     n_samples = round(s.clip_seconds * s.sample_rate)
-    if len(wav) < s.min_fraction * n_samples:
+    if len(wav) == 0 or len(wav) < s.min_fraction * n_samples:
         raise ClipError(f"short audio ({len(wav) / s.sample_rate:.2f} s)")
     peak = float(np.abs(wav).max())
     if peak < 10 ** (s.silence_db / 20):
@@ -452,7 +462,7 @@ def decode_clip(path, s, start=0.0):
 def _read_skipped(folder):
     """The (clip id, reason, path) rows of a folder's skipped-clips file ([] without one)."""
     try:
-        with open(os.path.join(folder, SKIPPED), encoding="utf-8") as f:
+        with open(os.path.join(folder, SKIPPED), encoding="utf-8", errors="surrogateescape") as f:
             rows = [line.rstrip("\n").split("\t") for line in f]
     except (OSError, UnicodeDecodeError):
         return []
@@ -523,7 +533,8 @@ def _one_file(stems, name, clip_id, done):
 
 
 def _hash_split(clip_id, test_fraction):
-    h = int(hashlib.sha1(clip_id.encode()).hexdigest()[:8], 16) / 2 ** 32
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes
+    h = int(hashlib.sha1(clip_id.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2 ** 32
     return "test" if h < test_fraction else "train"
 
 
@@ -581,7 +592,7 @@ def read_csv(path):
     minute, where a dropped row would quietly change the data set, and it has no clip id."""
     if not os.path.isfile(path):
         raise UserError(f"--csv {path} not found")
-    rows = []
+    rows, first_line = [], {}  # (youtube_id, start) -> its first row
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drops a BOM (Excel)
             reader = csv.reader(f)
@@ -606,6 +617,17 @@ def read_csv(path):
                 if not yt or not split:
                     raise UserError(f"--csv {path} line {line}: an empty youtube_id or split; "
                                     f"{CSV_EXPECTED}")
+                if seconds != int(seconds):  # the clip id holds whole seconds, as VGGSound's
+                    raise UserError(f"--csv {path} line {line}: start {start} is not whole "
+                                    f"seconds; {CSV_EXPECTED}")
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split):  # names shard files
+                    raise UserError(f"--csv {path} line {line}: split {split!r} is not a name of "
+                                    "letters, digits, '_', '.' and '-' (train, test, ...)")
+                key = (yt, int(seconds))
+                if key in first_line and rows[first_line[key]][2:] != (label, split):
+                    raise UserError(f"--csv {path} line {line} repeats {yt},{start} with another "
+                                    "label or split; keep one row per clip")
+                first_line.setdefault(key, len(rows))
                 rows.append((yt, int(seconds), label, split))
     except UnicodeDecodeError as e:
         raise UserError(f"--csv {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
@@ -708,7 +730,6 @@ def _tokenize(items, image_tok, audio_tok, batch_size):
 
 def prepare(s):
     """Videos -> shards (see the module docstring); returns (clips written, clips skipped)."""
-    from tqdm import tqdm
     if not s.videos or not os.path.isdir(s.videos):
         raise UserError(f"--videos {s.videos!r} is not a folder")
     if not s.out:
@@ -734,6 +755,13 @@ def prepare(s):
         read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load
     image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
     os.makedirs(s.out, exist_ok=True)
+    with folder_lock(s.out, "prepare run"):  # one writer at a time: shards are appended
+        return _prepare_locked(s, image_tok, audio_tok, tok_meta, device)
+
+
+def _prepare_locked(s, image_tok, audio_tok, tok_meta, device):
+    """`prepare` once its settings are checked, its tokenizers loaded and --out locked."""
+    from tqdm import tqdm
     index = read_index(s.out, required=False)
     want = (s.frames, math.prod(image_tok.grid), math.prod(audio_tok.grid))
     have = None if index is None else (index["frames"], index["image_len"], index["audio_len"])
@@ -770,9 +798,10 @@ def prepare(s):
     print(f"{len(clips)} clips listed, {len(done)} already in shards, {missing} without a "
           f"video file, {len(todo)} to prepare (tokenizers on {device})")
 
-    def write_skipped():
+    def write_skipped():  # file names that are not UTF-8 are written as their bytes
         text = "".join(f"{c}\t{why}\t{p}\n" for c, why, p in skipped)
-        write_text(os.path.join(s.out, SKIPPED), text)
+        write_atomic(os.path.join(s.out, SKIPPED),
+                     lambda f: f.write(text.encode("utf-8", "surrogateescape")))
 
     buffers = {}  # split -> [image ids (F, Lv), audio ids (La,), clip id, label]
     written = 0

@@ -549,6 +549,7 @@ def test_a_broken_index_is_one_line_from_info(tmp_path, capsys, text, want):
     (b"abc,3O,dog,train\n", "line 1: start '3O' is not a number"),  # a typo, not a header
     (b"abc,inf,dog,train\n", "line 1: start 'inf' is not a number"),
     (b"abc,30,dog,\n", "line 1: an empty youtube_id or split"),
+    (b"abc,2.9,dog,train\n", "line 1: start 2.9 is not whole seconds"),  # ids hold seconds
     (b"youtube_id,start_seconds,label,split\n\n", "lists no clips"),  # a header alone
     (b"", "lists no clips"),
 ])
@@ -563,12 +564,69 @@ def test_a_malformed_csv_is_one_user_error_naming_the_line(tmp_path, text, want)
 def test_a_csv_header_blank_lines_and_a_bom_are_passed_over(tmp_path):
     (tmp_path / "clips.csv").write_bytes(
         b'\xef\xbb\xbfyoutube_id,start_seconds,label,split\nabc,30,"dog, loud",train\n\n'
-        b'xyz,20.5,cat,test\n')
+        b'xyz,20.0,cat,test\nabc,30,"dog, loud",train\n')  # a repeated row is one clip
     assert data.read_csv(str(tmp_path / "clips.csv")) == [
-        ("abc", 30, "dog, loud", "train"), ("xyz", 20, "cat", "test")]
+        ("abc", 30, "dog, loud", "train"), ("xyz", 20, "cat", "test"),
+        ("abc", 30, "dog, loud", "train")]
+    assert [c.id for c in data.list_clips(data.PrepareSettings(
+        videos=str(tmp_path), csv=str(tmp_path / "clips.csv")))] == ["abc_000030", "xyz_000020"]
     (tmp_path / "late.csv").write_text("\n\nyoutube_id,start_seconds,label,split\n"
                                        "abc,30,dog,train\n")
     assert data.read_csv(str(tmp_path / "late.csv")) == [("abc", 30, "dog", "train")]
+
+
+@pytest.mark.parametrize("text, want", [
+    (b"abc,30,dog,../../x\n", "line 1: split '../../x' is not a name of letters"),  # a path
+    (b"abc,30,dog,train\nabc,30,cat,train\n", "line 2 repeats abc,30 with another label"),
+])
+def test_a_csv_split_must_be_a_name_and_a_clip_has_one_row(tmp_path, text, want):
+    (tmp_path / "clips.csv").write_bytes(text)
+    with pytest.raises(data.UserError, match=want):
+        data.read_csv(str(tmp_path / "clips.csv"))
+
+
+def test_file_names_that_are_not_utf8_split_and_list_as_their_bytes(tmp_path):
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 name: 'caf\udce9' in Python
+    assert data._hash_split(name, 0.5) in ("train", "test")
+
+
+@needs_ffmpeg
+def test_flv_and_clips_past_the_end_or_without_samples(tmp_path):
+    import types
+    s = types.SimpleNamespace(clip_seconds=2.0, min_fraction=0.0, image_size=16, frames=4,
+                              sample_rate=22050, silence_db=-60)
+    # each frame's brightness is its number times 2 (50 levels a second), the sound its time / 10
+    src = ["-f", "lavfi", "-i", "color=black:size=32x32:rate=25:duration=5,format=gray,"
+           "geq=lum='N*2'", "-f", "lavfi", "-i", "aevalsrc='t/10':s=22050:d=5"]
+    flv, mkv = tmp_path / "t.flv", tmp_path / "t.mkv"
+    ffmpeg(*src, "-c:v", "ffv1", "-c:a", "pcm_f32le", str(mkv))
+    try:  # FLV with MP3 sound, as downloaded: a seek by its index lands seconds late, even at 0
+        ffmpeg(*src, "-c:v", "flv1", "-q:v", "2", "-c:a", "libmp3lame", "-ar", "22050", str(flv))
+    except subprocess.CalledProcessError:
+        flv = None  # an ffmpeg built without the MP3 encoder
+    for start in (0.0, 2.0):
+        frames, wav = data.decode_clip(str(mkv), s, start)
+        assert abs(wav[0] * 10 - start) < 0.01 and abs(wav[11025] * 10 - start - 0.5) < 0.01
+        for frames in [frames] + ([data.decode_clip(str(flv), s, start)[0]] if flv else []):
+            times = frames[..., 0].mean(axis=(1, 2)) / 2 / 25  # (F,) seconds
+            assert 0 <= times[0] - start < 0.5, times
+            assert np.allclose(np.diff(times), 0.5, atol=0.06), times
+    with pytest.raises(data.ClipError, match="starts past the end \\(7 s of 5.0"):
+        data.decode_clip(str(mkv), s, 7.0)
+    empty = tmp_path / "no_samples.mkv"  # an audio stream that holds no samples
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=32x32:rate=10:duration=2", "-f", "lavfi", "-i",
+           "sine=frequency=440:duration=2", "-frames:a", "0", "-c:v", "mpeg4", str(empty))
+    with pytest.raises(data.ClipError, match="short audio \\(0.00 s\\)"):
+        data.decode_clip(str(empty), s)
+
+
+def test_two_prepare_runs_never_write_one_folder_at_once(tmp_path):
+    with data.folder_lock(str(tmp_path), "prepare run"):
+        with pytest.raises(data.UserError, match="is being written by another prepare run"):
+            with data.folder_lock(str(tmp_path), "prepare run"):
+                pass
+    with data.folder_lock(str(tmp_path), "prepare run"):  # released at the end of the block
+        pass
 
 
 @needs_ffmpeg
