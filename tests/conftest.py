@@ -1,4 +1,5 @@
-"""Shared test plumbing: running Triton kernels under the interpreter in a subprocess.
+"""Shared test plumbing: running Triton kernels under the interpreter in a subprocess, and a
+fixture that runs a test on one CPU thread.
 
 TRITON_INTERPRET must be set before Triton is first imported, and one pytest process imports it
 for many files, so each kernel test file runs its interpreter checks in a child process of its
@@ -13,6 +14,7 @@ import sys
 import traceback
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,16 @@ def interpreter_main(checks):
         except Exception:
             error = traceback.format_exc()
         print(json.dumps({"name": name, "error": error}), flush=True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: results do not need it, but 2 busy cores run a tiny model several
+    times faster without OpenMP spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -137,15 +137,6 @@ def small_images(n, size=16):
     return torch.nn.functional.avg_pool2d(x, 64 // size)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not fight a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_train_tokenizer_loss_falls(one_thread):
     torch.manual_seed(0)
     config = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=0, attn_resolutions=(),

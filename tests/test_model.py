@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -137,11 +138,15 @@ def test_null_condition_fraction_masks_one_modality_and_draws_the_other():
     # the other modality keeps its truncated-normal ratio (in [0.2, 1]): partly masked, mostly
     other = torch.where(a_full, image_mask.float().mean(1), audio_mask.float().mean(1))
     assert other.min() >= 0.2 and (other < 1).float().mean() > 0.5
-    plain = Echoes(tiny_config(), ops=TorchOps)  # off: the same draws as without the field
-    for a, b in zip(plain.draw_corruption(8, "cpu", torch.Generator().manual_seed(2)),
-                    Echoes(tiny_config(null_condition_prob=0.0), ops=TorchOps).draw_corruption(
-                        8, "cpu", torch.Generator().manual_seed(2))):
-        assert torch.equal(a, b)
+    # off: no random numbers spent on it, so the masks are the ratio's and the ranks' alone
+    c, B, g = tiny_config(null_condition_prob=0.0), 8, torch.Generator().manual_seed(2)
+    got = Echoes(c, ops=TorchOps).draw_corruption(B, "cpu", torch.Generator().manual_seed(2))
+    ratio = truncated_normal((B, 2), c.mask_ratio_mean, c.mask_ratio_std, c.mask_ratio_min,
+                             c.mask_ratio_max, g)
+    for m, L in enumerate((c.audio_len, c.image_len)):
+        rank = torch.rand(B, L, generator=g).argsort(1).argsort(1)
+        assert torch.equal(got[2 * m], rank < torch.ceil(ratio[:, m] * L).long()[:, None])
+        torch.rand(B, L, generator=g)  # the drop's keys
 
 
 def test_a_sample_with_one_modality_shown_keeps_it_when_conditions_are_nulled_too():
@@ -187,6 +192,7 @@ def test_dropped_and_masked_positions_reach_the_decoder_as_the_shared_mask_embed
     def spy_pad(x, keep, unknown, mask_emb, pos, mod):
         out = pad_decoder(x, keep, unknown, mask_emb, pos, mod)
         seen.setdefault("calls", []).append((x, keep, unknown, out - pos - mod))
+        seen.setdefault("embeddings", []).append((pos, mod))
         return out
 
     ops = types.SimpleNamespace(gather_embed=TorchOps.gather_embed, pad_decoder=spy_pad,
@@ -195,6 +201,14 @@ def test_dropped_and_masked_positions_reach_the_decoder_as_the_shared_mask_embed
     a, v = random_ids(config, 5)
     model.training_loss(a, v, generator=torch.Generator().manual_seed(0))
     assert len(seen["calls"]) == 2  # audio, image
+    a_mask, a_keep, v_mask, v_keep = model.draw_corruption(5, "cpu",
+                                                           torch.Generator().manual_seed(0))
+    for (_, keep, unknown, _), mask, want_keep in zip(seen["calls"], (a_mask, v_mask),
+                                                      (a_keep, v_keep)):
+        assert torch.equal(unknown, mask) and torch.equal(keep, want_keep)
+    (pos_a, mod_a), (pos_v, mod_v) = seen["embeddings"]
+    assert pos_a is model.dec_pos_audio and pos_v is model.dec_pos_image
+    assert torch.equal(mod_a, model.dec_modality[0]) and torch.equal(mod_v, model.dec_modality[1])
     m = model.mask_emb.detach()
     n_mask_rows = 0
     for x, keep, unknown, content in seen["calls"]:
@@ -214,11 +228,27 @@ def test_dropped_and_masked_positions_reach_the_decoder_as_the_shared_mask_embed
 
 def test_unknown_positions_at_inference_get_the_mask_embedding_too():
     config = tiny_config()
-    model = Echoes(config, ops=TorchOps).eval()
+    seen = []
+
+    def spy_pad(x, keep, unknown, mask_emb, pos, mod):
+        out = pad_decoder(x, keep, unknown, mask_emb, pos, mod)
+        seen.append((unknown, out - pos - mod))
+        return out
+
+    ops = types.SimpleNamespace(gather_embed=TorchOps.gather_embed, pad_decoder=spy_pad,
+                                codebook_ce=TorchOps.codebook_ce)
+    model = Echoes(config, ops=ops).eval()
     a, v = random_ids(config, 2)
     a[:, :4] = model.audio_mask_id
     with torch.no_grad():
         la1, _ = model(a, v)
+    (unknown, content), (image_unknown, _) = seen
+    assert torch.equal(unknown, a == model.audio_mask_id) and not image_unknown.any()
+    m = model.mask_emb.detach()
+    torch.testing.assert_close(content[:, :4], m.expand(2, 4, -1))
+    assert not torch.allclose(content[:, 4:], m.expand(2, config.audio_len - 4, -1))
+    model.ops = TorchOps
+    with torch.no_grad():
         a2 = a.clone()
         a2[:, 4:] = (a2[:, 4:] + 1) % config.audio_codebook  # change only known tokens
         la2, _ = model(a2, v)
@@ -252,6 +282,17 @@ def test_loss_ignores_unmasked_positions_and_is_finite():
     total, _ = model._masked_loss(ya, yv, a, v, audio_mask, image_mask, reduction="sum")
     n = audio_mask.sum() + image_mask.sum()
     torch.testing.assert_close(total, loss * n)
+    # Eq. 1 by hand: the MLM head, logits against the code rows of the embedding table (the
+    # mask row is no class), label-smoothed cross-entropy summed over the masked tokens
+    assert config.label_smoothing == 0.1
+    by_hand = 0
+    for y, ids, mask, embed, head, C in (
+            (ya, a, audio_mask, model.audio_embed, model.audio_head, config.audio_codebook),
+            (yv, v, image_mask, model.image_embed, model.image_head, config.image_codebook)):
+        logits = F.linear(head(y[mask]), embed.weight[:C], head.bias)  # (N, C)
+        by_hand = by_hand + F.cross_entropy(logits, ids[mask], label_smoothing=0.1,
+                                            reduction="sum")
+    torch.testing.assert_close(loss, by_hand / n)
 
 
 def test_training_loss_stats_and_seed_determinism():
@@ -308,7 +349,7 @@ def test_head_embedding_is_detached_by_default_and_switchable():
     assert not torch.equal(grads[True], grads[False])
 
 
-def test_tiny_model_overfits_one_batch():
+def test_tiny_model_overfits_one_batch(one_thread):
     torch.manual_seed(0)
     config = tiny_config(label_smoothing=0.0, audio_codebook=16, image_codebook=16)
     model = Echoes(config, ops=TorchOps)

@@ -228,6 +228,42 @@ def test_ids_do_not_depend_on_the_batch_size(files, tmp_path, capsys, monkeypatc
     assert len({tuple(row.tolist()) for row in results[1][1]}) == 4  # four distinct samples
 
 
+def test_each_sample_gets_its_input_its_settings_and_its_seed(files, tmp_path, capsys,
+                                                              monkeypatch):
+    calls = []
+
+    def recording(model, mode, **kw):
+        states = [g.get_state() for g in kw["generator"]]  # before the loop draws from them
+        calls.append((kw, states))
+        B = kw["batch_size"]
+        return (torch.zeros(B, model.config.audio_len, dtype=torch.long),
+                torch.zeros(B, model.config.image_len, dtype=torch.long))
+
+    monkeypatch.setattr(cli.sampler, "generate", recording)
+    monkeypatch.setattr(cli, "write_outputs", lambda *a: [])
+    code, _, _ = run_in_process(["--mode", "i2a", "--image", files["cat"], files["dog"],
+                                 "--num-samples", "2", "--batch-size", "3", "--steps", "5",
+                                 "--temperature", "4", "--guidance", "2.5", "--seed", "7",
+                                 "--out", tmp_path, *args(files)], capsys)
+    assert code == 0 and [kw["batch_size"] for kw, _ in calls] == [3, 1]
+    images = torch.cat([kw["image_ids"] for kw, _ in calls])  # (4, Lv): cat, cat, dog, dog
+    assert torch.equal(images[0], images[1]) and torch.equal(images[2], images[3])
+    assert not torch.equal(images[1], images[2])
+    for kw, _ in calls:
+        assert (kw["steps"], kw["temperature"], kw["guidance"]) == (5, 4.0, 2.5)
+    states = [state for _, batch in calls for state in batch]
+    want = [g.get_state() for g in cli.sampler.sample_generators(7, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(states, want))  # sample j: (--seed, j)
+    calls.clear()  # no flags: the checkpoint's own, else the paper's (N 30, T 9, s 3 for i2a)
+    assert run_in_process(["--mode", "i2a", "--image", files["cat"], "--out", tmp_path,
+                           *args(files)], capsys)[0] == 0
+    (kw, _), = calls
+    stored = torch.load(files["ckpt"], weights_only=True).get("sampling") or {}
+    want = {"steps": 30, "temperature": 9.0, "guidance": 3.0, **stored}
+    assert (kw["steps"], kw["temperature"], kw["guidance"]) == (
+        want["steps"], want["temperature"], want["guidance"])
+
+
 def test_a2i_writes_png(files, tmp_path, capsys):
     code, out, _ = run_in_process(["--mode", "a2i", "--audio", files["bark"], "--out", tmp_path,
                                    *args(files)], capsys)

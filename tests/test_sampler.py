@@ -208,6 +208,72 @@ def test_the_model_ops_switch_governs_sampling():
     assert used.count("draw") == 3 and used.count("remask") == 2  # no re-mask at the last step
 
 
+def test_one_step_draws_from_the_guided_mix_and_remasks_the_least_confident():
+    # one i2a step, every argument of the draw and the re-mask checked against Code 1 / Eq. 2
+    # worked out here from the model's own features
+    model, B, steps, step, T, s = tiny_model(), 3, 6, 1, 4.5, 2.5
+    c = model.config
+    _, image = random_ids(model, B)
+    audio = torch.full((B, c.audio_len), model.audio_mask_id)
+    audio[:, ::3] = 5  # some known audio tokens: never drawn over, never re-masked
+    seen = {}
+
+    def draw(h_cond, h_uncond, weight, bias, guidance, token_temperature, uniform):
+        seen["draw"] = h_cond, h_uncond, weight, bias, guidance, uniform
+        return sampler.draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature,
+                                   uniform)
+
+    def remask(logp, gumbel, unknown, mask_len, tau):
+        seen["remask"] = logp, gumbel, unknown, mask_len, tau
+        return sampler.remask(logp, gumbel, unknown, mask_len, tau)
+
+    model.ops = types.SimpleNamespace(**{k: getattr(TorchOps, k) for k in
+                                         ("gather_embed", "pad_decoder", "codebook_ce")},
+                                      draw_tokens=draw, remask=remask)
+    uniforms = {"audio": (torch.rand(B, c.audio_len), torch.rand(B, c.audio_len))}
+    unknown = audio == model.audio_mask_id
+    initial = {"audio": torch.full((B,), c.audio_len)}  # as if all were unknown at step 0
+    with torch.no_grad():
+        out = sampler.unmask_step(model, {"audio": audio, "image": image}, ("audio",), initial,
+                                  step, steps, uniforms, uncond="image", temperature=T,
+                                  guidance=s)["audio"]
+        h_cond = model.features(audio, image)[0].flatten(0, 1)  # (B La, D): the image shown
+        nulled = torch.full_like(image, model.image_mask_id)
+        h_uncond = model.features(audio, nulled)[0].flatten(0, 1)  # the image masked
+    got_cond, got_uncond, weight, bias, guidance, uniform = seen["draw"]
+    torch.testing.assert_close(got_cond, h_cond)
+    torch.testing.assert_close(got_uncond, h_uncond)
+    assert torch.equal(weight, model.audio_embed.weight[:c.audio_codebook])
+    assert torch.equal(bias, model.audio_head.bias) and guidance == s
+    assert torch.equal(uniform, uniforms["audio"][0].flatten())
+    logp, gumbel, got_unknown, mask_len, tau = seen["remask"]
+    assert tau == pytest.approx(T * (1 - (step + 1) / steps))  # annealed: T (1 - ratio)
+    torch.testing.assert_close(gumbel, -torch.log(-torch.log(uniforms["audio"][1])))
+    assert torch.equal(got_unknown, unknown)
+    n = math.floor(c.audio_len * math.cos(math.pi / 2 * (step + 1) / steps))
+    assert mask_len.tolist() == [min(n, int(k) - 1) for k in unknown.sum(1)]
+    # logp: the drawn token's log-probability under the mix s * z_c + (1 - s) * z_u
+    z = s * (h_cond @ weight.T + bias) + (1 - s) * (h_uncond @ weight.T + bias)  # (B La, C)
+    drawn = out.masked_fill(out == model.audio_mask_id, 0)  # the re-masked hold the mask id
+    confidence = torch.where(unknown, logp + tau * gumbel, torch.inf)
+    for b in range(B):  # the mask_len least confident unknown positions go back
+        back = torch.nonzero(out[b] == model.audio_mask_id).flatten()
+        assert torch.equal(back, confidence[b].topk(int(mask_len[b]), largest=False)
+                           .indices.sort().values)
+        assert torch.equal(out[b, ~unknown[b]], audio[b, ~unknown[b]])
+    kept = unknown & (out != model.audio_mask_id)  # drawn and kept: logp is theirs
+    want = torch.log_softmax(z, -1).gather(1, drawn.flatten()[:, None]).view(B, -1)
+    torch.testing.assert_close(logp[kept], want[kept], rtol=1e-4, atol=1e-4)
+
+
+def test_gumbel_noise_is_standard_gumbel():
+    g = sampler.gumbel_noise(torch.rand(200_000, generator=seeded(0)))
+    assert abs(g.mean().item() - 0.5772) < 0.01  # the Euler-Mascheroni constant
+    assert abs(g.var().item() - math.pi ** 2 / 6) < 0.03
+    u = torch.linspace(0.01, 0.99, 50)
+    assert (sampler.gumbel_noise(u).diff() > 0).all()  # larger u, larger noise
+
+
 # -----------------------------------------------------------------------------
 # classifier-free guidance (Eq. 2)
 

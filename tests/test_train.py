@@ -41,16 +41,6 @@ def shards(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: determinism does not need it, but 2 busy cores run a tiny model
-    several times faster without OpenMP spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def args(shards, out, *extra):
     return ["--data", str(shards), "--out", str(out), "--preset", "demo", "--model-overrides",
             TINY, "--global-batch", "8", "--micro-batch", "4", "--lr", "1e-3", "--no-progress",
