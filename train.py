@@ -594,7 +594,7 @@ def train(s, d, config, micro, accum, ckpt_path):
 
     step, extra = 0, {}
     if d.master:
-        remove_temps(s.out)  # a save killed part-way leaves its temp file
+        remove_temps(s.out, dead_only=True)  # a save killed part-way leaves its temp file
     try:
         ckpt = load_checkpoint(ckpt_path, what="checkpoint") if os.path.exists(ckpt_path) else None
         if ckpt is not None:

@@ -39,7 +39,7 @@ def load_model(ckpt, source):
         raise UserError(f"{source} is not an echoes model checkpoint (it needs 'model' and "
                         "'config' entries, as train.py writes them)")
     fields = {f.name for f in dataclasses.fields(EchoesConfig)}
-    unknown = sorted(set(ckpt["config"]) - fields)
+    unknown = sorted(map(str, set(ckpt["config"]) - fields))
     if unknown:
         raise UserError(f"{source}: its config has fields this version of EchoesConfig does not "
                         f"know ({', '.join(unknown[:4])}); use the echoes version that wrote it")

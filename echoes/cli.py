@@ -124,7 +124,14 @@ class _ListAction(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (it prints the whole usage block first)."""
+    """argparse with its errors on one line (it prints the whole usage block first), no
+    abbreviated flags (a prefix of a flag is an unknown flag), and negative numbers with an
+    exponent or inf taken as values (`--lr -1e-3`, `--silence-db -inf`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+        self._negative_number_matcher = re.compile(  # argparse's private hook for this
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -181,10 +188,10 @@ def check_rules(s, rules):
 
 def check_at_least(s, minimums):
     """A `UserError` for the first setting of `s` below its minimum ({field: minimum}; NaN is
-    below every minimum)."""
+    below every minimum), or infinite."""
     for name, low in minimums.items():
         value = getattr(s, name)
-        if not value >= low:
+        if not value >= low or value == math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
 
 
@@ -320,8 +327,9 @@ def check_file(path, what, fix="check the path", empty=None):
 def load_checkpoint(path, trusted=False, what="checkpoint"):
     """torch.load with safe defaults: `weights_only=True` (training libraries' bookkeeping
     objects come back as inert `Bookkeeping` stand-ins), and a one-line `UserError` for a file
-    that is missing, corrupt, or needs full unpickling (allowed only with `trusted=True`, which
-    the scripts expose as `--trust-checkpoints`)."""
+    that is missing, truncated or no PyTorch file, or needs full unpickling (allowed only with
+    `trusted=True`, which the scripts expose as `--trust-checkpoints`). Bytes flipped inside a
+    tensor are not caught: torch does not check the zip's CRCs."""
     path = os.fspath(path)
     check_file(path, what)
     try:
@@ -330,8 +338,8 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
         # bytes that are no pickle at all: full unpickling would not help. Any other refusal of
         # torch's safe unpickler (a class it does not know, a dict subclass it cannot fill)
         # is about what the file holds
-        if any(k in str(e).lower() for k in ("invalid load key", "unsupported operand",
-                                             "truncated")):
+        # ("unsupported operand" is not one: protocol 4 and 5 pickles are refused with it)
+        if any(k in str(e).lower() for k in ("invalid load key", "truncated")):
             raise UserError(f"{what} {path} is not a readable PyTorch file; "
                             "re-download or re-create it") from e
         if not trusted:
@@ -362,36 +370,45 @@ def write_atomic(path, write, replace=True):
     refuses (no space, a quota, no permission) is a `UserError` that says an existing `path`
     is kept."""
     path = os.fspath(path)
+    if os.path.islink(path) and replace:  # written through the link, as open() would
+        path = os.path.realpath(path)
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder; choose a file name")
     folder = os.path.dirname(os.path.abspath(path))
     tmp, publishing = None, False
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
-        _lock(fd)  # held while writing: `remove_temps(dead_only=True)` leaves the file alone
+        # locked until it is published: `remove_temps(dead_only=True)` leaves it alone
         with os.fdopen(fd, "wb") as f:
+            _lock(fd)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
-        try:  # mkstemp makes it 0600; give it the mode open() would
-            os.chmod(tmp, 0o666 & ~_umask())
-        except OSError:  # a file system without modes (FAT, some network mounts)
-            pass
-        publishing = True
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _publish_new(tmp, path)
+            os.fsync(fd)
+            try:  # mkstemp makes it 0600: the replaced file's mode, else the one open() gives
+                mode = (os.stat(path).st_mode & 0o7777 if replace and os.path.exists(path)
+                        else 0o666 & ~_umask())
+                os.fchmod(fd, mode)
+            except OSError:  # a file system without modes (FAT, some network mounts)
+                pass
+            publishing = True
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _publish_new(tmp, path)
     except (OSError, RuntimeError) as e:
         if publishing and isinstance(e, FileExistsError):  # `path` exists: the caller's case
             raise
         # torch.save reports a failed write as a RuntimeError ("unexpected pos") whose context
         # is the OSError; a RuntimeError without one is the caller's
         cause = _os_error(e)
-        if cause is None:
+        # no errno: the caller's own error (a format PIL cannot write, say), but for a short
+        # write (numpy's "N requested and M written"), a full disk's mark
+        short = cause is not None and cause.errno is None and "requested and" in str(cause)
+        if cause is None or (cause.errno is None and not short):
             raise
-        # no errno: a short write (numpy's "N requested and M written"), a full disk's mark
         fix = ("free some space or choose another output folder"
-               if cause.errno in (errno.ENOSPC, errno.EDQUOT, None)
+               if short or cause.errno in (errno.ENOSPC, errno.EDQUOT)
                else "check the folder or choose another output folder")
         kept = "; the existing file is kept" if os.path.exists(path) else ""
         raise UserError(f"cannot write {path} ({cause.strerror or cause}); {fix}{kept}") from e

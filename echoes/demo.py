@@ -912,7 +912,7 @@ def build(s):
         torch.set_num_threads(s.threads)
     p = _paths(s.work)
     check_writable(s.work, "--work")
-    remove_temps(s.work)  # what a build killed mid-save left
+    remove_temps(s.work, dead_only=True)  # what a build killed mid-save left
     t_all = time.time()
     for stage in STAGES:
         if stage not in s.stages:

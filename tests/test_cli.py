@@ -102,9 +102,67 @@ def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "shared.bin").st_mode) == 0o644
 
 
+def test_a_replaced_file_keeps_its_mode_a_link_is_written_through_a_folder_is_refused(tmp_path):
+    (tmp_path / "private.bin").write_bytes(b"old")
+    os.chmod(tmp_path / "private.bin", 0o600)
+    write_atomic(tmp_path / "private.bin", lambda f: f.write(b"new"))
+    assert stat.S_IMODE(os.stat(tmp_path / "private.bin").st_mode) == 0o600
+    (tmp_path / "real.bin").write_bytes(b"old")
+    os.symlink(tmp_path / "real.bin", tmp_path / "link.bin")
+    write_atomic(tmp_path / "link.bin", lambda f: f.write(b"new"))
+    assert (tmp_path / "link.bin").is_symlink() and (tmp_path / "real.bin").read_bytes() == b"new"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(cli.UserError, match="folder.* it is a folder; choose a file name"):
+        write_atomic(tmp_path / "folder", lambda f: f.write(b"x"))
+
+
+def test_the_callers_own_os_error_is_raised_not_taken_for_a_full_disk(tmp_path):
+    def bad_format(f):
+        raise OSError("cannot write mode RGBA as JPEG")  # no errno: PIL's, not the disk's
+
+    with pytest.raises(OSError, match="RGBA as JPEG"):
+        write_atomic(tmp_path / "a.jpg", bad_format)
+
+    def short(f):
+        raise OSError("1000 requested and 10 written")  # numpy's mark of a full disk
+
+    with pytest.raises(cli.UserError, match="free some space"):
+        write_atomic(tmp_path / "a.npy", short)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about these files
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_checkpoints_of_every_pickle_protocol_load_or_ask_for_trust(tmp_path, protocol):
+    import torch
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=protocol)
+    try:  # torch's safe loader reads protocol 2; 4 and 5 need full unpickling
+        got = cli.load_checkpoint(path)
+    except cli.UserError as e:
+        assert protocol > 2 and "pass --trust-checkpoints" in str(e)
+        got = cli.load_checkpoint(path, trusted=True)
+    assert torch.equal(got["w"], torch.ones(2))
+
+
 @dataclasses.dataclass
 class Settings:
     steps: int = setting(3, "steps")
+    lr: float = setting(1e-3, "learning rate")
+    trust: bool = setting(False, "trust")
+
+
+def test_negative_numbers_are_values_and_flag_prefixes_are_unknown(capsys):
+    assert parse_settings(Settings, ["--lr", "-1e-3"]).lr == -1e-3
+    assert parse_settings(Settings, ["--lr", "-inf"]).lr == float("-inf")
+    assert parse_settings(Settings, ["--steps", "-2"]).steps == -2
+    for argv in (["--tru"], ["--st", "4"]):
+        with pytest.raises(SystemExit) as e:
+            parse_settings(Settings, argv)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    s = parse_settings(Settings, ["--lr", "inf"])
+    with pytest.raises(cli.UserError, match="--lr must be at least 0, got inf"):
+        cli.check_at_least(s, {"lr": 0})
 
 
 def test_a_bad_option_value_is_one_line(capsys):
@@ -135,10 +193,10 @@ def test_without_hard_links_a_new_file_still_never_replaces_one(tmp_path, monkey
 
 
 def test_a_file_system_without_modes_still_gets_the_file(tmp_path, monkeypatch):
-    def no_modes(path, mode):
+    def no_modes(fd, mode):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "chmod", no_modes)
+    monkeypatch.setattr(os, "fchmod", no_modes)
     write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
     assert (tmp_path / "a.bin").read_bytes() == b"x"
 

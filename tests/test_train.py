@@ -562,6 +562,7 @@ def test_a_resumed_run_removes_the_temp_file_of_a_killed_save(shards, tmp_path, 
     out = tmp_path / "run"
     assert trainer.main(args(shards, out, "--max-steps", "1", "--eval-every", "0")) == 0
     (out / ".echoes-tmp-abc123").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-save leaves
+    os.utime(out / ".echoes-tmp-abc123", (0, 0))  # its writer is gone: unlocked, and not new
     assert trainer.main(args(shards, out, "--max-steps", "2", "--eval-every", "0",
                              "--resume")) == 0
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
