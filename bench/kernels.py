@@ -54,12 +54,14 @@ seconds.
     python bench/kernels.py --candidate bench/candidates/*.patch
 """
 
+import atexit
 import dataclasses
 import functools
 import importlib
 import importlib.util
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,8 +79,8 @@ sys.path.insert(0, str(ROOT))
 
 from echoes import model as model_ref
 from echoes import sampler as sampler_ref
-from echoes.cli import (UserError, check_at_least, check_finite, check_out_file, parse_settings,
-                        run_cli, setting, write_text)
+from echoes.cli import (UserError, check_at_least, check_finite, check_out_file, device_name,
+                        parse_settings, run_cli, setting, write_text)
 
 OPS = ["gather_embed", "pad_decoder", "codebook_ce", "draw_tokens", "remask"]
 
@@ -215,7 +217,7 @@ def setup_codebook_ce(s, device, act, g):
     args = (h, weight, bias, target, 0.1)
     gemm = 2 * N * D * C
     fwd = nbytes(h, weight, bias, target)
-    bwd = nbytes(h, weight, bias, target)  # write grad h (the size of h), read E, h, targets
+    bwd = 2 * nbytes(h, bias) + nbytes(weight, target)  # read h, E, b, targets, write grads
     return Case("codebook_ce", f"N{N} D{D} C{C} {s.dtype}", model_ref.codebook_ce,
                 lambda fn: [fn(*args)], [h, bias], [torch.ones((), device=device)],
                 {"forward": fwd, "backward": bwd, "full": fwd + bwd},
@@ -336,6 +338,15 @@ def patched_source(patch, root=ROOT):
 
 
 @functools.lru_cache(maxsize=None)
+def candidate_folder():
+    """A temp folder for the kernel files patches make (Triton reads a kernel's source from its
+    file), removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix="echoes_candidates_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
+@functools.lru_cache(maxsize=None)
 def load_candidate(path):
     """The module of the kernel file at `path`, or of the kernel file a patch at `path` makes
     (imported once), or (None, why)."""
@@ -344,9 +355,7 @@ def load_candidate(path):
             _, text = patched_source(Path(path).read_text())
         except (ValueError, OSError) as e:
             return None, f"candidate patch does not apply ({str(e)[:60]})"
-        folder = Path(tempfile.gettempdir()) / f"echoes_candidates_{os.getpid()}"
-        folder.mkdir(exist_ok=True)
-        path = str(folder / (Path(path).stem + ".py"))  # Triton reads kernels' source from it
+        path = str(candidate_folder() / (Path(path).stem + ".py"))
         Path(path).write_text(text)
     spec = importlib.util.spec_from_file_location("candidate_" + Path(path).stem, path)
     try:
@@ -525,18 +534,26 @@ def results(case, fn):
 
 
 def difference(got, want):
-    """The worst difference between two lists of tensors: ||a - b|| / ||b|| for floating point,
-    the share of differing entries for integer and bool tensors (token ids, masks)."""
-    worst = 0.0
+    """(the worst difference between two lists of tensors, a note): ||a - b|| / ||b|| for
+    floating point, the share of differing entries for integer and bool tensors (masks). A
+    draw's (ids, logp): logp where the ids agree (elsewhere they are two tokens'
+    log-probabilities, bound to differ), and the share of ids that differ in the note."""
+    worst, note, same = 0.0, "", None
     for a, b in zip(got, want, strict=True):
         if a is None or b is None or a.shape != b.shape:
             err = 0.0 if a is b else float("inf")
         elif b.is_floating_point():
+            if same is not None and same.shape == b.shape:  # the logp of drawn ids
+                a, b = a[same], b[same]
             err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+        elif b.dtype != torch.bool:  # token ids: the draw's, its logp after them
+            same = a == b
+            note = f"ids differ: {float((~same).float().mean()):.1%}"
+            continue
         else:
             err = float((a != b).float().mean())
         worst = max(worst, err if err == err else float("inf"))  # NaN: as far off as can be
-    return worst
+    return worst, note
 
 
 def mode_fn(case, fn, mode):
@@ -612,7 +629,7 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
     for variant, (fn, _) in variants.items():
         if want is not None and variant != "eager" and fn is not None:
             try:
-                errors[variant] = difference(results(case, fn), want)
+                errors[variant] = difference(results(case, fn), want)  # (err, note)
             except Exception as e:
                 errors[variant] = f"not compared ({e.__class__.__name__}: {str(e)[:50]})"
     del want
@@ -623,8 +640,9 @@ def op_rows(op, case, variants, s, timer, device, ceiling):
             row = dict(op=op, shape=case.shape, mode=mode, variant=variant, note=why)
             if fn is not None:
                 row.update(measure(case, fn, mode, timer, s, device, bw, peak, launch))
-            if isinstance(errors.get(variant), float):
-                row["err"] = errors[variant]
+            if isinstance(errors.get(variant), tuple):
+                row["err"] = errors[variant][0]
+                add_note(row, errors[variant][1])
             elif variant in errors:
                 add_note(row, errors[variant])
             eager = next(r for r in rows[::-1] if r["mode"] == mode
@@ -724,7 +742,7 @@ def main(argv=None):
         name = torch.cuda.get_device_name()
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
     else:
-        name, versions = "CPU (no CUDA GPU)", f"torch {torch.__version__}"
+        name, versions = f"{device_name(device)} (no CUDA GPU)", f"torch {torch.__version__}"
         print("no CUDA GPU: timing the eager PyTorch references on the CPU "
               "(median of time.perf_counter); no Triton, torch.compile or --candidate rows")
     bw, peak, launch, peak_kind = ceiling = ceilings(device, s)
@@ -809,11 +827,11 @@ def markdown(header, rows, seconds):
               "call (profiler), without the host's launch overhead. host: CPU time to issue one "
               "call while the GPU is held busy (Python, autograd, launches; sync: the call waited "
               "for the GPU). peak MB: rise of the allocator peak. err vs eager: the worst "
-              "||a - b|| / ||b|| over the outputs and gradients (for token ids and masks: the "
-              "share that differ; the draw's is the larger of its ids' share and its logp's "
-              "error); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws (s = 3 amplifies "
-              "rounding) differ in ~10% of the ids, about as far as eager's own bf16 draws are "
-              "from an fp64 draw of the same inputs."]
+              "||a - b|| / ||b|| over the outputs and gradients (for masks: the share that "
+              "differ; for the draw: its logp where its ids agree with eager's, the share of ids "
+              "that differ in the note); bf16 rounding gives 1e-3 to 1e-2; bf16 guided draws "
+              "(s = 3 amplifies rounding) differ in ~10% of the ids, about as far as eager's own "
+              "bf16 draws are from an fp64 draw of the same inputs."]
     with_kernels = [r for r in rows if r.get("kernels")]
     if with_kernels:
         lines += ["", "GPU busy time by kernel (us per call, longest first):", "",

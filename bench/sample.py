@@ -18,7 +18,6 @@ slow small matrix products down when the cores are busy.
 """
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
 from echoes import sampler  # noqa: E402
-from echoes.cli import (check_at_least, check_out_file, check_rules, parse_settings,  # noqa: E402
-                        run_cli, setting, write_text)
+from echoes.cli import (check_at_least, check_out_file, check_rules, device_name,  # noqa: E402
+                        parse_settings, run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 from echoes.sampler import generate  # noqa: E402
 
@@ -49,17 +48,6 @@ class Settings:
     gpu: bool = setting(True, "also bench the paper preset on the GPU when one is present")
     seed: int = setting(0, "seed of the random weights, inputs and sampling")
     out: str = setting("", "also write the table as markdown to this file")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def backends(device):
@@ -110,8 +98,7 @@ def bench_preset(preset, device, autocast_dtype, s, table, save):
     with device:  # initialise the weights where they will live (424 M of them for `paper`)
         model = Echoes(config).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{cpu_name()}, {torch.get_num_threads()} threads")
+    name = device_name(device)
     dtype = "bf16 autocast" if autocast_dtype is not None else "fp32"
     print(f"{preset}: {n_params:.1f} M parameters on {name} ({dtype})", flush=True)
     g = torch.Generator().manual_seed(s.seed)

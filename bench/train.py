@@ -31,15 +31,14 @@ sys.path.insert(0, str(ROOT))
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from echoes.cli import (UserError, check_at_least, check_out_file, parse_settings,  # noqa: E402
-                        run_cli, setting, write_text)
+from echoes.cli import (UserError, check_at_least, check_out_file, device_name,  # noqa: E402
+                        parse_settings, run_cli, setting, write_text)
 from echoes.model import Echoes, EchoesConfig  # noqa: E402
 
 
@@ -159,12 +158,6 @@ def bench_row(preset, device, backend, amp, s, batch=0, profile=False):
             "batch": B, "step_ms": 1000 * dt, "samples_s": B / dt, "tflops": flops / 1e12,
             "mfu": flops / (peak * 1e12) if peak else None,
             "busy_ms": None if busy is None else busy / 1e3, "kernels_us": parts}
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def plan(s, notes):

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import pickle
+import platform
 import re
 import sys
 import tempfile
@@ -193,6 +194,22 @@ def check_at_least(s, minimums):
         value = getattr(s, name)
         if not value >= low or value == math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def device_name(device):
+    """What a run's numbers were measured on: the GPU's name, or the CPU's model and the threads
+    torch uses ("Intel(R) Xeon(R) Platinum 8480+, 2 threads")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()  # only the architecture on Linux
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def pick_device(name, flag="--device"):

@@ -47,16 +47,22 @@ def test_difference_from_eager_covers_outputs_and_gradients():
     case = bench.setup_gather_embed(s, torch.device("cpu"), torch.float32, g)
     want = bench.results(case, case.reference)
     assert len(want) == 2 + len(case.grads)  # both modalities' outputs, every leaf's gradient
-    assert bench.difference(bench.results(case, case.reference), want) == 0.0
+    assert bench.difference(bench.results(case, case.reference), want) == (0.0, "")
     scaled = bench.results(case, lambda *args: case.reference(*args) * 1.01)
-    assert abs(bench.difference(scaled, want) - 0.01) < 1e-4  # outputs and gradients
+    err, _ = bench.difference(scaled, want)
+    assert abs(err - 0.01) < 1e-4  # outputs and gradients
     case = bench.setup_draw_tokens(s, torch.device("cpu"), torch.float32, g)
     ids, logp = bench.results(case, case.reference)
-    assert bench.difference([ids.roll(1), logp], [ids, logp]) > 0.5  # share of ids that differ
+    # the draw: logp compared where the ids agree (elsewhere two tokens' log-probabilities)
+    other = ids.clone()
+    other[:len(ids) // 2] = (ids[:len(ids) // 2] + 1) % s.codebook
+    far = torch.where(torch.arange(len(ids)) < len(ids) // 2, logp - 5, logp * 1.01)
+    err, note = bench.difference([other, far], [ids, logp])
+    assert abs(err - 0.01) < 1e-4 and note == "ids differ: 50.0%"
     nan = logp.clone()
     nan[0] = float("nan")
-    assert bench.difference([ids, nan], [ids, logp]) == float("inf")
-    assert bench.difference([ids, logp[:, None]], [ids, logp]) == float("inf")  # shape
+    assert bench.difference([ids, nan], [ids, logp])[0] == float("inf")
+    assert bench.difference([ids, logp[:, None]], [ids, logp])[0] == float("inf")  # shape
 
 
 def test_op_rows_with_a_candidate_and_a_wrong_version(tmp_path):
@@ -244,7 +250,9 @@ def test_main_writes_the_eager_table_on_the_cpu(tmp_path):
     bench.run_cli(bench.main, ["--small", "--ops", "remask", "codebook_ce", "--rep", "5",
                                "--out", str(out)])
     table = out.read_text()
-    assert "device: CPU (no CUDA GPU)" in table
+    threads = bench.torch.get_num_threads()
+    assert f"device: {bench.device_name('cpu')} (no CUDA GPU)" in table  # the CPU's model
+    assert f", {threads} threads (no CUDA GPU)" in table
     for mode in ("forward", "backward", "full"):
         assert f"| {mode} | eager |" in table
     assert "| codebook_ce | N" in table
@@ -394,7 +402,8 @@ def test_train_bench_runs_a_cpu_step(tmp_path):
     train_bench.main(["--device", "cpu", "--steps", "1", "--warmup", "0", "--cpu-amp", "fp32",
                       "--out", str(out)])
     row = out.read_text().splitlines()[2]
-    assert row.startswith("| demo | CPU") and row.endswith("| - | - | - |")
+    assert row.startswith(f"| demo | {train_bench.device_name('cpu')} |")  # the CPU's model
+    assert row.endswith("| - | - | - |")
 
 
 def test_train_bench_keeps_the_rows_of_a_run_cut_short(monkeypatch, tmp_path):

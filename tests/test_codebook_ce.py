@@ -197,7 +197,7 @@ def test_codebook_ce_gpu(shape, h_dtype, autocast, atol, rtol):
 
 
 @cuda
-def test_peak_memory_at_most_half_of_eager():
+def test_gpu_peak_memory_at_most_half_of_eager():
     from kernels.codebook_ce import codebook_ce
     h, weight, bias, target, dy = make_inputs(N=12000, C=1024, D=1024, device="cuda",
                                               grads=("h", "bias"))
