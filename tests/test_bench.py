@@ -90,6 +90,27 @@ def test_op_rows_with_a_candidate_and_a_wrong_version(tmp_path):
     assert "| pad_decoder |" in bench.markdown("header", rows, 1.0)
 
 
+def test_rate_and_share_of_the_floor_from_a_known_time():
+    import dataclasses
+
+    import torch
+    s = dataclasses.replace(bench.Settings(), batch=2, dim=16, codebook=32, rep=1)
+    device = torch.device("cpu")
+    case = bench.setup_pad_decoder(s, device, torch.float32, torch.Generator().manual_seed(0))
+    nbytes = case.bytes["forward"]
+    # a copy rate that makes the floor 10 us, a call that takes 40 us: 25% of the floor
+    row = bench.measure(case, case.reference, "forward", lambda run, grads, s: 40.0, s, device,
+                        bw=nbytes / 10e-6, peak=1e30, launch=0.0)
+    assert row["us"] == 40.0 and row["floor"] == pytest.approx(25.0)
+    assert row["rate"] == f"{nbytes / 40e-6 / 1e9:.0f} GB/s"
+    case = bench.setup_codebook_ce(s, device, torch.float32, torch.Generator().manual_seed(0))
+    flops = case.flops["forward"]  # matmul-bound: the rate in TFLOP/s
+    row = bench.measure(case, case.reference, "forward", lambda run, grads, s: 50.0, s, device,
+                        bw=1e30, peak=flops / 20e-6, launch=0.0)
+    assert row["floor"] == pytest.approx(40.0)
+    assert row["rate"] == f"{flops / 50e-6 / 1e12:.1f} TFLOP/s"
+
+
 def test_busy_times_fill_in_after_the_timing(monkeypatch):
     import dataclasses
 

@@ -93,6 +93,23 @@ def test_a_write_in_progress_keeps_its_temp_file(tmp_path, monkeypatch):
     assert (tmp_path / "a.bin").read_bytes() == b"first half, second half"
 
 
+def test_the_temp_file_is_synced_in_the_targets_folder_then_renamed(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def syncing(fd):
+        events.append("fsync")
+        fsync(fd)
+
+    def renaming(src, dst):
+        events.append(("rename", os.path.dirname(src), os.path.dirname(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", syncing)
+    monkeypatch.setattr(os, "replace", renaming)
+    write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    assert events == ["fsync", ("rename", str(tmp_path), str(tmp_path))]
+
+
 def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     old = os.umask(0o022)
     try:

@@ -76,6 +76,13 @@ def test_training_draws_every_frame_and_evaluation_takes_the_middle(tmp_path):
     evaluation = data.TokenShards(tmp_path, "train", train=False)
     for _ in range(3):
         assert (evaluation.fetch(np.arange(10))[1] // 10 == 2).all()  # frame 5 // 2
+    # every step of an epoch draws its own frames (seeded by the position in the epoch)
+    fresh = data.ShardLoader(train, batch_size=5, seed=3)
+    frames = [fresh.next()[1][:, 0] // 10 for _ in range(2)]  # epoch 0's two steps
+    assert fresh.epoch == 0 and not torch.equal(*frames)
+    make_shards(tmp_path / "four", n=3, frames=4)  # an even count: the later of the middle two
+    evaluation = data.TokenShards(tmp_path / "four", "train", train=False)
+    assert (evaluation.fetch(np.arange(3))[1] // 10 == 2).all()
 
 
 @pytest.mark.parametrize("n, world, batch", [(24, 3, 4), (23, 3, 2), (5, 4, 2)])
@@ -103,6 +110,7 @@ def test_rank_sharding_is_disjoint_and_complete(tmp_path, n, world, batch):
             assert (a[:, 0] // 100).tolist() == clips.tolist()
             seen += clips.tolist()
     assert sorted(seen) == list(range(n))
+    assert [c.tolist() for c, _, _ in data.eval_batches(ds, 3, 0, 1, limit=4)] == [[0, 1, 2], [3]]
 
 
 def test_loader_position_restores_the_same_batches(tmp_path):
@@ -121,6 +129,13 @@ def test_loader_position_restores_the_same_batches(tmp_path):
     b.load_state_dict(state)
     for (wa, wv), (ga, gv) in zip(want, (b.next() for _ in range(4))):
         assert torch.equal(wa, ga) and torch.equal(wv, gv)
+    # a position from steps of 8 clips, resumed with steps of 6: back to a step boundary, so
+    # every batch is full and the epoch's clips are read once each
+    c = data.ShardLoader(ds, 3, rank=0, world_size=2, seed=5)
+    c.load_state_dict({"epoch": 0, "index": 8})
+    assert c.index == 6
+    batches = [c.next()[0] for _ in range(c.steps_per_epoch() - 1)]  # the rest of epoch 0
+    assert {len(b) for b in batches} == {3} and c.epoch == 0
 
 
 def test_repair_within_class_keeps_the_class(tmp_path):

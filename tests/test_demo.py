@@ -251,6 +251,23 @@ def test_ema_codebook_follows_latents_and_restarts_dead_codes():
     restarted = sum(book.update(z, ids, g) for _ in range(4))
     assert restarted >= 7
     assert torch.allclose(book.weight[0], z.mean(0), atol=0.2)
+    # one update by hand at decay 0.9: EMAs of counts and sums, Laplace-smoothed sizes
+    book = demo.EMACodebook(quantizer, decay=0.9, dead_below=0.0)
+    book.update(z, ids, g)  # the initialisation
+    size, total = book.size.clone(), book.sum.clone()
+    ids = torch.arange(64) % 8
+    book.update(z, ids, g)
+    counts = torch.bincount(ids, minlength=8).float()
+    sums = torch.zeros(8, 4).index_add_(0, ids, z)
+    size, total = 0.9 * size + 0.1 * counts, 0.9 * total + 0.1 * sums
+    n = size.sum()
+    torch.testing.assert_close(book.weight, total / ((size + 1e-5) / (n + 8e-5) * n)[:, None])
+
+
+def test_the_tokenizers_learning_rate_falls_on_a_cosine_to_a_tenth():
+    assert demo.cosine_lr(1.0, 0, 100) == pytest.approx(1.0)
+    assert demo.cosine_lr(1.0, 50, 100) == pytest.approx(0.55)
+    assert demo.cosine_lr(1.0, 100, 100) == pytest.approx(0.1)
 
 
 def test_mel_recipe_gives_the_token_grid():

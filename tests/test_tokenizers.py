@@ -325,6 +325,13 @@ def test_mel_of_10_seconds_is_80_by_848():
         assert mel01.min() >= 0 and mel01.max() <= 1 and mel01.max() > 0.5
     batch = mel_spectrogram(torch.stack([wav[:22050], 0.5 * wav[:22050]]))
     assert batch.shape == (2, 80, 87)
+    assert (mel_spectrogram(torch.zeros(22050)) == 0).all()  # silence: the recipe's floor, 0
+    # the crop: the first 860 of 862 frames kept, then the middle 848 from frame 6 on, where
+    # AudioTokenizer.crop_offset says the rendering starts
+    frames = torch.arange(862.0).expand(1, 80, 862)  # each frame holds its index
+    cropped = crop_mel(frames)
+    assert cropped[0, 0, 0] == 6 and cropped[0, 0, -1] == 853
+    assert AudioTokenizer(tiny_vqgan(in_channels=1, resolution=32)).crop_offset() == 6
 
 
 @pytest.mark.parametrize("freq", [262.0, 1000.0, 4000.0])
@@ -340,6 +347,19 @@ def test_griffin_lim_keeps_pitch():
     assert wav.shape == (1, 256 * mel01.shape[-1])
     assert abs(peak_hz(wav[0], 22050) - 440.0) < 440.0 * 0.02
     assert wav.abs().max() > 0.1
+    # the phases converge: the rendering's |STFT| nears the magnitudes it was given, the more
+    # the longer it iterates (spectral convergence)
+    from echoes.audio import _stft_mag, mel01_to_linear
+    rich = mel_spectrogram(sum(tone(f, 1.0, 22050) for f in (220.0, 660.0, 1500.0)).float())
+    mag = mel01_to_linear(rich)  # (1, K, T)
+
+    def convergence(n_iter):
+        y = griffin_lim(rich, n_iter=n_iter, generator=torch.Generator().manual_seed(0))
+        got = _stft_mag(y, 1024, 256)[..., :mag.shape[-1]]
+        return float((got - mag).norm() / mag.norm())
+
+    errors = [convergence(n) for n in (0, 4, 32)]  # 0.64, 0.26, 0.17 (momentum backwards: 0.22)
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.2, errors
     assert griffin_lim(mel01[..., :3], n_iter=2).shape == (1, 768)  # the fewest frames it takes
     with pytest.raises(ValueError, match="needs more than 2 frames"):
         griffin_lim(mel01[..., :2])
@@ -360,6 +380,11 @@ def test_resample_is_band_limited():
     out = resample(stereo, 48000, 22050)  # a 147/320 ratio
     assert out.shape == (2, 11025)
     assert abs(peak_hz(out[1], 22050) - 2000.0) < 3.0
+    for sr in (48000, 16000, 8000):  # the common rates, down and up: the ideal tone, -60 dB
+        kept = resample(tone(1000.0, 1.0, sr).float(), sr, 22050)
+        ideal = tone(1000.0, 1.0, 22050)
+        error = (kept.double() - ideal)[1000:-1000].pow(2).mean() / ideal.pow(2).mean()
+        assert error < 1e-6, (sr, error)
 
 
 def test_resample_with_a_huge_ratio_matches_the_exact_filter():

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -76,6 +77,32 @@ def test_torchrun_two_processes_on_gloo(shards, tmp_path):
     for key in ("loss", "loss_audio", "loss_image", "lr", "grad_norm", "step_time",
                 "samples_per_s"):
         assert np.isfinite(records[0][key])
+    ranks = ckpt["rng"]["ranks"]  # each rank's own streams: its own masks and dropout
+    assert not torch.equal(ranks[0]["masking"], ranks[1]["masking"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+
+
+def test_the_learning_rate_warms_up_linearly_then_falls_on_a_half_cosine():
+    def lr(step):
+        return trainer.lr_at(step, 1.0, 10, 110, min_ratio=0.1)
+
+    assert [lr(0), lr(4), lr(9)] == pytest.approx([0.1, 0.5, 1.0])  # (step + 1) / warmup
+    assert lr(10) == pytest.approx(1.0) and lr(110) == pytest.approx(0.1)
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: the cosine's middle
+    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    falling = [lr(k) for k in range(10, 111)]
+    assert all(a >= b for a, b in zip(falling, falling[1:]))
+
+
+def test_epochs_set_the_steps_and_the_warmup_is_2_5_percent_of_them(shards, tmp_path,
+                                                                      one_thread):
+    out = tmp_path / "run"  # 40 clips at global batch 8: 6.6 epochs are 33 steps, 1 warming up
+    argv = [a for a in args(shards, out, "--max-steps", "0", "--epochs", "6.6",
+                            "--eval-every", "0", "--save-every", "100")]
+    assert trainer.main(argv) == 0
+    lrs = [r["lr"] for r in map(json.loads, open(out / "log.jsonl")) if "lr" in r]
+    assert len(lrs) == 33
+    assert lrs == pytest.approx([trainer.lr_at(k, 1e-3, 1, 33) for k in range(33)])
 
 
 def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
@@ -541,6 +568,23 @@ def test_the_eval_loss_does_not_depend_on_processes_or_batch_size(shards, monkey
     sa, na, sv, nv = (totals[0] + totals[1]).tolist()
     assert one["eval_loss"] == pytest.approx((sa + sv) / (na + nv), rel=1e-5)
     assert one["eval_loss_audio"] == pytest.approx(sa / na, rel=1e-5)
+    # each clip's masks are its own: clip i's generator is the sampler's sample i of the seed
+    masks, draw = [], Echoes.draw_corruption
+
+    def recording(self, B, device, generator=None):
+        out = draw(self, B, device, generator)
+        if isinstance(generator, list):  # a batch's call (it calls itself once per clip)
+            masks.append(out[0])  # (B, La) audio masks
+        return out
+
+    monkeypatch.setattr(Echoes, "draw_corruption", recording)
+    trainer.evaluate(model, ds, 4, trainer.Dist(0, 0, 1, torch.device("cpu"), True), "fp32", 3,
+                     limit=5)
+    got = torch.cat(masks)  # (5, La)
+    assert len(got) == 5 and len({tuple(m.tolist()) for m in got}) > 1
+    want = [draw(model, 1, "cpu", trainer.sample_generators(3, 1, offset=i))[0][0]
+            for i in range(5)]
+    assert torch.equal(got, torch.stack(want))
 
 
 def test_an_eval_split_without_masked_tokens_of_a_modality_says_n_a(monkeypatch):
