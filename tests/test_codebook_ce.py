@@ -28,6 +28,8 @@ INTERPRETER_CASES = [
     ("table_and_bias_only", dict(N=50, C=48, D=32, eps=0.2, grads=("weight", "bias")),
      1e-5, 1e-5),
     ("no_rows", dict(N=0, C=33, D=17, eps=0.1, grads=("h", "weight", "bias")), 1e-5, 1e-5),
+    # wider than the scaling kernel's 1024-column block: its loop over D runs twice, a tail
+    ("wide_features", dict(N=5, C=6, D=1100, eps=0.1, grads=("h", "bias")), 1e-5, 1e-5),
 ]
 
 
