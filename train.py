@@ -114,8 +114,8 @@ class Settings:
     save_every: int = setting(1000, "steps between checkpoints (and one at the end)")
     sampling: str = setting("", "JSON of sampling defaults stored in the checkpoint for "
                             "sample.py, e.g. '{\"guidance\": {\"i2a\": 3.0}}' (a plain number "
-                            "holds for every guided mode, a2i included); a resumed run without it keeps "
-                            "the stored ones")
+                            "holds for every guided mode, a2i included); a resumed run without "
+                            "it keeps the stored ones")
     progress: bool = setting(True, "show a progress bar on rank 0")
 
 

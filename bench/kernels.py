@@ -545,7 +545,8 @@ def difference(got, want):
         elif b.is_floating_point():
             if same is not None and same.shape == b.shape:  # the logp of drawn ids
                 a, b = a[same], b[same]
-            err = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+            err = (float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+                   if b.numel() else float("inf"))  # no id agrees: nothing like eager's
         elif b.dtype != torch.bool:  # token ids: the draw's, its logp after them
             same = a == b
             note = f"ids differ: {float((~same).float().mean()):.1%}"
@@ -867,7 +868,9 @@ def against_main(rows):
     for row, main, compiled in pairs:
         cells = [row["op"], row["mode"], row["variant"], us(row, "busy"), us(main, "busy"),
                  ratio(row, main, "busy"), ratio(row, compiled, "busy"), us(row, "us"),
-                 ratio(row, main, "us"), f"{row['err']:.1e}" if "err" in row else row["note"]]
+                 ratio(row, main, "us"),
+                 " ".join(filter(None, [f"{row['err']:.1e}" if "err" in row else "",
+                                        row["note"]]))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

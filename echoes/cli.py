@@ -127,7 +127,8 @@ class _ListAction(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (it prints the whole usage block first), no
     abbreviated flags (a prefix of a flag is an unknown flag), and negative numbers with an
-    exponent or inf taken as values (`--lr -1e-3`, `--silence-db -inf`)."""
+    exponent or inf taken as values (`--lr -1e-3`, `--guidance -inf`, then refused as a
+    value)."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
@@ -355,8 +356,12 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
         # bytes that are no pickle at all: full unpickling would not help. Any other refusal of
         # torch's safe unpickler (a class it does not know, a dict subclass it cannot fill)
         # is about what the file holds
-        # ("unsupported operand" is not one: protocol 4 and 5 pickles are refused with it)
-        if any(k in str(e).lower() for k in ("invalid load key", "truncated")):
+        # "unsupported operand N" is one, but for the opcodes of pickle protocols 4 and 5
+        # (140-152: FRAME, STACK_GLOBAL, ...), which a checkpoint saved with them holds
+        operand = re.search(r"unsupported operand (\d+)", str(e).lower())
+        newer = operand is not None and 140 <= int(operand.group(1)) <= 152
+        if not newer and any(k in str(e).lower() for k in ("invalid load key", "truncated",
+                                                           "unsupported operand")):
             raise UserError(f"{what} {path} is not a readable PyTorch file; "
                             "re-download or re-create it") from e
         if not trusted:
@@ -405,7 +410,10 @@ def write_atomic(path, write, replace=True):
             try:  # mkstemp makes it 0600: the replaced file's mode, else the one open() gives
                 mode = (os.stat(path).st_mode & 0o7777 if replace and os.path.exists(path)
                         else 0o666 & ~_umask())
-                os.fchmod(fd, mode)
+                if hasattr(os, "fchmod"):
+                    os.fchmod(fd, mode)
+                else:  # Windows before Python 3.13
+                    os.chmod(tmp, mode)
             except OSError:  # a file system without modes (FAT, some network mounts)
                 pass
             publishing = True
@@ -487,7 +495,12 @@ def folder_lock(folder, what):
     """Hold an exclusive lock on `folder` (on its file LOCK_NAME) while the block runs, so that
     two runs never write one folder at once; a `UserError` when another process holds it. Where
     the file system has no locks (no fcntl, some network file systems) the block runs unguarded."""
-    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(folder, LOCK_NAME)
+    try:  # read-only: a lock file another user made (0644 in a shared folder) still opens
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot open the lock file {path} ({e.strerror}); check the folder's "
+                        "permissions or use another folder") from e
     try:
         if fcntl is not None:
             try:

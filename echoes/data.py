@@ -417,17 +417,18 @@ def decode_clip(path, s, start=0.0):
     if span < s.min_fraction * s.clip_seconds:
         raise ClipError(f"short ({span:.2f} s)")
     S, F = s.image_size, s.frames
-    vf = (f"fps={F}/{span:.6f},scale={S}:{S}:force_original_aspect_ratio=increase:flags=bicubic,"
-          f"crop={S}:{S}")
-    if sar not in ("1:1", "0:1", "N/A"):  # non-square pixels: first to the shape it is shown at
-        vf = f"scale=trunc(iw*sar/2)*2:ih:flags=bicubic,setsar=1,{vf}"
     # the clip: a seek before -i jumps by the index, exact in most containers; FLV's lands up
     # to seconds late (even at 0), so there ffmpeg decodes from the start and drops what comes
-    # before `start` (-ss and -t after -i)
+    # before `start` (-ss and -t after -i; the frame grid then starts at `start` explicitly)
+    flv = "flv" in container.split(",")
     clip = (["-ss", f"{start:.3f}"] if start > 0 else []) + ["-t", f"{span:.6f}"]
-    base = (["ffmpeg", "-v", "error", "-nostdin", "-i", path, *clip]
-            if "flv" in container.split(",") else
+    base = (["ffmpeg", "-v", "error", "-nostdin", "-i", path, *clip] if flv else
             ["ffmpeg", "-v", "error", "-nostdin", *clip, "-i", path])
+    grid = f":start_time={start:.3f}" if flv else ""
+    vf = (f"fps={F}/{span:.6f}{grid},scale={S}:{S}:force_original_aspect_ratio=increase:"
+          f"flags=bicubic,crop={S}:{S}")
+    if sar not in ("1:1", "0:1", "N/A"):  # non-square pixels: first to the shape it is shown at
+        vf = f"scale=trunc(iw*sar/2)*2:ih:flags=bicubic,setsar=1,{vf}"
     proc = subprocess.run(base + ["-an", "-vf", vf, "-frames:v", str(F), "-f", "rawvideo",
                                   "-pix_fmt", "rgb24", "pipe:1"], capture_output=True)
     got = len(proc.stdout) // (S * S * 3)

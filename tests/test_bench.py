@@ -59,6 +59,8 @@ def test_difference_from_eager_covers_outputs_and_gradients():
     far = torch.where(torch.arange(len(ids)) < len(ids) // 2, logp - 5, logp * 1.01)
     err, note = bench.difference([other, far], [ids, logp])
     assert abs(err - 0.01) < 1e-4 and note == "ids differ: 50.0%"
+    wrong = (ids + 1) % s.codebook  # no id agrees: as far off as can be, not 0
+    assert bench.difference([wrong, logp], [ids, logp]) == (float("inf"), "ids differ: 100.0%")
     nan = logp.clone()
     nan[0] = float("nan")
     assert bench.difference([ids, nan], [ids, logp])[0] == float("inf")

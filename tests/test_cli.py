@@ -148,6 +148,23 @@ def test_the_callers_own_os_error_is_raised_not_taken_for_a_full_disk(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_pickle_of_unknown_opcodes_is_unreadable_not_a_question_of_trust(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02" + bytes([197]) + b"\x00" * 40)
+    with pytest.raises(cli.UserError, match="is not a readable PyTorch file"):
+        cli.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_device_name_names_the_cpu_model_and_threads():
+    import torch
+    name = cli.device_name("cpu")
+    assert name.endswith(f", {torch.get_num_threads()} threads")
+    if os.path.exists("/proc/cpuinfo"):
+        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")]
+        if models:
+            assert name.startswith(models[0])
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about these files
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_checkpoints_of_every_pickle_protocol_load_or_ask_for_trust(tmp_path, protocol):

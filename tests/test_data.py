@@ -615,8 +615,9 @@ def test_flv_and_clips_past_the_end_or_without_samples(tmp_path):
            "geq=lum='N*2'", "-f", "lavfi", "-i", "aevalsrc='t/10':s=22050:d=5"]
     flv, mkv = tmp_path / "t.flv", tmp_path / "t.mkv"
     ffmpeg(*src, "-c:v", "ffv1", "-c:a", "pcm_f32le", str(mkv))
-    try:  # FLV with MP3 sound, as downloaded: a seek by its index lands seconds late, even at 0
-        ffmpeg(*src, "-c:v", "flv1", "-q:v", "2", "-c:a", "libmp3lame", "-ar", "22050", str(flv))
+    try:  # FLV with MP3 sound and an index: a seek by it lands seconds late, even at 0
+        ffmpeg(*src, "-c:v", "flv1", "-q:v", "2", "-c:a", "libmp3lame", "-ar", "22050",
+               "-flvflags", "add_keyframe_index", str(flv))
     except subprocess.CalledProcessError:
         flv = None  # an ffmpeg built without the MP3 encoder
     for start in (0.0, 2.0):
@@ -635,13 +636,23 @@ def test_flv_and_clips_past_the_end_or_without_samples(tmp_path):
         data.decode_clip(str(empty), s)
 
 
-def test_two_prepare_runs_never_write_one_folder_at_once(tmp_path):
+def test_two_prepare_runs_never_write_one_folder_at_once(tmp_path, capsys):
     with data.folder_lock(str(tmp_path), "prepare run"):
         with pytest.raises(data.UserError, match="is being written by another prepare run"):
             with data.folder_lock(str(tmp_path), "prepare run"):
                 pass
     with data.folder_lock(str(tmp_path), "prepare run"):  # released at the end of the block
         pass
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        return  # prepare itself needs ffmpeg
+    videos, out = tmp_path / "videos", tmp_path / "shards"
+    videos.mkdir()
+    out.mkdir()
+    make_video(videos / "a.mp4")
+    with data.folder_lock(str(out), "prepare run"):  # another run at work in --out
+        code, _, err = run_main(["prepare", "--videos", str(videos), "--out", str(out),
+                                 *tiny_tokenizers(tmp_path)], capsys)
+    assert code == 2 and "is being written by another prepare run" in err
 
 
 @needs_ffmpeg
