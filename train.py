@@ -493,7 +493,7 @@ def resume(ckpt, path, s, d, config, model, optimizer, loader, generator):
                    f"{s.decay_group}: the run keeps its grouping")
             s.decay_group = other  # the settings the next checkpoint records
         for group in ckpt["optimizer"]["param_groups"]:  # before loading: the state's step
-            group["fused"] = d.device.type == "cuda"  # counters go where fused AdamW wants them
+            group["fused"] = optimizer.defaults["fused"]  # counters go where fused AdamW wants
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["data"])
         rng = ckpt["rng"]

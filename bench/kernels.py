@@ -535,9 +535,9 @@ def results(case, fn):
 
 def difference(got, want):
     """(the worst difference between two lists of tensors, a note): ||a - b|| / ||b|| for
-    floating point, the share of differing entries for integer and bool tensors (masks). A
-    draw's (ids, logp): logp where the ids agree (elsewhere they are two tokens'
-    log-probabilities, bound to differ), and the share of ids that differ in the note."""
+    floating point, the share of differing entries for bool tensors (masks). A draw's integer
+    ids only pick the logp entries compared, those where the ids agree (elsewhere they are two
+    tokens' log-probabilities, bound to differ), and the share that differ goes in the note."""
     worst, note, same = 0.0, "", None
     for a, b in zip(got, want, strict=True):
         if a is None or b is None or a.shape != b.shape:
@@ -740,7 +740,7 @@ def main(argv=None):
         # donates its saved buffers refuses; whether it donates is settled by its first backward
         # (the err check's, which does not retain the graph), so donation is turned off
         functorch_config.donated_buffer = False
-        name = torch.cuda.get_device_name()
+        name = device_name(device)
         versions = f"torch {torch.__version__}, triton {triton.__version__}"
     else:
         name, versions = f"{device_name(device)} (no CUDA GPU)", f"torch {torch.__version__}"

@@ -474,8 +474,9 @@ def check_out_file(path, flag="--out"):
 
 
 def write_text(path, text):
-    """`text` to the file `path`, atomically (see `write_atomic`)."""
-    write_atomic(path, lambda f: f.write(text.encode()))
+    """`text` to the file `path` in UTF-8, atomically (see `write_atomic`); a file name in it
+    that is not UTF-8 (Python's surrogate escapes) is written as its own bytes."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
 
 
 def _lock(fd):

@@ -465,7 +465,7 @@ def _read_skipped(folder):
     try:
         with open(os.path.join(folder, SKIPPED), encoding="utf-8", errors="surrogateescape") as f:
             rows = [line.rstrip("\n").split("\t") for line in f]
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return []
     return [tuple(row) for row in rows if len(row) == 3]
 
@@ -593,7 +593,7 @@ def read_csv(path):
     minute, where a dropped row would quietly change the data set, and it has no clip id."""
     if not os.path.isfile(path):
         raise UserError(f"--csv {path} not found")
-    rows, first_line = [], {}  # (youtube_id, start) -> its first row
+    rows, seen = [], {}  # (youtube_id, start) -> (label, split) of its first row
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drops a BOM (Excel)
             reader = csv.reader(f)
@@ -624,11 +624,9 @@ def read_csv(path):
                 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split):  # names shard files
                     raise UserError(f"--csv {path} line {line}: split {split!r} is not a name of "
                                     "letters, digits, '_', '.' and '-' (train, test, ...)")
-                key = (yt, int(seconds))
-                if key in first_line and rows[first_line[key]][2:] != (label, split):
+                if seen.setdefault((yt, int(seconds)), (label, split)) != (label, split):
                     raise UserError(f"--csv {path} line {line} repeats {yt},{start} with another "
                                     "label or split; keep one row per clip")
-                first_line.setdefault(key, len(rows))
                 rows.append((yt, int(seconds), label, split))
     except UnicodeDecodeError as e:
         raise UserError(f"--csv {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
@@ -751,12 +749,11 @@ def prepare(s):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             raise UserError(f"{tool} not found: install ffmpeg (e.g. apt-get install ffmpeg)")
     s = with_bundle_recipe(s)
-    check_writable(s.out)
-    if s.csv:
-        read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load
-    image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
-    os.makedirs(s.out, exist_ok=True)
+    check_writable(s.out)  # makes the folder
     with folder_lock(s.out, "prepare run"):  # one writer at a time: shards are appended
+        if s.csv:
+            read_csv(s.csv)  # a bad CSV fails now, not after the released tokenizers load
+        image_tok, audio_tok, tok_meta = _make_tokenizers(s, device)
         return _prepare_locked(s, image_tok, audio_tok, tok_meta, device)
 
 
@@ -799,10 +796,9 @@ def _prepare_locked(s, image_tok, audio_tok, tok_meta, device):
     print(f"{len(clips)} clips listed, {len(done)} already in shards, {missing} without a "
           f"video file, {len(todo)} to prepare (tokenizers on {device})")
 
-    def write_skipped():  # file names that are not UTF-8 are written as their bytes
+    def write_skipped():
         text = "".join(f"{c}\t{why}\t{p}\n" for c, why, p in skipped)
-        write_atomic(os.path.join(s.out, SKIPPED),
-                     lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+        write_text(os.path.join(s.out, SKIPPED), text)
 
     buffers = {}  # split -> [image ids (F, Lv), audio ids (La,), clip id, label]
     written = 0

@@ -527,7 +527,9 @@ def stage_model(s, p, device):
            "--repair-within-class" if s.repair_within_class else "--no-repair-within-class"]
     env = dict(os.environ)
     if device.index is not None:  # train.py takes cuda:LOCAL_RANK: show it the chosen GPU alone
-        env["CUDA_VISIBLE_DEVICES"] = str(device.index)
+        visible = [g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = (visible[device.index] if device.index < len(visible)
+                                       else str(device.index))
     if s.threads:
         env["OMP_NUM_THREADS"] = str(s.threads)
     # the masked-row count, so the heads' matrix shapes, changes every step, and on a CPU oneDNN
@@ -893,7 +895,7 @@ def stage_done(stage, s, p):
         return False
     if stage == "model":
         return load_checkpoint(p["ckpt"], what="demo model checkpoint")["step"] >= s.model_steps
-    if stage == "bundle":  # labels.csv is written last
+    if stage == "bundle":  # the example files too, each of which may have gone missing
         return all((p["examples"] / name).exists() for name in example_files())
     return True
 

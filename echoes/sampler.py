@@ -350,7 +350,7 @@ def check_sampling_defaults(defaults):
         raise ValueError(f"unknown sampling setting(s) {', '.join(unknown)}: "
                          f"use {', '.join(SAMPLING_KEYS)}")
     for name, value in defaults.items():
-        per_mode = value if isinstance(value, dict) else {"every mode": value}
+        per_mode = value if isinstance(value, dict) else {"all modes": value}
         bad_modes = sorted(set(value) - set(MODES)) if isinstance(value, dict) else []
         ok, what = SAMPLING_RULES[name]
         if bad_modes or not all(ok(v) for v in per_mode.values()):

@@ -14,10 +14,10 @@ the shape sets the image's outline and the clip's timbre / rhythm:
   item draws from its own generator seeded by (seed, index), so an item never depends on which
   other items were made, in what order or in what batch. The label is `index % 12`: any run of 12
   consecutive indices holds each class once.
-- `generate(n, seed)` stacks items as arrays; `write_files(out_dir, n, seed)` writes PNG + WAV files
-  and `labels.csv` (example inputs for the scripts).
-- `read_image`, `read_audio`, `read_mel` -> (colour, shape): no learning, so they can score what a
-  model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/audio.py),
+- `generate(n, seed)` stacks items as arrays; `write_files(out_dir, indices, seed)` writes PNG +
+  WAV files and `labels.csv` (example inputs for the scripts).
+- `read_image`, `read_audio`, `read_mel` -> (colour, shape), or (None, None) where nothing stands
+  out: no learning, so they can score what a model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/audio.py),
   which is what the audio tokenizer decodes to, before any vocoder.
 - `python -m echoes.shapes --out DIR --n N --seed S` writes example files.
 
@@ -32,12 +32,14 @@ import io
 import os
 
 import numpy as np
-import soundfile
+import torch
 from PIL import Image
 from tqdm import tqdm
 
+from echoes.audio import save_wav
 from echoes.cli import (UserError, check_at_least, check_writable, parse_settings, run_cli,
-                        setting, write_atomic, write_text)
+                        setting, write_text)
+from echoes.tokenizers import save_png
 
 # -----------------------------------------------------------------------------
 # the classes
@@ -199,8 +201,8 @@ LABELS_HEADER = ["index", "label", "class", "image", "audio"]
 def write_files(out_dir, indices, seed=0, stems=None, progress=False, spec=SPEC):
     """Write items `indices` as `{stem}.png` + `{stem}.wav` (16-bit PCM; stems `{index:05d}`
     unless given) in `out_dir`, and `labels.csv` (index, label, class, image, audio) listing them
-    and the pairs earlier calls wrote there. Every file is written atomically (temp + rename).
-    Returns the csv's path."""
+    and the pairs earlier calls wrote there; every file is written atomically. Returns the csv's
+    path."""
     os.makedirs(out_dir, exist_ok=True)
     stems = stems or [f"{i:05d}" for i in indices]
     rows = {}
@@ -212,11 +214,8 @@ def write_files(out_dir, indices, seed=0, stems=None, progress=False, spec=SPEC)
                 rows = {row[3]: row for row in reader if len(row) == len(LABELS_HEADER)}
     for i, stem in tqdm(list(zip(indices, stems)), disable=not progress, desc="shapes"):
         label, img, wav = make_pair(i, seed, spec)
-        png, audio = io.BytesIO(), io.BytesIO()  # encoded in memory, then written whole
-        Image.fromarray(img).save(png, format="PNG")
-        soundfile.write(audio, wav, spec.sample_rate, subtype="PCM_16", format="WAV")
-        for buffer, name in ((png, stem + ".png"), (audio, stem + ".wav")):
-            write_atomic(os.path.join(out_dir, name), lambda f, b=buffer: f.write(b.getbuffer()))
+        save_png(Image.fromarray(img), os.path.join(out_dir, stem + ".png"))
+        save_wav(torch.from_numpy(wav), os.path.join(out_dir, stem + ".wav"), spec.sample_rate)
         rows[stem + ".png"] = [str(i), str(label), CLASSES[label], stem + ".png", stem + ".wav"]
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows([LABELS_HEADER, *rows.values()])

@@ -395,6 +395,9 @@ def test_the_model_stage_runs_train_py_with_flags_it_takes(tmp_path, monkeypatch
     cmd, env = seen[-1]
     assert trainer.parse_settings(trainer.Settings, cmd[2:]).device == "cuda"
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # cuda:1 is then the machine's GPU 3
+    demo.stage_model(s, paths, torch.device("cuda", 1))
+    assert seen[-1][1]["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 @pytest.mark.parametrize("on_term", ["default", "exit 0"])  # train.py's last step exits 0

@@ -97,8 +97,8 @@ def test_the_learning_rate_warms_up_linearly_then_falls_on_a_half_cosine():
 def test_epochs_set_the_steps_and_the_warmup_is_2_5_percent_of_them(shards, tmp_path,
                                                                       one_thread):
     out = tmp_path / "run"  # 40 clips at global batch 8: 6.6 epochs are 33 steps, 1 warming up
-    argv = [a for a in args(shards, out, "--max-steps", "0", "--epochs", "6.6",
-                            "--eval-every", "0", "--save-every", "100")]
+    argv = args(shards, out, "--max-steps", "0", "--epochs", "6.6", "--eval-every", "0",
+                "--save-every", "100")
     assert trainer.main(argv) == 0
     lrs = [r["lr"] for r in map(json.loads, open(out / "log.jsonl")) if "lr" in r]
     assert len(lrs) == 33
