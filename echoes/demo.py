@@ -141,15 +141,15 @@ def output_to_mel(x):
     return ((x[:, 0].float() + 1) / 2).clamp(0, 1).cpu().numpy()
 
 
+def read_parts(modality, item):
+    """An image (H, W, 3) or a [0, 1] mel (80, T) -> (colour, shape) by the readers of
+    echoes/shapes.py ((None, None) when unreadable)."""
+    return (shapes.read_image if modality == "image" else shapes.read_mel)(item)
+
+
 def read_class(modality, item):
     """An image (H, W, 3) or a [0, 1] mel (80, T) -> class index (-1 when unreadable)."""
-    read = shapes.read_image if modality == "image" else shapes.read_mel
-    return shapes.label_of(*read(item))
-
-
-def read_parts(modality, item):
-    """-> (colour, shape) by the readers of echoes/shapes.py."""
-    return (shapes.read_image if modality == "image" else shapes.read_mel)(item)
+    return shapes.label_of(*read_parts(modality, item))
 
 
 # -----------------------------------------------------------------------------
@@ -372,13 +372,18 @@ def stage_data(s, p):
               val_labels=val[0], val_images=val[1], val_mels=val[2])
 
 
+def token_grid(vqgan, modality):
+    """A demo tokenizer's id grid [h, w]: [8, 8] for the 64 px image, [5, 8] for the mel."""
+    size = (IMAGE_SIZE, IMAGE_SIZE) if modality == "image" else (80, shapes.DEMO_FRAMES)
+    return list(vqgan.latent_size(*size))
+
+
 def tokenizer_file(vqgan, modality, extra):
     """What a tokenizer file (and a bundle entry) holds: config, weights, recipe, metrics."""
     recipe = ({"resolution": IMAGE_SIZE} if modality == "image" else dict(AUDIO_RECIPE))
     return {"config": dataclasses.asdict(vqgan.config), "state_dict": vqgan.state_dict(),
-            **recipe, "grid": list(vqgan.latent_size(*((IMAGE_SIZE, IMAGE_SIZE) if modality ==
-                                                       "image" else (80, shapes.DEMO_FRAMES)))),
-            "codebook": vqgan.config.n_embed, **extra}
+            **recipe, "grid": token_grid(vqgan, modality), "codebook": vqgan.config.n_embed,
+            **extra}
 
 
 def train_one_tokenizer(modality, work, steps, batch_size, lr, seed, device, patch_mean=0.0,
@@ -443,9 +448,9 @@ def stage_shards(s, p, device):
     tmp = p["shards"].with_name(".tmp-shards")
     shutil.rmtree(tmp, ignore_errors=True)
     meta = {"tokenizers": {
-        "image": {"resolution": IMAGE_SIZE, "grid": [8, 8], "codebook": image_vq.config.n_embed,
-                  "frames": 1},
-        "audio": {**AUDIO_RECIPE, "grid": [5, shapes.DEMO_FRAMES // 16],
+        "image": {"resolution": IMAGE_SIZE, "grid": token_grid(image_vq, "image"),
+                  "codebook": image_vq.config.n_embed, "frames": 1},
+        "audio": {**AUDIO_RECIPE, "grid": token_grid(audio_vq, "audio"),
                   "codebook": audio_vq.config.n_embed}}}
     for split, seed in (("train", TRAIN_SEED), ("val", VAL_SEED)):
         labels = d[f"{split}_labels"]
