@@ -69,6 +69,10 @@ def files(tmp_path_factory):
     torch.save(tiny_checkpoint(), out["ckpt"])
     out["mismatched"] = d / "mismatched.pt"  # a model for 5x5 image ids
     torch.save(tiny_checkpoint(image_len=25), out["mismatched"])
+    out["other_codes"] = d / "other_codes.pt"  # image ids over 32 codes, the VQGAN has 16
+    torch.save(tiny_checkpoint(image_codebook=32), out["other_codes"])
+    out["other_audio"] = d / "other_audio.pt"  # 12 audio ids, the audio VQGAN gives 5 x 2
+    torch.save(tiny_checkpoint(audio_len=12), out["other_audio"])
     broken = tiny_checkpoint()
     broken["model"].pop("mask_emb")
     out["broken"] = d / "broken.pt"
@@ -330,16 +334,56 @@ def test_inpainting_keeps_the_inputs_waveform_outside_the_stretch(files, tmp_pat
     assert rendering.shape == (N_FRAMES * 256,)  # the paper's output: the mel's rendering
 
 
+def test_each_inpainted_clip_keeps_its_own_inputs_waveform(files, tmp_path, capsys):
+    from echoes.audio import fit_clip, load_audio
+    t = np.arange(int(0.3 * 16000)) / 16000
+    other = tmp_path / "meow.wav"
+    soundfile.write(other, 0.5 * np.sin(2 * np.pi * 660 * t), 16000)  # another clip
+    code, _, _ = run_in_process(["--mode", "inpaint", "--audio", files["bark"], other, "--image",
+                                 files["cat"], "--start", "0.2", "--batch-size", "1", "--out",
+                                 tmp_path / "out", *args(files)], capsys)
+    assert code == 0
+    before = round((0.180 - 0.021) * 22050)  # up to the crossfade before the stretch
+    from echoes.audio import save_mel_png
+    from echoes.checkpoint import load_tokenizers
+    _, audio_tok = load_tokenizers(torch.load(files["ckpt"], weights_only=True), "test", "cpu",
+                                   files["image_vqgan"], files["audio_vqgan"])
+    for name, source in (("bark", files["bark"]), ("meow", other)):
+        wav, _ = soundfile.read(tmp_path / "out" / f"{name}.wav")
+        original = fit_clip(load_audio(source, 22050), N_SAMPLES).numpy()
+        np.testing.assert_allclose(wav[:before], original[:before], atol=1e-4)
+        # the picture is the spliced clip's mel, not the rendering's
+        save_mel_png(audio_tok.wav_to_mel(torch.from_numpy(wav).float()), tmp_path / "want.png")
+        got = np.asarray(Image.open(tmp_path / "out" / f"{name}_mel.png"), dtype=int)
+        assert np.abs(got - np.asarray(Image.open(tmp_path / "want.png"), dtype=int)).max() <= 3
+
+
+def test_the_stretch_follows_the_recipes_column_edges_not_an_even_split():
+    from echoes import sampler
+    from echoes.tokenizers import AudioTokenizer
+    config = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=8, embed_dim=8, n_embed=16, resolution=848, in_channels=1,
+                         out_ch=1)
+    tok = AudioTokenizer(VQGAN(config))  # the VGGSound recipe: (80, 848) -> 5 x 53 ids
+    edges = tok.column_edges()  # column 0 ends at 0.250 s (an even split: 0.189 s)
+    s = dataclasses.replace(cli.Settings(), mode="inpaint", start=0.2, end=0.24)
+    hidden = sampler.hidden_columns(cli.audio_keep(s, tok), tok.grid)
+    assert float(edges[1]) > 0.24 and hidden.nonzero().flatten().tolist() == [0]
+
+
 def test_the_regenerated_stretch_is_named_and_an_end_just_past_the_clip_is_its_end(
         files, tmp_path, capsys):
     duration = N_SAMPLES / 22050  # 0.36 s in 2 token columns
     argv = ["--mode", "inpaint", "--audio", files["bark"], "--image", files["cat"], "--start",
-            "0.2", "--end", f"{duration + 0.05:.2f}", "--out", tmp_path, *args(files)]
-    run_cli(cli.main, [str(a) for a in argv])
+            "0.2", "--end", f"{duration + 0.12:.2f}", "--out", tmp_path, *args(files)]
+    run_cli(cli.main, [str(a) for a in argv])  # 0.12 s past the end: within one column
     err = capsys.readouterr().err
     assert f"note: regenerating 0.180-{duration:.3f} s of the clip (whole token columns of " \
            "0.186 s)" in err, err
     assert (tmp_path / "bark.wav").exists()
+    argv[argv.index("--end") + 1] = f"{duration + 0.25:.2f}"  # more than a column past: refused
+    code, _, err = run_in_process(argv, capsys)
+    assert code == 2 and len(err) == 1 and "outside the clip" in err[0]
 
 
 def test_a_louder_than_full_scale_vocoding_is_scaled_not_clipped(files, tmp_path, capsys,
@@ -380,6 +424,15 @@ def test_sampling_defaults_come_from_the_checkpoint(files):
     assert cli.sampling_settings(cli.Settings(mode="a2i"), ckpt)["guidance"] == 1.0  # paper
     assert cli.sampling_settings(cli.Settings(mode="a2i"), {})["guidance"] == 1.0
     assert cli.sampling_settings(cli.Settings(mode="i2a"), {})["guidance"] == 3.0
+    for mode in ("inpaint", "continue"):  # audio from an image: the paper's s = 3 too
+        s = cli.Settings(mode=mode, image=["cat.png"])
+        assert cli.sampling_settings(s, {})["guidance"] == 3.0
+        assert cli.sampling_settings(s, ckpt)["guidance"] == 1.5  # i2a's
+    own = {"sampling": {"guidance": {"i2a": 1.5, "inpaint": 2.0}}}  # a mode's own entry first
+    for mode, want in (("inpaint", 2.0), ("continue", 1.5)):
+        s = cli.Settings(mode=mode, image=["cat.png"])
+        assert cli.sampling_settings(s, own)["guidance"] == want
+    assert cli.sampling_settings(cli.Settings(mode="continue"), own)["guidance"] == 1.0  # no image
 
 
 # -----------------------------------------------------------------------------
@@ -427,6 +480,10 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "i2a", "--image", "cut_png"], "the file is damaged (", {}),
     (["--mode", "i2a", "--image", "cat", "--num-samples", "0"], "at least 1", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "mismatched"], "expects 25 image tokens", {}),
+    (["--mode", "a2i", "--audio", "bark", "--ckpt", "other_codes"],
+     "expects 16 image tokens over 32 codes", {}),
+    (["--mode", "i2a", "--image", "cat", "--ckpt", "other_audio"],
+     "expects 12 audio tokens over 16 codes", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "broken"], "missing 1 keys (mask_emb)", {}),
     (["--mode", "i2a", "--image", "cat", "--ckpt", "diverged"],
      "holds nan or inf weights (mask_emb)", {}),
@@ -494,6 +551,15 @@ def test_never_overwrites_inputs_or_earlier_outputs(files, tmp_path, capsys):
                        str(tmp_path / f"clip-{run + 1}_mel.png")]
     assert wav.read_bytes() == before
     assert not killed.exists()  # what a killed run left behind
+    # only one file of a sample's pair taken: the pair moves on together, nothing is replaced
+    (tmp_path / "solo").mkdir()
+    (tmp_path / "solo" / "clip_mel.png").write_bytes(b"someone's picture")
+    code, out, _ = run_in_process(["--mode", "continue", "--audio", wav, "--start", "0.1", "--out",
+                                   tmp_path / "solo", *args(files), "--steps", "2"], capsys)
+    assert code == 0 and out == [str(tmp_path / "solo" / "clip-2.wav"),
+                                 str(tmp_path / "solo" / "clip-2_mel.png")]
+    assert (tmp_path / "solo" / "clip_mel.png").read_bytes() == b"someone's picture"
+    assert not (tmp_path / "solo" / "clip.wav").exists()
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(files, capsys):
@@ -647,10 +713,12 @@ def test_a_checkpoint_whose_shards_recorded_the_same_codebooks_samples(files, tm
 
 def test_a_recipe_that_keeps_every_mel_frame_loads(files):
     from echoes.checkpoint import load_tokenizers
-    ckpt = {"tokenizers": {**RECIPE, "audio": {**RECIPE["audio"], "keep_frames": 0}}}
-    _, audio_tok = load_tokenizers(ckpt, "test", "cpu", files["image_vqgan"],
-                                   files["audio_vqgan"])
-    assert audio_tok.grid == (5, 2)
+    ckpt = {"tokenizers": {"image": {"resolution": 24},  # another size than the VQGAN's 16
+                           "audio": {**RECIPE["audio"], "keep_frames": 0}}}
+    image_tok, audio_tok = load_tokenizers(ckpt, "test", "cpu", files["image_vqgan"],
+                                           files["audio_vqgan"])
+    assert audio_tok.grid == (5, 2) and audio_tok.keep_frames == 0  # the recipe's, taken
+    assert image_tok.resolution == 24
 
 
 @pytest.mark.parametrize("image_vqgan, audio_vqgan, message", [

@@ -224,6 +224,9 @@ def test_readers_find_nothing_in_silence_and_in_an_image_of_no_one_shape():
     img[25:35, 25:35] = (128, 255, 128)
     img[45:55, 45:55] = (128, 128, 255)
     assert shapes.read_image(img) == (None, None)
+    img[5:15, 5:15], img[25:35, 25:35] = (200, 150, 128), (150, 200, 128)  # a median near it
+    img[45:55, 45:55] = (128, 128, 200)
+    assert shapes.read_image(img) == (None, None)
 
 
 # -----------------------------------------------------------------------------
