@@ -28,7 +28,8 @@ python3 -c "import soundfile" 2>/dev/null || \
   >/dev/null 2>&1 || echo "note: soundfile unavailable; tokenizer tests will fail"
 python3 - <<'PY' | tee "$out/env.txt"
 import torch, triton
-print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+      f"triton {triton.__version__}")
 PY
 budget=${GPU_SH_BUDGET:-570}
 step() {  # step NAME TIMEOUT_S CMD...: run one stage, keep its log, never stop the script

@@ -17,8 +17,9 @@ the shape sets the image's outline and the clip's timbre / rhythm:
 - `generate(n, seed)` stacks items as arrays; `write_files(out_dir, indices, seed)` writes PNG +
   WAV files and `labels.csv` (example inputs for the scripts).
 - `read_image`, `read_audio`, `read_mel` -> (colour, shape), or (None, None) where nothing stands
-  out: no learning, so they can score what a model generates. `read_mel` reads the [0, 1] mel of the SpecVQGAN recipe (echoes/audio.py),
-  which is what the audio tokenizer decodes to, before any vocoder.
+  out: no learning, so they can score what a model generates. `read_mel` reads the [0, 1] mel of
+  the SpecVQGAN recipe (echoes/audio.py), which is what the audio tokenizer decodes to, before
+  any vocoder.
 - `python -m echoes.shapes --out DIR --n N --seed S` writes example files.
 
 The clip is CLIP_SAMPLES = 127 * 256 = 32512 samples (1.474 s at 22050 Hz): with hop 256 and
