@@ -58,7 +58,7 @@ from echoes.sampler import check_sampling_defaults, sample_generators
 class Settings:
     """`train.py` settings: each field is a --flag (see --help); stored in the checkpoint."""
     # data and output
-    data: str = setting("", "folder of token shards (python -m echoes.data prepare)")
+    data: str = setting("", "folder of token shards (python -m echoes.prepare)")
     out: str = setting("runs/echoes", "folder for ckpt.pt and log.jsonl")
     resume: bool = setting(False, "continue from OUT/ckpt.pt up to --max-steps (starts from "
                            "step 0 when there is none yet, so a requeued job can always pass it)")
@@ -387,7 +387,7 @@ def check_settings(s, world):
     check_finite(s)
     if not s.data or not os.path.isdir(s.data):
         raise UserError(f"--data {s.data!r} is not a folder; make shards with "
-                        "`python -m echoes.data prepare` and pass their folder")
+                        "`python -m echoes.prepare` and pass their folder")
     index = data.read_index(s.data)
     if data.split_sizes(index).get(s.train_split, 0) == 0:
         raise UserError(f"{s.data} holds no shards of split {s.train_split!r} "
@@ -446,7 +446,7 @@ def check_settings(s, world):
 
 def check_same_codebooks(old, new, path, data_dir):
     """A `UserError` when the checkpoint's shards and these shards recorded different codebook
-    fingerprints (`python -m echoes.data prepare` records them): the ids would mean other codes."""
+    fingerprints (`python -m echoes.prepare` records them): the ids would mean other codes."""
     def fingerprint(record, m):
         entry = record.get(m) if isinstance(record, dict) else None
         return entry.get("fingerprint") if isinstance(entry, dict) else None

@@ -250,8 +250,8 @@ def test_a_repeated_list_flag_adds_to_it():
 
 def test_errors_name_the_command_as_it_is_typed(capsys):
     with pytest.raises(SystemExit):
-        parse_settings(Settings, ["--steps", "x"], prog="python -m echoes.data prepare")
-    assert "(see python -m echoes.data prepare --help)" in capsys.readouterr().err
+        parse_settings(Settings, ["--steps", "x"], prog="python -m echoes.prepare")
+    assert "(see python -m echoes.prepare --help)" in capsys.readouterr().err
 
 
 def test_a_bookkeeping_dict_subclass_asks_for_trust_and_loads_with_it(tmp_path, monkeypatch):
