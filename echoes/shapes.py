@@ -338,6 +338,9 @@ def _trim(active):
 # Griffin-Lim (which smears partials: squares then range 0.02-0.15) or with added noise
 _HARMONIC_RATIO = 0.01   # energy at 3f + 5f over energy at f: square ~0.15, pure tone < 1e-4
 _PULSE_DEPTH = 0.5       # 2 Hz envelope modulation: pulsed ~1.28, steady < 0.04
+# a tone at all: the fundamental's band over the floor around it, in power. White noise gives at
+# most 2 dB, a clean clip 40-50 dB, one with noise of std 0.5 added 10 dB or more
+_PROMINENCE_DB = 6.0
 
 
 def audio_features(wav, sr=SAMPLE_RATE):
@@ -356,12 +359,16 @@ def audio_features(wav, sr=SAMPLE_RATE):
     def bins(f_lo, f_hi):  # the bins between two frequencies, as a slice
         return slice(max(int(np.ceil(f_lo / df)), 0), max(int(np.floor(f_hi / df)) + 1, 0))
 
-    def partial(f, half=30.0):
-        """Energy of a partial at f over the local noise floor (the mean power 60-200 Hz away,
-        where no partial lies): noise alone then gives ~0, whatever its level."""
+    def level(f, half=30.0):
+        """Energy of a partial at f and of the local noise floor over as many bins (the mean
+        power 60-200 Hz away, where no partial lies)."""
         inside = spec[bins(f - half, f + half)]
         ring = np.concatenate([spec[bins(f - 200, f - 60)], spec[bins(f + 60, f + 200)]])
-        return max(inside.sum() - len(inside) * ring.mean(), 0.0)
+        return inside.sum(), len(inside) * ring.mean()
+
+    def partial(f):  # over the floor: noise alone then gives ~0, whatever its level
+        inside, floor = level(f)
+        return max(inside - floor, 0.0)
 
     # +-2% covers the 1% pitch jitter with margin and stays clear of the next candidate (>= 12%)
     energies = {c: spec[bins(0.98 * f, 1.02 * f)].sum() for c, f in PITCH_HZ.items()}
@@ -370,8 +377,10 @@ def audio_features(wav, sr=SAMPLE_RATE):
     f0 = (near.start + np.argmax(spec[near])) * df  # the measured fundamental, for harmonics
     # +-30 Hz, the same at f, 3f and 5f: a mel-domain vocoder (Griffin-Lim) smears a partial
     # over a band of about that width, which a relative window would catch unevenly
-    fundamental = partial(f0)  # 0: no tone stands out of the floor (silence, noise)
+    fundamental = partial(f0)
     harmonic = (partial(3 * f0) + partial(5 * f0)) / max(fundamental, 1e-30)
+    inside, floor = level(f0)
+    prominence_db = 10 * np.log10(max(inside, 1e-30) / max(floor, 1e-30))  # 0: all silent
     # envelope of the fundamental alone (a Hann-windowed 1024-sample DFT at f0 every hop): noise
     # outside its ~40 Hz band does not fill the gaps of a pulsed tone
     n_win = 1024
@@ -384,7 +393,7 @@ def audio_features(wav, sr=SAMPLE_RATE):
         env = rms
     depth = _modulation_depth(env, sr / hop)
     return {"colour": colour, "f0": float(f0), "fundamental": float(fundamental),
-            "harmonic": float(harmonic), "pulse": depth}
+            "prominence_db": float(prominence_db), "harmonic": float(harmonic), "pulse": depth}
 
 
 def _shape_from(harmonic, pulse):
@@ -397,12 +406,12 @@ def _shape_from(harmonic, pulse):
 
 def read_audio(wav, sr=SAMPLE_RATE):
     """Mono clip (samples,) at `sr` -> (colour, shape), or (None, None) when no fundamental
-    stands out of its noise floor (silence, noise). Pitch: which of the four fundamentals
+    stands 6 dB out of its noise floor (silence, noise). Pitch: which of the four fundamentals
     (+-2%) holds the most energy in a Hann-windowed FFT of the whole clip. Square: energy at 3f and
     5f relative to f, each over its local noise floor. Triangle: the envelope of the fundamental
     (its magnitude in 1024-sample frames every 256 samples) modulated near 2 Hz."""
     f = audio_features(wav, sr)
-    if f["fundamental"] <= 0:
+    if f["prominence_db"] < _PROMINENCE_DB:
         return None, None
     return f["colour"], _shape_from(f["harmonic"], f["pulse"])
 
@@ -433,6 +442,10 @@ def mel_band_centres(n_mels=80, fmin=125.0, fmax=7600.0):
 # -14 dB (down to -22 dB on a mel blurred across bands), pure tones below -60 dB (-48 dB with
 # noise of std 0.05 added to the clip)
 _MEL_HARMONIC_DB = -30.0
+# a tone at all: the fundamental's two bands over their floor, in amplitude. White noise gives at
+# most 1.5 dB, clean and generated clips of the demo 30 dB or more, a clean clip with noise of std
+# 0.2 added 13 dB or more
+_MEL_PROMINENCE_DB = 6.0
 
 
 def mel_features(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=256):
@@ -450,33 +463,40 @@ def mel_features(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=
 
     mean_amp = amp.mean(1)                                                  # (M,)
 
-    def partial(f):
-        """Magnitude in f's bands over the local floor (bands 3-5 away on either side, clear of
-        the partial's spread and of the next odd harmonic): noise alone then gives ~0."""
+    def level(f):
+        """Magnitude in f's bands and the local floor's there (bands 3-5 away on either side,
+        clear of the partial's spread and of the next odd harmonic)."""
         lo, hi = bands(f)
         ring = [j for j in range(lo - 5, hi + 6) if 0 <= j < n_mels and (j < lo - 2 or j > hi + 2)]
-        return max(mean_amp[[lo, hi]].sum() - 2 * np.median(mean_amp[ring]), 0.0)
+        return mean_amp[[lo, hi]].sum(), 2 * np.median(mean_amp[ring])
+
+    def partial(f):  # over the floor: noise alone then gives ~0
+        inside, floor = level(f)
+        return max(inside - floor, 0.0)
 
     energies = {c: mean_amp[bands(f)].sum() for c, f in PITCH_HZ.items()}
     colour = max(energies, key=energies.get)
     f0 = PITCH_HZ[colour]
     e35 = max(partial(3 * f0), partial(5 * f0))
-    fundamental = partial(f0)  # 0: no tone stands out of the floor (silence, noise)
+    fundamental = partial(f0)
     harmonic_db = 20 * np.log10(max(e35, 1e-12) / max(fundamental, 1e-12))
+    inside, floor = level(f0)
+    prominence_db = 20 * np.log10(inside / floor)  # amp >= 1e-4: never a division by zero
     env = amp[bands(f0)].sum(0)                                             # (T,)
     depth = _modulation_depth(env, sr / hop)
     return {"colour": colour, "fundamental": float(fundamental),
-            "harmonic_db": float(harmonic_db), "pulse": depth}
+            "prominence_db": float(prominence_db), "harmonic_db": float(harmonic_db),
+            "pulse": depth}
 
 
 def read_mel(mel01, n_mels=80, fmin=125.0, fmax=7600.0, sr=SAMPLE_RATE, hop=256):
     """[0, 1] mel spectrogram ((80, frames) or (1, 80, frames), SpecVQGAN scaling as in
-    echoes/audio.py) -> (colour, shape), or (None, None) when no fundamental stands out of its
-    bands' floor (silence, noise). Pitch: which candidate fundamental's bands hold the most
+    echoes/audio.py) -> (colour, shape), or (None, None) when no fundamental stands 6 dB out of
+    its bands' floor (silence, noise). Pitch: which candidate fundamental's bands hold the most
     energy; square: the 3f or 5f partial within 30 dB of the fundamental; triangle: the
     fundamental bands' envelope over frames modulated near 2 Hz."""
     f = mel_features(mel01, n_mels, fmin, fmax, sr, hop)
-    if f["fundamental"] <= 0:
+    if f["prominence_db"] < _MEL_PROMINENCE_DB:
         return None, None
     odd = f["harmonic_db"] > _MEL_HARMONIC_DB
     return f["colour"], _shape_from(2 * _HARMONIC_RATIO if odd else 0.0, f["pulse"])

@@ -229,6 +229,19 @@ def test_readers_find_nothing_in_silence_and_in_an_image_of_no_one_shape():
     assert shapes.read_image(img) == (None, None)
 
 
+def test_readers_find_no_class_in_noise_and_one_in_a_tone_under_loud_noise(data):
+    labels, _, wavs, _ = data
+    rng = np.random.default_rng(0)
+    for level in (0.01, 0.3, 1.0):  # white noise: no tone stands out, at any level
+        noise = (level * rng.standard_normal((24, shapes.CLIP_SAMPLES))).astype(np.float32)
+        assert all(shapes.read_audio(x) == (None, None) for x in noise)
+        assert all(shapes.read_mel(m) == (None, None) for m in mel01(noise))
+    # noise of std 0.2 (louder than the tones' harmonics): the class still reads
+    noisy = wavs[:24] + 0.2 * rng.standard_normal(wavs[:24].shape).astype(np.float32)
+    assert accuracy(shapes.read_audio, noisy, labels[:24]) >= 0.9
+    assert all(shapes.read_mel(m)[0] is not None for m in mel01(noisy))
+
+
 # -----------------------------------------------------------------------------
 # files and command line
 
