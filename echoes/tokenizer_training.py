@@ -2,12 +2,13 @@
 embedded demo's two small tokenizers are made (`echoes/demo.py`), usable for any `VQGAN` of
 `echoes/tokenizers.py` on your own images or mels.
 
-- `train_tokenizer`: an autoencoder loss of L1 + L2 reconstruction and taming's commitment term
-  (taming-transformers `VectorQuantizer`, beta 0.25; taming adds a perceptual and an adversarial
-  loss, which the demo's flat shapes and tones did without), an EMA codebook with dead-code
-  restarts (`EMACodebook`), and optionally a patch-mean loss (`patch_mean_loss`, this project's)
-  that makes each code carry its own patch's mean; Adam with a cosine decay to a tenth
-  (`cosine_lr`).
+- `train_tokenizer`: an autoencoder loss of L1 + L2 reconstruction and the commitment term
+  0.25 |z - sg(z_q)|^2 of VQ-VAE (van den Oord et al. 2017; taming-transformers' legacy
+  `VectorQuantizer` puts its 0.25 on the codebook term instead, and adds a perceptual and an
+  adversarial loss, which the demo's flat shapes and tones did without), an EMA codebook with
+  dead-code restarts (`EMACodebook`, which replaces the codebook term), and optionally a
+  patch-mean loss (`patch_mean_loss`, this project's) that makes each code carry its own patch's
+  mean; Adam with a cosine decay to a tenth (`cosine_lr`).
 - `tune_decoder`: the decoder side alone trained on other ids for the same images (the demo's
   model's fills), so that the ids of every image stay as they were.
 - `reconstruct`, `tokenize`: inputs through the codes and to ids, in batches.

@@ -219,6 +219,11 @@ def test_readers_find_nothing_in_silence_and_in_an_image_of_no_one_shape():
     assert shapes.read_mel(np.zeros((80, 128))) == (None, None)  # the mel's floor
     assert shapes.read_mel(np.full((80, 128), 0.5)) == (None, None)  # flat: no partial stands out
     assert shapes.read_audio(np.zeros(shapes.CLIP_SAMPLES)) == (None, None)
+    _, _, wav = shapes.make_pair(0, seed=5)
+    wav[100] = np.nan  # a broken sample: no reading rather than one made of NaN
+    assert shapes.read_audio(wav) == (None, None)
+    assert shapes.read_mel(np.full((80, 128), np.nan)) == (None, None)
+    assert shapes.read_mel(np.full((80, 128), -1.0)) == (None, None)  # below the recipe's range
     img = np.full((64, 64, 3), 128, np.uint8)  # three patches whose median is the background
     img[5:15, 5:15] = (255, 128, 128)
     img[25:35, 25:35] = (128, 255, 128)

@@ -1,4 +1,4 @@
-"""Training a VQGAN tokenizer and fine-tuning its decoder (echoes/py), on
+"""Training a VQGAN tokenizer and fine-tuning its decoder (echoes/tokenizer_training.py), on
 tiny VQGANs and images of the demo's generator."""
 
 import numpy as np
