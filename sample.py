@@ -377,6 +377,9 @@ def main(argv=None):
         kernels.resolve()
     except (ValueError, RuntimeError) as e:
         raise UserError(f"ECHOES_KERNELS: {e}") from e
+    if device.type == "cuda" and kernels.missing_triton():
+        print("note: Triton is not installed, so the plain PyTorch path runs (pip install triton "
+              "for the fused kernels)", file=sys.stderr, flush=True)
     ckpt = load_checkpoint(source, trusted=s.trust_checkpoints,
                            what="model checkpoint" if s.ckpt else "embedded demo")
     source = str(source)

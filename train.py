@@ -623,7 +623,9 @@ def train(s, d, config, micro, accum, ckpt_path):
     counts = model.parameter_counts()
     print0(f"model: {counts['total'] / 1e6:.2f} M parameters ("
            + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items() if k != "total")
-           + f"); kernels {model.ops.name}; {amp}"
+           + f"); kernels {model.ops.name}"
+           + (" (Triton is not installed: pip install triton)" if kernels.missing_triton() else "")
+           + f"; {amp}"
            + ("; compiled blocks" if compiled else ""))
     print0(f"data: {len(train_set)} {s.train_split} clips"
            + (f", {len(eval_set)} {s.eval_split}" if eval_set else

@@ -35,6 +35,13 @@ def triton_available():
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def missing_triton():
+    """True on a CUDA machine without Triton: "auto" then takes the plain PyTorch path, which the
+    scripts say (the CUDA builds of torch on Linux bring Triton; other installs may not)."""
+    import torch
+    return torch.cuda.is_available() and not triton_available()
+
+
 def resolve(backend=None):
     """The backend name an argument (or ECHOES_KERNELS) resolves to: "triton" or "torch"."""
     # "auto" (the scripts' default) and None both defer to the environment variable

@@ -470,6 +470,21 @@ def test_the_kernel_switch_reads_the_environment_for_auto(monkeypatch):
     assert kernels.resolve("torch") == "torch"  # an explicit choice wins over the environment
 
 
+def test_a_cuda_machine_without_triton_runs_the_plain_path_and_says_so(monkeypatch):
+    import sys
+
+    import kernels
+    monkeypatch.delenv("ECHOES_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert kernels.missing_triton() and kernels.resolve("auto") == "torch"
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        kernels.resolve("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not kernels.missing_triton()  # a CPU machine needs no Triton
+
+
 # -----------------------------------------------------------------------------
 # CUDA graphs: the same ids with fewer launches
 
