@@ -354,22 +354,46 @@ def with_bundle_recipe(s):
     return dataclasses.replace(s, **recipe)
 
 
+def check_bundle_recipe(s, flag, path, obj, modality):
+    """A bundle given as --image-vqgan / --audio-vqgan: its tokenizer was made for its recipe, so
+    settings other than that recipe are an error that names --tokenizers (which takes it too)."""
+    entries = obj.get("tokenizers") if isinstance(obj, dict) else None
+    entry = entries.get(modality) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict):
+        return
+    recipe = {name: entry.get(key) for name, (m, key) in BUNDLE_RECIPE.items() if m == modality}
+    rate = entry.get("sample_rate")
+    if modality == "audio" and isinstance(entry.get("n_samples"), int) and rate:
+        recipe["clip_seconds"] = entry["n_samples"] / rate
+    differ = [f"--{name.replace('_', '-')} {getattr(s, name):g} (its {value:g})"
+              for name, value in recipe.items() if isinstance(value, (int, float))
+              and not math.isclose(getattr(s, name), value, rel_tol=1e-4)]
+    if differ:
+        raise UserError(f"{flag} {path} is a bundle whose {modality} tokenizer was made for another "
+                        f"recipe: {', '.join(differ)}; give it as --tokenizers {path}, which takes "
+                        "its recipe too")
+
+
 # -----------------------------------------------------------------------------
 # tokenizers -> ids -> shards
 
 
 def _make_tokenizers(s, device):
     from echoes.tokenizers import (AudioTokenizer, ImageTokenizer, VQGANConfig, check_modality,
-                                   codebook_fingerprint, load_vqgan)
+                                   codebook_fingerprint, vqgan_from_checkpoint)
     image_path, audio_path = s.image_vqgan or s.tokenizers, s.audio_vqgan or s.tokenizers
     for flag, path in (("--image-vqgan", image_path), ("--audio-vqgan", audio_path)):
         if not path:
             raise UserError(f"give {flag} (see --help for the released checkpoints) or "
                             "--tokenizers")
-    image_vq = load_vqgan(image_path, VQGANConfig.imagenet_f16_1024(),
-                          trusted=s.trust_checkpoints).to(device)
-    audio_vq = load_vqgan(audio_path, VQGANConfig.vggsound_codebook(),
-                          trusted=s.trust_checkpoints).to(device)
+
+    def load(flag, path, modality, config):
+        obj = load_checkpoint(path, trusted=s.trust_checkpoints, what="VQGAN checkpoint")
+        check_bundle_recipe(s, flag, path, obj, modality)
+        return vqgan_from_checkpoint(obj, config, path).to(device)
+
+    image_vq = load("--image-vqgan", image_path, "image", VQGANConfig.imagenet_f16_1024())
+    audio_vq = load("--audio-vqgan", audio_path, "audio", VQGANConfig.vggsound_codebook())
     check_modality(image_vq, "image", image_path)
     check_modality(audio_vq, "audio", audio_path)
     n_samples = round(s.clip_seconds * s.sample_rate)

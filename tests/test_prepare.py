@@ -127,6 +127,25 @@ def test_prepare_takes_the_tokenizers_and_their_recipe_from_a_bundle(tmp_path, c
 
 
 @needs_ffmpeg
+def test_a_bundle_given_as_a_vqgan_must_keep_its_recipe(tmp_path, capsys):
+    bundle = str(tiny_bundle(tmp_path))
+    (tmp_path / "videos").mkdir()
+    args = ["--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "out"),
+            "--image-vqgan", bundle, "--audio-vqgan", bundle, "--device", "cpu"]
+    code, _, err = run_prepare(args, capsys)  # the paper's recipe: 256 px, 10 s, 848 frames
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"--image-vqgan {bundle} is a bundle whose image tokenizer was made for another "
+            f"recipe: --image-size 256 (its 32); give it as --tokenizers {bundle}") in err
+    code, _, err = run_prepare([*args, "--image-size", "32"], capsys)
+    assert code == 2 and "--audio-vqgan" in err and "--clip-seconds 10 (its 1)" in err
+    assert "--mel-frames 848 (its 64), --keep-frames 860 (its 80)" in err
+    # its own recipe: the tokenizers load, and the empty folder is what stops the run
+    code, _, err = run_prepare([*args, "--image-size", "32", "--clip-seconds", "1",
+                                "--mel-frames", "64", "--keep-frames", "80"], capsys)
+    assert code == 2 and "holds no video files" in err, err
+
+
+@needs_ffmpeg
 def test_prepare_from_a_folder_of_videos(tmp_path, capsys):
     videos = tmp_path / "videos"
     (videos / "dogs").mkdir(parents=True)
