@@ -179,10 +179,12 @@ def check_inputs(s):
         each = f" or {len(s.audio)}, one per --audio" if len(s.audio) > 1 else ""
         raise UserError(f"--mode {s.mode} pairs each --audio with an --image: give one --image "
                         f"(for every clip){each}, not {len(s.image)}")
-    for path in s.image + s.audio:
-        if os.path.isdir(path):
-            raise UserError(f"input {path} is a folder; give its files, e.g. {path}/*")
-        check_file(path, "input file")
+    for flag, paths, files in (("--image", s.image, "*.png"), ("--audio", s.audio, "*.wav")):
+        for path in paths:
+            if os.path.isdir(path):
+                raise UserError(f"{flag} {path} is a folder; give its files, e.g. "
+                                f"{os.path.join(path, files)}")
+            check_file(path, "input file")
 
 
 def sampling_settings(s, ckpt, source="the checkpoint"):

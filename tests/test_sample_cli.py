@@ -470,7 +470,10 @@ def test_errors_subprocess(files, tmp_path, argv, message):
     (["--mode", "inpaint"], "--mode inpaint needs --image, --audio and --start", {}),
     (["--mode", "inpaint", "--audio", "bark", "--image", "cat", "--start", "1", "--end", "0.5"],
      "--start 1 is not before --end 0.5", {}),
-    (["--mode", "a2i", "--audio", "folder"], "is a folder; give its files", {}),
+    (["--mode", "a2i", "--audio", "folder"],  # "--audio PATH is a folder; ... e.g. PATH/*.wav"
+     "is a folder; give its files, e.g. ", {}),
+    (["--mode", "a2i", "--audio", "folder"], os.path.join("folder", "*.wav"), {}),
+    (["--mode", "i2a", "--image", "folder"], os.path.join("folder", "*.png"), {}),
     (["--mode", "i2a", "--image", "cat", "--no-hide-region"],
      "--no-hide-region makes no sense for --mode i2a", {}),
     (["--mode", "a2i", "--audio", "bark", "--hide-region"],
