@@ -1,5 +1,5 @@
-"""Shared test plumbing: running Triton kernels under the interpreter in a subprocess, and a
-fixture that runs a test on one CPU thread.
+"""Shared test plumbing: running Triton kernels under the interpreter in a subprocess, a command
+line's main in this process (`run_command`), and a fixture that runs a test on one CPU thread.
 
 TRITON_INTERPRET must be set before Triton is first imported, and one pytest process imports it
 for many files, so each kernel test file runs its interpreter checks in a child process of its
@@ -30,6 +30,19 @@ def interpreter_main(checks):
         except Exception:
             error = traceback.format_exc()
         print(json.dumps({"name": name, "error": error}), flush=True)
+
+
+def run_command(main, argv, capsys):
+    """(exit code, stdout, stderr) of a command line's `main(argv)` run in this process as its
+    script runs it (`echoes.cli.run_cli`: one-line errors, exit codes), without a subprocess."""
+    from echoes.cli import run_cli
+    try:
+        run_cli(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_command
 from echoes import data
-from echoes.cli import run_cli
 
 
 def make_shards(root, n=23, frames=5, Lv=6, La=4, split="train", shard_size=7, seed=0,
@@ -219,13 +219,7 @@ def test_ids_past_the_codebook_are_one_user_error(tmp_path):
 
 def run_main(argv, capsys):
     """(exit code, stdout, stderr) of `python -m echoes.data ARGV`, without a subprocess."""
-    try:
-        run_cli(data.main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_command(data.main, argv, capsys)
 
 
 def test_no_command_prints_the_usage_on_stderr_with_exit_code_2(capsys):

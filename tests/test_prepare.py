@@ -11,19 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_command
 from echoes import data, prepare
-from echoes.cli import UserError, folder_lock, run_cli
+from echoes.cli import UserError, folder_lock
 
 
 def run_prepare(argv, capsys):
     """(exit code, stdout, stderr) of `python -m echoes.prepare ARGV`, without a subprocess."""
-    try:
-        run_cli(prepare.main, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_command(prepare.main, argv, capsys)
 
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,

@@ -21,6 +21,7 @@ import soundfile
 import torch
 from PIL import Image
 
+from conftest import run_command
 from echoes.cli import run_cli
 from echoes.model import Echoes, EchoesConfig
 from echoes.tokenizers import VQGAN, VQGANConfig, codebook_fingerprint
@@ -156,15 +157,9 @@ def args(files, *extra, ckpt=True, tokenizers=True):
 
 def run_in_process(argv, capsys):
     """(exit code, stdout lines, stderr lines)."""
-    try:
-        run_cli(cli.main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
+    code, out, err = run_command(cli.main, argv, capsys)
     # tqdm redraws its bar with carriage returns: keep only real lines
-    err = [line for line in captured.err.splitlines() if line.startswith("error")]
-    return code, captured.out.splitlines(), err
+    return code, out.splitlines(), [line for line in err.splitlines() if line.startswith("error")]
 
 
 def check_wav(path, n=N_FRAMES * 256):
