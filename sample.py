@@ -31,14 +31,16 @@ What a run needs and where it comes from:
 Randomness: sample j of a run (input j // K, its (j % K)-th sample, K = --num-samples) draws from
 its own stream seeded by (--seed, j), so its output does not depend on --batch-size.
 Existing files are never overwritten: a sample whose output name is taken in --out gets the first
-free suffix -2, -3, ... (the written paths are printed). Problems a user can fix print one line
-and exit with code 2.
+free suffix -2, -3, ... (the written paths are printed), or with --skip-existing counts as done
+(a killed run over many inputs, rerun with it, writes what is missing). Problems a user can fix
+print one line and exit with code 2.
 """
 
 import hashlib
 import itertools
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +110,11 @@ class Settings:
     cuda_graphs: bool = setting(True, "on a GPU, replay the transformer's forward from CUDA "
                                 "graphs (the same ids, fewer kernel launches)")
     out: str = setting("samples", "output folder")
+    skip_existing: bool = setting(False, "resume a run over many inputs: a sample whose files are "
+                                  "all in --out under its own name is not generated again, "
+                                  "and one with some of them gets only the missing ones (the "
+                                  "others come out as the whole run would have written them: "
+                                  "each sample draws from its own stream (seed, j))")
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +218,23 @@ def output_names(s):
     return [name + (f"_{k + 1}" if K > 1 else "") for name in names for k in range(K)]
 
 
+def samples_left(s, names):
+    """--skip-existing: the indices of the samples whose files are not all in --out under their
+    own names, with a note on how many are there already."""
+    counts = Counter(names)
+    twice = next((name for name in names if counts[name] > 1), None)
+    if twice is not None:
+        raise UserError(f"--skip-existing needs one output name per sample, and {twice} is the "
+                        "name of two (an input given twice?): give each input once")
+    endings = output_endings(s.mode)
+    left = [j for j, name in enumerate(names)
+            if not all((Path(s.out) / f"{name}{ending}").exists() for ending in endings)]
+    if len(left) < len(names):
+        print(f"note: {len(names) - len(left)} of {len(names)} samples are in {s.out} already "
+              f"(--skip-existing): {len(left)} to generate", file=sys.stderr, flush=True)
+    return left
+
+
 def input_names(paths, max_bytes=200):
     """Each input's file name without its extension, or, where inputs in several folders share
     one, with as many of its folders as tell them apart: a/0001.png, b/0001.png -> a_0001,
@@ -311,6 +335,12 @@ def audio_keep(s, audio_tok):
     return keep
 
 
+def output_endings(mode):
+    """The files of one sample: NAME.wav and NAME_mel.png for the modes that make audio, NAME.png
+    for those that make an image."""
+    return [".wav", "_mel.png"] * (mode != "a2i") + [".png"] * (mode in ("a2i", "joint"))
+
+
 def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_tok,
                   sources=None, hidden=None):
     """Decode one batch and write its files; returns the written paths. Each sample is decoded
@@ -339,15 +369,27 @@ def write_outputs(s, names, audio_ids, image_ids, generators, image_tok, audio_t
         if s.mode in ("a2i", "joint"):
             image = image_tok.decode_to_images(image_ids[j:j + 1])[0]
             files[".png"] = lambda path, image=image: save_png(image, path, replace=False)
-        written += write_sample(Path(s.out), name, files)
+        written += write_sample(Path(s.out), name, files, s.skip_existing)
     return written
 
 
-def write_sample(out, name, files):
+def write_sample(out, name, files, fill=False):
     """Write one sample's files ({ending: write(path)}) under the first stem of name, name-2,
     name-3, ... for which no file in `out` exists: a run never overwrites its inputs, earlier
     outputs, or the files of another run writing to the same folder at the same time (its first
-    file claims the stem). Returns the paths."""
+    file claims the stem). With `fill` (--skip-existing) the stem is `name` and only its missing
+    files are written. Returns the paths written."""
+    if fill:
+        paths = [out / f"{name}{ending}" for ending in files]
+        missing = [(path, write) for path, write in zip(paths, files.values())
+                   if not path.exists()]
+        for path, write in missing:
+            try:
+                write(path)
+            except FileExistsError:
+                raise UserError(f"{path} appeared while this run wrote it; is another run "
+                                "writing to this --out?") from None
+        return [path for path, _ in missing]
     for n in itertools.count(1):
         stem = name if n == 1 else f"{name}-{n}"
         paths = [out / f"{stem}{ending}" for ending in files]
@@ -401,32 +443,32 @@ def main(argv=None):
 
     K = s.num_samples
     names = output_names(s)
-    n = len(names)
+    todo = samples_left(s, names) if s.skip_existing else list(range(len(names)))
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
-    pick = lambda ids, lo, hi: (None if ids is None  # noqa: E731  (sample j -> input j // K)
-                                else ids[torch.arange(lo, hi, device=device) // K])
     # over the batches, when there are several (each batch's steps have a bar of their own)
-    bar = tqdm(total=n, desc="samples", unit="sample", disable=n <= s.batch_size)
-    for lo in range(0, n, s.batch_size):
-        hi = min(lo + s.batch_size, n)
-        generators = sampler.sample_generators(s.seed, hi - lo, offset=lo)  # samples lo .. hi-1
+    bar = tqdm(total=len(todo), desc="samples", unit="sample",
+               disable=len(todo) <= s.batch_size)
+    for lo in range(0, len(todo), s.batch_size):
+        js = todo[lo:lo + s.batch_size]  # the batch's samples; sample j is input j // K's
+        generators = [sampler.sample_generators(s.seed, 1, offset=j)[0] for j in js]
+        rows = torch.tensor(js, device=device) // K  # (b,) their inputs
         try:
             audio_ids, image_ids = sampler.generate(
-                model, s.mode, audio_ids=pick(audios, lo, hi), image_ids=pick(images, lo, hi),
-                audio_keep=keep, batch_size=hi - lo, generator=generators, progress=True,
+                model, s.mode, audio_ids=None if audios is None else audios[rows],
+                image_ids=None if images is None else images[rows], audio_keep=keep,
+                batch_size=len(js), generator=generators, progress=True,
                 cuda_graphs=s.cuda_graphs, **opts)
         except ValueError as e:  # settings from a checkpoint's "sampling" entry end up here
             raise UserError(str(e)) from e
-        sources = ([s.audio[j // K] for j in range(lo, hi)] if keep is not None and s.splice
-                   else None)
-        for path in write_outputs(s, names[lo:hi], audio_ids, image_ids, generators,
+        sources = [s.audio[j // K] for j in js] if keep is not None and s.splice else None
+        for path in write_outputs(s, [names[j] for j in js], audio_ids, image_ids, generators,
                                   image_tok, audio_tok, sources, hidden):
             try:
                 tqdm.write(str(path), file=sys.stdout)  # above the bars, not through them
                 sys.stdout.flush()
             except BrokenPipeError:  # `| head -1`: the paths go unprinted, the files still come
                 stdout_gone()
-        bar.update(hi - lo)
+        bar.update(len(js))
     bar.close()
 
 

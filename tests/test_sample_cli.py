@@ -288,6 +288,40 @@ def test_inputs_of_one_name_get_their_folders_in_the_output_name(files, tmp_path
     assert all(Path(path).name.startswith("x" * 191 + "-") for path in out[8:])
 
 
+@pytest.mark.parametrize("mode, inputs", [("i2a", ["--image", "cat", "dog", "cat2"]),
+                                         ("a2i", ["--audio", "bark", "bark2"]), ("joint", [])])
+def test_a_killed_run_resumes_with_skip_existing(files, tmp_path, capsys, mode, inputs):
+    (tmp_path / "cat2.png").write_bytes(files["cat"].read_bytes())
+    (tmp_path / "bark2.wav").write_bytes(files["bark"].read_bytes())
+    files = {**files, "cat2": tmp_path / "cat2.png", "bark2": tmp_path / "bark2.wav"}
+    inputs = [files.get(x, x) for x in inputs]
+    common = ["--mode", mode, *inputs, "--num-samples", "2", "--batch-size", "3", *args(files)]
+    code, whole, _ = run_in_process([*common, "--out", tmp_path / "whole"], capsys)
+    names = cli.output_names(cli.parse_settings(cli.Settings, [str(a) for a in common]))
+    endings = cli.output_endings(mode)
+    assert code == 0 and len(names) == (2 if mode == "joint" else 2 * len(inputs) - 2)
+    assert sorted(whole) == sorted(str(tmp_path / "whole" / (n + e))
+                                   for n in names for e in endings)
+    # a run killed after some samples: the first one whole, one file of the second, none after
+    part = tmp_path / "part"
+    part.mkdir()
+    for n, e in [(names[0], e) for e in endings] + [(names[1], endings[-1])]:
+        (part / (n + e)).write_bytes((tmp_path / "whole" / (n + e)).read_bytes())
+    code, out, err = run_in_process([*common, "--out", part, "--skip-existing"], capsys)
+    assert code == 0 and not err
+    want = [(names[1], e) for e in endings[:-1]] + [(n, e) for n in names[2:] for e in endings]
+    assert out == [str(part / (n + e)) for n, e in want]  # no NAME-2: the missing files only
+    for n in names:  # every file as the whole run wrote it
+        for e in endings:
+            assert (part / (n + e)).read_bytes() == (tmp_path / "whole" / (n + e)).read_bytes()
+    code, out, _ = run_in_process([*common, "--out", part, "--skip-existing"], capsys)
+    assert code == 0 and out == []  # all there: nothing to do
+    if mode == "i2a":  # one input given twice: two samples of one name
+        code, _, err = run_in_process(["--mode", mode, *inputs, files["cat"], "--out", part,
+                                       "--skip-existing", *args(files)], capsys)
+        assert code == 2 and "--skip-existing needs one output name per sample" in err[0]
+
+
 def test_joint_writes_numbered_pairs(files, tmp_path, capsys):
     code, out, _ = run_in_process(["--mode", "joint", "--num-samples", "3", "--batch-size", "2",
                                    "--out", tmp_path, *args(files)], capsys)
