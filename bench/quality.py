@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from echoes import checkpoint, demo, sampler  # noqa: E402
+from echoes.metrics import frechet_distance  # noqa: E402
 from echoes.cli import (check_at_least, check_out_file, parse_settings, pick_device,  # noqa: E402
                         run_cli, setting, write_text)
 
@@ -56,7 +57,7 @@ class Settings:
 
 
 # -----------------------------------------------------------------------------
-# Frechet distance between log-mel statistics
+# log-mel statistics (their Frechet distance: echoes/metrics.py)
 
 
 def logmel_stats(mels):
@@ -64,20 +65,6 @@ def logmel_stats(mels):
     deviation over time."""
     m = np.asarray(mels, dtype=np.float64)
     return np.concatenate([m.mean(-1), m.std(-1)], axis=1)
-
-
-def frechet_distance(a, b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) of Gaussians fitted to the rows of a and
-    b (Heusel et al. 2017). tr (S_a S_b)^1/2 is the sum of the square roots of the eigenvalues of
-    S_a^1/2 S_b S_a^1/2, which is symmetric positive semi-definite, so no complex sqrtm is
-    needed even when the covariances are singular (fewer clips than dimensions)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, V = np.linalg.eigh(Sa)
-    root_a = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # S_a^1/2
-    inner = np.linalg.eigvalsh(root_a @ Sb @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(Sa) + np.trace(Sb)
-                 - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,336 @@
+"""Audio generation metrics as the paper reports them (Sec. 4.2, Table 1): FD (its main metric) and
+IS, computed as the official AudioLDM evaluation (`haoheliu/audioldm_eval`, which the paper
+uses) computes them, plus that tool's KL; from two folders of audio files.
+
+    python -m echoes.metrics --generated samples/ --target vggsound_test/ \\
+        --panns Cnn14_16k_mAP=0.438.pth
+
+- The classifier: PANNs Cnn14 at 16 kHz (Kong et al. 2020, `audioset_tagging_cnn`
+  `pytorch/models.py` `Cnn14_16k`; checkpoint `Cnn14_16k_mAP=0.438.pth`, zenodo 3987831, weights
+  under "model"), with the same module and key names, so the released file loads as it is. Front
+  end as torchlibrosa's: |STFT|^2 by two conv1d with the periodic-Hann-windowed DFT (n_fft 512,
+  hop 160, reflect-padded by 256 each side), 64 Slaney mel bands 50-8000 Hz, 10 log10(max(x,
+  1e-10)); the checkpoint carries its own DFT kernels and mel matrix, which are the ones used.
+  Then bn0 over the mel bands, six conv blocks (two 3x3 conv + BN + ReLU each, 2x2 average
+  pooling after the first five; 64 ... 2048 channels), the mean over frequency, max + mean over
+  time, `embedding` = ReLU(fc1) (2048) and `logits` = fc_audioset (527 AudioSet classes).
+  Dropout and SpecAugment act in training only and are left out.
+- Audio as audioldm_eval reads it: the first channel only, minus its mean, resampled to 16 kHz by
+  torchaudio's default resampler (`resample_like_torchaudio`: Hann-windowed sinc, 6 zero
+  crossings, rolloff 0.99), zero-padded at the end to at least 2 s, each clip whole.
+- FD: the Frechet distance between Gaussians fitted to the embeddings of the generated and the
+  target clips (`frechet_distance`). IS: exp(E KL(p(y|x) || p(y))) of the softmax of the generated
+  clips' logits, in 10 splits of the rows shuffled with seed 2020: mean and standard deviation
+  (`inception_score`). KL: with clips of the same names in both folders (over 99% of them), the
+  mean over pairs of KL(target || generated) of the softmax, and of the sigmoid as audioldm_eval
+  sums it (its "kl_sigmoid", not a Bernoulli KL) (`paired_kl`).
+
+Not here: FAD (VGGish embeddings) and the paper's CS (CLIP and Wav2CLIP).
+"""
+
+import dataclasses
+import math
+import os
+import sys
+
+import numpy as np
+import soundfile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from echoes.audio import mel_filterbank
+from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
+                        parse_settings, pick_device, run_cli, setting)
+
+SAMPLE_RATE = 16000  # Cnn14_16k's
+MIN_SAMPLES = 32000  # audioldm_eval pads shorter clips with zeros to 2 s
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+# -----------------------------------------------------------------------------
+# the classifier: PANNs Cnn14 at 16 kHz
+
+
+@dataclasses.dataclass
+class Cnn14Config:
+    sample_rate: int = 16000  # Hz of the input waveform
+    n_fft: int = 512  # STFT size and window length (32 ms)
+    hop: int = 160  # STFT hop (10 ms)
+    n_mels: int = 64  # Slaney mel bands
+    fmin: float = 50.0  # Hz, lowest band edge
+    fmax: float = 8000.0  # Hz, highest band edge
+    classes: int = 527  # AudioSet's
+
+
+class STFT(nn.Module):
+    """torchlibrosa's STFT: the real and imaginary parts of the windowed DFT as conv1d kernels
+    (F, 1, n_fft), F = n_fft // 2 + 1, applied with stride `hop`."""
+
+    def __init__(self, n_fft, hop):
+        super().__init__()
+        F_ = n_fft // 2 + 1
+        self.conv_real = nn.Conv1d(1, F_, n_fft, stride=hop, bias=False)
+        self.conv_imag = nn.Conv1d(1, F_, n_fft, stride=hop, bias=False)
+        t = torch.arange(n_fft, dtype=torch.float64)
+        angle = 2 * math.pi * torch.arange(F_, dtype=torch.float64)[:, None] * t / n_fft  # (F, n)
+        window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)  # fftbins=True
+        with torch.no_grad():
+            self.conv_real.weight.copy_((torch.cos(angle) * window)[:, None])  # (F, 1, n)
+            self.conv_imag.weight.copy_((-torch.sin(angle) * window)[:, None])
+        self.requires_grad_(False)
+
+
+class Spectrogram(nn.Module):
+    """(B, L) waveform -> (B, 1, T, F) power spectrogram, centred frames (reflect padding)."""
+
+    def __init__(self, n_fft, hop):
+        super().__init__()
+        self.n_fft = n_fft
+        self.stft = STFT(n_fft, hop)
+
+    def forward(self, wav):
+        x = F.pad(wav[:, None, :], (self.n_fft // 2, self.n_fft // 2), mode="reflect")
+        real, imag = self.stft.conv_real(x), self.stft.conv_imag(x)  # (B, F, T)
+        return (real ** 2 + imag ** 2).transpose(1, 2)[:, None]  # (B, 1, T, F)
+
+
+class LogMel(nn.Module):
+    """(B, 1, T, F) power -> (B, 1, T, M) dB: 10 log10(max(power @ melW, 1e-10)) (ref 1)."""
+
+    def __init__(self, sr, n_fft, n_mels, fmin, fmax):
+        super().__init__()
+        self.melW = nn.Parameter(mel_filterbank(sr, n_fft, n_mels, fmin, fmax).T.contiguous(),
+                                 requires_grad=False)  # (F, M)
+
+    def forward(self, power):
+        return 10 * torch.log10(torch.clamp(power @ self.melW, min=1e-10))  # (B, 1, T, M)
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions (no bias), each with BatchNorm and ReLU, then average pooling."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(cout), nn.BatchNorm2d(cout)
+
+    def forward(self, x, pool):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.avg_pool2d(x, pool)
+
+
+class Cnn14(nn.Module):
+    """PANNs Cnn14 for inference (see the module docstring). forward(wav (B, L) at 16 kHz) ->
+    {"embedding": (B, 2048), "logits": (B, 527)}."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        c = self.config = config or Cnn14Config()
+        self.spectrogram_extractor = Spectrogram(c.n_fft, c.hop)
+        self.logmel_extractor = LogMel(c.sample_rate, c.n_fft, c.n_mels, c.fmin, c.fmax)
+        self.bn0 = nn.BatchNorm2d(c.n_mels)
+        widths = [1, 64, 128, 256, 512, 1024, 2048]
+        for i in range(6):
+            setattr(self, f"conv_block{i + 1}", ConvBlock(widths[i], widths[i + 1]))
+        self.fc1 = nn.Linear(2048, 2048)
+        self.fc_audioset = nn.Linear(2048, c.classes)
+
+    def forward(self, wav):
+        x = self.logmel_extractor(self.spectrogram_extractor(wav))  # (B, 1, T, M)
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # normalised per mel band
+        for i in range(6):
+            x = getattr(self, f"conv_block{i + 1}")(x, (2, 2) if i < 5 else (1, 1))
+        x = x.mean(dim=3)  # (B, 2048, T'): the mean over frequency
+        x = x.amax(dim=2) + x.mean(dim=2)  # (B, 2048): max + mean over time
+        embedding = F.relu(self.fc1(x))  # (B, 2048), audioldm_eval's "2048"
+        return {"embedding": embedding, "logits": self.fc_audioset(embedding)}  # (B, 527)
+
+
+def load_cnn14(path, *, trusted=False):
+    """PANNs Cnn14 (16 kHz) from its released checkpoint (weights under "model") or a bare state
+    dict, in eval mode. Checkpoints saved before BatchNorm counted its batches load too."""
+    obj = load_checkpoint(path, trusted=trusted, what="PANNs checkpoint")
+    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+    model = Cnn14()
+    if isinstance(sd, dict):  # num_batches_tracked does not enter inference
+        sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
+              **sd}
+    return load_state_strict(model, sd, "PANNs Cnn14 checkpoint", path).eval()
+
+
+# -----------------------------------------------------------------------------
+# audio as audioldm_eval reads it
+
+
+def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
+    """`torchaudio.functional.resample` with its defaults (sinc_interp_hann): the last axis of
+    `wav` from orig_sr to new_sr. A windowed-sinc FIR whose `up` phases repeat every `down`
+    input samples (up / down the reduced ratio), applied by one strided conv1d; the kernel is
+    computed in float64 (torchaudio: in the input's dtype), the output has ceil(T up / down)
+    samples."""
+    if orig_sr == new_sr:
+        return wav
+    g = math.gcd(int(orig_sr), int(new_sr))
+    down, up = int(orig_sr) // g, int(new_sr) // g
+    base = min(down, up) * rolloff
+    width = math.ceil(zeros * down / base)
+    idx = torch.arange(-width, width + down, dtype=torch.float64) / down  # (K,)
+    t = (-torch.arange(up, dtype=torch.float64)[:, None] / up + idx) * base  # (up, K)
+    t = t.clamp(-zeros, zeros)
+    window = torch.cos(t * math.pi / zeros / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * base / down
+    shape, T = wav.shape[:-1], wav.shape[-1]
+    x = F.pad(wav.reshape(-1, T).float(), (width, width + down))  # (B, T + 2 width + down)
+    y = F.conv1d(x[:, None], kernel.float()[:, None], stride=down)  # (B, up, n_blocks)
+    y = y.transpose(1, 2).reshape(len(x), -1)[:, :math.ceil(up * T / down)]  # (B, T')
+    return y.reshape(*shape, -1)
+
+
+def read_eval_audio(path, sr=SAMPLE_RATE):
+    """One file -> float32 (L,) at `sr`, as audioldm_eval's WaveDataset reads it: the first
+    channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES."""
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (L, channels)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise UserError(f"cannot read audio {path} ({e})") from e
+    wav = torch.from_numpy(data[:, 0].copy())  # (L,)
+    if len(wav) == 0:
+        raise UserError(f"{path} holds no samples")
+    if not torch.isfinite(wav).all():
+        raise UserError(f"{path} holds NaN or infinite samples")
+    wav = resample_like_torchaudio(wav - wav.mean(), rate, sr)
+    return F.pad(wav, (0, max(0, MIN_SAMPLES - len(wav))))
+
+
+@torch.no_grad()
+def clip_features(model, paths, device="cpu", progress=False, desc="clips"):
+    """{"embedding": (N, 2048), "logits": (N, 527)} float64 numpy of the files, one clip at a
+    time (clips differ in length)."""
+    rows = {"embedding": [], "logits": []}
+    for path in tqdm(paths, desc=desc, unit="clip", disable=not progress, dynamic_ncols=True):
+        out = model(read_eval_audio(path, model.config.sample_rate)[None].to(device))
+        for k in rows:
+            rows[k].append(out[k][0].double().cpu().numpy())
+    return {k: np.stack(v) if v else np.zeros((0, 0)) for k, v in rows.items()}
+
+
+# -----------------------------------------------------------------------------
+# the metrics
+
+
+def frechet_distance(a, b):
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2) of Gaussians fitted to the rows of a and
+    b (Heusel et al. 2017). tr (S_a S_b)^1/2 is the sum of the square roots of the eigenvalues of
+    S_a^1/2 S_b S_a^1/2, which is symmetric positive semi-definite, so no complex sqrtm is
+    needed even when the covariances are singular (fewer clips than dimensions); audioldm_eval
+    takes scipy's sqrtm of S_a S_b, the same number up to rounding."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, V = np.linalg.eigh(Sa)
+    root_a = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # S_a^1/2
+    inner = np.linalg.eigvalsh(root_a @ Sb @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(Sa) + np.trace(Sb)
+                 - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def inception_score(logits, splits=10, seed=2020):
+    """(mean, std) over `splits` of exp(mean_x KL(p(y|x) || p(y))), p = softmax(logits), the rows
+    shuffled with np.random.RandomState(seed) first and split as audioldm_eval splits them."""
+    x = torch.as_tensor(np.asarray(logits)[np.random.RandomState(seed).permutation(len(logits))],
+                        dtype=torch.float64)  # (N, C)
+    p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
+    N, scores = len(x), []
+    for k in range(splits):
+        part, log_part = p[k * N // splits:(k + 1) * N // splits], \
+            log_p[k * N // splits:(k + 1) * N // splits]
+        q = part.mean(dim=0, keepdim=True)  # (1, C): p(y) over the split
+        scores.append(float(torch.exp((part * (log_part - q.log())).sum(dim=1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def paired_kl(generated, target, eps=1e-6):
+    """generated, target: {name: logits (C,)} -> (kl_softmax, kl_sigmoid) over the names in both,
+    as audioldm_eval: sum over pairs of KL(target || generated) / pairs, the generated
+    probabilities + eps inside the log; for the sigmoid only the p log(p / q) terms."""
+    names = sorted(set(generated) & set(target))
+    g = torch.as_tensor(np.stack([generated[n] for n in names]), dtype=torch.float64)  # (P, C)
+    t = torch.as_tensor(np.stack([target[n] for n in names]), dtype=torch.float64)
+    out = []
+    for act in (lambda z: z.softmax(dim=1), torch.sigmoid):
+        out.append(float(F.kl_div((act(g) + eps).log(), act(t), reduction="sum") / len(names)))
+    return tuple(out)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclasses.dataclass
+class Settings:
+    """`python -m echoes.metrics` settings (each one is a --flag; see --help)."""
+    generated: str = setting("", "folder of generated audio files (e.g. sample.py's --out)")
+    target: str = setting("", "folder of the real clips they are compared with (for KL, files "
+                          "of the same names as the generated ones)")
+    panns: str = setting("", "PANNs checkpoint Cnn14_16k_mAP=0.438.pth (zenodo record 3987831)")
+    trust_checkpoints: bool = setting(False, "allow a checkpoint that needs full unpickling "
+                                      "(only for files you trust)")
+    device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
+
+
+def audio_files(folder, flag):
+    """The audio files directly in `folder` (by extension), sorted; a one-line error if none."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder!r} is not a folder")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(AUDIO_EXTS)
+                   and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise UserError(f"{flag} {folder} holds no audio files ({', '.join(AUDIO_EXTS)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def evaluate(s):
+    """FD, IS (and KL where the names pair up) of --generated against --target: a dict."""
+    gen, tgt = audio_files(s.generated, "--generated"), audio_files(s.target, "--target")
+    if not s.panns:
+        raise UserError("give --panns, the PANNs checkpoint Cnn14_16k_mAP=0.438.pth")
+    check_file(s.panns, "--panns")
+    device = pick_device(s.device)
+    model = load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device)
+    if min(len(gen), len(tgt)) < 2:
+        raise UserError("FD needs at least 2 clips in each folder")
+    fg = clip_features(model, gen, device, progress=True, desc="generated")
+    ft = clip_features(model, tgt, device, progress=True, desc="target")
+    result = {"generated": len(gen), "target": len(tgt),
+              "FD": frechet_distance(fg["embedding"], ft["embedding"])}
+    result["IS"], result["IS_std"] = inception_score(fg["logits"])
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
+    g_names, t_names = {stem(p) for p in gen}, {stem(p) for p in tgt}
+    both = g_names & t_names
+    if len(both) > 0.99 * len(g_names) and len(both) > 0.99 * len(t_names):  # audioldm_eval's
+        result["KL_softmax"], result["KL_sigmoid"] = paired_kl(
+            dict(zip(map(stem, gen), fg["logits"])), dict(zip(map(stem, tgt), ft["logits"])))
+    return result
+
+
+def main(argv=None):
+    s = parse_settings(Settings, sys.argv[1:] if argv is None else argv,
+                       description="FD, IS and KL of generated audio (PANNs Cnn14, as "
+                                   "AudioLDM's evaluation computes them).",
+                       prog="python -m echoes.metrics")
+    r = evaluate(s)
+    print(f"| generated | target | FD | IS | KL (softmax) | KL (sigmoid) |\n|---|---|---|---|---|---|"
+          f"\n| {r['generated']} | {r['target']} | {r['FD']:.3f} | {r['IS']:.3f} "
+          f"+- {r['IS_std']:.3f} | {r.get('KL_softmax', float('nan')):.3f} | "
+          f"{r.get('KL_sigmoid', float('nan')):.3f} |")
+    if "KL_softmax" not in r:
+        print("KL: not computed, the two folders' file names do not pair up (as audioldm_eval, "
+              "over 99% of them must)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

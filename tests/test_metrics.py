@@ -1,0 +1,167 @@
+"""echoes/metrics.py: PANNs Cnn14, the audio reading and FD / IS / KL against the outputs of the
+code the paper's numbers come from (tests/reference/panns_eval.pt: audioldm_eval's Cnn14 and
+metric functions, torchaudio's resample), and the command line."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from conftest import run_command
+from echoes import metrics
+
+REFERENCE = Path(__file__).parent / "reference" / "panns_eval.pt"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch.load(REFERENCE, weights_only=True)
+
+
+def recipe_weights(template):
+    """The reference's weights (tests/reference/README.md): every float tensor but the front end
+    and num_batches_tracked drawn in state-dict order from one generator."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k, v in template.items():
+        if k.startswith(("spectrogram_extractor.", "logmel_extractor.")) or \
+                k.endswith("num_batches_tracked"):
+            out[k] = v.clone()
+            continue
+        leaf = k.rsplit(".", 1)[1]
+        bn = k.startswith("bn0.") or ".bn" in k
+        if leaf == "running_mean":
+            x = 0.1 * torch.randn(v.shape, generator=g)
+        elif leaf == "running_var":
+            x = 0.5 + torch.rand(v.shape, generator=g)
+        elif bn and leaf == "weight":
+            x = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+        elif leaf == "bias":
+            x = 0.1 * torch.randn(v.shape, generator=g)
+        else:  # conv (4-D) and linear (2-D) weights: He-scaled normal
+            x = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+        out[k] = x.to(v.dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The reference weights saved as the released checkpoint stores them (under "model")."""
+    path = tmp_path_factory.mktemp("panns") / "Cnn14_16k_mAP=0.438.pth"
+    torch.save({"model": recipe_weights(metrics.Cnn14().state_dict()), "iteration": 0}, path)
+    return path
+
+
+def test_cnn14_loads_the_released_layout_and_gives_the_reference_outputs(ref, released):
+    assert list(metrics.Cnn14().state_dict()) == ref["keys"].split("\n")
+    model = metrics.load_cnn14(released)
+    with torch.no_grad():
+        out = model(ref["wav"])
+    torch.testing.assert_close(out["embedding"], ref["embedding"], rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(out["logits"], ref["logits"], rtol=1e-5, atol=2e-4)
+    assert (out["logits"][0] - out["logits"][1]).abs().max() > 1  # the two clips tell apart
+    # a checkpoint saved before BatchNorm counted its batches
+    old = {k: v for k, v in torch.load(released, weights_only=True)["model"].items()
+           if not k.endswith("num_batches_tracked")}
+    torch.save({"model": old}, released.with_name("old.pth"))
+    metrics.load_cnn14(released.with_name("old.pth"))
+
+
+def test_a_fresh_front_end_is_torchlibrosas(ref):
+    """The DFT kernels and the mel matrix built here equal those torchlibrosa builds (periodic
+    Hann window, librosa's Slaney mel filterbank), which the released checkpoint stores."""
+    fresh = metrics.Cnn14().state_dict()
+    torch.testing.assert_close(fresh["logmel_extractor.melW"], ref["melW"], rtol=1e-5, atol=1e-7)
+    for part in ("real", "imag"):
+        torch.testing.assert_close(fresh[f"spectrogram_extractor.stft.conv_{part}.weight"][::16],
+                                   ref[f"conv_{part}_rows"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_spectrogram_is_the_centred_stft_power():
+    x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(0))
+    power = metrics.Spectrogram(512, 160)(x)[:, 0]  # (B, T, F)
+    window = torch.hann_window(512, periodic=True, dtype=torch.float64)
+    want = torch.stft(x.double(), 512, 160, window=window, center=True, pad_mode="reflect",
+                      return_complex=True).abs() ** 2  # (B, F, T)
+    torch.testing.assert_close(power.double(), want.transpose(1, 2), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rate", [22050, 44100, 48000, 8000])
+def test_resampling_is_torchaudios(ref, rate):
+    got = metrics.resample_like_torchaudio(ref["rs_x"], rate, 16000)
+    torch.testing.assert_close(got, ref[f"rs_{rate}_16000"], rtol=0, atol=2e-4)
+
+
+def test_the_metrics_are_audioldm_evals(ref):
+    a, b = ref["fd_a"].numpy(), ref["fd_b"].numpy()
+    assert metrics.frechet_distance(a, b) == pytest.approx(float(ref["fd"]), rel=1e-6)
+    mean, std = metrics.inception_score(ref["is_logits"].numpy())
+    assert (mean, std) == pytest.approx((float(ref["is_mean"]), float(ref["is_std"])), rel=1e-6)
+    names = [f"clip{i}" for i in range(len(ref["kl_gen"]))]
+    gen = dict(zip(names, ref["kl_gen"].numpy()))
+    tgt = dict(zip(reversed(names), ref["kl_tgt"].numpy()[::-1]))  # paired by name, not order
+    got = metrics.paired_kl(gen, tgt)
+    assert got == pytest.approx((float(ref["kl_softmax"]), float(ref["kl_sigmoid"])), rel=1e-6)
+
+
+def test_the_metrics_in_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 2))
+    b = 2 * rng.standard_normal((4000, 2)) + 1  # FD of N(0, I) and N(1, 4I): 2 + 2 (2 - 1)^2
+    assert metrics.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    confident = np.eye(10)[np.arange(100) % 10] * 50  # every class once per 10, sure of each
+    assert metrics.inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+    assert metrics.inception_score(np.zeros((100, 10)))[0] == pytest.approx(1.0)
+
+
+def test_audio_is_read_as_audioldm_eval_reads_it(tmp_path):
+    left = np.full(8000, 0.5, np.float32)
+    right = np.linspace(-1, 1, 8000).astype(np.float32)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([left + 0.1 * np.sin(np.arange(8000)),
+                                                       right], 1), 16000, subtype="FLOAT")
+    wav = metrics.read_eval_audio(tmp_path / "stereo.wav")
+    assert wav.shape == (metrics.MIN_SAMPLES,)  # padded at the end to 2 s
+    head = wav[:8000].numpy()
+    np.testing.assert_allclose(head, 0.1 * np.sin(np.arange(8000)) - np.mean(
+        0.1 * np.sin(np.arange(8000))), atol=1e-5)  # the first channel, its mean removed
+    assert (wav[8000:] == 0).all()
+    soundfile.write(tmp_path / "slow.wav", np.zeros(22050 * 3, np.float32), 22050)
+    assert metrics.read_eval_audio(tmp_path / "slow.wav").shape == (48000,)  # 3 s at 16 kHz
+
+
+def write_clips(folder, names, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(names):
+        t = np.arange(16000) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (300 + 100 * i) * t) + 0.05 * rng.standard_normal(16000)
+        soundfile.write(folder / f"{name}.wav", wav.astype(np.float32), 16000)
+
+
+def test_command_line(tmp_path, capsys, released, one_thread):
+    write_clips(tmp_path / "gen", ["a", "b", "c"], 0)
+    write_clips(tmp_path / "real", ["a", "b", "c"], 1)
+    flags = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--panns", released,
+             "--device", "cpu"]
+    code, out, err = run_command(metrics.main, flags, capsys)
+    assert code == 0, err
+    row = out.splitlines()[2].split("|")
+    assert [x.strip() for x in row[1:3]] == ["3", "3"]
+    fd, kl = float(row[3]), float(row[5])
+    assert fd > 0 and np.isfinite(kl) and "+-" in row[4]
+    os.rename(tmp_path / "real" / "c.wav", tmp_path / "real" / "d.wav")  # names no longer pair
+    code, out, err = run_command(metrics.main, flags, capsys)
+    assert code == 0 and "| nan | nan |" in out and "do not pair up" in err
+    for argv, want in [
+            (["--generated", tmp_path / "nothing", "--target", tmp_path / "real"],
+             "--generated '" + str(tmp_path / "nothing") + "' is not a folder"),
+            (["--generated", tmp_path, "--target", tmp_path / "real"], "holds no audio files"),
+            (["--generated", tmp_path / "gen", "--target", tmp_path / "real"], "give --panns"),
+            ([*flags[:4], "--panns", tmp_path / "gen" / "a.wav"], "PANNs checkpoint"),
+    ]:
+        code, _, err = run_command(metrics.main, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and want in err, err
