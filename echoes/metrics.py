@@ -299,10 +299,10 @@ def evaluate(s):
     if not s.panns:
         raise UserError("give --panns, the PANNs checkpoint Cnn14_16k_mAP=0.438.pth")
     check_file(s.panns, "--panns")
-    device = pick_device(s.device)
-    model = load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device)
     if min(len(gen), len(tgt)) < 2:
         raise UserError("FD needs at least 2 clips in each folder")
+    device = pick_device(s.device)
+    model = load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device)
     fg = clip_features(model, gen, device, progress=True, desc="generated")
     ft = clip_features(model, tgt, device, progress=True, desc="target")
     result = {"generated": len(gen), "target": len(tgt),
