@@ -1,9 +1,9 @@
-"""Audio generation metrics as the paper reports them (Sec. 4.2, Table 1): FD (its main metric) and
-IS, computed as the official AudioLDM evaluation (`haoheliu/audioldm_eval`, which the paper
-uses) computes them, plus that tool's KL; from two folders of audio files.
+"""Audio generation metrics as the paper reports them (Sec. 4.2, Table 1): FD (its main metric),
+FAD and IS, computed as the official AudioLDM evaluation (`haoheliu/audioldm_eval`, which the
+paper uses) computes them, plus that tool's KL; from two folders of audio files.
 
     python -m echoes.metrics --generated samples/ --target vggsound_test/ \\
-        --panns Cnn14_16k_mAP=0.438.pth
+        --panns Cnn14_16k_mAP=0.438.pth --vggish vggish-10086976.pth
 
 - The classifier: PANNs Cnn14 at 16 kHz (Kong et al. 2020, `audioset_tagging_cnn`
   `pytorch/models.py` `Cnn14_16k`; checkpoint `Cnn14_16k_mAP=0.438.pth`, zenodo 3987831, weights
@@ -15,17 +15,25 @@ uses) computes them, plus that tool's KL; from two folders of audio files.
   pooling after the first five; 64 ... 2048 channels), the mean over frequency, max + mean over
   time, `embedding` = ReLU(fc1) (2048) and `logits` = fc_audioset (527 AudioSet classes).
   Dropout and SpecAugment act in training only and are left out.
+- FAD's network: VGGish (Hershey et al. 2017) as `harritaylor/torchvggish` holds it (released
+  weights `vggish-10086976.pth`, a bare state dict) and audioldm_eval uses it: no PCA
+  postprocessing, the last ReLU dropped (the 128-d embedding before it). Front end as
+  torchvggish's `waveform_to_examples` (in float64): frames of 400 samples every 160, no padding,
+  a periodic Hann window, |rfft| of 512 points, 64 HTK-mel bands 125-7500 Hz without area
+  normalisation (the DC bin left out), log(mel + 0.01), cut into 0.96 s examples (96 x 64, no
+  overlap, a shorter tail dropped).
 - Audio as audioldm_eval reads it: the first channel only, minus its mean, resampled to 16 kHz by
   torchaudio's default resampler (`resample_like_torchaudio`: Hann-windowed sinc, 6 zero
   crossings, rolloff 0.99), zero-padded at the end to at least 2 s, each clip whole.
 - FD: the Frechet distance between Gaussians fitted to the embeddings of the generated and the
-  target clips (`frechet_distance`). IS: exp(E KL(p(y|x) || p(y))) of the softmax of the generated
+  target clips (`frechet_distance`); FAD: the same over the VGGish embeddings of every 0.96 s
+  example of every clip. IS: exp(E KL(p(y|x) || p(y))) of the softmax of the generated
   clips' logits, in 10 splits of the rows shuffled with seed 2020: mean and standard deviation
   (`inception_score`). KL: with clips of the same names in both folders (over 99% of them), the
   mean over pairs of KL(target || generated) of the softmax, and of the sigmoid as audioldm_eval
   sums it (its "kl_sigmoid", not a Bernoulli KL) (`paired_kl`).
 
-Not here: FAD (VGGish embeddings) and the paper's CS (CLIP and Wav2CLIP).
+Not here: the paper's CS (CLIP and Wav2CLIP).
 """
 
 import dataclasses
@@ -163,6 +171,72 @@ def load_cnn14(path, *, trusted=False):
 
 
 # -----------------------------------------------------------------------------
+# FAD's network: VGGish
+
+VGGISH_FRAME, VGGISH_HOP, VGGISH_FFT = 400, 160, 512  # 25 ms frames every 10 ms at 16 kHz
+VGGISH_MELS, VGGISH_EXAMPLE = 64, 96  # mel bands; frames per 0.96 s example
+
+
+def vggish_mel_matrix(sr=SAMPLE_RATE, n_bins=VGGISH_FFT // 2 + 1, n_mels=VGGISH_MELS,
+                      fmin=125.0, fmax=7500.0):
+    """(n_bins, n_mels) float64: triangles linear in HTK mel (1127 ln(1 + f / 700)), peak 1, no
+    area normalisation, the DC bin 0 (torchvggish `mel_features.spectrogram_to_mel_matrix`)."""
+    def mel(f):
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+    bins = mel(torch.linspace(0, sr / 2, n_bins, dtype=torch.float64))[:, None]  # (K, 1)
+    edges = torch.linspace(float(mel(fmin)), float(mel(fmax)), n_mels + 2, dtype=torch.float64)
+    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]  # (M,) each
+    w = torch.clamp(torch.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)), min=0)
+    w[0] = 0.0
+    return w  # (K, M)
+
+
+def vggish_examples(wav):
+    """(L,) waveform at 16 kHz -> (N, 1, 96, 64) float32 log-mel examples (see the module
+    docstring); N = 0 for under 0.96 s."""
+    x = torch.as_tensor(wav, dtype=torch.float64)
+    n = 0 if len(x) < VGGISH_FRAME else 1 + (len(x) - VGGISH_FRAME) // VGGISH_HOP  # frames
+    if n < VGGISH_EXAMPLE:  # no whole example (torchvggish fails on such a clip)
+        return torch.zeros(0, 1, VGGISH_EXAMPLE, VGGISH_MELS)
+    frames = x.unfold(0, VGGISH_FRAME, VGGISH_HOP)  # (T, 400), no padding
+    window = torch.hann_window(VGGISH_FRAME, periodic=True, dtype=torch.float64)
+    spec = torch.fft.rfft(frames * window, n=VGGISH_FFT).abs()  # (T, 257) magnitude
+    log_mel = torch.log(spec @ vggish_mel_matrix() + 0.01)  # (T, 64)
+    examples = log_mel.unfold(0, VGGISH_EXAMPLE, VGGISH_EXAMPLE)  # (N, 64, 96)
+    return examples.transpose(1, 2)[:, None].float()  # (N, 1, 96, 64)
+
+
+class VGGish(nn.Module):
+    """forward((N, 1, 96, 64) examples) -> (N, 128) embeddings (before the last ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 1
+        for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):  # torchvggish make_layers
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True),
+                                        nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+                                        nn.Linear(4096, 128))
+
+    def forward(self, examples):
+        x = self.features(examples)  # (N, 512, 6, 4)
+        x = x.permute(0, 2, 3, 1).flatten(1)  # (N, 6 * 4 * 512), flattened as TF's NHWC
+        return self.embeddings(x)  # (N, 128)
+
+
+def load_vggish(path, *, trusted=False):
+    """VGGish from torchvggish's released weights (a bare state dict), in eval mode."""
+    sd = load_checkpoint(path, trusted=trusted, what="VGGish checkpoint")
+    return load_state_strict(VGGish(), sd, "VGGish checkpoint", path).eval()
+
+
+# -----------------------------------------------------------------------------
 # audio as audioldm_eval reads it
 
 
@@ -208,15 +282,21 @@ def read_eval_audio(path, sr=SAMPLE_RATE):
 
 
 @torch.no_grad()
-def clip_features(model, paths, device="cpu", progress=False, desc="clips"):
-    """{"embedding": (N, 2048), "logits": (N, 527)} float64 numpy of the files, one clip at a
-    time (clips differ in length)."""
-    rows = {"embedding": [], "logits": []}
+def clip_features(paths, panns=None, vggish=None, device="cpu", progress=False, desc="clips"):
+    """Each file read once: with `panns`, "embedding" (N, 2048) and "logits" (N, 527); with
+    `vggish`, "vggish" (sum of the clips' examples, 128): float64 numpy, one clip at a time
+    (clips differ in length)."""
+    rows = {}
     for path in tqdm(paths, desc=desc, unit="clip", disable=not progress, dynamic_ncols=True):
-        out = model(read_eval_audio(path, model.config.sample_rate)[None].to(device))
-        for k in rows:
-            rows[k].append(out[k][0].double().cpu().numpy())
-    return {k: np.stack(v) if v else np.zeros((0, 0)) for k, v in rows.items()}
+        wav = read_eval_audio(path)  # (L,) at 16 kHz, at least 2 s: at least 2 examples
+        if panns is not None:
+            out = panns(wav[None].to(device))
+            for k in ("embedding", "logits"):
+                rows.setdefault(k, []).append(out[k].double().cpu().numpy())  # (1, C)
+        if vggish is not None:
+            emb = vggish(vggish_examples(wav).to(device))  # (n, 128)
+            rows.setdefault("vggish", []).append(emb.double().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in rows.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -276,7 +356,10 @@ class Settings:
     generated: str = setting("", "folder of generated audio files (e.g. sample.py's --out)")
     target: str = setting("", "folder of the real clips they are compared with (for KL, files "
                           "of the same names as the generated ones)")
-    panns: str = setting("", "PANNs checkpoint Cnn14_16k_mAP=0.438.pth (zenodo record 3987831)")
+    panns: str = setting("", "PANNs checkpoint Cnn14_16k_mAP=0.438.pth (zenodo record 3987831): "
+                         "FD, IS, KL")
+    vggish: str = setting("", "VGGish weights vggish-10086976.pth (harritaylor/torchvggish "
+                          "release v0.1): FAD")
     trust_checkpoints: bool = setting(False, "allow a checkpoint that needs full unpickling "
                                       "(only for files you trust)")
     device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
@@ -294,26 +377,36 @@ def audio_files(folder, flag):
 
 
 def evaluate(s):
-    """FD, IS (and KL where the names pair up) of --generated against --target: a dict."""
+    """FD, IS, KL (where the names pair up; with --panns) and FAD (with --vggish) of --generated
+    against --target: a dict."""
     gen, tgt = audio_files(s.generated, "--generated"), audio_files(s.target, "--target")
-    if not s.panns:
-        raise UserError("give --panns, the PANNs checkpoint Cnn14_16k_mAP=0.438.pth")
-    check_file(s.panns, "--panns")
+    if not (s.panns or s.vggish):
+        raise UserError("give --panns (Cnn14_16k_mAP=0.438.pth: FD, IS, KL) and / or --vggish "
+                        "(vggish-10086976.pth: FAD)")
+    for flag, path in (("--panns", s.panns), ("--vggish", s.vggish)):
+        if path:
+            check_file(path, flag)
     if min(len(gen), len(tgt)) < 2:
-        raise UserError("FD needs at least 2 clips in each folder")
+        raise UserError("a Frechet distance needs at least 2 clips in each folder")
     device = pick_device(s.device)
-    model = load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device)
-    fg = clip_features(model, gen, device, progress=True, desc="generated")
-    ft = clip_features(model, tgt, device, progress=True, desc="target")
-    result = {"generated": len(gen), "target": len(tgt),
-              "FD": frechet_distance(fg["embedding"], ft["embedding"])}
-    result["IS"], result["IS_std"] = inception_score(fg["logits"])
-    stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
-    g_names, t_names = {stem(p) for p in gen}, {stem(p) for p in tgt}
-    both = g_names & t_names
-    if len(both) > 0.99 * len(g_names) and len(both) > 0.99 * len(t_names):  # audioldm_eval's
-        result["KL_softmax"], result["KL_sigmoid"] = paired_kl(
-            dict(zip(map(stem, gen), fg["logits"])), dict(zip(map(stem, tgt), ft["logits"])))
+    panns = (load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device) if s.panns else None)
+    vggish = (load_vggish(s.vggish, trusted=s.trust_checkpoints).to(device) if s.vggish
+              else None)
+    fg = clip_features(gen, panns, vggish, device, progress=True, desc="generated")
+    ft = clip_features(tgt, panns, vggish, device, progress=True, desc="target")
+    result = {"generated": len(gen), "target": len(tgt)}
+    if vggish is not None:
+        result["FAD"] = frechet_distance(fg["vggish"], ft["vggish"])
+    if panns is not None:
+        result["FD"] = frechet_distance(fg["embedding"], ft["embedding"])
+        result["IS"], result["IS_std"] = inception_score(fg["logits"])
+        stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
+        g_names, t_names = {stem(p) for p in gen}, {stem(p) for p in tgt}
+        both = g_names & t_names
+        if len(both) > 0.99 * len(g_names) and len(both) > 0.99 * len(t_names):  # its rule
+            result["KL_softmax"], result["KL_sigmoid"] = paired_kl(
+                dict(zip(map(stem, gen), fg["logits"])),
+                dict(zip(map(stem, tgt), ft["logits"])))
     return result
 
 
@@ -323,11 +416,15 @@ def main(argv=None):
                                    "AudioLDM's evaluation computes them).",
                        prog="python -m echoes.metrics")
     r = evaluate(s)
-    print(f"| generated | target | FD | IS | KL (softmax) | KL (sigmoid) |\n|---|---|---|---|---|---|"
-          f"\n| {r['generated']} | {r['target']} | {r['FD']:.3f} | {r['IS']:.3f} "
-          f"+- {r['IS_std']:.3f} | {r.get('KL_softmax', float('nan')):.3f} | "
-          f"{r.get('KL_sigmoid', float('nan')):.3f} |")
-    if "KL_softmax" not in r:
+    cells = {"generated": r["generated"], "target": r["target"], "FD": r.get("FD"),
+             "FAD": r.get("FAD"), "IS": (f"{r['IS']:.3f} +- {r['IS_std']:.3f}" if "IS" in r
+                                        else None),
+             "KL (softmax)": r.get("KL_softmax"), "KL (sigmoid)": r.get("KL_sigmoid")}
+    values = ["-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+              for v in cells.values()]
+    print("| " + " | ".join(cells) + " |\n" + "|---" * len(cells) + "|\n| "
+          + " | ".join(values) + " |")
+    if s.panns and "KL_softmax" not in r:
         print("KL: not computed, the two folders' file names do not pair up (as audioldm_eval, "
               "over 99% of them must)", file=sys.stderr)
 

@@ -1,6 +1,7 @@
-"""echoes/metrics.py: PANNs Cnn14, the audio reading and FD / IS / KL against the outputs of the
-code the paper's numbers come from (tests/reference/panns_eval.pt: audioldm_eval's Cnn14 and
-metric functions, torchaudio's resample), and the command line."""
+"""echoes/metrics.py: PANNs Cnn14, VGGish, the audio reading and FD / FAD / IS / KL against the
+outputs of the code the paper's numbers come from (tests/reference/panns_eval.pt: audioldm_eval's
+Cnn14 and metric functions, torchaudio's resample; tests/reference/vggish_eval.pt: torchvggish as
+audioldm_eval uses it), and the command line."""
 
 import os
 from pathlib import Path
@@ -13,12 +14,17 @@ import torch
 from conftest import run_command
 from echoes import metrics
 
-REFERENCE = Path(__file__).parent / "reference" / "panns_eval.pt"
+REFERENCE = Path(__file__).parent / "reference"
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return torch.load(REFERENCE, weights_only=True)
+    return torch.load(REFERENCE / "panns_eval.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def vggish_ref():
+    return torch.load(REFERENCE / "vggish_eval.pt", weights_only=True)
 
 
 def recipe_weights(template):
@@ -78,6 +84,38 @@ def test_a_fresh_front_end_is_torchlibrosas(ref):
     for part in ("real", "imag"):
         torch.testing.assert_close(fresh[f"spectrogram_extractor.stft.conv_{part}.weight"][::16],
                                    ref[f"conv_{part}_rows"], rtol=1e-5, atol=1e-6)
+
+
+def vggish_recipe_weights(template):
+    """The VGGish reference's weights: biases 0.1 randn, weights randn * sqrt(2 / fan_in), drawn
+    in state-dict order from one generator (tests/reference/README.md)."""
+    g = torch.Generator().manual_seed(0)
+    return {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("bias")
+            else torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+            for k, v in template.items()}
+
+
+@pytest.fixture(scope="module")
+def vggish_released(tmp_path_factory):
+    """Recipe weights saved as torchvggish releases them (a bare state dict)."""
+    path = tmp_path_factory.mktemp("vggish") / "vggish-10086976.pth"
+    torch.save(vggish_recipe_weights(metrics.VGGish().state_dict()), path)
+    return path
+
+
+def test_vggish_is_torchvggishs_as_audioldm_eval_uses_it(vggish_ref, vggish_released):
+    torch.testing.assert_close(metrics.vggish_mel_matrix(), vggish_ref["mel_matrix"],
+                               rtol=1e-12, atol=1e-12)
+    examples = metrics.vggish_examples(vggish_ref["wav"])  # 2.5 s: two examples, tail dropped
+    torch.testing.assert_close(examples, vggish_ref["examples"], rtol=1e-6, atol=1e-6)
+    model = metrics.load_vggish(vggish_released)
+    assert list(model.state_dict()) == vggish_ref["keys"].split("\n")
+    with torch.no_grad():
+        emb = model(examples)
+    torch.testing.assert_close(emb, vggish_ref["embedding"], rtol=1e-5, atol=1e-5)
+    assert (vggish_ref["embedding_relu"] != emb).any()  # the last ReLU is left out
+    assert metrics.vggish_examples(torch.zeros(15599)).shape == (0, 1, 96, 64)  # 95 frames
+    assert metrics.vggish_examples(torch.zeros(15600)).shape == (1, 1, 96, 64)
 
 
 def test_the_spectrogram_is_the_centred_stft_power():
@@ -142,26 +180,36 @@ def write_clips(folder, names, seed):
         soundfile.write(folder / f"{name}.wav", wav.astype(np.float32), 16000)
 
 
-def test_command_line(tmp_path, capsys, released, one_thread):
+def table(out):
+    """The printed table's one row as {column: cell}."""
+    lines = out.splitlines()
+    head, row = ([x.strip() for x in line.split("|")[1:-1]] for line in (lines[0], lines[2]))
+    return dict(zip(head, row))
+
+
+def test_command_line(tmp_path, capsys, released, vggish_released, one_thread):
     write_clips(tmp_path / "gen", ["a", "b", "c"], 0)
     write_clips(tmp_path / "real", ["a", "b", "c"], 1)
-    flags = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--panns", released,
-             "--device", "cpu"]
+    folders = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--device", "cpu"]
+    flags = [*folders, "--panns", released, "--vggish", vggish_released]
     code, out, err = run_command(metrics.main, flags, capsys)
     assert code == 0, err
-    row = out.splitlines()[2].split("|")
-    assert [x.strip() for x in row[1:3]] == ["3", "3"]
-    fd, kl = float(row[3]), float(row[5])
-    assert fd > 0 and np.isfinite(kl) and "+-" in row[4]
+    row = table(out)
+    assert row["generated"] == row["target"] == "3"
+    assert float(row["FD"]) > 0 and float(row["FAD"]) > 0 and "+-" in row["IS"]
+    assert np.isfinite(float(row["KL (softmax)"])) and np.isfinite(float(row["KL (sigmoid)"]))
+    code, out, _ = run_command(metrics.main, [*folders, "--vggish", vggish_released], capsys)
+    assert code == 0 and table(out)["FAD"] == row["FAD"] and table(out)["FD"] == "-"
     os.rename(tmp_path / "real" / "c.wav", tmp_path / "real" / "d.wav")  # names no longer pair
-    code, out, err = run_command(metrics.main, flags, capsys)
-    assert code == 0 and "| nan | nan |" in out and "do not pair up" in err
+    code, out, err = run_command(metrics.main, [*folders, "--panns", released], capsys)
+    assert code == 0 and table(out)["KL (softmax)"] == "-" and "do not pair up" in err
     for argv, want in [
             (["--generated", tmp_path / "nothing", "--target", tmp_path / "real"],
              "--generated '" + str(tmp_path / "nothing") + "' is not a folder"),
             (["--generated", tmp_path, "--target", tmp_path / "real"], "holds no audio files"),
-            (["--generated", tmp_path / "gen", "--target", tmp_path / "real"], "give --panns"),
-            ([*flags[:4], "--panns", tmp_path / "gen" / "a.wav"], "PANNs checkpoint"),
+            (folders, "give --panns"),
+            ([*folders, "--panns", tmp_path / "gen" / "a.wav"], "PANNs checkpoint"),
+            ([*folders, "--vggish", released], "VGGish checkpoint"),
     ]:
         code, _, err = run_command(metrics.main, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and want in err, err
