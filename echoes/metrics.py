@@ -6,8 +6,9 @@ paper uses) computes them, plus that tool's KL; from two folders of audio files.
         --panns Cnn14_16k_mAP=0.438.pth --vggish vggish-10086976.pth
 
 - The classifier: PANNs Cnn14 at 16 kHz (Kong et al. 2020, `audioset_tagging_cnn`
-  `pytorch/models.py` `Cnn14_16k`; checkpoint `Cnn14_16k_mAP=0.438.pth`, zenodo 3987831, weights
-  under "model"), with the same module and key names, so the released file loads as it is. Front
+  `pytorch/models.py` `Cnn14_16k`, as audioldm_eval's copy of `Cnn14` builds it; checkpoint
+  `Cnn14_16k_mAP=0.438.pth`, zenodo 3987831, weights under "model"), with the same module and
+  key names, so the released file loads as it is (81.0 M parameters with the front end). Front
   end as torchlibrosa's: |STFT|^2 by two conv1d with the periodic-Hann-windowed DFT (n_fft 512,
   hop 160, reflect-padded by 256 each side), 64 Slaney mel bands 50-8000 Hz, 10 log10(max(x,
   1e-10)); the checkpoint carries its own DFT kernels and mel matrix, which are the ones used.
