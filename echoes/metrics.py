@@ -413,8 +413,9 @@ def evaluate(s):
 
 def main(argv=None):
     s = parse_settings(Settings, sys.argv[1:] if argv is None else argv,
-                       description="FD, IS and KL of generated audio (PANNs Cnn14, as "
-                                   "AudioLDM's evaluation computes them).",
+                       description="FD, FAD, IS and KL of generated audio against real "
+                                   "clips (PANNs Cnn14 and VGGish, as AudioLDM's evaluation "
+                                   "computes them).",
                        prog="python -m echoes.metrics")
     r = evaluate(s)
     cells = {"generated": r["generated"], "target": r["target"], "FD": r.get("FD"),
