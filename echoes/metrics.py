@@ -23,14 +23,15 @@ paper uses) computes them, plus that tool's KL; from two folders of audio files.
   a periodic Hann window, |rfft| of 512 points, 64 HTK-mel bands 125-7500 Hz without area
   normalisation (the DC bin left out), log(mel + 0.01), cut into 0.96 s examples (96 x 64, no
   overlap, a shorter tail dropped).
-- Audio as audioldm_eval reads it: the first channel only, minus its mean, resampled to 16 kHz by
+- Audio as audioldm_eval reads it (`datasets/load_mel.py` WaveDataset; for FAD as its
+  `metrics/fad.py` at 8c06aff does): the first channel only, minus its mean, resampled to 16 kHz by
   torchaudio's default resampler (`resample_like_torchaudio`: Hann-windowed sinc, 6 zero
   crossings, rolloff 0.99), zero-padded at the end to at least 2 s, each clip whole.
 - FD: the Frechet distance between Gaussians fitted to the embeddings of the generated and the
   target clips (`frechet_distance`); FAD: the same over the VGGish embeddings of every 0.96 s
   example of every clip. IS: exp(E KL(p(y|x) || p(y))) of the softmax of the generated
   clips' logits, in 10 splits of the rows shuffled with seed 2020: mean and standard deviation
-  (`inception_score`). KL: with clips of the same names in both folders (over 99% of them), the
+  (`inception_score`). KL: with files of the same names in both folders (over 99% of them), the
   mean over pairs of KL(target || generated) of the softmax, and of the sigmoid as audioldm_eval
   sums it (its "kl_sigmoid", not a Bernoulli KL) (`paired_kl`).
 
@@ -55,6 +56,7 @@ from echoes.cli import (UserError, check_file, load_checkpoint, load_state_stric
 
 SAMPLE_RATE = 16000  # Cnn14_16k's
 MIN_SAMPLES = 32000  # audioldm_eval pads shorter clips with zeros to 2 s
+IS_SPLITS = 10  # audioldm_eval's
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
@@ -75,7 +77,8 @@ class Cnn14Config:
 
 class STFT(nn.Module):
     """torchlibrosa's STFT: the real and imaginary parts of the windowed DFT as conv1d kernels
-    (F, 1, n_fft), F = n_fft // 2 + 1, applied with stride `hop`."""
+    (F, 1, n_fft), F = n_fft // 2 + 1 frequencies, applied with stride `hop`: kernel row f at
+    tap t is cos(2 pi f t / n_fft) w(t), resp. -sin(...) w(t)."""
 
     def __init__(self, n_fft, hop):
         super().__init__()
@@ -168,6 +171,11 @@ def load_cnn14(path, *, trusted=False):
     if isinstance(sd, dict):  # num_batches_tracked does not enter inference
         sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
               **sd}
+        melW = sd.get("logmel_extractor.melW")
+        if torch.is_tensor(melW) and melW.shape != model.logmel_extractor.melW.shape:
+            raise UserError(f"--panns {path} is a Cnn14 of another front end (mel matrix "
+                            f"{tuple(melW.shape)}, e.g. the 32 kHz Cnn14_mAP=0.431.pth); "
+                            "AudioLDM's evaluation at 16 kHz takes Cnn14_16k_mAP=0.438.pth")
     return load_state_strict(model, sd, "PANNs Cnn14 checkpoint", path).eval()
 
 
@@ -232,8 +240,11 @@ class VGGish(nn.Module):
 
 
 def load_vggish(path, *, trusted=False):
-    """VGGish from torchvggish's released weights (a bare state dict), in eval mode."""
+    """VGGish from torchvggish's released weights (a bare state dict; a saved torchvggish model's
+    state dict too, whose PCA entries `pproc.*` FAD does not use), in eval mode."""
     sd = load_checkpoint(path, trusted=trusted, what="VGGish checkpoint")
+    if isinstance(sd, dict):
+        sd = {k: v for k, v in sd.items() if not str(k).startswith("pproc.")}
     return load_state_strict(VGGish(), sd, "VGGish checkpoint", path).eval()
 
 
@@ -253,6 +264,10 @@ def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
     down, up = int(orig_sr) // g, int(new_sr) // g
     base = min(down, up) * rolloff
     width = math.ceil(zeros * down / base)
+    if up * (2 * width + down) > 2 ** 25:  # e.g. 44101 -> 16000 Hz: a 16000 x 44135 kernel
+        raise UserError(f"a sample rate of {orig_sr} Hz shares too few factors with {new_sr} Hz "
+                        f"for this resampler (as torchaudio's); convert the file to {new_sr} Hz "
+                        "first (e.g. ffmpeg -i IN -ar 16000 OUT.wav)")
     idx = torch.arange(-width, width + down, dtype=torch.float64) / down  # (K,)
     t = (-torch.arange(up, dtype=torch.float64)[:, None] / up + idx) * base  # (up, K)
     t = t.clamp(-zeros, zeros)
@@ -271,7 +286,7 @@ def read_eval_audio(path, sr=SAMPLE_RATE):
     channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES."""
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (L, channels)
-    except (RuntimeError, soundfile.LibsndfileError) as e:
+    except (RuntimeError, OSError, UnicodeError) as e:  # libsndfile's errors are RuntimeErrors
         raise UserError(f"cannot read audio {path} ({e})") from e
     wav = torch.from_numpy(data[:, 0].copy())  # (L,)
     if len(wav) == 0:
@@ -284,9 +299,9 @@ def read_eval_audio(path, sr=SAMPLE_RATE):
 
 @torch.no_grad()
 def clip_features(paths, panns=None, vggish=None, device="cpu", progress=False, desc="clips"):
-    """Each file read once: with `panns`, "embedding" (N, 2048) and "logits" (N, 527); with
-    `vggish`, "vggish" (sum of the clips' examples, 128): float64 numpy, one clip at a time
-    (clips differ in length)."""
+    """Each of the N files read once, one at a time (clips differ in length): with `panns`,
+    "embedding" (N, 2048) and "logits" (N, 527); with `vggish`, "vggish" (E, 128), the embeddings
+    of every clip's 0.96 s examples, E in all; float64 numpy."""
     rows = {}
     for path in tqdm(paths, desc=desc, unit="clip", disable=not progress, dynamic_ncols=True):
         wav = read_eval_audio(path)  # (L,) at 16 kHz, at least 2 s: at least 2 examples
@@ -295,7 +310,7 @@ def clip_features(paths, panns=None, vggish=None, device="cpu", progress=False, 
             for k in ("embedding", "logits"):
                 rows.setdefault(k, []).append(out[k].double().cpu().numpy())  # (1, C)
         if vggish is not None:
-            emb = vggish(vggish_examples(wav).to(device))  # (n, 128)
+            emb = vggish(vggish_examples(wav).to(device))  # (E_i, 128): this clip's
             rows.setdefault("vggish", []).append(emb.double().cpu().numpy())
     return {k: np.concatenate(v) for k, v in rows.items()}
 
@@ -327,8 +342,8 @@ def inception_score(logits, splits=10, seed=2020):
     p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
     N, scores = len(x), []
     for k in range(splits):
-        part, log_part = p[k * N // splits:(k + 1) * N // splits], \
-            log_p[k * N // splits:(k + 1) * N // splits]
+        rows = slice(k * N // splits, (k + 1) * N // splits)
+        part, log_part = p[rows], log_p[rows]  # (N / splits, C)
         q = part.mean(dim=0, keepdim=True)  # (1, C): p(y) over the split
         scores.append(float(torch.exp((part * (log_part - q.log())).sum(dim=1).mean())))
     return float(np.mean(scores)), float(np.std(scores))
@@ -367,14 +382,25 @@ class Settings:
 
 
 def audio_files(folder, flag):
-    """The audio files directly in `folder` (by extension), sorted; a one-line error if none."""
+    """The audio files directly in `folder` (by extension), sorted, each one's header read (a file
+    that cannot be read fails now, not after hours of the other folder); a one-line error if
+    none."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder!r} is not a folder")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(AUDIO_EXTS)
-                   and os.path.isfile(os.path.join(folder, n)))
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(AUDIO_EXTS)
+                       and os.path.isfile(os.path.join(folder, n)))
+    except OSError as e:
+        raise UserError(f"{flag} {folder} cannot be listed ({e.strerror or e})") from e
     if not names:
         raise UserError(f"{flag} {folder} holds no audio files ({', '.join(AUDIO_EXTS)})")
-    return [os.path.join(folder, n) for n in names]
+    paths = [os.path.join(folder, n) for n in names]
+    for path in paths:
+        try:
+            soundfile.info(path)
+        except (RuntimeError, OSError, UnicodeError) as e:
+            raise UserError(f"cannot read audio {path} ({e})") from e
+    return paths
 
 
 def evaluate(s):
@@ -400,14 +426,15 @@ def evaluate(s):
         result["FAD"] = frechet_distance(fg["vggish"], ft["vggish"])
     if panns is not None:
         result["FD"] = frechet_distance(fg["embedding"], ft["embedding"])
-        result["IS"], result["IS_std"] = inception_score(fg["logits"])
-        stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
-        g_names, t_names = {stem(p) for p in gen}, {stem(p) for p in tgt}
-        both = g_names & t_names
-        if len(both) > 0.99 * len(g_names) and len(both) > 0.99 * len(t_names):  # its rule
-            result["KL_softmax"], result["KL_sigmoid"] = paired_kl(
-                dict(zip(map(stem, gen), fg["logits"])),
-                dict(zip(map(stem, tgt), ft["logits"])))
+        if len(gen) >= IS_SPLITS:  # fewer clips leave a split empty
+            result["IS"], result["IS_std"] = inception_score(fg["logits"], IS_SPLITS)
+        # KL pairs files of one name (extension included), where over 99% of each folder's
+        # audio files pair up (audioldm_eval's rule, which counts every file in the folders)
+        g_names, t_names = map(os.path.basename, gen), map(os.path.basename, tgt)
+        g_logits, t_logits = dict(zip(g_names, fg["logits"])), dict(zip(t_names, ft["logits"]))
+        both = g_logits.keys() & t_logits.keys()
+        if len(both) > 0.99 * len(gen) and len(both) > 0.99 * len(tgt):
+            result["KL_softmax"], result["KL_sigmoid"] = paired_kl(g_logits, t_logits)
     return result
 
 
@@ -429,6 +456,9 @@ def main(argv=None):
     if s.panns and "KL_softmax" not in r:
         print("KL: not computed, the two folders' file names do not pair up (as audioldm_eval, "
               "over 99% of them must)", file=sys.stderr)
+    if s.panns and "IS" not in r:
+        print(f"IS: not computed, it needs at least {IS_SPLITS} generated clips (one per split)",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

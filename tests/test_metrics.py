@@ -114,6 +114,10 @@ def test_vggish_is_torchvggishs_as_audioldm_eval_uses_it(vggish_ref, vggish_rele
         emb = model(examples)
     torch.testing.assert_close(emb, vggish_ref["embedding"], rtol=1e-5, atol=1e-5)
     assert (vggish_ref["embedding_relu"] != emb).any()  # the last ReLU is left out
+    saved = {**torch.load(vggish_released, weights_only=True),  # a saved torchvggish model's
+             "pproc._pca_matrix": torch.eye(128), "pproc._pca_means": torch.zeros(128, 1)}
+    torch.save(saved, vggish_released.with_name("hub.pth"))
+    metrics.load_vggish(vggish_released.with_name("hub.pth"))  # PCA entries passed over
     assert metrics.vggish_examples(torch.zeros(15599)).shape == (0, 1, 96, 64)  # 95 frames
     assert metrics.vggish_examples(torch.zeros(15600)).shape == (1, 1, 96, 64)
 
@@ -154,6 +158,7 @@ def test_the_metrics_in_closed_form():
     confident = np.eye(10)[np.arange(100) % 10] * 50  # every class once per 10, sure of each
     assert metrics.inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
     assert metrics.inception_score(np.zeros((100, 10)))[0] == pytest.approx(1.0)
+    assert np.isfinite(metrics.inception_score(rng.standard_normal((10, 5)))).all()  # 1 a split
 
 
 def test_audio_is_read_as_audioldm_eval_reads_it(tmp_path):
@@ -169,6 +174,22 @@ def test_audio_is_read_as_audioldm_eval_reads_it(tmp_path):
     assert (wav[8000:] == 0).all()
     soundfile.write(tmp_path / "slow.wav", np.zeros(22050 * 3, np.float32), 22050)
     assert metrics.read_eval_audio(tmp_path / "slow.wav").shape == (48000,)  # 3 s at 16 kHz
+    # the order: the mean off, then resampled, then padded (at 16 kHz) to 2 s
+    x = (0.3 + 0.2 * np.sin(np.arange(22050) / 7.0)).astype(np.float32)  # 1 s, a DC offset
+    soundfile.write(tmp_path / "offset.wav", x, 22050, subtype="FLOAT")
+    want = metrics.resample_like_torchaudio(torch.from_numpy(x - x.mean()), 22050, 16000)
+    got = metrics.read_eval_audio(tmp_path / "offset.wav")
+    torch.testing.assert_close(got, torch.cat([want, torch.zeros(32000 - len(want))]))
+    for name, data, why in [("empty.wav", np.zeros(0, np.float32), "holds no samples"),
+                            ("nan.wav", np.full(100, np.nan, np.float32), "NaN or infinite")]:
+        soundfile.write(tmp_path / name, data, 16000, subtype="FLOAT")
+        with pytest.raises(metrics.UserError, match=why):
+            metrics.read_eval_audio(tmp_path / name)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF" + b"\0" * 40)
+    with pytest.raises(metrics.UserError, match="cannot read audio .*broken.wav"):
+        metrics.read_eval_audio(tmp_path / "broken.wav")
+    with pytest.raises(metrics.UserError, match="44101 Hz shares too few factors"):
+        metrics.resample_like_torchaudio(torch.zeros(10), 44101, 16000)
 
 
 def write_clips(folder, names, seed):
@@ -188,19 +209,29 @@ def table(out):
 
 
 def test_command_line(tmp_path, capsys, released, vggish_released, one_thread):
+    other_rate = tmp_path / "Cnn14_mAP=0.431.pth"  # the 32 kHz model: a wider front end
+    sd = torch.load(released, weights_only=True)["model"]
+    sd["logmel_extractor.melW"] = torch.zeros(513, 64)
+    torch.save({"model": sd}, other_rate)
     write_clips(tmp_path / "gen", ["a", "b", "c"], 0)
     write_clips(tmp_path / "real", ["a", "b", "c"], 1)
+    write_clips(tmp_path / "bad", ["a", "b"], 2)
+    (tmp_path / "bad" / "x.wav").write_bytes(b"not a sound file")  # found before any model runs
     folders = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--device", "cpu"]
     flags = [*folders, "--panns", released, "--vggish", vggish_released]
     code, out, err = run_command(metrics.main, flags, capsys)
     assert code == 0, err
     row = table(out)
     assert row["generated"] == row["target"] == "3"
-    assert float(row["FD"]) > 0 and float(row["FAD"]) > 0 and "+-" in row["IS"]
+    assert float(row["FD"]) > 0 and float(row["FAD"]) > 0
+    assert row["IS"] == "-" and "IS: not computed, it needs at least 10 generated clips" in err
     assert np.isfinite(float(row["KL (softmax)"])) and np.isfinite(float(row["KL (sigmoid)"]))
     code, out, _ = run_command(metrics.main, [*folders, "--vggish", vggish_released], capsys)
     assert code == 0 and table(out)["FAD"] == row["FAD"] and table(out)["FD"] == "-"
-    os.rename(tmp_path / "real" / "c.wav", tmp_path / "real" / "d.wav")  # names no longer pair
+    # pairs by the whole file name: c.flac is not c.wav (audioldm_eval's rule)
+    soundfile.write(tmp_path / "real" / "c.flac", soundfile.read(tmp_path / "real" / "c.wav")[0],
+                    16000)
+    os.remove(tmp_path / "real" / "c.wav")
     code, out, err = run_command(metrics.main, [*folders, "--panns", released], capsys)
     assert code == 0 and table(out)["KL (softmax)"] == "-" and "do not pair up" in err
     for argv, want in [
@@ -210,6 +241,9 @@ def test_command_line(tmp_path, capsys, released, vggish_released, one_thread):
             (folders, "give --panns"),
             ([*folders, "--panns", tmp_path / "gen" / "a.wav"], "PANNs checkpoint"),
             ([*folders, "--vggish", released], "VGGish checkpoint"),
+            ([*folders, "--panns", other_rate], "AudioLDM's evaluation at 16 kHz takes"),
+            (["--generated", tmp_path / "gen", "--target", tmp_path / "bad", "--panns",
+              released], "cannot read audio " + str(tmp_path / "bad" / "x.wav")),
     ]:
         code, _, err = run_command(metrics.main, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and want in err, err
