@@ -259,20 +259,26 @@ def input_names(paths, max_bytes=200):
             + hashlib.sha1(name.encode()).hexdigest()[:8] for name in names]
 
 
-def encode_inputs(s, image_tok, audio_tok, device, keep=None):
-    """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None).
-    With `keep` (inpaint / continue), the audio's mel is silenced under the regenerated token
-    columns before it is encoded, as the paper does (Sec. 4.3)."""
+def encode_inputs(s, image_tok, audio_tok, device, keep=None, inputs=None):
+    """Token ids of the inputs, encoded in batches: (image ids or None, audio ids or None), row r
+    for input inputs[r] (default: all; an input is an image for i2a, a clip for the modes that
+    take audio). With `keep` (inpaint / continue), the audio's mel is silenced under the
+    regenerated token columns before it is encoded, as the paper does (Sec. 4.3)."""
     def encode(tok, paths, **kw):
         if not paths:
             return None
         return torch.cat([tok.encode_files(paths[i:i + s.batch_size], **kw)
                           for i in range(0, len(paths), s.batch_size)]).to(device)
-    images = encode(image_tok, s.image)
-    if images is not None and s.mode in ("inpaint", "continue") and len(s.image) == 1:
-        images = images.expand(len(s.audio), -1)  # one picture for every clip
+    n = len(s.image if s.mode == "i2a" else s.audio)
+    inputs = list(range(n)) if inputs is None else inputs
+    if s.mode in ("inpaint", "continue") and len(s.image) == 1:  # one picture for every clip
+        images = encode(image_tok, s.image)
+        images = None if images is None else images.expand(len(inputs), -1)
+    else:
+        images = encode(image_tok, [s.image[i] for i in inputs] if s.image else [])
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
-    return images, encode(audio_tok, s.audio, hidden=hidden)
+    return images, encode(audio_tok, [s.audio[i] for i in inputs] if s.audio else [],
+                          hidden=hidden)
 
 
 def demo_audio_codebook(audio_tok, bundle=None):
@@ -436,14 +442,17 @@ def main(argv=None):
     note_many_steps(s, opts["steps"], model, keep)
     hide = (s.hide_region if s.hide_region is not None or keep is None
             else not demo_audio_codebook(audio_tok, None if s.ckpt else ckpt))
-    images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None)
-    note_clip_length(s.audio, audio_tok)  # after encoding: the files are known to read
-    check_writable(s.out)
-    remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
-
     K = s.num_samples
     names = output_names(s)
     todo = samples_left(s, names) if s.skip_existing else list(range(len(names)))
+    inputs = sorted({j // K for j in todo})  # the inputs of the samples to make
+    row = {i: r for r, i in enumerate(inputs)}  # input -> its row in the encoded ids
+    images, audios = encode_inputs(s, image_tok, audio_tok, device, keep if hide else None,
+                                   inputs)
+    note_clip_length([s.audio[i] for i in inputs] if s.audio else [], audio_tok)  # encoded: read
+    check_writable(s.out)
+    remove_temps(s.out, dead_only=True)  # what runs killed mid-write left; never a live run's
+
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
     # over the batches, when there are several (each batch's steps have a bar of their own)
     bar = tqdm(total=len(todo), desc="samples", unit="sample",
@@ -451,7 +460,7 @@ def main(argv=None):
     for lo in range(0, len(todo), s.batch_size):
         js = todo[lo:lo + s.batch_size]  # the batch's samples; sample j is input j // K's
         generators = [sampler.sample_generators(s.seed, 1, offset=j)[0] for j in js]
-        rows = torch.tensor(js, device=device) // K  # (b,) their inputs
+        rows = torch.tensor([row[j // K] for j in js], device=device)  # (b,) their inputs' rows
         try:
             audio_ids, image_ids = sampler.generate(
                 model, s.mode, audio_ids=None if audios is None else audios[rows],

@@ -316,6 +316,10 @@ def test_a_killed_run_resumes_with_skip_existing(files, tmp_path, capsys, mode, 
             assert (part / (n + e)).read_bytes() == (tmp_path / "whole" / (n + e)).read_bytes()
     code, out, _ = run_in_process([*common, "--out", part, "--skip-existing"], capsys)
     assert code == 0 and out == []  # all there: nothing to do
+    if mode != "joint":  # and no input read: a damaged one is no matter
+        files[inputs[-1].stem].write_bytes(b"damaged")
+        code, out, _ = run_in_process([*common, "--out", part, "--skip-existing"], capsys)
+        assert code == 0 and out == []
     if mode == "i2a":  # one input given twice: two samples of one name
         code, _, err = run_in_process(["--mode", mode, *inputs, files["cat"], "--out", part,
                                        "--skip-existing", *args(files)], capsys)
@@ -721,9 +725,9 @@ def test_inpainting_hides_the_stretch_but_not_for_the_demo_tokenizer(
                         else tmp_path / "no_demo.pt")
     seen, encode = [], cli.encode_inputs
 
-    def spy(s, image_tok, audio_tok, device, keep=None):
+    def spy(s, image_tok, audio_tok, device, keep=None, inputs=None):
         seen.append(keep)
-        return encode(s, image_tok, audio_tok, device, keep)
+        return encode(s, image_tok, audio_tok, device, keep, inputs)
 
     monkeypatch.setattr(cli, "encode_inputs", spy)
     code, _, err = run_in_process(["--mode", "inpaint", "--audio", files["bark"], "--image",
