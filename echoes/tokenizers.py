@@ -373,6 +373,37 @@ def vqgan_from_checkpoint(obj, config=None, source="(loaded object)", **kwargs):
 # image files
 
 
+def read_image_file(path, convert):
+    """`convert(the opened PIL image)` of an image file (convert must load the pixels), or a
+    one-line `UserError` naming what is wrong with the file."""
+    path = os.fspath(path)
+    check_file(path, "image file", empty="give a PNG or JPEG file")
+    try:
+        with Image.open(path) as f:
+            return convert(f)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to open safely ({e}); scale it "
+                        "down first") from e
+    except UnidentifiedImageError as e:
+        raise UserError(f"{path} is not an image file this reads; use a PNG or JPEG "
+                        "file") from e
+    except PermissionError as e:
+        raise UserError(f"cannot read image {path} ({e.strerror}); check its "
+                        "permissions") from e
+    except (OSError, ValueError) as e:  # a damaged file of a known format
+        first = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise UserError(f"cannot read image {path}, the file is damaged ({first}); "
+                        "re-export it") from e
+
+
+def _upright(f):
+    """An opened image turned as its EXIF orientation says (kept as stored when that is broken)."""
+    try:
+        return ImageOps.exif_transpose(f)
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        return f.copy()
+
+
 def load_image(path_or_image, resolution):
     """A file (any mode Pillow reads, any size up to 20:1), a PIL image or an (H, W[, 3 or 4])
     uint8 array -> (3, resolution, resolution) in [-1, 1]: transparent pixels composited over
@@ -381,28 +412,7 @@ def load_image(path_or_image, resolution):
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
-        path = os.fspath(image)
-        check_file(path, "image file", empty="give a PNG or JPEG file")
-        try:
-            with Image.open(path) as f:
-                try:
-                    image = ImageOps.exif_transpose(f)
-                except Exception:  # a broken EXIF block: keep the pixels as stored
-                    image = f.copy()
-                image = to_rgb(image)
-        except Image.DecompressionBombError as e:
-            raise UserError(f"image {path} is too large to open safely ({e}); scale it "
-                            "down first") from e
-        except UnidentifiedImageError as e:
-            raise UserError(f"{path} is not an image file this reads; use a PNG or JPEG "
-                            "file") from e
-        except PermissionError as e:
-            raise UserError(f"cannot read image {path} ({e.strerror}); check its "
-                            "permissions") from e
-        except (OSError, ValueError) as e:  # a damaged file of a known format
-            first = (str(e).splitlines() or [type(e).__name__])[0][:80]
-            raise UserError(f"cannot read image {path}, the file is damaged ({first}); "
-                            "re-export it") from e
+        image = read_image_file(image, lambda f: to_rgb(_upright(f)))
     image = to_rgb(image)
     w, h = image.size
     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing the short side would blow up the long one
