@@ -35,7 +35,8 @@ paper uses) computes them, plus that tool's KL; from two folders of audio files.
   mean over pairs of KL(target || generated) of the softmax, and of the sigmoid as audioldm_eval
   sums it (its "kl_sigmoid", not a Bernoulli KL) (`paired_kl`).
 
-Not here: the paper's CS (CLIP and Wav2CLIP).
+Not here: the paper's CS (CLIP and Wav2CLIP, after Im2Wav), whose scoring script is not public.
+Image FID (Tables 3, 4) is `echoes/fid.py`.
 """
 
 import dataclasses
