@@ -40,9 +40,12 @@ Image FID (Tables 3, 4) is `echoes/fid.py`.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
+import zipfile
 
 import numpy as np
 import soundfile
@@ -52,12 +55,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from echoes.audio import mel_filterbank
-from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
-                        parse_settings, pick_device, run_cli, setting)
+from echoes.cli import (UserError, check_file, check_writable, load_checkpoint,
+                        load_state_strict, parse_settings, pick_device, run_cli, setting,
+                        write_atomic)
 
 SAMPLE_RATE = 16000  # Cnn14_16k's
 MIN_SAMPLES = 32000  # audioldm_eval pads shorter clips with zeros to 2 s
 IS_SPLITS = 10  # audioldm_eval's
+CACHE_VERSION = 1  # of the features --cache keeps: a change to how they are computed raises it
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
@@ -380,6 +385,30 @@ class Settings:
     trust_checkpoints: bool = setting(False, "allow a checkpoint that needs full unpickling "
                                       "(only for files you trust)")
     device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
+    cache: str = setting("", "folder for the clips' features, reused while a folder's files and "
+                         "the checkpoints stay as they are (a test set's are computed once)")
+
+
+def cached_features(s, paths, panns, vggish, device, desc):
+    """`clip_features` of the files, through --cache: the key is the files' names, sizes and
+    modification times with the checkpoints', so a changed file or model computes afresh."""
+    if not s.cache:
+        return clip_features(paths, panns, vggish, device, progress=True, desc=desc)
+    def stat(p):
+        return [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] if p else None
+
+    key = json.dumps([CACHE_VERSION, [stat(p) for p in paths], stat(s.panns), stat(s.vggish)])
+    path = os.path.join(s.cache, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path) as z:
+                print(f"{desc}: features from {path}", file=sys.stderr)
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile):  # torn by hand: computed again
+            pass
+    features = clip_features(paths, panns, vggish, device, progress=True, desc=desc)
+    write_atomic(path, lambda f: np.savez(f, **features))
+    return features
 
 
 def audio_files(folder, flag):
@@ -416,12 +445,14 @@ def evaluate(s):
             check_file(path, flag)
     if min(len(gen), len(tgt)) < 2:
         raise UserError("a Frechet distance needs at least 2 clips in each folder")
+    if s.cache:
+        check_writable(s.cache, "--cache")
     device = pick_device(s.device)
     panns = (load_cnn14(s.panns, trusted=s.trust_checkpoints).to(device) if s.panns else None)
     vggish = (load_vggish(s.vggish, trusted=s.trust_checkpoints).to(device) if s.vggish
               else None)
-    fg = clip_features(gen, panns, vggish, device, progress=True, desc="generated")
-    ft = clip_features(tgt, panns, vggish, device, progress=True, desc="target")
+    fg = cached_features(s, gen, panns, vggish, device, "generated")
+    ft = cached_features(s, tgt, panns, vggish, device, "target")
     result = {"generated": len(gen), "target": len(tgt)}
     if vggish is not None:
         result["FAD"] = frechet_distance(fg["vggish"], ft["vggish"])

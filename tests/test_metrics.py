@@ -208,7 +208,8 @@ def table(out):
     return dict(zip(head, row))
 
 
-def test_command_line(tmp_path, capsys, released, vggish_released, one_thread):
+def test_command_line(tmp_path, capsys, monkeypatch, released, vggish_released,
+                      one_thread):
     other_rate = tmp_path / "Cnn14_mAP=0.431.pth"  # the 32 kHz model: a wider front end
     sd = torch.load(released, weights_only=True)["model"]
     sd["logmel_extractor.melW"] = torch.zeros(513, 64)
@@ -219,15 +220,28 @@ def test_command_line(tmp_path, capsys, released, vggish_released, one_thread):
     (tmp_path / "bad" / "x.wav").write_bytes(b"not a sound file")  # found before any model runs
     folders = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--device", "cpu"]
     flags = [*folders, "--panns", released, "--vggish", vggish_released]
-    code, out, err = run_command(metrics.main, flags, capsys)
+    code, out_all, err = run_command(metrics.main, flags, capsys)
     assert code == 0, err
-    row = table(out)
+    row = table(out_all)
     assert row["generated"] == row["target"] == "3"
     assert float(row["FD"]) > 0 and float(row["FAD"]) > 0
     assert row["IS"] == "-" and "IS: not computed, it needs at least 10 generated clips" in err
     assert np.isfinite(float(row["KL (softmax)"])) and np.isfinite(float(row["KL (sigmoid)"]))
     code, out, _ = run_command(metrics.main, [*folders, "--vggish", vggish_released], capsys)
     assert code == 0 and table(out)["FAD"] == row["FAD"] and table(out)["FD"] == "-"
+    # --cache: the features are computed once while the files and checkpoints stay as they are
+    cached = [*flags, "--cache", tmp_path / "cache"]
+    assert run_command(metrics.main, cached, capsys)[1] == out_all
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # generated and target
+    calls = []
+    monkeypatch.setattr(metrics, "clip_features", lambda *a, **k: calls.append(a) or {})
+    code, out, err = run_command(metrics.main, cached, capsys)
+    assert code == 0 and out == out_all and not calls and "features from" in err
+    monkeypatch.undo()
+    soundfile.write(tmp_path / "gen" / "b.wav", np.zeros(16000, np.float32), 16000)  # changed
+    code, out, _ = run_command(metrics.main, cached, capsys)
+    assert code == 0 and table(out)["FD"] != row["FD"]
+    assert len(list((tmp_path / "cache").iterdir())) == 3
     # pairs by the whole file name: c.flac is not c.wav (audioldm_eval's rule)
     soundfile.write(tmp_path / "real" / "c.flac", soundfile.read(tmp_path / "real" / "c.wav")[0],
                     16000)
