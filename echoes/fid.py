@@ -22,7 +22,6 @@ Not here: the paper's IS for audio -> image, which uses Sound2Scene's 50-class c
 """
 
 import dataclasses
-import os
 import sys
 
 import numpy as np
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
                         parse_settings, pick_device, run_cli, setting)
-from echoes.metrics import frechet_distance
+from echoes.metrics import frechet_distance, list_files
 from echoes.tokenizers import read_image_file
 
 IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # its
@@ -230,25 +229,12 @@ class Settings:
     device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
 
 
-def image_files(folder, flag):
-    """The image files directly in `folder` (by extension), sorted; a one-line error if none."""
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder!r} is not a folder")
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)
-                       and os.path.isfile(os.path.join(folder, n)))
-    except OSError as e:
-        raise UserError(f"{flag} {folder} cannot be listed ({e.strerror or e})") from e
-    if not names:
-        raise UserError(f"{flag} {folder} holds no image files ({', '.join(IMAGE_EXTS)})")
-    return [os.path.join(folder, n) for n in names]
-
-
 def main(argv=None):
     s = parse_settings(Settings, sys.argv[1:] if argv is None else argv,
                        description="FID of generated images against real ones (pytorch-fid's "
                                    "Inception).", prog="python -m echoes.fid")
-    gen, tgt = image_files(s.generated, "--generated"), image_files(s.target, "--target")
+    gen = list_files(s.generated, "--generated", IMAGE_EXTS, "image")
+    tgt = list_files(s.target, "--target", IMAGE_EXTS, "image")
     if not s.inception:
         raise UserError("give --inception, pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     check_file(s.inception, "--inception")

@@ -411,20 +411,25 @@ def cached_features(s, paths, panns, vggish, device, desc):
     return features
 
 
-def audio_files(folder, flag):
-    """The audio files directly in `folder` (by extension), sorted, each one's header read (a file
-    that cannot be read fails now, not after hours of the other folder); a one-line error if
-    none."""
+def list_files(folder, flag, exts, kind):
+    """The files directly in `folder` whose names end in one of `exts`, sorted; a one-line error
+    for a missing or unlistable folder or one without such files (`kind`: "audio", "image")."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder!r} is not a folder")
     try:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(AUDIO_EXTS)
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(exts)
                        and os.path.isfile(os.path.join(folder, n)))
     except OSError as e:
         raise UserError(f"{flag} {folder} cannot be listed ({e.strerror or e})") from e
     if not names:
-        raise UserError(f"{flag} {folder} holds no audio files ({', '.join(AUDIO_EXTS)})")
-    paths = [os.path.join(folder, n) for n in names]
+        raise UserError(f"{flag} {folder} holds no {kind} files ({', '.join(exts)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def audio_files(folder, flag):
+    """`list_files` of the audio files, each one's header read (a file that cannot be read fails
+    now, not after hours of the other folder)."""
+    paths = list_files(folder, flag, AUDIO_EXTS, "audio")
     for path in paths:
         try:
             soundfile.info(path)

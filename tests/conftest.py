@@ -1,5 +1,6 @@
 """Shared test plumbing: running Triton kernels under the interpreter in a subprocess, a command
-line's main in this process (`run_command`), and a fixture that runs a test on one CPU thread.
+line's main in this process (`run_command`), the seeded weights of the reference vectors
+(`recipe_weights`), and a fixture that runs a test on one CPU thread.
 
 TRITON_INTERPRET must be set before Triton is first imported, and one pytest process imports it
 for many files, so each kernel test file runs its interpreter checks in a child process of its
@@ -43,6 +44,33 @@ def run_command(main, argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def recipe_weights(model, keep=()):
+    """The weights of the reference vectors made from public code (tests/reference/README.md):
+    one `torch.Generator().manual_seed(0)`, then for each state-dict entry in order, except
+    num_batches_tracked and the entries whose names start with `keep` (kept as they are):
+    running_mean 0.1 randn, running_var 0.5 + rand, a BatchNorm weight 0.8 + 0.4 rand, any bias
+    0.1 randn, any other weight randn * sqrt(2 / fan_in)."""
+    g = torch.Generator().manual_seed(0)
+    norms = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    out = {}
+    for k, v in model.state_dict().items():
+        module, leaf = k.rsplit(".", 1)
+        if leaf == "num_batches_tracked" or k.startswith(tuple(keep)):
+            x = v.clone()
+        elif leaf == "running_mean":
+            x = 0.1 * torch.randn(v.shape, generator=g)
+        elif leaf == "running_var":
+            x = 0.5 + torch.rand(v.shape, generator=g)
+        elif module in norms and leaf == "weight":
+            x = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+        elif leaf == "bias":
+            x = 0.1 * torch.randn(v.shape, generator=g)
+        else:  # conv and linear weights: He-scaled normal
+            x = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+        out[k] = x.to(v.dtype)
+    return out
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_command
+from conftest import recipe_weights, run_command
 from echoes import fid
 
 REFERENCE = Path(__file__).parent / "reference" / "fid_eval.pt"
@@ -18,30 +18,6 @@ REFERENCE = Path(__file__).parent / "reference" / "fid_eval.pt"
 @pytest.fixture(scope="module")
 def ref():
     return torch.load(REFERENCE, weights_only=True)
-
-
-def recipe_weights(model):
-    """The reference's weights (tests/reference/README.md): one generator, the state dict in
-    order, num_batches_tracked left as it is."""
-    g = torch.Generator().manual_seed(0)
-    bns = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    out = {}
-    for k, v in model.state_dict().items():
-        module, leaf = k.rsplit(".", 1)
-        if leaf == "num_batches_tracked":
-            x = v.clone()
-        elif leaf == "running_mean":
-            x = 0.1 * torch.randn(v.shape, generator=g)
-        elif leaf == "running_var":
-            x = 0.5 + torch.rand(v.shape, generator=g)
-        elif module in bns and leaf == "weight":
-            x = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
-        elif leaf == "bias":
-            x = 0.1 * torch.randn(v.shape, generator=g)
-        else:  # conv and linear weights: He-scaled normal
-            x = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        out[k] = x.to(v.dtype)
-    return out
 
 
 @pytest.fixture(scope="module")

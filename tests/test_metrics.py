@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import run_command
+from conftest import recipe_weights, run_command
 from echoes import metrics
 
 REFERENCE = Path(__file__).parent / "reference"
@@ -27,37 +27,12 @@ def vggish_ref():
     return torch.load(REFERENCE / "vggish_eval.pt", weights_only=True)
 
 
-def recipe_weights(template):
-    """The reference's weights (tests/reference/README.md): every float tensor but the front end
-    and num_batches_tracked drawn in state-dict order from one generator."""
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for k, v in template.items():
-        if k.startswith(("spectrogram_extractor.", "logmel_extractor.")) or \
-                k.endswith("num_batches_tracked"):
-            out[k] = v.clone()
-            continue
-        leaf = k.rsplit(".", 1)[1]
-        bn = k.startswith("bn0.") or ".bn" in k
-        if leaf == "running_mean":
-            x = 0.1 * torch.randn(v.shape, generator=g)
-        elif leaf == "running_var":
-            x = 0.5 + torch.rand(v.shape, generator=g)
-        elif bn and leaf == "weight":
-            x = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
-        elif leaf == "bias":
-            x = 0.1 * torch.randn(v.shape, generator=g)
-        else:  # conv (4-D) and linear (2-D) weights: He-scaled normal
-            x = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-        out[k] = x.to(v.dtype)
-    return out
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """The reference weights saved as the released checkpoint stores them (under "model")."""
     path = tmp_path_factory.mktemp("panns") / "Cnn14_16k_mAP=0.438.pth"
-    torch.save({"model": recipe_weights(metrics.Cnn14().state_dict()), "iteration": 0}, path)
+    sd = recipe_weights(metrics.Cnn14(), keep=("spectrogram_extractor.", "logmel_extractor."))
+    torch.save({"model": sd, "iteration": 0}, path)
     return path
 
 
@@ -86,20 +61,11 @@ def test_a_fresh_front_end_is_torchlibrosas(ref):
                                    ref[f"conv_{part}_rows"], rtol=1e-5, atol=1e-6)
 
 
-def vggish_recipe_weights(template):
-    """The VGGish reference's weights: biases 0.1 randn, weights randn * sqrt(2 / fan_in), drawn
-    in state-dict order from one generator (tests/reference/README.md)."""
-    g = torch.Generator().manual_seed(0)
-    return {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("bias")
-            else torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-            for k, v in template.items()}
-
-
 @pytest.fixture(scope="module")
 def vggish_released(tmp_path_factory):
     """Recipe weights saved as torchvggish releases them (a bare state dict)."""
     path = tmp_path_factory.mktemp("vggish") / "vggish-10086976.pth"
-    torch.save(vggish_recipe_weights(metrics.VGGish().state_dict()), path)
+    torch.save(recipe_weights(metrics.VGGish()), path)
     return path
 
 
