@@ -394,6 +394,7 @@ def cached_features(s, paths, panns, vggish, device, desc):
     modification times with the checkpoints', so a changed file or model computes afresh."""
     if not s.cache:
         return clip_features(paths, panns, vggish, device, progress=True, desc=desc)
+
     def stat(p):
         return [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] if p else None
 
@@ -402,9 +403,10 @@ def cached_features(s, paths, panns, vggish, device, desc):
     if os.path.isfile(path):
         try:
             with np.load(path) as z:
-                print(f"{desc}: features from {path}", file=sys.stderr)
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile):  # torn by hand: computed again
+                features = {k: z[k] for k in z.files}
+            print(f"{desc}: features from {path}", file=sys.stderr)
+            return features
+        except (OSError, ValueError, zipfile.BadZipFile):  # damaged by hand: computed again
             pass
     features = clip_features(paths, panns, vggish, device, progress=True, desc=desc)
     write_atomic(path, lambda f: np.savez(f, **features))
