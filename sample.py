@@ -226,6 +226,11 @@ def samples_left(s, names):
     if twice is not None:
         raise UserError(f"--skip-existing needs one output name per sample, and {twice} is the "
                         "name of two (an input given twice?): give each input once")
+    out = os.path.realpath(s.out)
+    if any(os.path.dirname(os.path.realpath(p)) == out for p in s.image + s.audio):
+        raise UserError(f"--skip-existing takes the files in --out as this run's, and --out "
+                        f"{s.out} holds its inputs (whose names its outputs share): write to "
+                        "another --out")
     endings = output_endings(s.mode)
     left = [j for j, name in enumerate(names)
             if not all((Path(s.out) / f"{name}{ending}").exists() for ending in endings)]
@@ -273,7 +278,7 @@ def encode_inputs(s, image_tok, audio_tok, device, keep=None, inputs=None):
     inputs = list(range(n)) if inputs is None else inputs
     if s.mode in ("inpaint", "continue") and len(s.image) == 1:  # one picture for every clip
         images = encode(image_tok, s.image)
-        images = None if images is None else images.expand(len(inputs), -1)
+        images = None if images is None else images.expand(len(inputs), -1)  # (I, Lv)
     else:
         images = encode(image_tok, [s.image[i] for i in inputs] if s.image else [])
     hidden = None if keep is None else sampler.hidden_columns(keep, audio_tok.grid)
@@ -462,7 +467,7 @@ def main(argv=None):
         generators = [sampler.sample_generators(s.seed, 1, offset=j)[0] for j in js]
         rows = torch.tensor([row[j // K] for j in js], device=device)  # (b,) their inputs' rows
         try:
-            audio_ids, image_ids = sampler.generate(
+            audio_ids, image_ids = sampler.generate(  # the inputs' ids: (b, La), (b, Lv)
                 model, s.mode, audio_ids=None if audios is None else audios[rows],
                 image_ids=None if images is None else images[rows], audio_keep=keep,
                 batch_size=len(js), generator=generators, progress=True,

@@ -35,7 +35,8 @@ from echoes.cli import (UserError, check_file, load_checkpoint, load_state_stric
 from echoes.metrics import frechet_distance, list_files
 from echoes.tokenizers import read_image_file
 
-IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")  # its
+# pytorch-fid's image extensions, matched as it globs them (case-sensitive: x.PNG is left out)
+IMAGE_EXTS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 # -----------------------------------------------------------------------------
 # the network: Inception v3 as pytorch-fid builds it for the FID weights
@@ -233,8 +234,10 @@ def main(argv=None):
     s = parse_settings(Settings, sys.argv[1:] if argv is None else argv,
                        description="FID of generated images against real ones (pytorch-fid's "
                                    "Inception).", prog="python -m echoes.fid")
-    gen = list_files(s.generated, "--generated", IMAGE_EXTS, "image")
-    tgt = list_files(s.target, "--target", IMAGE_EXTS, "image")
+    gen = list_files(s.generated, "--generated", IMAGE_EXTS, "image", any_case=False)
+    tgt = list_files(s.target, "--target", IMAGE_EXTS, "image", any_case=False)
+    for path in gen + tgt:  # each one's header: a bad file fails now, not after the others
+        read_image_file(path, lambda f: f.size)
     if not s.inception:
         raise UserError("give --inception, pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     check_file(s.inception, "--inception")

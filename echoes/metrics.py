@@ -400,26 +400,34 @@ def cached_features(s, paths, panns, vggish, device, desc):
 
     key = json.dumps([CACHE_VERSION, [stat(p) for p in paths], stat(s.panns), stat(s.vggish)])
     path = os.path.join(s.cache, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
+    want = ({"embedding", "logits"} if panns is not None else set()) | (
+        {"vggish"} if vggish is not None else set())  # what this run needs from a kept file
     if os.path.isfile(path):
         try:
-            with np.load(path) as z:
-                features = {k: z[k] for k in z.files}
-            print(f"{desc}: features from {path}", file=sys.stderr)
-            return features
-        except (OSError, ValueError, zipfile.BadZipFile):  # damaged by hand: computed again
-            pass
+            z = np.load(path)
+            if isinstance(z, np.lib.npyio.NpzFile):
+                with z:
+                    features = {k: z[k] for k in want & set(z.files)}
+                if features.keys() == want and all(
+                        len(features[k]) == len(paths) for k in want - {"vggish"}):
+                    print(f"{desc}: features from {path}", file=sys.stderr)
+                    return features
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged file: computed again, and replaced
     features = clip_features(paths, panns, vggish, device, progress=True, desc=desc)
     write_atomic(path, lambda f: np.savez(f, **features))
     return features
 
 
-def list_files(folder, flag, exts, kind):
-    """The files directly in `folder` whose names end in one of `exts`, sorted; a one-line error
-    for a missing or unlistable folder or one without such files (`kind`: "audio", "image")."""
+def list_files(folder, flag, exts, kind, any_case=True):
+    """The files directly in `folder` whose names end in one of `exts` (in any case, or exactly),
+    sorted; a one-line error for a missing or unlistable folder or one without such files
+    (`kind`: "audio", "image")."""
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {folder!r} is not a folder")
     try:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(exts)
+        names = sorted(n for n in os.listdir(folder)
+                       if (n.lower() if any_case else n).endswith(exts)
                        and os.path.isfile(os.path.join(folder, n)))
     except OSError as e:
         raise UserError(f"{flag} {folder} cannot be listed ({e.strerror or e})") from e

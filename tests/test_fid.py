@@ -2,6 +2,7 @@
 running pytorch-fid 0.3.0 with torchvision's Inception v3 blocks), the image reading, the command
 line."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ def test_command_line(tmp_path, capsys, released, one_thread):
             img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
             Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
     (tmp_path / "gen" / "notes.txt").write_text("not an image: passed over")
+    (tmp_path / "gen" / "UPPER.PNG").write_text("pytorch-fid's glob passes it over too")
     flags = ["--generated", tmp_path / "gen", "--target", tmp_path / "real", "--inception",
              released, "--device", "cpu"]
     code, out, err = run_command(fid.main, flags, capsys)
@@ -72,11 +74,17 @@ def test_command_line(tmp_path, capsys, released, one_thread):
     assert head == "| generated | target | FID |" and row.startswith("| 3 | 3 | ")
     assert float(row.split("|")[3]) > 0
     (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    for name in ("a.png", "x.png"):
+        (tmp_path / "bad" / name).write_bytes((tmp_path / "real" / "0.png").read_bytes()
+                                              if name == "a.png" else b"junk")
     for argv, want in [
             (flags[:4], "give --inception"),
             (["--generated", tmp_path / "empty", *flags[2:]], "holds no image files"),
             (["--generated", tmp_path / "none", *flags[2:]], "is not a folder"),
             ([*flags[:4], "--inception", tmp_path / "gen" / "0.png"], "FID Inception weights"),
+            (["--generated", tmp_path / "gen", "--target", tmp_path / "bad", *flags[4:]],
+             "bad" + os.sep + "x.png is not an image file"),  # before any image is run
     ]:
         code, _, err = run_command(fid.main, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and want in err, err

@@ -204,6 +204,15 @@ def test_command_line(tmp_path, capsys, monkeypatch, released, vggish_released,
     code, out, err = run_command(metrics.main, cached, capsys)
     assert code == 0 and out == out_all and not calls and "features from" in err
     monkeypatch.undo()
+    for kept in (tmp_path / "cache").iterdir():  # damaged kept files: computed again
+        kept.write_bytes(b"")
+    code, out, _ = run_command(metrics.main, cached, capsys)
+    assert code == 0 and out == out_all
+    for kept in (tmp_path / "cache").iterdir():
+        with open(kept, "wb") as f:
+            np.save(f, np.zeros(3))  # an .npy where an .npz belongs
+    code, out, _ = run_command(metrics.main, cached, capsys)
+    assert code == 0 and out == out_all
     soundfile.write(tmp_path / "gen" / "b.wav", np.zeros(16000, np.float32), 16000)  # changed
     code, out, _ = run_command(metrics.main, cached, capsys)
     assert code == 0 and table(out)["FD"] != row["FD"]

@@ -320,6 +320,9 @@ def test_a_killed_run_resumes_with_skip_existing(files, tmp_path, capsys, mode, 
         files[inputs[-1].stem].write_bytes(b"damaged")
         code, out, _ = run_in_process([*common, "--out", part, "--skip-existing"], capsys)
         assert code == 0 and out == []
+    if mode != "joint":  # --out holding the inputs: they would count as outputs
+        code, _, err = run_in_process([*common, "--out", tmp_path, "--skip-existing"], capsys)
+        assert code == 2 and "holds its inputs (whose names its outputs share)" in err[0]
     if mode == "i2a":  # one input given twice: two samples of one name
         code, _, err = run_in_process(["--mode", mode, *inputs, files["cat"], "--out", part,
                                        "--skip-existing", *args(files)], capsys)
