@@ -17,16 +17,17 @@ gradient in the forward pass):
    fastest matmul on the card, bias in its epilogue), in the matmul dtype, into the buffer that
    will hold their gradient;
 2. one Triton row kernel reads each row of logits once, forms the logsumexp, the target logit
-   and the sum of logits in fp32 (the loss of the row) and, when a gradient is wanted,
-   overwrites the row in place with d loss / d logits, formed in fp32 from the logsumexp and
-   rounded once to the matmul dtype, while summing it over its rows in fp32 (the bias gradient).
+   and the sum of logits in fp32 (the loss of the row, summed over the program's rows) and,
+   when a gradient is wanted, overwrites the row in place with d loss / d logits, formed in
+   fp32 from the logsumexp and rounded once to the matmul dtype, while summing it over its rows
+   in fp32 (the bias gradient).
 So the [rows, C] fp32 logits (or the fp32 log-probabilities, which eager PyTorch keeps) never
 exist. What backward keeps is the gradient of the logits in the matmul dtype (bf16 under
 autocast): two matmuls in all, as eager, and backward is one cuBLAS matmul per wanted input,
 scaled by the upstream gradient: grad h = dZ @ E, grad E = dZ^T @ h (only when E is not
 detached; fp32 accumulation, as eager), grad b = column sums of dZ (fp32). The table's scaling
-by the upstream gradient and the bias gradient come from one small kernel after the sum of the
-row kernel's per-program column sums.
+by the upstream gradient and the bias gradient (the sum of the row kernel's per-program
+column sums) come from one small kernel.
 
 Dtypes follow the reference: under autocast the matmul runs in the autocast dtype (h, E and b
 are cast once and the logits come out in it, exactly the reference's bf16 linear) and everything
@@ -54,14 +55,15 @@ from kernels import on_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# the row kernel holds BLOCK_R whole rows of logits in registers: 4 rows on a GPU (16 B loads,
-# 4 warps up to 1024 columns, 8 above); the grid is capped at PROGRAMS_PER_SM programs per SM,
-# each looping over row blocks, so the bias partial sums stay few (at C = 1024 the kernel takes
-# 96-156 registers on sm_90, so 3-5 programs are resident per SM and the rest follow); under the
-# interpreter, 8 rows and at most 2 programs so that test shapes run the loop and a tail block
-BLOCK_R = 8 if INTERPRET else 4
+# the row kernel holds BLOCK_R whole rows of logits in registers: 2 rows on a GPU (16 B loads,
+# 4 warps up to 1024 columns, 8 above; ~56 registers, so all 8 programs per SM stay resident),
+# with up to 8 programs per SM each looping over row blocks so the bias partial sums stay small;
+# under the interpreter, 8 rows and at most 2 programs so that test shapes run the loop and a
+# tail block
+BLOCK_R = 8 if INTERPRET else 2
 PROGRAMS_PER_SM = 8
 SCALE_ROWS = 2 if INTERPRET else 4  # table rows per program of the backward's scaling kernel
+SCALE_PARTIALS = 1 if INTERPRET else 256  # bias partial rows the scaling kernel adds at a time
 # whole rows stop fitting in registers past 2048 columns (sm_90, bf16 with the gradient: 208
 # spilled bytes a thread at 4096 columns, 2 KB at 8192), so wider codebooks take the reference
 MAX_C = 2048
@@ -79,20 +81,21 @@ def _max_programs(device):
 
 
 @triton.jit
-def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
+def _ce_rows_kernel(z, target, lsum, bsum, N, C, eps, n_prog,
                     STORE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """loss[n] = lse_n - (1 - eps) z[n, t_n] - eps/C sum_c z[n, c] from the logits z (N, C);
-    with STORE_GRAD, z[n, c] is overwritten with softmax(z_n)_c - (1 - eps)[c == t_n] - eps/C
-    (formed in fp32, stored in z's dtype) and bsum[program, c] = the sum of that over the
-    program's rows (fp32).
+    """lsum[program] = the sum over the program's rows n of lse_n - (1 - eps) z[n, t_n] -
+    eps/C sum_c z[n, c], from the logits z (N, C); with STORE_GRAD, z[n, c] is overwritten with
+    softmax(z_n)_c - (1 - eps)[c == t_n] - eps/C (formed in fp32, stored in z's dtype) and
+    bsum[program, c] = the sum of that over the program's rows (fp32).
 
     Grid (n_prog,), program p taking row blocks p, p + n_prog, ...; a row block is BLOCK_R whole
     rows (BLOCK_C >= C). Bytes (HBM): N*C*z_bytes read, and with STORE_GRAD written, +
-    n_prog*C*4 bias partials; N*(8 + 4) targets and losses. FLOPs: ~10*N*C (exp, sums)."""
+    n_prog*C*4 bias partials; N*8 targets. FLOPs: ~10*N*C (exp, sums)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     colsum = tl.zeros([BLOCK_C], tl.float32)
+    total = 0.0
     for rb in range(pid, tl.cdiv(N, BLOCK_R), n_prog):
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
         rmask = rows < N
@@ -101,33 +104,41 @@ def _ce_rows_kernel(z, target, loss, bsum, N, C, eps, n_prog,
         x = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)  # (R, BLOCK_C) logits
         xm = tl.where(m2, x, float("-inf"))
         m = tl.where(rmask, tl.max(xm, axis=1), 0.0)  # (R,)
-        # padding rows (all -inf): the log of 1, so lse is 0 there and never -inf - -inf below
-        lse = m + tl.log(tl.where(rmask, tl.sum(tl.exp(xm - m[:, None]), axis=1), 1.0))
+        e = tl.exp(xm - m[:, None])  # (R, BLOCK_C) the only exp: 0 at padding columns
+        # padding rows (all -inf): a sum of 1, so lse is 0 there and never -inf - -inf
+        s = tl.where(rmask, tl.sum(e, axis=1), 1.0)  # (R,)
+        lse = m + tl.log(s)
         t = tl.load(target + rows, mask=rmask, other=0).to(tl.int32)
-        hit = cols[None, :] == t[:, None]  # (R, BLOCK_C) the target column
-        z_t = tl.sum(tl.where(hit, x, 0.0), axis=1)
-        z_s = tl.sum(tl.where(m2, x, 0.0), axis=1)
+        # the target logit by one load per row (0 for a target outside [0, C), as no column
+        # would match it), read before the row is overwritten below
+        t_ok = rmask & (t >= 0) & (t < C)
+        z_t = tl.load(z + rows.to(tl.int64) * C + t, mask=t_ok, other=0.0).to(tl.float32)
+        z_s = tl.sum(x, axis=1)  # masked loads gave 0 outside the row
         # no smoothing term without smoothing: 0 * z_s is nan for a code of logit -inf
         smooth = tl.where(eps != 0.0, (eps / C) * z_s, 0.0)
-        tl.store(loss + rows, lse - (1.0 - eps) * z_t - smooth, mask=rmask)
+        total += tl.sum(tl.where(rmask, lse - (1.0 - eps) * z_t - smooth, 0.0))
         if STORE_GRAD:
-            g = tl.exp(xm - lse[:, None]) - eps / C - tl.where(hit, 1.0 - eps, 0.0)
+            hit = cols[None, :] == t[:, None]  # (R, BLOCK_C) the target column
+            g = e * (1.0 / s)[:, None] - eps / C - tl.where(hit, 1.0 - eps, 0.0)
             g = tl.where(m2, g, 0.0)
+            # a row spans all warps: every warp's z_t load is done before any warp overwrites
+            tl.debug_barrier()
             tl.store(ptrs, g.to(z.dtype.element_ty), mask=m2)
             colsum += tl.sum(g, axis=0)
+    tl.store(lsum + pid, total)
     if STORE_GRAD:
         tl.store(bsum + pid * C + cols, colsum, mask=cmask)
 
 
 @triton.jit
-def _ce_scale_kernel(w, bsum, upstream, wg, gb, C, D,
+def _ce_scale_kernel(w, bsum, upstream, wg, gb, C, D, P,
                      W_SCALE: tl.constexpr, B_GRAD: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """The backward's small work in one launch, scaled by the upstream gradient g (a 0-dim
     tensor): wg = w * g rounded once to wg's dtype (the table grad h is formed with), and
-    gb = bsum * g (the bias gradient, bsum the column sums of d loss / d z). Grid
-    (cdiv(C, BLOCK_R),). Bytes: C*D*(w + wg element sizes) + C*(4 + gb element size); FLOPs:
-    C*D + C multiplies."""
+    gb = g * the column sums of bsum (P, C), the row kernel's partial column sums of
+    d loss / d z (the bias gradient). Grid (cdiv(C, BLOCK_R),). Bytes: C*D*(w + wg element
+    sizes) + C*(4*P + gb element size); FLOPs: C*D + C*P."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,) codes
     rmask = rows < C
     g = tl.load(upstream).to(tl.float32)
@@ -139,7 +150,12 @@ def _ce_scale_kernel(w, bsum, upstream, wg, gb, C, D,
             x = tl.load(w + offs, mask=m2, other=0.0).to(tl.float32)
             tl.store(wg + offs, (x * g).to(wg.dtype.element_ty), mask=m2)
     if B_GRAD:
-        b = tl.load(bsum + rows, mask=rmask, other=0.0)
+        acc = tl.zeros([BLOCK_P, BLOCK_R], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            parts = p0 + tl.arange(0, BLOCK_P)  # (P,) partial rows
+            acc += tl.load(bsum + parts.to(tl.int64)[:, None] * C + rows[None, :],
+                           mask=(parts < P)[:, None] & rmask[None, :], other=0.0)
+        b = tl.sum(acc, axis=0)  # (R,)
         tl.store(gb + rows, (b * g).to(gb.dtype.element_ty), mask=rmask)
 
 
@@ -158,14 +174,15 @@ class CodebookCE(torch.autograd.Function):
         target = target.contiguous()
         with torch.autocast(device_type=dev.type, enabled=False):  # the reference's F.linear
             dz = F.linear(h_c, w_c, None if bias is None else bias.detach().to(cdtype))  # (N, C)
-        loss = torch.empty(N, device=dev, dtype=torch.float32)  # (N,) per-row losses
         n_prog = max(1, min(triton.cdiv(N, BLOCK_R), _max_programs(dev)))
+        # (n_prog,) per-program sums of the rows' losses
+        lsum = (torch.empty if N > 0 else torch.zeros)(n_prog, device=dev, dtype=torch.float32)
         # (n_prog, C) per-program column sums of dz: every program writes its row
         bsum = (torch.empty if N > 0 else torch.zeros)(n_prog if store else 1, C, device=dev,
                                                        dtype=torch.float32)
         if N > 0:
             block_c = triton.next_power_of_2(C)
-            _ce_rows_kernel[(n_prog,)](dz, target, loss, bsum, N, C, float(label_smoothing),
+            _ce_rows_kernel[(n_prog,)](dz, target, lsum, bsum, N, C, float(label_smoothing),
                                        n_prog, STORE_GRAD=store, BLOCK_R=BLOCK_R,
                                        BLOCK_C=block_c,
                                        num_warps=1 if INTERPRET else (4 if block_c <= 1024
@@ -173,7 +190,7 @@ class CodebookCE(torch.autograd.Function):
         ctx.save_for_backward(dz if store else None, w_c if need_h else None,
                               h_c if need_w else None, bsum if need_b else None)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype, cdtype)
-        return loss.sum()
+        return lsum.sum()
 
     @staticmethod
     @once_differentiable
@@ -189,10 +206,11 @@ class CodebookCE(torch.autograd.Function):
         if need_h or need_b:
             D = w_c.shape[1] if need_h else 0
             _ce_scale_kernel[(triton.cdiv(C, SCALE_ROWS),)](
-                w_c if need_h else grad, bsum.sum(0) if need_b else grad, grad.contiguous(),
-                wg if need_h else grad, gb if need_b else grad, C, D, W_SCALE=need_h,
-                B_GRAD=need_b, BLOCK_R=SCALE_ROWS,
-                BLOCK_D=min(1024, triton.next_power_of_2(max(D, 1))),
+                w_c if need_h else grad, bsum if need_b else grad, grad.contiguous(),
+                wg if need_h else grad, gb if need_b else grad, C, D,
+                bsum.shape[0] if need_b else 0, W_SCALE=need_h, B_GRAD=need_b,
+                BLOCK_R=SCALE_ROWS, BLOCK_D=min(1024, triton.next_power_of_2(max(D, 1))),
+                BLOCK_P=SCALE_PARTIALS,
                 num_warps=1 if INTERPRET else 4)
         with torch.autocast(device_type=dz.device.type, enabled=False):
             if need_h:

@@ -97,12 +97,16 @@ def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (Dc,)
     cmask = cols < D
     m2 = rmask[:, None] & cmask[None, :]
-    w = tl.load(weight + tok.to(tl.int64)[:, None] * s_wc + cols[None, :], mask=m2, other=0.0)
-    p = tl.load(pos + l.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0)
+    # the table and positional rows are read again and again (L2 hits): they stay in L2 before
+    # the output rows, which are written once and not read back by this kernel
+    w = tl.load(weight + tok.to(tl.int64)[:, None] * s_wc + cols[None, :], mask=m2, other=0.0,
+                eviction_policy="evict_last")
+    p = tl.load(pos + l.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0,
+                eviction_policy="evict_last")
     m = tl.load(mod + cols, mask=cmask, other=0.0)
     y = w.to(tl.float32) + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (R, Dc)
     tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :],
-             y.to(out.dtype.element_ty), mask=m2)
+             y.to(out.dtype.element_ty), mask=m2, eviction_policy="evict_first")
 
 
 @triton.jit(do_not_specialize=["hot"])  # a codebook of one code makes hot 1, a constant

@@ -87,19 +87,11 @@ def _scaled_logits(z_ptr, b_ptr, rows64, cols, row_ok, C, stride_z, temperature,
 
 
 @triton.jit
-def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, temperature,
-                      HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row: z = (logits + b) / T, m = max z, total = sum exp(z - m), the inverse-CDF pick
-    id = #{j : sum_{i<=j} exp(z_i - m) <= u total} (clamped to the last column of nonzero
-    probability) and logp = z_id - m - log(total).
-
-    Grid (cdiv(N, BLOCK_R),); the codebook is swept in BLOCK_C chunks twice (online max and sum,
-    then the scan with the carried cumulative mass), the second sweep hitting L1/L2. Bytes:
-    N C read twice (logits' element size, the second read from cache), C bias, N (4 + 8 + 4) for
-    u, ids, logp; FLOPs ~ 8 N C (scale, exp twice, cumsum, compares)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+def _draw_chunks(z_ptr, b_ptr, rows64, row_ok, u, C, stride_z, temperature,
+                 HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The draw over a codebook wider than one chunk -> (big, total, count, last) per row: the
+    softmax shift, the sum of exp(z - big), the number of columns whose cdf is <= u * total and
+    the last column with any mass."""
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -111,7 +103,7 @@ def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, te
         m = m_new
     big = tl.where(m == float("-inf"), 0.0, m)  # (R,) the shift of the softmax
     total = tl.where(row_ok, s, 1.0)
-    target = tl.load(u_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * total
+    target = u * total
     # searchsorted(right=True) on the running cdf: the columns whose cdf is <= target; when
     # rounding puts target at or past the total, the last column with any mass
     carry = tl.zeros([BLOCK_R], tl.float32)
@@ -126,6 +118,46 @@ def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, te
         count += tl.sum((cdf <= target[:, None]).to(tl.int32), axis=1)
         last = tl.maximum(last, tl.max(tl.where(p > 0, cols[None, :], -1), axis=1))
         carry = tl.max(cdf, axis=1)  # the inclusive cdf at the chunk's end (p >= 0)
+    return big, total, count, last
+
+
+@triton.jit
+def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, temperature,
+                      HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      ONE_CHUNK: tl.constexpr):
+    """Per row: z = (logits + b) / T, m = max z, total = sum exp(z - m), the inverse-CDF pick
+    id = #{j : sum_{i<=j} exp(z_i - m) <= u total} (clamped to the last column of nonzero
+    probability) and logp = z_id - m - log(total).
+
+    Grid (cdiv(N, BLOCK_R),). ONE_CHUNK (C <= BLOCK_C): each row is read once and its exps taken
+    once, and total is the scan's own last cdf value, so u * total never lies past it (a sum in
+    another order could leave it past, picking the last column with any mass). Otherwise the
+    codebook is swept in BLOCK_C chunks twice (online max and sum, then the scan with the carried
+    cumulative mass), the second sweep hitting L1/L2. Bytes: N C read once (twice in chunks, the
+    second read from cache; logits' element size), C bias, N (4 + 8 + 4) for u, ids, logp;
+    FLOPs ~ 5 N C (scale, exp, cumsum, compares), twice the exps in chunks."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    u = tl.load(u_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK_C)
+        z = _scaled_logits(z_ptr, b_ptr, rows64, cols, row_ok, C, stride_z, temperature,
+                           HAS_BIAS)
+        m = tl.max(z, axis=1)
+        big = tl.where(m == float("-inf"), 0.0, m)  # (R,) the shift; rows of -inf logits stay 0
+        p = tl.exp(z - big[:, None])  # (R, BLOCK_C), 0 at columns >= C
+        cdf = tl.cumsum(p, axis=1)
+        # the inclusive cdf at the last column (not a max, which would skip a nan)
+        total = tl.where(row_ok, tl.sum(tl.where(cols[None, :] == C - 1, cdf, 0.0), axis=1), 1.0)
+        target = u * total
+        # searchsorted(right=True): the columns whose cdf is <= target; clamped to the last
+        # column with any mass for u * total rounding up to total
+        count = tl.sum((cdf <= target[:, None]).to(tl.int32), axis=1)
+        last = tl.max(tl.where(p > 0, cols[None, :], -1), axis=1)
+    else:
+        big, total, count, last = _draw_chunks(z_ptr, b_ptr, rows64, row_ok, u, C, stride_z,
+                                               temperature, HAS_BIAS, BLOCK_R, BLOCK_C)
     pos = tl.maximum(tl.minimum(count, last), 0)  # (R,) the drawn id
     z_pos = tl.load(z_ptr + rows64 * stride_z + pos, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:  # the same operations as _scaled_logits, so the same value
@@ -135,8 +167,9 @@ def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, te
     tl.store(logp_ptr + rows, z_pos - big - tl.log(total), mask=row_ok)
 
 
-# GPU: 4 rows x the whole codebook (up to 2048 columns) per program, 16 B loads; the interpreter
-# takes the two below, small so tests sweep several chunks with a tail (tests change them)
+# GPU: 2 rows x the whole codebook (up to 2048 columns) per program, 16 B loads (~60 registers at
+# C = 1024: 8 programs per SM); the interpreter takes the two below, small so tests sweep several
+# chunks with a tail (tests change them)
 _INTERPRET_ROWS = 32
 _INTERPRET_BLOCK_C = 64
 _MIX = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
@@ -236,13 +269,14 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
     if INTERPRET:
         block_r, block_c, warps = _INTERPRET_ROWS, _INTERPRET_BLOCK_C, 1
     else:
-        block_r, block_c = 4, 2048
+        block_r, block_c = 2, 2048
         warps = 4 if min(block_c, triton.next_power_of_2(C)) <= 1024 else 8
     block_c = min(block_c, max(16, triton.next_power_of_2(C)))
     with on_device(logits):
         _draw_rows_kernel[(triton.cdiv(N, block_r),)](
             logits, bias, uniform, ids, logp, N, C, logits.stride(0), float(token_temperature),
-            HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+            HAS_BIAS=has_bias, BLOCK_R=block_r, BLOCK_C=block_c, ONE_CHUNK=C <= block_c,
+            num_warps=warps)
     return ids, logp
 
 
