@@ -82,6 +82,29 @@ def on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+_MM_OUT_FP32 = [True]  # torch.mm(..., out_dtype=torch.float32) works here (torch >= 2.8, CUDA)
+
+
+def mm_fp32(a, b):
+    """a @ b stored in fp32 straight from cuBLAS's fp32 accumulators, for bf16 / fp16 CUDA
+    tensors: no half-precision product is rounded or kept. None where there is no such matmul
+    (other dtypes or devices; torch < 2.8, said once): the caller takes its own path."""
+    import warnings
+
+    import torch
+    if not (a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_FP32[0]):
+        return None
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except torch.cuda.OutOfMemoryError:  # the caller's, not a sign of an older torch
+        raise
+    except (TypeError, RuntimeError, NotImplementedError) as e:  # torch < 2.8
+        _MM_OUT_FP32[0] = False
+        warnings.warn(f"no fp32-output matmul in this torch ({e.__class__.__name__}): half "
+                      "precision products are rounded before they are widened")
+        return None
+
+
 def select(backend=None):
     """The op set for `backend` ("auto", "triton", "torch" or None: see the module docstring)."""
     return _ops(resolve(backend))

@@ -51,7 +51,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from echoes.model import codebook_ce as codebook_ce_reference
-from kernels import on_device
+from kernels import mm_fp32, on_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -216,7 +216,10 @@ class CodebookCE(torch.autograd.Function):
             if need_h:
                 if hdtype == cdtype:
                     gh = torch.mm(dz, wg)  # (N, D)
-                else:  # cast in row chunks: never both a full cdtype and a full hdtype copy
+                else:
+                    # fp32 h under autocast (the model's case): cuBLAS writes it in fp32 itself
+                    gh = mm_fp32(dz, wg) if hdtype == torch.float32 else None  # (N, D)
+                if gh is None:  # cast in row chunks: never a full cdtype and hdtype copy both
                     N = dz.shape[0]
                     gh = torch.empty(N, wg.shape[1], device=dz.device, dtype=hdtype)  # (N, D)
                     step = max(1024, triton.cdiv(N, 4))

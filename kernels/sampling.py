@@ -31,14 +31,13 @@ kernels/__init__.py.
 """
 
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from echoes import sampler as reference
-from kernels import on_device
+from kernels import mm_fp32, on_device
 
 
 # read once, as triton.jit reads it: set after import, the kernels would still be compiled ones
@@ -174,7 +173,6 @@ _INTERPRET_ROWS = 32
 _INTERPRET_BLOCK_C = 64
 _MIX = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
 _INTERPRET_MIX = dict(BLOCK_R=8, BLOCK_D=32, num_warps=1)
-_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=fp32) available (torch >= 2.8, CUDA)
 
 
 def _compute_dtype(h):
@@ -195,20 +193,10 @@ def _rows(x):
 def _logits(h, weight):
     """h @ W^T with fp32 accumulation, stored in fp32: cuBLAS with an fp32 output for bf16 / fp16
     inputs (rounding the logits to bf16 would move ~8% of CFG draws), plain fp32 otherwise (TF32
-    as torch's matmul settings allow, like the reference's F.linear)."""
+    as torch's matmul settings allow, like the reference's F.linear; fp64 keeps its dtype)."""
     with torch.autocast(device_type=h.device.type, enabled=False):
-        # fp64 keeps its own dtype (cuBLAS has no fp32 output for it); an out-of-memory error is
-        # the caller's, not a sign of an older torch
-        if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda and _MM_OUT_DTYPE[0]:
-            try:
-                return torch.mm(h, weight.t(), out_dtype=torch.float32)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except (TypeError, RuntimeError, NotImplementedError) as e:  # torch < 2.8
-                _MM_OUT_DTYPE[0] = False
-                warnings.warn(f"draw_tokens: no fp32-output matmul ({e.__class__.__name__}); "
-                              f"logits stay in {h.dtype}, so draws near ties move more often")
-        return torch.mm(h, weight.t())
+        logits = mm_fp32(h, weight.t())
+        return torch.mm(h, weight.t()) if logits is None else logits
 
 
 def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uniform):

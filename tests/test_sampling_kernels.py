@@ -270,6 +270,7 @@ def test_fp32_logits_only_for_half_inputs_and_never_turned_off_by_others(monkeyp
     """cuBLAS's fp32-output matmul takes bf16 / fp16 inputs only: an fp64 draw takes the plain
     matmul, and neither it nor an out-of-memory error turns the fp32 output off for later
     draws (CPU tensors that report CUDA stand in; the matmul checks dtypes as CUDA's does)."""
+    import kernels
     from kernels import sampling
 
     class OnCuda(torch.Tensor):
@@ -289,7 +290,7 @@ def test_fp32_logits_only_for_half_inputs_and_never_turned_off_by_others(monkeyp
         return real_mm(a.to(out_dtype or a.dtype), b.to(out_dtype or a.dtype))
 
     monkeypatch.setattr(sampling.torch, "mm", mm)
-    monkeypatch.setattr(sampling, "_MM_OUT_DTYPE", [True])
+    monkeypatch.setattr(kernels, "_MM_OUT_FP32", [True])
     h, W = torch.randn(4, 8), torch.randn(10, 8)
     assert sampling._logits(h.double().as_subclass(OnCuda), W.double()).dtype == torch.float64
     oom[0] = True
@@ -297,7 +298,7 @@ def test_fp32_logits_only_for_half_inputs_and_never_turned_off_by_others(monkeyp
         sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16())
     oom[0] = False
     assert sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16()).dtype == torch.float32
-    assert sampling._MM_OUT_DTYPE == [True]
+    assert kernels._MM_OUT_FP32 == [True]
     assert calls == [(torch.float64, None), (torch.bfloat16, torch.float32),
                      (torch.bfloat16, torch.float32)]
 
