@@ -4,8 +4,8 @@
 # The whole script ends within GPU_SH_BUDGET seconds (default 570: under 10 minutes): each stage
 # runs under its own time limit, cut to what the budget has left (the kernels stage leaves 200 s
 # for the two after it), and a stage is skipped when nothing is left; every stage's log and
-# table keep the rows it measured. The runs took 3.5-4 minutes on an H200 on 2026-11-27 with two
-# to ten candidates (ten: 4 minutes, every candidate timed).
+# table keep the rows it measured. The runs took 3.5-4 minutes on an H200 on 2026-11-27 and -28
+# with two to ten candidates (ten: 3.5-4 minutes, every candidate timed).
 # Needs torch + triton with CUDA. On a machine without network, soundfile is installed from
 # ./.wheels (ignored by git), fetched beforehand for the GPU machine's Python, e.g. for 3.12:
 #   pip download --only-binary=:all: --python-version 3.12 \

@@ -31,7 +31,9 @@ TESTS = {"kernels/gather_pad.py": "tests/test_gather_pad.py",
          "kernels/sampling.py": "tests/test_sampling_kernels.py"}
 
 
-@pytest.fixture(params=PATCHES, ids=[p.stem for p in PATCHES])
+@pytest.fixture(params=PATCHES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no kernel change waits for a GPU in bench/candidates/"))],
+    ids=[p.stem for p in PATCHES] or ["none"])
 def patched(request, tmp_path):
     """(the file the patch changes, the folder holding the patched copy of kernels/, the
     environment that puts it first on sys.path). Children run in that folder: `python -c` and
