@@ -35,12 +35,13 @@ a spin kernel holds the GPU; where time is far above busy and host is not, the o
 reading its inputs from HBM rather than L2.
 
 The floor of each row is max(bytes / bandwidth, FLOPs / matmul peak, launch) with the card's
-ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul
-(peak), an empty Triton kernel (launch, the floor of the launch-bound re-mask). Bytes are the
-compulsory traffic (each input and output once, tables once); FLOPs the minimum for the op (the
-CFG draw: one matmul, since the Eq. 2 mix is linear in h). "rate" is that work divided by the
-time; "floor" the floor time over the time; "peak MB" the torch.cuda.max_memory_allocated rise
-while the row's function runs.
+ceilings measured at start: a 1 GiB device-to-device copy (bandwidth), an 8192^3 bf16 matmul (peak),
+an empty Triton kernel (launch, the floor of the launch-bound re-mask). The header also gives the
+rate of a 1 GiB fill (write), which bounds ops that mostly write, like the gather forward. Bytes are
+the compulsory traffic (each input and output once, tables once); FLOPs the minimum for the op (the
+CFG draw: one matmul, since the Eq. 2 mix is linear in h). "rate" is that work divided by the time;
+"floor" the floor time over the time; "peak MB" the torch.cuda.max_memory_allocated rise while the
+row's function runs.
 
 torch.compile builds each reference once per shape before its rows are timed (about a minute in
 all on a fresh cache); `--no-compile` skips it. Without a GPU it says so and times the eager
@@ -517,6 +518,14 @@ def ceilings(device, s):
     return bw, flops, 0.0, "fp32 matmul"
 
 
+def write_bandwidth(device, s):
+    """The card's measured rate (B/s) of writing 1 GiB that nothing reads (a fill): the floor of
+    an op whose traffic is mostly its output, such as the gather forward."""
+    n = 2 ** 30 if not s.small else 2 ** 26
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    return n / (time_gpu(lambda: dst.fill_(1), [], s) * 1e-6)
+
+
 def results(case, fn):
     """fn's outputs on the case's inputs and, where the op has a backward, the gradients of the
     case's leaves from its upstream gradients."""
@@ -747,7 +756,8 @@ def main(argv=None):
         print("no CUDA GPU: timing the eager PyTorch references on the CPU "
               "(median of time.perf_counter); no Triton, torch.compile or --candidate rows")
     bw, peak, launch, peak_kind = ceiling = ceilings(device, s)
-    header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, "
+    write = f"write {write_bandwidth(device, s) / 1e9:.0f} GB/s, " if gpu else ""
+    header = (f"device: {name} | {versions} | measured: copy {bw / 1e9:.0f} GB/s, {write}"
               f"{peak_kind} {peak / 1e12:.1f} TFLOP/s, empty launch "
               + (f"{launch * 1e6:.1f} us" if launch else "- (no GPU)"))
     print(header)
