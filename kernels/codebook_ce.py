@@ -17,10 +17,10 @@ gradient in the forward pass):
    fastest matmul on the card, bias in its epilogue), in the matmul dtype, into the buffer that
    will hold their gradient;
 2. one Triton row kernel reads each row of logits once, forms the logsumexp, the target logit
-   and the sum of logits in fp32 (the loss of the row, summed over the program's rows) and,
-   when a gradient is wanted, overwrites the row in place with d loss / d logits, formed in
-   fp32 from the logsumexp and rounded once to the matmul dtype, while summing it over its rows
-   in fp32 (the bias gradient).
+   and the sum of logits in fp32 (the loss of the row, summed over the program's rows) and
+   d loss / d logits in fp32 from the logsumexp: for grad h or grad E it overwrites the row in
+   place with it, rounded once to the matmul dtype; for grad b it sums it over its rows in fp32
+   (with only grad b wanted, nothing of size (N, C) is kept for backward).
 So the [rows, C] fp32 logits (or the fp32 log-probabilities, which eager PyTorch keeps) never
 exist. What backward keeps is the gradient of the logits in the matmul dtype (bf16 under
 autocast): two matmuls in all, as eager, and backward is one cuBLAS matmul per wanted input,
@@ -82,15 +82,17 @@ def _max_programs(device):
 
 @triton.jit
 def _ce_rows_kernel(z, target, lsum, bsum, N, C, eps, n_prog,
-                    STORE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    STORE_GRAD: tl.constexpr, SUM_GRAD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """lsum[program] = the sum over the program's rows n of lse_n - (1 - eps) z[n, t_n] -
-    eps/C sum_c z[n, c], from the logits z (N, C); with STORE_GRAD, z[n, c] is overwritten with
-    softmax(z_n)_c - (1 - eps)[c == t_n] - eps/C (formed in fp32, stored in z's dtype) and
-    bsum[program, c] = the sum of that over the program's rows (fp32).
+    eps/C sum_c z[n, c], from the logits z (N, C). With the gradient of the logits
+    g[n, c] = softmax(z_n)_c - (1 - eps)[c == t_n] - eps/C (formed in fp32): STORE_GRAD
+    overwrites z[n, c] with it (in z's dtype; grad h and grad E are matmuls with it), SUM_GRAD
+    writes bsum[program, c] = its sum over the program's rows (fp32; the bias gradient).
 
     Grid (n_prog,), program p taking row blocks p, p + n_prog, ...; a row block is BLOCK_R whole
-    rows (BLOCK_C >= C). Bytes (HBM): N*C*z_bytes read, and with STORE_GRAD written, +
-    n_prog*C*4 bias partials; N*8 targets. FLOPs: ~10*N*C (exp, sums)."""
+    rows (BLOCK_C >= C). Bytes (HBM): N*C*z_bytes read, and with STORE_GRAD written; with
+    SUM_GRAD n_prog*C*4 bias partials; N*8 targets. FLOPs: ~10*N*C (exp, sums)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -117,16 +119,18 @@ def _ce_rows_kernel(z, target, lsum, bsum, N, C, eps, n_prog,
         # no smoothing term without smoothing: 0 * z_s is nan for a code of logit -inf
         smooth = tl.where(eps != 0.0, (eps / C) * z_s, 0.0)
         total += tl.sum(tl.where(rmask, lse - (1.0 - eps) * z_t - smooth, 0.0))
-        if STORE_GRAD:
+        if STORE_GRAD or SUM_GRAD:
             hit = cols[None, :] == t[:, None]  # (R, BLOCK_C) the target column
             g = e * (1.0 / s)[:, None] - eps / C - tl.where(hit, 1.0 - eps, 0.0)
-            g = tl.where(m2, g, 0.0)
-            # a row spans all warps: every warp's z_t load is done before any warp overwrites
-            tl.debug_barrier()
-            tl.store(ptrs, g.to(z.dtype.element_ty), mask=m2)
-            colsum += tl.sum(g, axis=0)
+            g = tl.where(m2, g, 0.0)  # (R, BLOCK_C)
+            if STORE_GRAD:
+                # a row spans all warps: every warp's z_t load is done before any overwrites
+                tl.debug_barrier()
+                tl.store(ptrs, g.to(z.dtype.element_ty), mask=m2)
+            if SUM_GRAD:
+                colsum += tl.sum(g, axis=0)
     tl.store(lsum + pid, total)
-    if STORE_GRAD:
+    if SUM_GRAD:
         tl.store(bsum + pid * C + cols, colsum, mask=cmask)
 
 
@@ -167,7 +171,7 @@ class CodebookCE(torch.autograd.Function):
         C = weight.shape[0]
         # needs_input_grad stays True under torch.no_grad (evaluation): then nothing is kept
         need_h, need_w, need_b = (n and grad_enabled for n in ctx.needs_input_grad[:3])
-        store = need_h or need_w or need_b
+        store = need_h or need_w  # the (N, C) gradient, for the matmuls of grad h and grad E
         dev = h.device
         h_c = h.detach().to(cdtype).contiguous()  # (N, D) in the matmul dtype
         w_c = weight.detach().to(cdtype).contiguous()  # (C, D)
@@ -178,31 +182,32 @@ class CodebookCE(torch.autograd.Function):
         # (n_prog,) per-program sums of the rows' losses
         lsum = (torch.empty if N > 0 else torch.zeros)(n_prog, device=dev, dtype=torch.float32)
         # (n_prog, C) per-program column sums of dz: every program writes its row
-        bsum = (torch.empty if N > 0 else torch.zeros)(n_prog if store else 1, C, device=dev,
+        bsum = (torch.empty if N > 0 else torch.zeros)(n_prog if need_b else 1, C, device=dev,
                                                        dtype=torch.float32)
         if N > 0:
             block_c = triton.next_power_of_2(C)
             _ce_rows_kernel[(n_prog,)](dz, target, lsum, bsum, N, C, float(label_smoothing),
-                                       n_prog, STORE_GRAD=store, BLOCK_R=BLOCK_R,
-                                       BLOCK_C=block_c,
+                                       n_prog, STORE_GRAD=store, SUM_GRAD=need_b,
+                                       BLOCK_R=BLOCK_R, BLOCK_C=block_c,
                                        num_warps=1 if INTERPRET else (4 if block_c <= 1024
                                                                       else 8))
         ctx.save_for_backward(dz if store else None, w_c if need_h else None,
                               h_c if need_w else None, bsum if need_b else None)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype, cdtype)
+        ctx.C = C
         return lsum.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        dz, w_c, h_c, bsum = ctx.saved_tensors  # dz (N, C)
+        dz, w_c, h_c, bsum = ctx.saved_tensors  # dz (N, C), None when only b needs a gradient
         hdtype, wdtype, bdtype, cdtype = ctx.dtypes
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        C = dz.shape[1]
+        C = ctx.C
         gh = gw = None
         # one launch scales the (C, D) table (rather than the (N, C) gradient) and the bias sums
         wg = torch.empty_like(w_c) if need_h else None  # (C, D)
-        gb = torch.empty(C, device=dz.device, dtype=bdtype) if need_b else None  # (C,)
+        gb = torch.empty(C, device=grad.device, dtype=bdtype) if need_b else None  # (C,)
         if need_h or need_b:
             D = w_c.shape[1] if need_h else 0
             _ce_scale_kernel[(triton.cdiv(C, SCALE_ROWS),)](
@@ -212,7 +217,7 @@ class CodebookCE(torch.autograd.Function):
                 BLOCK_R=SCALE_ROWS, BLOCK_D=min(1024, triton.next_power_of_2(max(D, 1))),
                 BLOCK_P=SCALE_PARTIALS,
                 num_warps=1 if INTERPRET else 4)
-        with torch.autocast(device_type=dz.device.type, enabled=False):
+        with torch.autocast(device_type=grad.device.type, enabled=False):
             if need_h:
                 if hdtype == cdtype:
                     gh = torch.mm(dz, wg)  # (N, D)

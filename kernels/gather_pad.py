@@ -100,10 +100,10 @@ def _gather_fwd_kernel(ids, keep, weight, pos, mod, out, N, K, D,
     # the table and positional rows are read again and again (L2 hits): they stay in L2 before
     # the output rows, which are written once and not read back by this kernel
     w = tl.load(weight + tok.to(tl.int64)[:, None] * s_wc + cols[None, :], mask=m2, other=0.0,
-                eviction_policy="evict_last")
+                eviction_policy="evict_last")  # (R, Dc) table rows
     p = tl.load(pos + l.to(tl.int64)[:, None] * s_pl + cols[None, :], mask=m2, other=0.0,
-                eviction_policy="evict_last")
-    m = tl.load(mod + cols, mask=cmask, other=0.0)
+                eviction_policy="evict_last")  # (R, Dc) positional rows
+    m = tl.load(mod + cols, mask=cmask, other=0.0)  # (Dc,)
     y = w.to(tl.float32) + p.to(tl.float32) + m.to(tl.float32)[None, :]  # (R, Dc)
     tl.store(out + rows.to(tl.int64)[:, None] * D + cols[None, :],
              y.to(out.dtype.element_ty), mask=m2, eviction_policy="evict_first")

@@ -135,30 +135,31 @@ def _draw_rows_kernel(z_ptr, b_ptr, u_ptr, ids_ptr, logp_ptr, N, C, stride_z, te
     cumulative mass), the second sweep hitting L1/L2. Bytes: N C read once (twice in chunks, the
     second read from cache; logits' element size), C bias, N (4 + 8 + 4) for u, ids, logp;
     FLOPs ~ 5 N C (scale, exp, cumsum, compares), twice the exps in chunks."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    u = tl.load(u_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # (R,)
     if ONE_CHUNK:
-        cols = tl.arange(0, BLOCK_C)
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
         z = _scaled_logits(z_ptr, b_ptr, rows64, cols, row_ok, C, stride_z, temperature,
-                           HAS_BIAS)
-        m = tl.max(z, axis=1)
+                           HAS_BIAS)  # (R, BLOCK_C)
+        m = tl.max(z, axis=1)  # (R,)
         big = tl.where(m == float("-inf"), 0.0, m)  # (R,) the shift; rows of -inf logits stay 0
         p = tl.exp(z - big[:, None])  # (R, BLOCK_C), 0 at columns >= C
-        cdf = tl.cumsum(p, axis=1)
+        cdf = tl.cumsum(p, axis=1)  # (R, BLOCK_C)
         # the inclusive cdf at the last column (not a max, which would skip a nan)
         total = tl.where(row_ok, tl.sum(tl.where(cols[None, :] == C - 1, cdf, 0.0), axis=1), 1.0)
         target = u * total
         # searchsorted(right=True): the columns whose cdf is <= target; clamped to the last
         # column with any mass for u * total rounding up to total
-        count = tl.sum((cdf <= target[:, None]).to(tl.int32), axis=1)
-        last = tl.max(tl.where(p > 0, cols[None, :], -1), axis=1)
+        count = tl.sum((cdf <= target[:, None]).to(tl.int32), axis=1)  # (R,)
+        last = tl.max(tl.where(p > 0, cols[None, :], -1), axis=1)  # (R,)
     else:
         big, total, count, last = _draw_chunks(z_ptr, b_ptr, rows64, row_ok, u, C, stride_z,
                                                temperature, HAS_BIAS, BLOCK_R, BLOCK_C)
     pos = tl.maximum(tl.minimum(count, last), 0)  # (R,) the drawn id
-    z_pos = tl.load(z_ptr + rows64 * stride_z + pos, mask=row_ok, other=0.0).to(tl.float32)
+    z_pos = tl.load(z_ptr + rows64 * stride_z + pos, mask=row_ok, other=0.0)  # (R,)
+    z_pos = z_pos.to(tl.float32)
     if HAS_BIAS:  # the same operations as _scaled_logits, so the same value
         z_pos = z_pos + tl.load(b_ptr + pos, mask=row_ok, other=0.0).to(tl.float32)
     z_pos = z_pos / temperature

@@ -27,6 +27,7 @@ INTERPRETER_CASES = [
     ("one_row_features_only", dict(N=1, C=33, D=17, eps=0.1, grads=("h",)), 1e-5, 1e-5),
     ("table_and_bias_only", dict(N=50, C=48, D=32, eps=0.2, grads=("weight", "bias")),
      1e-5, 1e-5),
+    ("bias_only", dict(N=29, C=40, D=24, eps=0.1, grads=("bias",)), 1e-5, 1e-5),
     ("no_rows", dict(N=0, C=33, D=17, eps=0.1, grads=("h", "weight", "bias")), 1e-5, 1e-5),
     # wider than the scaling kernel's 1024-column block: its loop over D runs twice, a tail
     ("wide_features", dict(N=5, C=6, D=1100, eps=0.1, grads=("h", "bias")), 1e-5, 1e-5),
@@ -70,16 +71,17 @@ def check_ce(atol, rtol, device="cpu", autocast=False, eps=0.1, **shape):
 
 def check_evaluation_keeps_no_gradient():
     """Under torch.no_grad (evaluation) with parameters that require grad: the reference's loss,
-    and the kernel is told not to form the gradient; with grad enabled it is."""
+    and the kernel is told not to form the gradient; with grad enabled it is, and with only the
+    bias wanting one it sums the gradient without storing the (N, C) of it."""
     import kernels.codebook_ce as ce
     h, weight, bias, target, _ = make_inputs(N=21, C=30, D=16, device="cpu",
                                              grads=("h", "weight", "bias"))
-    kernel, store_flags = ce._ce_rows_kernel, []
+    kernel, flags = ce._ce_rows_kernel, []
 
-    class Spy:  # records each launch's STORE_GRAD and runs the kernel
+    class Spy:  # records each launch's STORE_GRAD and SUM_GRAD and runs the kernel
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                store_flags.append(kwargs["STORE_GRAD"])
+                flags.append((kwargs["STORE_GRAD"], kwargs["SUM_GRAD"]))
                 return kernel[grid](*args, **kwargs)
             return launch
 
@@ -88,11 +90,13 @@ def check_evaluation_keeps_no_gradient():
         with torch.no_grad():
             loss = ce.codebook_ce(h, weight, bias, target, 0.1)
         ce.codebook_ce(h, weight, bias, target, 0.1)
+        ce.codebook_ce(h.detach(), weight.detach(), bias, target, 0.1)
+        ce.codebook_ce(h, weight, None, target, 0.1)
     finally:
         ce._ce_rows_kernel = kernel
     torch.testing.assert_close(loss, codebook_ce_reference(h, weight, bias, target, 0.1),
                                atol=1e-5, rtol=1e-5)
-    assert store_flags == [False, True]
+    assert flags == [(False, False), (True, True), (False, True), (True, False)]
 
 
 def check_second_derivative_refused():
