@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from echoes import checkpoint, demo, sampler  # noqa: E402
+from echoes.demo_scoring import (decode_items, encode_items, eval_a2i, eval_i2a,  # noqa: E402
+                                 eval_joint, generate_ids, score)
 from echoes.metrics import frechet_distance  # noqa: E402
 from echoes.cli import (check_at_least, check_out_file, parse_settings, pick_device,  # noqa: E402
                         run_cli, setting, write_text)
@@ -115,8 +117,8 @@ def main(argv=None):
     a2i = checkpoint.stored_sampling(bundle, "a2i")
     n_max = max(s.n, s.n_ablation)
     labels, images, mels = demo.make_set(n_max, demo.TEST_SEED, progress=True)
-    image_ids = demo.encode_items("image", image_tok, images)
-    audio_ids = demo.encode_items("audio", audio_tok, mels)
+    image_ids = encode_items("image", image_tok, images)
+    audio_ids = encode_items("audio", audio_tok, mels)
     n = s.n
     rows = []
     real_stats = logmel_stats(mels[:n])
@@ -129,11 +131,11 @@ def main(argv=None):
               flush=True)
 
     # the tokenizers alone: reconstructions of the real test items
-    rec_mels = demo.decode_items("audio", audio_tok, audio_ids[:n])
-    acc, _ = demo.score("audio", rec_mels, labels[:n])
+    rec_mels = decode_items("audio", audio_tok, audio_ids[:n])
+    acc, _ = score("audio", rec_mels, labels[:n])
     log(row("audio tokenizer reconstruction", {}, acc,
             frechet_distance(logmel_stats(rec_mels), real_stats), n, "floor of FD"))
-    acc, _ = demo.score("image", demo.decode_items("image", image_tok, image_ids[:n]), labels[:n])
+    acc, _ = score("image", decode_items("image", image_tok, image_ids[:n]), labels[:n])
     log(row("image tokenizer reconstruction", {}, acc, None, n))
 
     def variants(mode, tuned, other_s):
@@ -145,20 +147,20 @@ def main(argv=None):
 
     # image -> audio: with and without CFG (the paper's s = 3)
     for name, opts in variants("i2a", i2a, 3.0):
-        acc, _, gen = demo.eval_i2a(model, image_tok, audio_tok, image_ids[:n], labels[:n],
+        acc, _, gen = eval_i2a(model, image_tok, audio_tok, image_ids[:n], labels[:n],
                                     dict(opts), s.seed)
         log(row(name, opts, acc, frechet_distance(logmel_stats(gen), real_stats), n))
 
     # audio -> image (the paper uses no CFG here)
     for name, opts in variants("a2i", a2i, 2.0):
-        acc, _, _ = demo.eval_a2i(model, image_tok, audio_tok, audio_ids[:n], labels[:n],
+        acc, _, _ = eval_a2i(model, image_tok, audio_tok, audio_ids[:n], labels[:n],
                                   dict(opts), s.seed)
         log(row(name, opts, acc, None, n))
 
     # joint: both modalities from nothing; consistency = image class == audio class
     joint = {k: v for k, v in checkpoint.stored_sampling(bundle, "joint").items()
              if k != "guidance"}
-    acc, read_a, _, _ = demo.eval_joint(model, image_tok, audio_tok, s.n_joint, joint, s.seed)
+    acc, read_a, _, _ = eval_joint(model, image_tok, audio_tok, s.n_joint, joint, s.seed)
     classes = len(set(read_a[read_a >= 0].tolist()))
     log(row("joint consistency", joint, acc, None, s.n_joint,
             f"{classes} of 12 classes among the clips"))
@@ -172,11 +174,11 @@ def main(argv=None):
     # and the whole clip encoded (sample.py's default for the demo)
     hidden = sampler.hidden_columns(keep, audio_tok.grid)
     shown = audio_tok.silence_columns(torch.as_tensor(mels[:n]), hidden).numpy()
-    for name, ids in (("stretch silenced", demo.encode_items("audio", audio_tok, shown)),
+    for name, ids in (("stretch silenced", encode_items("audio", audio_tok, shown)),
                       ("whole clip encoded", audio_ids[:n])):
-        audio_in, _ = demo.generate_ids(model, "inpaint", dict(inp), s.seed, audio_ids=ids,
+        audio_in, _ = generate_ids(model, "inpaint", dict(inp), s.seed, audio_ids=ids,
                                         image_ids=image_ids[:n], audio_keep=keep)
-        acc, _ = demo.score("audio", demo.decode_items("audio", audio_tok, audio_in), labels[:n])
+        acc, _ = score("audio", decode_items("audio", audio_tok, audio_in), labels[:n])
         log(row(f"inpaint consistency (0.5-1.0 s, {name})", inp, acc, None, n,
                 f"{int((~keep).sum())} of {keep.numel()} audio tokens regenerated"))
 
@@ -190,7 +192,7 @@ def main(argv=None):
                 for guidance in (1.0, 3.0):
                     opts = {**i2a, "steps": steps, "temperature": temperature,
                             "guidance": guidance}
-                    acc, _, gen = demo.eval_i2a(model, image_tok, audio_tok, image_ids[:na],
+                    acc, _, gen = eval_i2a(model, image_tok, audio_tok, image_ids[:na],
                                                 labels[:na], dict(opts), s.seed)
                     r = row("ablation i2a" + (", CFG" if guidance != 1 else ""), opts, acc,
                             frechet_distance(logmel_stats(gen), real_a), na)

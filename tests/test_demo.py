@@ -16,7 +16,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from echoes import checkpoint, demo, sampler, shapes
+from echoes import checkpoint, demo, demo_scoring, sampler, shapes
 from echoes.cli import parse_settings, run_cli
 from echoes.model import Echoes, EchoesConfig
 from echoes.audio import mel_spectrogram
@@ -78,7 +78,7 @@ def test_tokenizers_reconstruct_examples_readably(bundle):
     _, image_tok, audio_tok, _ = bundle
     for label, png, wav in example_paths():
         want = shapes.label_parts(label)
-        rec = demo.decode_items("image", image_tok, image_tok.encode_files([png]))[0]
+        rec = demo_scoring.decode_items("image", image_tok, image_tok.encode_files([png]))[0]
         assert shapes.read_image(rec) == want
         ids = audio_tok.encode_files([wav])
         assert ids.shape == (1, 40)
@@ -90,7 +90,7 @@ def test_image_codes_carry_their_patch_colour(bundle):
     inside a shape gets a code that no other colour's inside patches share."""
     _, image_tok, _, _ = bundle
     labels, images, _ = shapes.generate(48, seed=5)
-    ids = demo.encode_items("image", image_tok, images).numpy()  # (48, 64)
+    ids = demo_scoring.encode_items("image", image_tok, images).numpy()  # (48, 64)
     inside = np.abs(images.astype(int) - shapes.SPEC.background).max(-1) > 30  # (48, 64, 64)
     inside = inside.reshape(48, 8, 8, 8, 8).all(axis=(2, 4)).reshape(48, 64)
     colours = {}
