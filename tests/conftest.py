@@ -51,12 +51,12 @@ def recipe_weights(model, keep=()):
     one `torch.Generator().manual_seed(0)`, then for each state-dict entry in order, except
     num_batches_tracked and the entries whose names start with `keep` (kept as they are):
     running_mean 0.1 randn, running_var 0.5 + rand, a BatchNorm weight 0.8 + 0.4 rand, any bias
-    0.1 randn, any other weight randn * sqrt(2 / fan_in)."""
+    (a name ending in "bias") 0.1 randn, any other weight randn * sqrt(2 / fan_in)."""
     g = torch.Generator().manual_seed(0)
     norms = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     out = {}
     for k, v in model.state_dict().items():
-        module, leaf = k.rsplit(".", 1)
+        module, _, leaf = k.rpartition(".")
         if leaf == "num_batches_tracked" or k.startswith(tuple(keep)):
             x = v.clone()
         elif leaf == "running_mean":
@@ -65,7 +65,7 @@ def recipe_weights(model, keep=()):
             x = 0.5 + torch.rand(v.shape, generator=g)
         elif module in norms and leaf == "weight":
             x = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
-        elif leaf == "bias":
+        elif leaf.endswith("bias"):  # nn.MultiheadAttention's in_proj_bias too
             x = 0.1 * torch.randn(v.shape, generator=g)
         else:  # conv and linear weights: He-scaled normal
             x = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5

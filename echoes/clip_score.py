@@ -1,0 +1,416 @@
+"""CS, the paper's image-audio alignment score (Tables 1 and 2, "following Im2Wav"): 100 times the
+mean cosine similarity between the CLIP image features of each conditioning image and the
+Wav2CLIP features of the audio generated from it (Radford et al. 2021; Wu et al. 2022, whose
+audio encoder is distilled into the image space of CLIP ViT-B/32, the CLIP Im2Wav uses).
+
+    python -m echoes.clip_score --audio gen/ --images test_frames/ \\
+        --clip ViT-B-32.pt --wav2clip Wav2CLIP.pt
+
+- Pairs: each audio file in --audio with the image of the same name in --images (sample.py names
+  its outputs after its inputs; --images defaults to --audio, where joint mode writes both).
+- The image side: OpenAI CLIP's `encode_image` with its `_transform` (`clip/model.py`,
+  `clip/clip.py`): the short side resized to 224 bicubically, the centre cropped, RGB, CLIP's
+  normalisation; the vision transformer built from the released TorchScript file (ViT-B-32.pt,
+  only its tensors read) in fp32, as `clip.load` does on a CPU.
+- The audio side: `wav2clip.embed_audio(audio, wav2clip.get_model())` (wav2clip 0.1.0, the
+  released `Wav2CLIP.pt`): the log power spectrogram (n_fft 512, hop 353) normalised by its own
+  mean and std, ResNet-18 and the projection into CLIP's space. Wav2CLIP takes that mean and std
+  over the whole batch it is given, so a clip's features depend on its batch; here each clip is
+  embedded alone, which makes CS independent of order and batch size. Audio is read as
+  wav2clip's training read it with librosa (channels averaged) at 16 kHz, resampled as
+  torchaudio does (`echoes.metrics.resample_like_torchaudio`).
+- CS: 100 * mean_i cos(image_i, audio_i); cosines are not clipped at 0.
+
+Im2Wav's own scoring script is not public; the choices above (one clip per Wav2CLIP batch, the
+resampler) are this project's and are stated so that numbers can be compared.
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import warnings
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+import soundfile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
+                        parse_settings, pick_device, run_cli, setting)
+from echoes.metrics import audio_files, list_files, resample_like_torchaudio
+from echoes.tokenizers import read_image_file
+
+SAMPLE_RATE = 16000  # Wav2CLIP's
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+# -----------------------------------------------------------------------------
+# the image side: CLIP's vision transformer as OpenAI's `clip/model.py` builds it
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block of CLIP's transformer: x + attn(ln_1(x)), then x + mlp(ln_2(x)), on
+    sequence-first (L, B, D) tensors as nn.MultiheadAttention takes them by default."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)),
+                                              ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads)
+                                         for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    resolution: int = 224  # ViT-B/32
+    patch: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12  # CLIP's build_model: width // 64
+    embed_dim: int = 512
+
+
+class CLIPVision(nn.Module):
+    """CLIP's image encoder (ViT): forward((B, 3, R, R) preprocessed pixels) -> (B, embed_dim)
+    image features, CLIP's `encode_image`. Names as in the released files under `visual.`."""
+
+    def __init__(self, cfg=CLIPVisionConfig()):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w, cfg.patch, stride=cfg.patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(w))
+        self.positional_embedding = nn.Parameter(torch.zeros((cfg.resolution // cfg.patch) ** 2
+                                                             + 1, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads)
+        self.ln_post = nn.LayerNorm(w)
+        self.proj = nn.Parameter(torch.zeros(w, cfg.embed_dim))
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid * grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + g^2, w)
+        x = self.transformer(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)  # (B, 1 + g^2, w)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim)
+
+
+def clip_state_dict(path, trusted=False):
+    """The state dict of a CLIP file: a TorchScript archive as OpenAI releases them (ViT-B-32.pt;
+    only its tensors are read, no method of it runs) or a plain state dict (torch.save)."""
+    check_file(path, "--clip")
+    try:
+        with zipfile.ZipFile(path) as z:
+            scripted = any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        scripted = False
+    if not scripted:
+        return load_checkpoint(path, trusted=trusted, what="CLIP weights")
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files still are it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:  # a damaged archive: torch raises many types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise UserError(f"CLIP weights {path} are a damaged TorchScript archive ({first}); "
+                        "re-download them") from e
+
+
+def clip_vision_config(sd, path):
+    """The ViT's sizes from the state dict, as CLIP's `build_model` reads them."""
+    need = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
+    if not isinstance(sd, dict) or not all(k in sd for k in need):
+        raise UserError(f"CLIP weights {path} hold no vision transformer (no visual.conv1, "
+                        "visual.positional_embedding, visual.proj); give OpenAI's ViT-B-32.pt "
+                        "(a ResNet CLIP is not supported)")
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    blocks = "visual.transformer.resblocks."
+    layers = len({k.split(".")[3] for k in sd
+                  if k.startswith(blocks) and k.endswith(".attn.in_proj_weight")})
+    return CLIPVisionConfig(resolution=patch * grid, patch=patch, width=width, layers=layers,
+                            heads=max(1, width // 64), embed_dim=sd["visual.proj"].shape[1])
+
+
+# the entries CLIP's build_model keeps in fp16 (convert_weights: convolution, linear and attention
+# weights and biases, the projection) before clip.load casts the model to fp32 on a CPU; the
+# released files hold them in fp16 already, so the rounding changes only other files
+HALF_KEYS = ("conv1.weight", "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias",
+             "c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
+
+
+def load_clip_vision(path, *, trusted=False):
+    """CLIP's image encoder from a released CLIP file, with the weights clip.load gives it on a
+    CPU (fp16-rounded where build_model stores fp16, computed in fp32), in eval mode."""
+    sd = clip_state_dict(path, trusted)
+    cfg = clip_vision_config(sd, path)
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    visual = {k: (v.half() if k == "proj" or k.endswith(HALF_KEYS) else v).float()
+              if torch.is_tensor(v) and v.is_floating_point() else v for k, v in visual.items()}
+    return load_state_strict(CLIPVision(cfg), visual, "CLIP weights", path).eval()
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(img, n_px):
+    """A PIL image -> (3, n_px, n_px) float32 as CLIP's `_transform(n_px)` makes it: the short
+    side resized to n_px bicubically (torchvision's Resize on PIL images: left as it is when
+    already n_px, the long side int(n_px * long / short)), the centre n_px x n_px cropped
+    (offsets rounded), then converted to RGB, scaled to [0, 1] and normalised."""
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short != n_px:
+        size = (n_px, int(n_px * long / short))
+        img = img.resize(size if w <= h else size[::-1], Image.BICUBIC)
+        w, h = img.size
+    top, left = int(round((h - n_px) / 2.0)), int(round((w - n_px) / 2.0))
+    img = img.crop((left, top, left + n_px, top + n_px)).convert("RGB")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+# -----------------------------------------------------------------------------
+# the audio side: Wav2CLIP (wav2clip 0.1.0, `model/resnet.py` and `model/encoder.py`)
+
+
+class Spectrogram(nn.Module):
+    """torchaudio's Spectrogram(n_fft=512, hop_length=353) as Wav2CLIP runs it: the power |X|^2
+    of a centred, reflect-padded STFT with a periodic Hann window (the buffer `window`)."""
+
+    def __init__(self, n_fft=512, hop=353):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft))
+
+    def forward(self, wav):
+        spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, center=True,
+                          pad_mode="reflect", return_complex=True)  # (B, n_fft / 2 + 1, frames)
+        return spec.abs() ** 2
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block: two 3x3 convolutions (no bias) with BatchNorm, plus the input (through
+    a strided 1x1 convolution and BatchNorm where the shape changes)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                         nn.BatchNorm2d(cout)) if stride != 1 else None)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class Wav2CLIPEncoder(nn.Module):
+    """The log power spectrogram, normalised, through ResNet-18 with one input channel and no
+    classifier: (B, T) 16 kHz audio -> (B, 512)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spectrogram = Spectrogram()
+        self.conv1 = nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        widths = (64, 128, 256, 512)
+        for i, (cin, cout) in enumerate(zip((64,) + widths[:-1], widths)):
+            stride = 1 if i == 0 else 2
+            self.add_module(f"layer{i + 1}", nn.Sequential(BasicBlock(cin, cout, stride),
+                                                           BasicBlock(cout, cout)))
+
+    def forward(self, wav):
+        x = torch.log(self.spectrogram(wav)[:, None] + 1e-7)  # (B, 1, 257, 1 + T // 353)
+        # Wav2CLIP normalises with one mean and one (unbiased) std over everything it is given,
+        # so a clip's embedding depends on its batch: callers embed one clip at a time
+        x = (x - x.mean()) / (x.std() + 1e-9)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x.mean(dim=(2, 3))  # (B, 512): the global average pool
+
+
+class Wav2CLIPTransform(nn.Module):
+    """The projection into CLIP's image space: Linear, ReLU, Dropout(0.1), Linear."""
+
+    def __init__(self, dim=512):
+        super().__init__()
+        self.sequential = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(0.1),
+                                        nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.sequential(x)
+
+
+class Wav2CLIP(nn.Module):
+    """Wav2CLIP's clip-level audio embedding, `wav2clip.embed_audio(audio, get_model())`:
+    forward((B, T) 16 kHz audio) -> (B, 512) in CLIP ViT-B/32's image space (not normalised).
+    Names as the released checkpoint holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_encoder = Wav2CLIPEncoder()
+        self.audio_transform = Wav2CLIPTransform()
+
+    def forward(self, wav):
+        return self.audio_transform(self.audio_encoder(wav))
+
+
+def load_wav2clip(path, *, trusted=False):
+    """Wav2CLIP from its released checkpoint (`Wav2CLIP.pt`, a flat state dict whose
+    `audio_encoder.*` and `audio_transform.*` entries the model takes; the others, the image
+    projection and the losses' scales of training, are left out as wav2clip leaves them), in
+    eval mode."""
+    sd = load_checkpoint(path, trusted=trusted, what="Wav2CLIP weights")
+    model = Wav2CLIP()
+    if isinstance(sd, dict):  # num_batches_tracked does not enter inference
+        sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")},
+              **{k: v for k, v in sd.items()
+                 if str(k).startswith(("audio_encoder.", "audio_transform."))}}
+    return load_state_strict(model, sd, "Wav2CLIP weights", path).eval()
+
+# -----------------------------------------------------------------------------
+# reading the pairs, the score and the command line
+
+
+def read_cs_image(path, n_px):
+    """One image file -> (3, n_px, n_px) float32 CLIP input (`clip_pixels`)."""
+    return read_image_file(path, lambda f: clip_pixels(f, n_px))
+
+
+def read_cs_audio(path):
+    """One audio file -> float32 (L,) at 16 kHz: channels averaged, resampled."""
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (L, channels)
+    except (RuntimeError, OSError, UnicodeError) as e:  # libsndfile's errors are RuntimeErrors
+        raise UserError(f"cannot read audio {path} ({e})") from e
+    wav = torch.from_numpy(data.mean(axis=1))  # (L,)
+    if not torch.isfinite(wav).all():
+        raise UserError(f"{path} holds NaN or infinite samples")
+    wav = resample_like_torchaudio(wav, rate, SAMPLE_RATE)
+    check_length(path, len(wav))
+    return wav
+
+
+def check_length(path, n):
+    """A one-line error for a clip of n samples at 16 kHz, too short for Wav2CLIP's STFT (its
+    reflect padding needs more than n_fft / 2 samples)."""
+    if n <= 256:
+        raise UserError(f"{path} is too short for Wav2CLIP ({n} samples at 16 kHz; it needs at "
+                        "least 257)")
+
+
+def pairs(audio_dir, image_dir):
+    """[(audio path, image path)] for every audio file of `audio_dir`, by file name without the
+    extension; a one-line error for a clip without its image or a name with two images."""
+    clips = audio_files(audio_dir, "--audio")
+    images = {}
+    for path in list_files(image_dir, "--images", IMAGE_EXTS, "image"):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in images:
+            raise UserError(f"--images {image_dir} holds two images named {stem} "
+                            f"({os.path.basename(images[stem])}, {os.path.basename(path)}); "
+                            "keep one")
+        images[stem] = path
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in clips]
+    missing = [os.path.basename(p) for p, s in zip(clips, stems) if s not in images]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(clips)} clips in --audio have no image of the "
+                        f"same name in --images {image_dir} (first: {missing[0]}); give the "
+                        "folder of the images they were generated from")
+    return [(p, images[s]) for p, s in zip(clips, stems)]
+
+
+@torch.no_grad()
+def cs_features(clip, wav2clip, pairs, device="cpu", progress=False):
+    """(N, D) CLIP image features and (N, D) Wav2CLIP audio features of the pairs, float64
+    numpy, each image and each clip on its own."""
+    n_px = clip.cfg.resolution
+    img, aud = [], []
+    for audio_path, image_path in tqdm(pairs, desc="pairs", unit="pair", disable=not progress,
+                                       dynamic_ncols=True):
+        img.append(clip(read_cs_image(image_path, n_px)[None].to(device)).double().cpu())
+        aud.append(wav2clip(read_cs_audio(audio_path)[None].to(device)).double().cpu())
+    return torch.cat(img).numpy(), torch.cat(aud).numpy()
+
+
+def clip_score(image_features, audio_features):
+    """100 * the mean over rows of the cosine similarity of the two (N, D) feature sets."""
+    a = image_features / np.linalg.norm(image_features, axis=1, keepdims=True)
+    b = audio_features / np.linalg.norm(audio_features, axis=1, keepdims=True)
+    return float(100 * np.mean(np.sum(a * b, axis=1)))
+
+
+@dataclasses.dataclass
+class Settings:
+    """`python -m echoes.clip_score` settings (each one is a --flag; see --help)."""
+    audio: str = setting("", "folder of generated audio (e.g. sample.py --mode i2a's --out)")
+    images: str = setting("", "folder of the images it was generated from, same file names "
+                          "(default: --audio, as joint mode writes them)")
+    clip: str = setting("", "OpenAI CLIP's ViT-B-32.pt (the TorchScript file clip.load "
+                        "downloads)")
+    wav2clip: str = setting("", "Wav2CLIP's released Wav2CLIP.pt (lyrebird-wav2clip "
+                            "v0.1.0-alpha)")
+    trust_checkpoints: bool = setting(False, "allow a weights file that needs full unpickling "
+                                      "(only for files you trust)")
+    device: str = setting("auto", "auto (a GPU when present), cpu, cuda or cuda:N")
+
+
+def main(argv=None):
+    s = parse_settings(Settings, sys.argv[1:] if argv is None else argv,
+                       description="CS: CLIP image / Wav2CLIP audio alignment of generated "
+                                   "audio and the images it came from.",
+                       prog="python -m echoes.clip_score")
+    todo = pairs(s.audio, s.images or s.audio)
+    for flag, path, fix in (("--clip", s.clip, "OpenAI CLIP's ViT-B-32.pt"),
+                            ("--wav2clip", s.wav2clip, "Wav2CLIP's Wav2CLIP.pt")):
+        if not path:
+            raise UserError(f"give {flag}, {fix}")
+        check_file(path, flag)
+    for audio_path, image_path in todo:  # headers: a bad file fails now, not after the others
+        read_image_file(image_path, lambda f: f.size)
+        info = soundfile.info(audio_path)  # read once already by audio_files
+        check_length(audio_path, math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
+    device = pick_device(s.device)
+    clip = load_clip_vision(s.clip, trusted=s.trust_checkpoints).to(device)
+    wav2clip = load_wav2clip(s.wav2clip, trusted=s.trust_checkpoints).to(device)
+    if clip.cfg.embed_dim != 512:
+        raise UserError(f"--clip {s.clip} gives {clip.cfg.embed_dim}-dim features; Wav2CLIP's "
+                        "are in CLIP ViT-B/32's 512-dim space: give ViT-B-32.pt")
+    cs = clip_score(*cs_features(clip, wav2clip, todo, device, progress=True))
+    print(f"| pairs | CS |\n|---|---|\n| {len(todo)} | {cs:.2f} |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
