@@ -6,35 +6,37 @@ audio encoder is distilled into the image space of CLIP ViT-B/32, the CLIP Im2Wa
     python -m echoes.clip_score --audio gen/ --images test_frames/ \\
         --clip ViT-B-32.pt --wav2clip Wav2CLIP.pt
 
-- Pairs: each audio file in --audio with the image of the same name in --images (sample.py names
-  its outputs after its inputs; --images defaults to --audio, where joint mode writes both).
+- Pairs: each audio file in --audio with the image of its name in --images (sample.py names its
+  outputs after its inputs: cat.png gives cat.wav, cat_2.wav with --num-samples, cat-2.wav when
+  cat.wav is taken); --images defaults to --audio, where joint mode writes both.
 - The image side: OpenAI CLIP's `encode_image` with its `_transform` (`clip/model.py`,
   `clip/clip.py`): the short side resized to 224 bicubically, the centre cropped, RGB, CLIP's
   normalisation; the vision transformer built from the released TorchScript file (ViT-B-32.pt,
-  only its tensors read) in fp32, as `clip.load` does on a CPU.
+  only its tensors read) with the weights `clip.load` gives it.
 - The audio side: `wav2clip.embed_audio(audio, wav2clip.get_model())` (wav2clip 0.1.0, the
   released `Wav2CLIP.pt`): the log power spectrogram (n_fft 512, hop 353) normalised by its own
-  mean and std, ResNet-18 and the projection into CLIP's space. Wav2CLIP takes that mean and std
-  over the whole batch it is given, so a clip's features depend on its batch; here each clip is
-  embedded alone, which makes CS independent of order and batch size. Audio is read as
-  wav2clip's training read it with librosa (channels averaged) at 16 kHz, resampled as
-  torchaudio does (`echoes.metrics.resample_like_torchaudio`).
+  mean and std, ResNet-18 and the projection into CLIP's space.
 - CS: 100 * mean_i cos(image_i, audio_i); cosines are not clipped at 0.
 
-Im2Wav's own scoring script is not public; the choices above (one clip per Wav2CLIP batch, the
-resampler) are this project's and are stated so that numbers can be compared.
+Im2Wav's own scoring script is not public, so three choices here are this project's, stated so
+that numbers can be compared: Wav2CLIP takes its mean and std over the whole batch it is given,
+so a clip's features depend on its batch: each clip is embedded alone (CS does not depend on
+order or batch size). Audio is made mono by averaging its channels, as librosa.load did for
+wav2clip's training, and resampled to 16 kHz with torchaudio's resampler
+(`echoes.metrics.resample_like_torchaudio`; librosa's differs slightly). Both networks compute in
+fp32 (on a GPU with torch's default TF32 convolutions), where clip.load computes in fp16 on a GPU.
 """
 
 import dataclasses
 import math
 import os
+import re
 import sys
 import warnings
 import zipfile
 from collections import OrderedDict
 
 import numpy as np
-import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,17 +45,20 @@ from tqdm import tqdm
 
 from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
                         parse_settings, pick_device, run_cli, setting)
-from echoes.metrics import audio_files, list_files, resample_like_torchaudio
+from echoes.fid import IMAGE_EXTS
+from echoes.metrics import (audio_files, list_files, read_audio_file,
+                            resample_like_torchaudio)
 from echoes.tokenizers import read_image_file
 
 SAMPLE_RATE = 16000  # Wav2CLIP's
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 # -----------------------------------------------------------------------------
 # the image side: CLIP's vision transformer as OpenAI's `clip/model.py` builds it
 
 
 class QuickGELU(nn.Module):
+    """CLIP's GELU approximation, x sigmoid(1.702 x) (OpenAI `clip/model.py`)."""
+
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
 
@@ -78,6 +83,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """`layers` residual attention blocks on (L, B, width) tensors."""
+
     def __init__(self, width, layers, heads):
         super().__init__()
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads)
@@ -89,12 +96,14 @@ class Transformer(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-    resolution: int = 224  # ViT-B/32
-    patch: int = 32
-    width: int = 768
-    layers: int = 12
-    heads: int = 12  # CLIP's build_model: width // 64
-    embed_dim: int = 512
+    """The vision transformer's sizes (defaults: ViT-B/32's), as `clip_vision_config` reads them
+    from a state dict."""
+    resolution: int = 224  # input side, patch * grid
+    patch: int = 32  # side of a patch: one token each
+    width: int = 768  # token dimension
+    layers: int = 12  # residual attention blocks
+    heads: int = 12  # attention heads: CLIP's build_model takes width // 64
+    embed_dim: int = 512  # image features, the shared image-text (and Wav2CLIP) space
 
 
 class CLIPVision(nn.Module):
@@ -115,26 +124,33 @@ class CLIPVision(nn.Module):
         self.proj = nn.Parameter(torch.zeros(w, cfg.embed_dim))
 
     def forward(self, x):
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid * grid, width)
-        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, width)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + g^2, w)
-        x = self.transformer(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)  # (B, 1 + g^2, w)
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, G, W): G = grid^2 patches, row-major
+        cls = self.class_embedding.to(x.dtype).expand(len(x), 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + G, W)
+        x = self.ln_pre(x).transpose(0, 1)  # (1 + G, B, W): sequence first
+        x = self.transformer(x).transpose(0, 1)  # (B, 1 + G, W)
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, embed_dim): the class token
+
+
+def is_torchscript(path):
+    """Whether the file is a TorchScript archive (a zip holding constants.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def clip_state_dict(path, trusted=False):
-    """The state dict of a CLIP file: a TorchScript archive as OpenAI releases them (ViT-B-32.pt;
-    only its tensors are read, no method of it runs) or a plain state dict (torch.save)."""
+    """The state dict of a CLIP file: a TorchScript archive as OpenAI releases them (ViT-B-32.pt),
+    read by torch.jit.load as clip.load reads it (TorchScript's own loader, not Python's
+    unpickler; only the tensors are used, no method of it runs), or a plain state dict saved
+    by torch.save (read weights-only unless `trusted`)."""
     check_file(path, "--clip")
-    try:
-        with zipfile.ZipFile(path) as z:
-            scripted = any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        scripted = False
-    if not scripted:
+    if not is_torchscript(path):
         return load_checkpoint(path, trusted=trusted, what="CLIP weights")
     try:
-        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files still are it
+        with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(path, map_location="cpu").state_dict()
     except Exception as e:  # a damaged archive: torch raises many types
@@ -145,18 +161,23 @@ def clip_state_dict(path, trusted=False):
 
 def clip_vision_config(sd, path):
     """The ViT's sizes from the state dict, as CLIP's `build_model` reads them."""
-    need = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj")
-    if not isinstance(sd, dict) or not all(k in sd for k in need):
+    need = {"visual.conv1.weight": 4, "visual.positional_embedding": 2, "visual.proj": 2}
+    if not isinstance(sd, dict) or not all(torch.is_tensor(sd.get(k)) and sd[k].dim() == rank
+                                           for k, rank in need.items()):
         raise UserError(f"CLIP weights {path} hold no vision transformer (no visual.conv1, "
-                        "visual.positional_embedding, visual.proj); give OpenAI's ViT-B-32.pt "
-                        "(a ResNet CLIP is not supported)")
+                        "visual.positional_embedding, visual.proj as CLIP shapes them); give "
+                        "OpenAI's ViT-B-32.pt (a ResNet CLIP is not supported)")
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     blocks = "visual.transformer.resblocks."
     layers = len({k.split(".")[3] for k in sd
                   if k.startswith(blocks) and k.endswith(".attn.in_proj_weight")})
+    heads = max(1, width // 64)
+    if width % heads:
+        raise UserError(f"CLIP weights {path} have a width of {width}, which CLIP's {heads} "
+                        "heads do not divide; give OpenAI's ViT-B-32.pt")
     return CLIPVisionConfig(resolution=patch * grid, patch=patch, width=width, layers=layers,
-                            heads=max(1, width // 64), embed_dim=sd["visual.proj"].shape[1])
+                            heads=heads, embed_dim=sd["visual.proj"].shape[1])
 
 
 # the entries CLIP's build_model keeps in fp16 (convert_weights: convolution, linear and attention
@@ -292,6 +313,10 @@ def load_wav2clip(path, *, trusted=False):
     `audio_encoder.*` and `audio_transform.*` entries the model takes; the others, the image
     projection and the losses' scales of training, are left out as wav2clip leaves them), in
     eval mode."""
+    check_file(path, "--wav2clip")
+    if is_torchscript(path):
+        raise UserError(f"--wav2clip {path} is a TorchScript file (OpenAI CLIP's?), not "
+                        "Wav2CLIP's checkpoint; give Wav2CLIP.pt")
     sd = load_checkpoint(path, trusted=trusted, what="Wav2CLIP weights")
     model = Wav2CLIP()
     if isinstance(sd, dict):  # num_batches_tracked does not enter inference
@@ -310,15 +335,10 @@ def read_cs_image(path, n_px):
 
 
 def read_cs_audio(path):
-    """One audio file -> float32 (L,) at 16 kHz: channels averaged, resampled."""
-    try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (L, channels)
-    except (RuntimeError, OSError, UnicodeError) as e:  # libsndfile's errors are RuntimeErrors
-        raise UserError(f"cannot read audio {path} ({e})") from e
-    wav = torch.from_numpy(data.mean(axis=1))  # (L,)
-    if not torch.isfinite(wav).all():
-        raise UserError(f"{path} holds NaN or infinite samples")
-    wav = resample_like_torchaudio(wav, rate, SAMPLE_RATE)
+    """One audio file -> float32 (L,) at 16 kHz: channels averaged (as librosa.load, which
+    wav2clip's training used, makes it mono), resampled as torchaudio does."""
+    data, rate = read_audio_file(path)  # (L, channels)
+    wav = resample_like_torchaudio(data.mean(dim=1), rate, SAMPLE_RATE)  # (L',)
     check_length(path, len(wav))
     return wav
 
@@ -331,35 +351,57 @@ def check_length(path, n):
                         "least 257)")
 
 
-def pairs(audio_dir, image_dir):
-    """[(audio path, image path)] for every audio file of `audio_dir`, by file name without the
-    extension; a one-line error for a clip without its image or a name with two images."""
-    clips = audio_files(audio_dir, "--audio")
-    images = {}
-    for path in list_files(image_dir, "--images", IMAGE_EXTS, "image"):
+def source_stems(stem):
+    """The names of the image a clip named `stem` may come from, most specific first: sample.py
+    writes NAME, NAME_k (--num-samples above 1) and NAME-2, NAME-3 ... (when NAME is taken)."""
+    names = [stem, re.sub(r"-\d+$", "", stem)]
+    names += [re.sub(r"_\d+$", "", n) for n in names]
+    return list(dict.fromkeys(names))
+
+
+def by_stem(paths, flag, folder):
+    """{file name without extension: path}; a one-line error for two files of one name."""
+    out = {}
+    for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in images:
-            raise UserError(f"--images {image_dir} holds two images named {stem} "
-                            f"({os.path.basename(images[stem])}, {os.path.basename(path)}); "
+        if stem in out:
+            raise UserError(f"{flag} {folder} holds two files named {stem} "
+                            f"({os.path.basename(out[stem])}, {os.path.basename(path)}); "
                             "keep one")
-        images[stem] = path
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in clips]
-    missing = [os.path.basename(p) for p, s in zip(clips, stems) if s not in images]
+        out[stem] = path
+    return out
+
+
+def pairs(audio_dir, image_dir):
+    """[(audio path, its header, image path)] for every audio file of `audio_dir`, paired by
+    name (`source_stems`); a one-line error for a clip without its image."""
+    paths, infos = audio_files(audio_dir, "--audio")
+    clips = by_stem(paths, "--audio", audio_dir)
+    info = dict(zip(paths, infos))
+    images = by_stem(list_files(image_dir, "--images", IMAGE_EXTS, "image"), "--images",
+                     image_dir)
+    out, missing = [], []
+    for stem, path in clips.items():
+        found = [images[n] for n in source_stems(stem) if n in images]
+        if found:
+            out.append((path, info[path], found[0]))
+        else:
+            missing.append(os.path.basename(path))
     if missing:
         raise UserError(f"{len(missing)} of {len(clips)} clips in --audio have no image of the "
                         f"same name in --images {image_dir} (first: {missing[0]}); give the "
                         "folder of the images they were generated from")
-    return [(p, images[s]) for p, s in zip(clips, stems)]
+    return out
 
 
 @torch.no_grad()
-def cs_features(clip, wav2clip, pairs, device="cpu", progress=False):
-    """(N, D) CLIP image features and (N, D) Wav2CLIP audio features of the pairs, float64
-    numpy, each image and each clip on its own."""
+def cs_features(clip, wav2clip, todo, device="cpu", progress=False):
+    """(N, D) CLIP image features and (N, D) Wav2CLIP audio features of the (audio, header,
+    image) pairs, float64 numpy, each image and each clip on its own."""
     n_px = clip.cfg.resolution
     img, aud = [], []
-    for audio_path, image_path in tqdm(pairs, desc="pairs", unit="pair", disable=not progress,
-                                       dynamic_ncols=True):
+    for audio_path, _, image_path in tqdm(todo, desc="pairs", unit="pair",
+                                          disable=not progress, dynamic_ncols=True):
         img.append(clip(read_cs_image(image_path, n_px)[None].to(device)).double().cpu())
         aud.append(wav2clip(read_cs_audio(audio_path)[None].to(device)).double().cpu())
     return torch.cat(img).numpy(), torch.cat(aud).numpy()
@@ -377,9 +419,9 @@ class Settings:
     """`python -m echoes.clip_score` settings (each one is a --flag; see --help)."""
     audio: str = setting("", "folder of generated audio (e.g. sample.py --mode i2a's --out)")
     images: str = setting("", "folder of the images it was generated from, same file names "
-                          "(default: --audio, as joint mode writes them)")
+                          "(default: --audio, where joint mode writes both)")
     clip: str = setting("", "OpenAI CLIP's ViT-B-32.pt (the TorchScript file clip.load "
-                        "downloads)")
+                        "downloads; read with torch.jit.load, as clip.load reads it)")
     wav2clip: str = setting("", "Wav2CLIP's released Wav2CLIP.pt (lyrebird-wav2clip "
                             "v0.1.0-alpha)")
     trust_checkpoints: bool = setting(False, "allow a weights file that needs full unpickling "
@@ -392,23 +434,27 @@ def main(argv=None):
                        description="CS: CLIP image / Wav2CLIP audio alignment of generated "
                                    "audio and the images it came from.",
                        prog="python -m echoes.clip_score")
+    if not s.audio:
+        raise UserError("give --audio, the folder of generated audio")
     todo = pairs(s.audio, s.images or s.audio)
     for flag, path, fix in (("--clip", s.clip, "OpenAI CLIP's ViT-B-32.pt"),
                             ("--wav2clip", s.wav2clip, "Wav2CLIP's Wav2CLIP.pt")):
         if not path:
             raise UserError(f"give {flag}, {fix}")
         check_file(path, flag)
-    for audio_path, image_path in todo:  # headers: a bad file fails now, not after the others
-        read_image_file(image_path, lambda f: f.size)
-        info = soundfile.info(audio_path)  # read once already by audio_files
+    for audio_path, info, image_path in todo:  # a bad file fails now, not after the others
+        read_image_file(image_path, lambda f: f.load())
         check_length(audio_path, math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
     device = pick_device(s.device)
-    clip = load_clip_vision(s.clip, trusted=s.trust_checkpoints).to(device)
-    wav2clip = load_wav2clip(s.wav2clip, trusted=s.trust_checkpoints).to(device)
-    if clip.cfg.embed_dim != 512:
-        raise UserError(f"--clip {s.clip} gives {clip.cfg.embed_dim}-dim features; Wav2CLIP's "
-                        "are in CLIP ViT-B/32's 512-dim space: give ViT-B-32.pt")
-    cs = clip_score(*cs_features(clip, wav2clip, todo, device, progress=True))
+    clip = load_clip_vision(s.clip, trusted=s.trust_checkpoints)
+    if (clip.cfg.patch, clip.cfg.embed_dim) != (32, 512):
+        raise UserError(f"--clip {s.clip} is a ViT with {clip.cfg.patch}-pixel patches and "
+                        f"{clip.cfg.embed_dim}-dim features; Wav2CLIP's audio features are in "
+                        "the space of CLIP ViT-B/32 (32-pixel patches, 512-dim): give "
+                        "ViT-B-32.pt")
+    wav2clip = load_wav2clip(s.wav2clip, trusted=s.trust_checkpoints)
+    cs = clip_score(*cs_features(clip.to(device), wav2clip.to(device), todo, device,
+                                 progress=True))
     print(f"| pairs | CS |\n|---|---|\n| {len(todo)} | {cs:.2f} |")
 
 

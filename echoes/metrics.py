@@ -258,14 +258,10 @@ def load_vggish(path, *, trusted=False):
 # audio as audioldm_eval reads it
 
 
-def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
-    """`torchaudio.functional.resample` with its defaults (sinc_interp_hann): the last axis of
-    `wav` from orig_sr to new_sr. A windowed-sinc FIR whose `up` phases repeat every `down`
-    input samples (up / down the reduced ratio), applied by one strided conv1d; the kernel is
-    computed in float64 (torchaudio: in the input's dtype), the output has ceil(T up / down)
-    samples."""
-    if orig_sr == new_sr:
-        return wav
+def resample_plan(orig_sr, new_sr, zeros=6, rolloff=0.99):
+    """(down, up, width, base) of `resample_like_torchaudio`'s kernel (up / down the reduced
+    ratio, `width` input samples each side, `base` the cut-off); a one-line error for rates that
+    share too few factors, whose kernel would not fit in memory."""
     g = math.gcd(int(orig_sr), int(new_sr))
     down, up = int(orig_sr) // g, int(new_sr) // g
     base = min(down, up) * rolloff
@@ -274,6 +270,18 @@ def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
         raise UserError(f"a sample rate of {orig_sr} Hz shares too few factors with {new_sr} Hz "
                         f"for this resampler (as torchaudio's); convert the file to {new_sr} Hz "
                         "first (e.g. ffmpeg -i IN -ar 16000 OUT.wav)")
+    return down, up, width, base
+
+
+def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
+    """`torchaudio.functional.resample` with its defaults (sinc_interp_hann): the last axis of
+    `wav` from orig_sr to new_sr. A windowed-sinc FIR whose `up` phases repeat every `down`
+    input samples (up / down the reduced ratio), applied by one strided conv1d; the kernel is
+    computed in float64 (torchaudio: in the input's dtype), the output has ceil(T up / down)
+    samples."""
+    if orig_sr == new_sr:
+        return wav
+    down, up, width, base = resample_plan(orig_sr, new_sr, zeros, rolloff)
     idx = torch.arange(-width, width + down, dtype=torch.float64) / down  # (K,)
     t = (-torch.arange(up, dtype=torch.float64)[:, None] / up + idx) * base  # (up, K)
     t = t.clamp(-zeros, zeros)
@@ -287,18 +295,25 @@ def resample_like_torchaudio(wav, orig_sr, new_sr, zeros=6, rolloff=0.99):
     return y.reshape(*shape, -1)
 
 
-def read_eval_audio(path, sr=SAMPLE_RATE):
-    """One file -> float32 (L,) at `sr`, as audioldm_eval's WaveDataset reads it: the first
-    channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES."""
+def read_audio_file(path):
+    """One audio file -> (float32 (L, channels) tensor, sample rate), or a one-line error for a
+    file that cannot be read, holds no samples or holds NaN or infinite ones."""
     try:
         data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (L, channels)
     except (RuntimeError, OSError, UnicodeError) as e:  # libsndfile's errors are RuntimeErrors
         raise UserError(f"cannot read audio {path} ({e})") from e
-    wav = torch.from_numpy(data[:, 0].copy())  # (L,)
-    if len(wav) == 0:
+    if len(data) == 0:
         raise UserError(f"{path} holds no samples")
-    if not torch.isfinite(wav).all():
+    if not np.isfinite(data).all():
         raise UserError(f"{path} holds NaN or infinite samples")
+    return torch.from_numpy(data), rate
+
+
+def read_eval_audio(path, sr=SAMPLE_RATE):
+    """One file -> float32 (L,) at `sr`, as audioldm_eval's WaveDataset reads it: the first
+    channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES."""
+    data, rate = read_audio_file(path)
+    wav = data[:, 0].contiguous()  # (L,)
     wav = resample_like_torchaudio(wav - wav.mean(), rate, sr)
     return F.pad(wav, (0, max(0, MIN_SAMPLES - len(wav))))
 
@@ -437,21 +452,27 @@ def list_files(folder, flag, exts, kind, any_case=True):
 
 
 def audio_files(folder, flag):
-    """`list_files` of the audio files, each one's header read (a file that cannot be read fails
-    now, not after hours of the other folder)."""
+    """`list_files` of the audio files and their headers (soundfile's info), each read now: a
+    file that cannot be read, or whose rate cannot be resampled to 16 kHz, fails now, not after
+    hours of the other folder."""
     paths = list_files(folder, flag, AUDIO_EXTS, "audio")
+    infos = []
     for path in paths:
         try:
-            soundfile.info(path)
+            infos.append(soundfile.info(path))
         except (RuntimeError, OSError, UnicodeError) as e:
             raise UserError(f"cannot read audio {path} ({e})") from e
-    return paths
+        try:
+            resample_plan(infos[-1].samplerate, SAMPLE_RATE)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from e
+    return paths, infos
 
 
 def evaluate(s):
     """FD, IS, KL (where the names pair up; with --panns) and FAD (with --vggish) of --generated
     against --target: a dict."""
-    gen, tgt = audio_files(s.generated, "--generated"), audio_files(s.target, "--target")
+    gen, tgt = audio_files(s.generated, "--generated")[0], audio_files(s.target, "--target")[0]
     if not (s.panns or s.vggish):
         raise UserError("give --panns (Cnn14_16k_mAP=0.438.pth: FD, IS, KL) and / or --vggish "
                         "(vggish-10086976.pth: FAD)")

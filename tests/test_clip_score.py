@@ -5,6 +5,7 @@ files made here in the released formats; then the command line end to end."""
 
 import os
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -72,11 +73,17 @@ def released_wav2clip(path):
 
 def test_clip_preprocessing_matches_clip_transform(clip_ref, tmp_path):
     """Short side to 64 bicubically (torchvision's sizes), centre crop with its rounding (halves
-    to even), RGB, CLIP's normalisation: the same pixels, read back from PNG files."""
+    to even), RGB, CLIP's normalisation: the same pixels, read back from PNG files; and for
+    grey, RGBA and palette files and one whose short side is already 64."""
     for i in range(3):
         path = tmp_path / f"image{i}.png"
         Image.fromarray(clip_ref[f"image{i}"].numpy()).save(path)
         torch.testing.assert_close(cs.read_cs_image(path, 64), clip_ref["pixels"][i],
+                                   atol=0, rtol=0)
+    for mode in ("L", "RGBA", "P", "RGB_exact"):
+        path = tmp_path / f"{mode}.png"
+        path.write_bytes(clip_ref[f"mode_{mode}_png"].numpy().tobytes())
+        torch.testing.assert_close(cs.read_cs_image(path, 64), clip_ref[f"mode_{mode}_pixels"],
                                    atol=0, rtol=0)
 
 
@@ -94,9 +101,10 @@ def test_clip_vision_matches_encode_image(clip_ref, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(clip_ref["pixels"]),
                                    clip_ref["features_fp32_weights"], atol=1e-5, rtol=1e-5)
-    rounded = {"visual." + k for k in model.state_dict()
-               if k == "proj" or k.endswith(cs.HALF_KEYS)}
-    assert rounded == set(clip_ref["fp16_rounded_keys"].split("\n"))
+    rounded = set(clip_ref["fp16_rounded_keys"].split("\n"))
+    for k, v in recipe_weights(plain).items():
+        want = v.half().float() if "visual." + k in rounded else v
+        torch.testing.assert_close(model.state_dict()[k], want, atol=0, rtol=0, msg=k)
 
 
 def test_clip_vision_keys_and_sizes_are_vit_b32s(clip_ref):
@@ -128,8 +136,8 @@ def test_wav2clip_matches_embed_audio(wav2clip_ref, tmp_path):
         quiet = torch.stack([wav2clip_ref["wav"][0], wav2clip_ref["wav"][1] * 0.01])
         torch.testing.assert_close(model(quiet), wav2clip_ref["embedding_scaled"], atol=1e-4,
                                    rtol=1e-5)
-    assert not torch.allclose(wav2clip_ref["embedding_scaled"],
-                              wav2clip_ref["embedding_scaled_each"], atol=1e-2)
+        torch.testing.assert_close(torch.cat([model(w[None]) for w in quiet]),
+                                   wav2clip_ref["embedding_scaled_each"], atol=1e-4, rtol=1e-5)
 
 
 def test_score_is_100_times_the_mean_cosine():
@@ -149,7 +157,8 @@ def write_pairs(folder, n=3, rate=22050, stems=None):
             os.path.join(folder, f"{stem}.png"))
         t = np.arange(int(rate * 0.6)) / rate
         wav = 0.3 * np.sin(2 * np.pi * (300 + 100 * i) * t) + 0.02 * g.standard_normal(len(t))
-        wav = np.stack([wav, 0.5 * wav], 1) if i == 0 else wav
+        if i == 0:  # stereo, the second channel unrelated: the two are averaged
+            wav = np.stack([wav, 0.3 * np.sign(np.sin(2 * np.pi * 1500 * t))], 1)
         soundfile.write(os.path.join(folder, f"{stem}.wav"), wav.astype(np.float32), rate)
     return stems
 
@@ -158,8 +167,8 @@ def write_pairs(folder, n=3, rate=22050, stems=None):
 def weights(tmp_path_factory):
     """A tiny TorchScript CLIP with 512-dim features (Wav2CLIP's space) and a Wav2CLIP.pt."""
     folder = tmp_path_factory.mktemp("cs_weights")
-    cfg = cs.CLIPVisionConfig(resolution=64, patch=16, width=64, layers=1, heads=1,
-                              embed_dim=512)
+    cfg = cs.CLIPVisionConfig(resolution=64, patch=32, width=64, layers=1, heads=1,
+                              embed_dim=512)  # ViT-B/32's patches and features, smaller
     return (str(released_clip(folder / "clip.pt", cfg)),
             str(released_wav2clip(folder / "Wav2CLIP.pt")))
 
@@ -185,32 +194,91 @@ def test_command_line_scores_the_pairs(tmp_path, weights, capsys, one_thread):
     assert printed == pytest.approx(100 * np.mean(cos), abs=0.006)
 
 
+def test_clips_pair_with_the_images_sample_py_made_them_from(tmp_path):
+    """cat.wav, cat_2.wav (--num-samples), cat-2.wav and cat_2-3.wav (names taken) all come from
+    cat.png; an image of the clip's own name wins (the input itself was named dog_1)."""
+    stems = write_pairs(tmp_path, stems=["cat", "dog_1", "dog"])
+    for stem in ("cat_2", "cat-2", "cat_2-3", "dog_1-2"):
+        soundfile.write(tmp_path / f"{stem}.wav", np.zeros(4000, np.float32), 16000)
+    got = {os.path.basename(a): os.path.basename(i) for a, _, i in cs.pairs(tmp_path, tmp_path)}
+    assert got == {"cat.wav": "cat.png", "cat_2.wav": "cat.png", "cat-2.wav": "cat.png",
+                   "cat_2-3.wav": "cat.png", "dog_1.wav": "dog_1.png", "dog.wav": "dog.png",
+                   "dog_1-2.wav": "dog_1.png"}
+    assert len(stems) == 3
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing image", "1 of 3 clips in --audio have no image of the same name"),
-    ("two images", "holds two images named clip1"),
+    ("two images", "holds two files named clip1 (clip1.jpg, clip1.png)"),
+    ("two clips", "holds two files named clip1 (clip1.flac, clip1.wav)"),
+    ("no audio flag", "give --audio"),
     ("no clip flag", "give --clip"),
     ("short clip", "too short for Wav2CLIP"),
-    ("wide clip", "512-dim space: give ViT-B-32.pt"),
+    ("odd rate", "shares too few factors with 16000 Hz"),
+    ("damaged image", "the file is damaged"),
+    ("small clip", "16-dim features; Wav2CLIP's audio features are in the space of CLIP ViT-B/32"),
+    ("b16 clip", "16-pixel patches"),
     ("resnet clip", "hold no vision transformer"),
+    ("flat clip", "hold no vision transformer"),
+    ("clip as wav2clip", "is a TorchScript file (OpenAI CLIP's?)"),
+    ("damaged torchscript", "damaged TorchScript archive"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, weights, capsys, case, message):
+    """Each mistake is one line naming it (exit 2), found before any model runs."""
     write_pairs(tmp_path / "gen")
     clip_path, w2c_path = weights
     argv = ["--audio", str(tmp_path / "gen"), "--clip", clip_path, "--wav2clip", w2c_path,
             "--device", "cpu"]
+
+    def use(flag, value):
+        argv[argv.index(flag) + 1] = str(value)
+
     if case == "missing image":
         os.remove(tmp_path / "gen" / "clip2.png")
     elif case == "two images":
         Image.new("RGB", (8, 8)).save(tmp_path / "gen" / "clip1.jpg")
+    elif case == "two clips":
+        soundfile.write(tmp_path / "gen" / "clip1.flac", np.zeros(4000, np.float32), 16000)
+    elif case == "no audio flag":
+        use("--audio", "")
     elif case == "no clip flag":
-        argv[argv.index("--clip") + 1] = ""
+        use("--clip", "")
     elif case == "short clip":
         soundfile.write(tmp_path / "gen" / "clip1.wav", np.zeros(200, np.float32), 16000)
-    elif case == "wide clip":
-        argv[argv.index("--clip") + 1] = str(released_clip(tmp_path / "tiny.pt"))  # 16-dim
-    else:
-        torch.save({"visual.layer1.0.conv1.weight": torch.zeros(1), "text_projection":
-                    torch.zeros(1, 1)}, tmp_path / "rn50.pt")
-        argv[argv.index("--clip") + 1] = str(tmp_path / "rn50.pt")
+    elif case == "odd rate":
+        soundfile.write(tmp_path / "gen" / "clip1.wav", np.zeros(44101, np.float32), 44101)
+    elif case == "damaged image":
+        data = (tmp_path / "gen" / "clip1.png").read_bytes()
+        (tmp_path / "gen" / "clip1.png").write_bytes(data[:len(data) // 2])
+    elif case == "small clip":
+        use("--clip", released_clip(tmp_path / "tiny.pt"))  # 16-dim features
+    elif case == "b16 clip":
+        use("--clip", released_clip(tmp_path / "b16.pt", cs.CLIPVisionConfig(
+            resolution=64, patch=16, width=64, layers=1, heads=1, embed_dim=512)))
+    elif case in ("resnet clip", "flat clip"):
+        sd = ({"visual.layer1.0.conv1.weight": torch.zeros(1)} if case == "resnet clip" else
+              {"visual.conv1.weight": torch.zeros(4, 3), "visual.positional_embedding":
+               torch.zeros(5, 4), "visual.proj": torch.zeros(4, 512)})
+        torch.save(sd, tmp_path / "odd.pt")
+        use("--clip", tmp_path / "odd.pt")
+    elif case == "clip as wav2clip":
+        use("--wav2clip", clip_path)
+    else:  # a readable zip whose pickled module is garbage
+        with zipfile.ZipFile(clip_path) as src, zipfile.ZipFile(tmp_path / "torn.pt", "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                dst.writestr(item, b"garbage" if item.filename.endswith("data.pkl") else data)
+        use("--clip", tmp_path / "torn.pt")
     code, out, err = run_command(cs.main, argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_nan_audio_is_a_one_line_error(tmp_path, weights, capsys):
+    """Found when the clip is read (headers are read up front, samples once)."""
+    write_pairs(tmp_path / "gen")
+    soundfile.write(tmp_path / "gen" / "clip1.wav", np.full(4000, np.nan, np.float32), 16000,
+                    subtype="FLOAT")
+    clip_path, w2c_path = weights
+    code, out, err = run_command(cs.main, ["--audio", tmp_path / "gen", "--clip", clip_path,
+                                           "--wav2clip", w2c_path, "--device", "cpu"], capsys)
+    assert code == 2 and "holds NaN or infinite samples" in err.strip().splitlines()[-1], err
