@@ -325,6 +325,7 @@ def load_wav2clip(path, *, trusted=False):
                  if str(k).startswith(("audio_encoder.", "audio_transform."))}}
     return load_state_strict(model, sd, "Wav2CLIP weights", path).eval()
 
+
 # -----------------------------------------------------------------------------
 # reading the pairs, the score and the command line
 
