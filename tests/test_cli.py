@@ -154,6 +154,20 @@ def test_a_pickle_of_unknown_opcodes_is_unreadable_not_a_question_of_trust(tmp_p
         cli.load_checkpoint(tmp_path / "junk.pt")
 
 
+def test_a_byte_flipped_inside_a_tensor_is_a_damaged_file(tmp_path):
+    """torch.load does not check the zip's CRC-32s: the weights would load changed, silently."""
+    import torch
+    torch.save({"w": torch.arange(4096.0)}, tmp_path / "whole.pt")
+    assert cli.load_checkpoint(tmp_path / "whole.pt")["w"][-1] == 4095
+    data = bytearray((tmp_path / "whole.pt").read_bytes())
+    at = data.find(torch.tensor(2000.0).numpy().tobytes())  # inside the tensor's record
+    data[at + 3] ^= 0x01
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(cli.UserError, match=r"flipped.pt is damaged \(whole/data/0 fails its "
+                                            r"checksum\); re-download or re-create it"):
+        cli.load_checkpoint(tmp_path / "flipped.pt")
+
+
 def test_device_name_names_the_cpu_model_and_threads():
     import torch
     name = cli.device_name("cpu")
