@@ -344,7 +344,7 @@ def check_file(path, what, fix="check the path", empty=None):
     raise UserError(f"{what} not found: {path} ({fix})")
 
 
-def _check_zip_checksums(path, what):
+def check_zip_checksums(path, what):
     """A `UserError` when a member of torch's zip format fails its CRC-32 (a read of the whole
     file, about 3 GB/s from the page cache); a file that is no whole zip is left to torch.load,
     whose errors name what is wrong with it."""
@@ -367,7 +367,7 @@ def load_checkpoint(path, trusted=False, what="checkpoint"):
     file, not silently wrong weights; the legacy pickle format has none."""
     path = os.fspath(path)
     check_file(path, what)
-    _check_zip_checksums(path, what)
+    check_zip_checksums(path, what)
     try:
         return _load_weights_only(path)
     except pickle.UnpicklingError as e:

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from echoes.cli import (UserError, check_file, load_checkpoint, load_state_strict,
-                        parse_settings, pick_device, run_cli, setting)
+from echoes.cli import (UserError, check_file, check_zip_checksums, load_checkpoint,
+                        load_state_strict, parse_settings, pick_device, run_cli, setting)
 from echoes.fid import IMAGE_EXTS
 from echoes.metrics import (audio_files, list_files, read_audio_file,
                             resample_like_torchaudio)
@@ -149,6 +149,7 @@ def clip_state_dict(path, trusted=False):
     check_file(path, "--clip")
     if not is_torchscript(path):
         return load_checkpoint(path, trusted=trusted, what="CLIP weights")
+    check_zip_checksums(path, "CLIP weights")
     try:
         with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)

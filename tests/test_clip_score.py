@@ -222,6 +222,7 @@ def test_clips_pair_with_the_images_sample_py_made_them_from(tmp_path):
     ("flat clip", "hold no vision transformer"),
     ("clip as wav2clip", "is a TorchScript file (OpenAI CLIP's?)"),
     ("damaged torchscript", "damaged TorchScript archive"),
+    ("flipped torchscript", "fails its checksum"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, weights, capsys, case, message):
     """Each mistake is one line naming it (exit 2), found before any model runs."""
@@ -263,6 +264,11 @@ def test_command_line_errors_are_one_line(tmp_path, weights, capsys, case, messa
         use("--clip", tmp_path / "odd.pt")
     elif case == "clip as wav2clip":
         use("--wav2clip", clip_path)
+    elif case == "flipped torchscript":  # one bit of a tensor changed
+        data = bytearray(open(clip_path, "rb").read())
+        data[len(data) // 2] ^= 0x01
+        (tmp_path / "flipped.pt").write_bytes(bytes(data))
+        use("--clip", tmp_path / "flipped.pt")
     else:  # a readable zip whose pickled module is garbage
         with zipfile.ZipFile(clip_path) as src, zipfile.ZipFile(tmp_path / "torn.pt", "w") as dst:
             for item in src.infolist():
