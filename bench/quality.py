@@ -148,13 +148,13 @@ def main(argv=None):
     # image -> audio: with and without CFG (the paper's s = 3)
     for name, opts in variants("i2a", i2a, 3.0):
         acc, _, gen = eval_i2a(model, image_tok, audio_tok, image_ids[:n], labels[:n],
-                                    dict(opts), s.seed)
+                               dict(opts), s.seed)
         log(row(name, opts, acc, frechet_distance(logmel_stats(gen), real_stats), n))
 
     # audio -> image (the paper uses no CFG here)
     for name, opts in variants("a2i", a2i, 2.0):
         acc, _, _ = eval_a2i(model, image_tok, audio_tok, audio_ids[:n], labels[:n],
-                                  dict(opts), s.seed)
+                             dict(opts), s.seed)
         log(row(name, opts, acc, None, n))
 
     # joint: both modalities from nothing; consistency = image class == audio class
@@ -177,7 +177,7 @@ def main(argv=None):
     for name, ids in (("stretch silenced", encode_items("audio", audio_tok, shown)),
                       ("whole clip encoded", audio_ids[:n])):
         audio_in, _ = generate_ids(model, "inpaint", dict(inp), s.seed, audio_ids=ids,
-                                        image_ids=image_ids[:n], audio_keep=keep)
+                                   image_ids=image_ids[:n], audio_keep=keep)
         acc, _ = score("audio", decode_items("audio", audio_tok, audio_in), labels[:n])
         log(row(f"inpaint consistency (0.5-1.0 s, {name})", inp, acc, None, n,
                 f"{int((~keep).sum())} of {keep.numel()} audio tokens regenerated"))
@@ -193,7 +193,7 @@ def main(argv=None):
                     opts = {**i2a, "steps": steps, "temperature": temperature,
                             "guidance": guidance}
                     acc, _, gen = eval_i2a(model, image_tok, audio_tok, image_ids[:na],
-                                                labels[:na], dict(opts), s.seed)
+                                           labels[:na], dict(opts), s.seed)
                     r = row("ablation i2a" + (", CFG" if guidance != 1 else ""), opts, acc,
                             frechet_distance(logmel_stats(gen), real_a), na)
                     log(r)
