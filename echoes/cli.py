@@ -258,10 +258,16 @@ class Bookkeeping:
         self.state = state
 
 
+def _standable(names):
+    """Whether every one of these globals may be stood in for (see BOOKKEEPING)."""
+    return {name.split(".")[0] for name in names} <= set(BOOKKEEPING + BOOKKEEPING_TYPES)
+
+
 def _all_bookkeeping(names):
-    """Whether the globals a checkpoint needs beyond torch's safe ones are all bookkeeping."""
+    """Whether the globals a checkpoint needs beyond torch's safe ones are all bookkeeping: all
+    standable, with a library's among them (typing and builtins names alone are not)."""
     roots = {name.split(".")[0] for name in names}
-    return bool(roots & set(BOOKKEEPING)) and roots <= set(BOOKKEEPING + BOOKKEEPING_TYPES)
+    return bool(roots & set(BOOKKEEPING)) and _standable(names)
 
 
 def _stand_in(name):
@@ -271,27 +277,36 @@ def _stand_in(name):
 
 def _load_weights_only(path):
     """torch.load(weights_only=True), with stand-ins for the globals it needs when they are all
-    bookkeeping (found at once where torch can list them, else one refusal at a time)."""
+    bookkeeping (found at once where torch can list them, else one refusal at a time: typing
+    and builtins names met before the library's are stood in for meanwhile, and the load counts
+    only once the library's name is among them)."""
     try:
         names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # torch < 2.5, or not a zip checkpoint
         names = set()
     while True:
-        stand_ins = [_stand_in(n) for n in sorted(names)] if _all_bookkeeping(names) else []
+        stand_ins = [_stand_in(n) for n in sorted(names)] if _standable(names) else []
         try:
             if hasattr(torch.serialization, "safe_globals"):
                 with torch.serialization.safe_globals(stand_ins):
-                    return torch.load(path, map_location="cpu", weights_only=True)
-            torch.serialization.add_safe_globals(stand_ins)  # torch 2.4: process-wide
-            return torch.load(path, map_location="cpu", weights_only=True)
+                    out = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                torch.serialization.add_safe_globals(stand_ins)  # torch 2.4: process-wide
+                out = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             name = found.group(1) if found else ""
+            if name and "." not in name:  # torch names builtins without their module
+                name = "builtins." + name
             if not name or name in names or len(names) >= 64:
                 raise
             names.add(name)
-            if not _all_bookkeeping(names):
+            if not _standable(names):
                 raise
+            continue
+        if names and not _all_bookkeeping(names):  # typing / builtins names and nothing else
+            raise pickle.UnpicklingError(f"weights-only load needs GLOBAL {sorted(names)[0]}")
+        return out
 
 
 def check_finite_weights(state_dict, what):

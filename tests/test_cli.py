@@ -350,13 +350,23 @@ def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, omega if name == omega.__name__ else
                             types.ModuleType(name))
     torch.save({"state_dict": {}, "hyper_parameters": DictConfig()}, tmp_path / "omega.ckpt")
+    # a typing name met before the library's, and typing names alone
+    torch.save({"types": typing.Any, "hyper_parameters": DictConfig()}, tmp_path / "first.ckpt")
+    torch.save({"types": typing.Any}, tmp_path / "alone.ckpt")
     for name in ("omegaconf", omega.__name__):
         monkeypatch.delitem(sys.modules, name)
     state = load_checkpoint(tmp_path / "omega.ckpt")["hyper_parameters"].state
     assert state["content"] == {"embed_dim": 256} and issubclass(state["key_type"], Bookkeeping)
+    with pytest.raises(UserError, match="pass --trust-checkpoints"):
+        load_checkpoint(tmp_path / "alone.ckpt")
     for attr in ("safe_globals", "get_unsafe_globals_in_checkpoint"):  # as torch 2.4 has it
         monkeypatch.delattr(torch.serialization, attr)
     assert load_checkpoint(path)["epoch"] == 3
+    first = load_checkpoint(tmp_path / "first.ckpt")  # found one refusal at a time
+    assert issubclass(first["types"], Bookkeeping) and first["hyper_parameters"].state[
+        "content"] == {"embed_dim": 256}
+    with pytest.raises(UserError, match="pass --trust-checkpoints"):
+        load_checkpoint(tmp_path / "alone.ckpt")
     other = tmp_path / "other.ckpt"  # any other class still needs --trust-checkpoints
     monkeypatch.setitem(sys.modules, "my_lab", module)
     ModelCheckpoint.__module__ = "my_lab"
