@@ -275,6 +275,21 @@ def _stand_in(name):
     return type(cls, (Bookkeeping,), {"__module__": module, "__qualname__": cls})
 
 
+def _load_with_globals(path, stand_ins):
+    """torch.load(weights_only=True) with the stand-ins allowed, on a torch without the
+    safe_globals context (2.4): they are added process-wide and taken out again after, where
+    torch can list them (else they stay, inert)."""
+    saved = (torch.serialization.get_safe_globals()
+             if hasattr(torch.serialization, "get_safe_globals") else None)
+    torch.serialization.add_safe_globals(stand_ins)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    finally:
+        if saved is not None:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
+
+
 def _load_weights_only(path):
     """torch.load(weights_only=True), with stand-ins for the globals it needs when they are all
     bookkeeping (found at once where torch can list them, else one refusal at a time: typing
@@ -291,8 +306,7 @@ def _load_weights_only(path):
                 with torch.serialization.safe_globals(stand_ins):
                     out = torch.load(path, map_location="cpu", weights_only=True)
             else:
-                torch.serialization.add_safe_globals(stand_ins)  # torch 2.4: process-wide
-                out = torch.load(path, map_location="cpu", weights_only=True)
+                out = _load_with_globals(path, stand_ins)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             name = found.group(1) if found else ""
@@ -361,16 +375,27 @@ def check_file(path, what, fix="check the path", empty=None):
 
 def check_zip_checksums(path, what):
     """A `UserError` when a member of torch's zip format fails its CRC-32 (a read of the whole
-    file, about 3 GB/s from the page cache); a file that is no whole zip is left to torch.load,
-    whose errors name what is wrong with it."""
+    file, about 3 GB/s from the page cache). Members stored without one (CRC 0: torch >= 2.6
+    can save so) are not checked; a file that is no whole zip is left to torch.load, whose
+    errors name what is wrong with it."""
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+        z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
         return
-    if bad is not None:
-        raise UserError(f"{what} {path} is damaged ({bad} fails its checksum); re-download or "
-                        "re-create it")
+    with z:
+        for info in z.infolist():
+            if info.CRC == 0:
+                continue
+            try:
+                with z.open(info) as f:  # zipfile checks the CRC-32 at the member's end
+                    while f.read(1 << 20):
+                        pass
+            except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
+                    NotImplementedError, zlib.error) as e:  # RuntimeError: a flipped "encrypted"
+                first = (str(e).splitlines() or [type(e).__name__])[0][:80]
+                why = "fails its checksum" if "CRC" in first else f"cannot be read: {first}"
+                raise UserError(f"{what} {path} is damaged ({info.filename} {why}); "
+                                "re-download or re-create it") from e
 
 
 def load_checkpoint(path, trusted=False, what="checkpoint"):

@@ -92,7 +92,8 @@ def mm_fp32(a, b):
     import warnings
 
     import torch
-    if not (a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_FP32[0]):
+    if not (a.is_cuda and b.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
+            and b.dtype == a.dtype and _MM_OUT_FP32[0]):
         return None
     try:
         return torch.mm(a, b, out_dtype=torch.float32)

@@ -32,13 +32,15 @@ column sums) come from one small kernel.
 Dtypes follow the reference: under autocast the matmul runs in the autocast dtype (h, E and b
 are cast once and the logits come out in it, exactly the reference's bf16 linear) and everything
 after is fp32; without autocast the matmul dtype is that of h and E (fp32 matmuls follow torch's
-TF32 setting, like the reference). Targets must be valid class indices (no ignore_index): the
-model only passes the masked rows. Codebooks wider than MAX_C columns use the reference.
+TF32 setting, like the reference). One difference: for fp32 h under autocast (the model's case)
+grad h comes in fp32 from cuBLAS's accumulators (`kernels.mm_fp32`), where the reference rounds
+it to bf16 before widening it. Targets must be valid class indices (no ignore_index): the model
+only passes the masked rows. Codebooks wider than MAX_C columns use the reference.
 
 Floor: FLOPs 2*N*C*D for the forward's matmul and 2*N*C*D per wanted input (h, E) in backward;
-bytes: the (N, C) logits written by the matmul and read (and, for a gradient, rewritten) once
-by the row kernel, plus h, E and the targets. Imports: torch, triton, the reference from
-echoes/model.py and `on_device` from kernels/__init__.py.
+bytes: the (N, C) logits written by the matmul and read (and, for grad h or grad E, rewritten)
+once by the row kernel, plus h, E and the targets. Imports: torch, triton, the reference from
+echoes/model.py and `mm_fp32`, `on_device` from kernels/__init__.py.
 """
 
 import functools

@@ -26,7 +26,7 @@ with no fused multiply-add), the draw except where u * total lies within roundin
 more in bf16, where the reference rounds each pass's logits and the kernel the mixed h) of a
 cumulative sum.
 
-Imports: torch, triton, the references from echoes/sampler.py and `on_device` from
+Imports: torch, triton, the references from echoes/sampler.py and `mm_fp32`, `on_device` from
 kernels/__init__.py.
 """
 
@@ -216,14 +216,14 @@ def draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature, uni
       1. with CFG, `_mix_kernel`: h = s h_c + (1 - s) h_u in fp32, rounded once to the matmul
          dtype, grid (cdiv(N, 16), cdiv(D, 256));
       2. cuBLAS: logits = h W^T, (N, C) fp32 (`torch.mm(..., out_dtype=torch.float32)` for bf16);
-      3. `_draw_rows_kernel`, grid (cdiv(N, 4),): per row the bias, 1/T, the softmax statistics,
+      3. `_draw_rows_kernel`, grid (cdiv(N, 2),): per row the bias, 1/T, the softmax statistics,
          the inverse-CDF scan, id and logp.
     Bytes moved (bf16, CFG): mix 3 N D * 2; matmul N D * 2 + C D * 2 read, N C * 4 written; draw
-    N C * 4 read (+ a cached re-read), N * 16 for u, ids, logp. At the paper's i2a shape
+    N C * 4 read (once up to 2048 codes, else plus a cached re-read), N * 16 for u, ids, logp. At the paper's i2a shape
     (N = 16960, D = C = 1024): ~104 + 35 + 69 + 69 MB, ~66 us at 4.2 TB/s, overlapping the
     35.6 GFLOP matmul (~50 us at 708 TFLOP/s).
     FLOPs: 2 N D C on tensor cores (eager CFG does two such matmuls per call), 3 N D for the mix,
-    ~8 N C elementwise for the draw. The (N, C) fp32 logits are the only large temporary.
+    ~5 N C elementwise for the draw (~8 N C past 2048 codes). The (N, C) fp32 logits are the only large temporary.
     """
     if not _use_triton(h_cond):
         return reference.draw_tokens(h_cond, h_uncond, weight, bias, guidance, token_temperature,

@@ -168,6 +168,27 @@ def test_a_byte_flipped_inside_a_tensor_is_a_damaged_file(tmp_path):
         cli.load_checkpoint(tmp_path / "flipped.pt")
 
 
+def test_zip_members_without_a_checksum_load_and_a_flipped_flag_is_one_line(tmp_path,
+                                                                             monkeypatch):
+    """torch can save without CRC-32s (stored as 0): nothing to check, the file loads. A flipped
+    bit in a member's flags (zipfile: "encrypted") is a damaged file, not a traceback."""
+    import struct
+
+    import torch
+    from torch.utils.serialization import config
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "nocrc.pt")
+    assert cli.load_checkpoint(tmp_path / "nocrc.pt")["w"][-1] == 7
+    monkeypatch.setattr(config.save, "compute_crc32", True)
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "whole.pt")
+    data = bytearray((tmp_path / "whole.pt").read_bytes())
+    at = data.find(b"PK\x01\x02")  # the first central-directory entry; its flags at +8
+    struct.pack_into("<H", data, at + 8, struct.unpack_from("<H", data, at + 8)[0] | 1)
+    (tmp_path / "flag.pt").write_bytes(bytes(data))
+    with pytest.raises(cli.UserError, match=r"flag.pt is damaged \(whole/\S+ cannot be read: "):
+        cli.load_checkpoint(tmp_path / "flag.pt")
+
+
 def test_device_name_names_the_cpu_model_and_threads():
     import torch
     name = cli.device_name("cpu")
@@ -372,6 +393,9 @@ def test_lightning_bookkeeping_loads_without_lightning(tmp_path, monkeypatch, re
     first = load_checkpoint(tmp_path / "first.ckpt")  # found one refusal at a time
     assert issubclass(first["types"], Bookkeeping) and first["hyper_parameters"].state[
         "content"] == {"embed_dim": 256}
+    for _ in range(2):  # the stand-ins of a load do not outlive it
+        with pytest.raises(UserError, match="pass --trust-checkpoints"):
+            load_checkpoint(tmp_path / "alone.ckpt")
     other = tmp_path / "other.ckpt"  # any other class still needs --trust-checkpoints
     monkeypatch.setitem(sys.modules, "my_lab", module)
     ModelCheckpoint.__module__ = "my_lab"

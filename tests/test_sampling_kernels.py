@@ -291,13 +291,13 @@ def test_fp32_logits_only_for_half_inputs_and_never_turned_off_by_others(monkeyp
 
     monkeypatch.setattr(sampling.torch, "mm", mm)
     monkeypatch.setattr(kernels, "_MM_OUT_FP32", [True])
-    h, W = torch.randn(4, 8), torch.randn(10, 8)
-    assert sampling._logits(h.double().as_subclass(OnCuda), W.double()).dtype == torch.float64
+    h, W = torch.randn(4, 8).as_subclass(OnCuda), torch.randn(10, 8).as_subclass(OnCuda)
+    assert sampling._logits(h.double(), W.double()).dtype == torch.float64
     oom[0] = True
     with pytest.raises(torch.OutOfMemoryError):
-        sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16())
+        sampling._logits(h.bfloat16(), W.bfloat16())
     oom[0] = False
-    assert sampling._logits(h.bfloat16().as_subclass(OnCuda), W.bfloat16()).dtype == torch.float32
+    assert sampling._logits(h.bfloat16(), W.bfloat16()).dtype == torch.float32
     assert kernels._MM_OUT_FP32 == [True]
     assert calls == [(torch.float64, None), (torch.bfloat16, torch.float32),
                      (torch.bfloat16, torch.float32)]
