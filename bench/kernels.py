@@ -519,8 +519,9 @@ def ceilings(device, s):
 
 
 def write_bandwidth(device, s):
-    """The card's measured rate (B/s) of writing 1 GiB that nothing reads (a fill): the floor of
-    an op whose traffic is mostly its output, such as the gather forward."""
+    """The card's measured rate (B/s) of writing 1 GiB (64 MiB with --small) that nothing reads
+    (a fill): the floor of an op whose traffic is mostly its output, such as the gather
+    forward."""
     n = 2 ** 30 if not s.small else 2 ** 26
     dst = torch.empty(n, dtype=torch.uint8, device=device)
     return n / (time_gpu(lambda: dst.fill_(1), [], s) * 1e-6)

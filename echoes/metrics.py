@@ -311,7 +311,8 @@ def read_audio_file(path):
 
 def read_eval_audio(path, sr=SAMPLE_RATE):
     """One file -> float32 (L,) at `sr`, as audioldm_eval's WaveDataset reads it: the first
-    channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES."""
+    channel, its mean removed, resampled, zero-padded at the end to MIN_SAMPLES (a file with NaN
+    or infinite samples in any channel is refused, where it would read the first alone)."""
     data, rate = read_audio_file(path)
     wav = data[:, 0].contiguous()  # (L,)
     wav = resample_like_torchaudio(wav - wav.mean(), rate, sr)

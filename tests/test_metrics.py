@@ -156,6 +156,17 @@ def test_audio_is_read_as_audioldm_eval_reads_it(tmp_path):
         metrics.read_eval_audio(tmp_path / "broken.wav")
     with pytest.raises(metrics.UserError, match="44101 Hz shares too few factors"):
         metrics.resample_like_torchaudio(torch.zeros(10), 44101, 16000)
+    # such a rate, and NaN in a second channel only, are refused when the folder is listed and
+    # when the file is read
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    soundfile.write(folder / "a.wav", np.zeros(100, np.float32), 44101)
+    with pytest.raises(metrics.UserError, match=r"a.wav: a sample rate of 44101 Hz shares"):
+        metrics.audio_files(folder, "--generated")
+    soundfile.write(tmp_path / "nan2.wav", np.stack([np.zeros(100), np.full(100, np.nan)], 1),
+                    16000, subtype="FLOAT")
+    with pytest.raises(metrics.UserError, match="NaN or infinite"):
+        metrics.read_eval_audio(tmp_path / "nan2.wav")
 
 
 def write_clips(folder, names, seed):
