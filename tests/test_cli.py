@@ -168,18 +168,16 @@ def test_a_byte_flipped_inside_a_tensor_is_a_damaged_file(tmp_path):
         cli.load_checkpoint(tmp_path / "flipped.pt")
 
 
-def test_zip_members_without_a_checksum_load_and_a_flipped_flag_is_one_line(tmp_path,
-                                                                             monkeypatch):
+def test_zip_members_without_a_checksum_load_and_a_flipped_flag_is_one_line(tmp_path):
     """torch can save without CRC-32s (stored as 0): nothing to check, the file loads. A flipped
     bit in a member's flags (zipfile: "encrypted") is a damaged file, not a traceback."""
     import struct
 
     import torch
     from torch.utils.serialization import config
-    monkeypatch.setattr(config.save, "compute_crc32", False)
-    torch.save({"w": torch.arange(8.0)}, tmp_path / "nocrc.pt")
+    with config.patch({"save.compute_crc32": False}):  # torch's own way to set it for a while
+        torch.save({"w": torch.arange(8.0)}, tmp_path / "nocrc.pt")
     assert cli.load_checkpoint(tmp_path / "nocrc.pt")["w"][-1] == 7
-    monkeypatch.setattr(config.save, "compute_crc32", True)
     torch.save({"w": torch.arange(8.0)}, tmp_path / "whole.pt")
     data = bytearray((tmp_path / "whole.pt").read_bytes())
     at = data.find(b"PK\x01\x02")  # the first central-directory entry; its flags at +8
