@@ -399,12 +399,16 @@ def pairs(audio_dir, image_dir):
 @torch.no_grad()
 def cs_features(clip, wav2clip, todo, device="cpu", progress=False):
     """(N, D) CLIP image features and (N, D) Wav2CLIP audio features of the (audio, header,
-    image) pairs, float64 numpy, each image and each clip on its own."""
+    image) pairs, float64 numpy, each image and each clip on its own (an image several clips
+    came from, e.g. with --num-samples, once)."""
     n_px = clip.cfg.resolution
-    img, aud = [], []
+    seen, img, aud = {}, [], []
     for audio_path, _, image_path in tqdm(todo, desc="pairs", unit="pair",
                                           disable=not progress, dynamic_ncols=True):
-        img.append(clip(read_cs_image(image_path, n_px)[None].to(device)).double().cpu())
+        if image_path not in seen:
+            x = read_cs_image(image_path, n_px)[None].to(device)  # (1, 3, n_px, n_px)
+            seen[image_path] = clip(x).double().cpu()
+        img.append(seen[image_path])
         aud.append(wav2clip(read_cs_audio(audio_path)[None].to(device)).double().cpu())
     return torch.cat(img).numpy(), torch.cat(aud).numpy()
 
@@ -444,8 +448,9 @@ def main(argv=None):
         if not path:
             raise UserError(f"give {flag}, {fix}")
         check_file(path, flag)
-    for audio_path, info, image_path in todo:  # a bad file fails now, not after the others
+    for image_path in dict.fromkeys(p for _, _, p in todo):  # a bad file fails now, not later
         read_image_file(image_path, lambda f: f.load())
+    for audio_path, info, _ in todo:
         check_length(audio_path, math.ceil(info.frames * SAMPLE_RATE / info.samplerate))
     device = pick_device(s.device)
     clip = load_clip_vision(s.clip, trusted=s.trust_checkpoints)
